@@ -1,0 +1,398 @@
+"""LLaVA-format records -> validated token sequences -> token-budget micro-batches.
+
+Owns reading conversation JSON (`[{"id", "image", "conversations": [{"from": "human"|"gpt",
+"value"}...]}]`), rejecting and counting bad records, the chat template and its labels, image loading,
+the token-budget batch plan and the rank-aware, resumable stream the training loop reads.
+
+Chat template, one sequence per record (`<s>`/`</s>` are the tokenizer's bos/eos ids):
+
+    <s>USER: {human_1} ASSISTANT: {gpt_1}</s>USER: {human_2} ASSISTANT: {gpt_2}</s>...
+
+- The single `<image>` placeholder (first human turn) becomes `num_visual_tokens` copies of the image
+  token id; the model writes the visual tokens into exactly those positions.
+- Labels are IGNORE_INDEX everywhere except each answer and its `</s>`.
+- The text before `<image>`, the rest of each prompt and each answer are tokenised separately, so the
+  placeholder never merges with its neighbours and an answer tokenises as it is generated after
+  "ASSISTANT: ".
+
+Batching: a micro-batch holds as many samples as fit `max_len_in_batch * num_samples <=
+tokens_per_micro_batch` (padded tokens are what cost compute), so a 32-visual-token stage packs many
+more samples per step than a 528-token one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from cos_model import IGNORE_INDEX
+
+IMAGE_TOKEN = "<image>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_REPORTED_BAD_IDS = 10
+# Length-sorting happens inside shuffled chunks this many micro-batches long: wide enough to find
+# similar lengths, narrow enough that the order stays random across the epoch.
+SORT_CHUNK_MICRO_BATCHES = 16
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the message names the file and, when relevant, the record."""
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer from a local folder, adding `<image>` (special) and a pad token if missing.
+
+    Adding `<image>` grows the vocabulary: the model's embeddings must be resized to `len(tokenizer)`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: tokenizer folder not found")
+    try:
+        # AutoTokenizer: real LLM folders may ship only a sentencepiece model, converted on load.
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers and tokenizers raise many types for a broken folder
+        raise DataError(f"{folder}: cannot load tokenizer: {exc}") from exc
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise DataError(f"{folder}: tokenizer has no eos token, which ends every answer")
+    return tokenizer
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
+    """The id that marks visual-token positions (one per visual token after expansion)."""
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated record as model input; `labels` align with `input_ids` (the model shifts).
+    `image_path` is the record's own, relative to the image root unless absolute."""
+
+    record_id: str
+    task: str
+    image_path: str
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataReport:
+    """What `build_examples` kept and why it dropped the rest."""
+
+    source: str
+    num_records: int
+    num_ok: int
+    bad: dict[str, int] = field(default_factory=dict)
+    bad_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_bad(self) -> int:
+        return self.num_records - self.num_ok
+
+    def summary(self) -> str:
+        line = f"{self.source}: {self.num_records} records, {self.num_ok} ok, {self.num_bad} bad"
+        if self.bad:
+            reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.bad.items()))
+            line += f" ({reasons}; first bad ids: {', '.join(self.bad_ids)})"
+        return line
+
+
+def encode_conversation(
+    turns: list[dict], tokenizer: PreTrainedTokenizerFast, num_visual_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a validated conversation under the chat template above."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    input_ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for human, gpt in zip(turns[0::2], turns[1::2]):
+        before, placeholder, after = ("USER: " + human["value"] + " ASSISTANT: ").partition(IMAGE_TOKEN)
+        prompt = encode(before)
+        if placeholder:
+            prompt += [image_token_id(tokenizer)] * num_visual_tokens + encode(after)
+        answer = encode(gpt["value"]) + [tokenizer.eos_token_id]
+        input_ids += prompt + answer
+        labels += [IGNORE_INDEX] * len(prompt) + answer
+    return input_ids, labels
+
+
+def conversation_problem(record: dict) -> str | None:
+    """The reason a record's conversation cannot be trained on, or None."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        return "bad_conversation"
+    for position, turn in enumerate(turns):
+        role = "human" if position % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != role or not isinstance(turn.get("value"), str):
+            return "bad_conversation"
+    if IMAGE_TOKEN not in turns[0]["value"]:
+        return "no_image_token"
+    if sum(turn["value"].count(IMAGE_TOKEN) for turn in turns) > 1:
+        return "extra_image_tokens"
+    if any(not turn["value"].strip() for turn in turns[1::2]):
+        return "empty_answer"
+    return None
+
+
+def resolve_image_path(image_root: str | Path, image: str) -> Path:
+    """`image` relative to `image_root`; absolute paths are kept."""
+    path = Path(image)
+    return path if path.is_absolute() else Path(image_root) / path
+
+
+def image_problem(path: Path, cache: dict[Path, str | None]) -> str | None:
+    """'missing_image', 'unreadable_image' or None; each file is opened once per `cache`."""
+    if path not in cache:
+        problem = None
+        if not path.is_file():
+            problem = "missing_image"
+        else:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error...) for damage
+                problem = "unreadable_image"
+        cache[path] = problem
+    return cache[path]
+
+
+def read_records(json_path: Path) -> list:
+    if not json_path.is_file():
+        raise DataError(f"{json_path}: data file not found")
+    try:
+        records = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{json_path}: not valid JSON: {exc}") from exc
+    if not isinstance(records, list):
+        raise DataError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{json_path}: no records")
+    return records
+
+
+def build_examples(
+    json_path: str | Path,
+    image_root: str | Path,
+    tokenizer: PreTrainedTokenizerFast,
+    num_visual_tokens: int,
+    max_text_tokens: int,
+    max_bad_fraction: float,
+) -> tuple[list[Example], DataReport]:
+    """Validate and tokenise every record; skip bad ones, and raise if more than
+    `max_bad_fraction` of them are bad (or none is usable)."""
+    json_path = Path(json_path)
+    records = read_records(json_path)
+    examples: list[Example] = []
+    bad: Counter[str] = Counter()
+    bad_ids: list[str] = []
+    checked_images: dict[Path, str | None] = {}
+    for index, record in enumerate(records):
+        is_mapping = isinstance(record, dict)
+        record_id = str(record.get("id", f"#{index}")) if is_mapping else f"#{index}"
+        problem = "not_a_mapping" if not is_mapping else conversation_problem(record)
+        if problem is None:
+            image = record.get("image")
+            image_path = resolve_image_path(image_root, image) if isinstance(image, str) and image else None
+            problem = "missing_image" if image_path is None else image_problem(image_path, checked_images)
+        if problem is None:
+            input_ids, labels = encode_conversation(record["conversations"], tokenizer, num_visual_tokens)
+            if len(input_ids) - num_visual_tokens > max_text_tokens:
+                problem = "too_long"
+        if problem is not None:
+            bad[problem] += 1
+            if len(bad_ids) < MAX_REPORTED_BAD_IDS:
+                bad_ids.append(record_id)
+            continue
+        task = str(record.get("task", "unknown"))
+        examples.append(Example(record_id, task, image, tuple(input_ids), tuple(labels)))
+    report = DataReport(str(json_path), len(records), len(examples), dict(bad), bad_ids)
+    bad_fraction = report.num_bad / report.num_records
+    if bad_fraction > max_bad_fraction or not examples:
+        raise DataError(f"{report.summary()}: {bad_fraction:.1%} bad, max_bad_fraction={max_bad_fraction:.1%}")
+    return examples, report
+
+
+def load_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """RGB, bicubic resize to a square, [0, 1], CLIP-normalised: float32 (3, image_size, image_size)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    except Exception as exc:  # PIL raises many types for damaged files
+        raise DataError(f"{path}: cannot read image: {exc}") from exc
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def samples_per_micro_batch(num_visual_tokens: int, num_text_tokens: int, tokens_per_micro_batch: int) -> int:
+    """How many samples of this length fit a micro-batch of `tokens_per_micro_batch` padded tokens."""
+    sample_length = num_visual_tokens + num_text_tokens
+    if sample_length <= 0 or tokens_per_micro_batch <= 0:
+        raise ValueError(f"lengths and budget must be positive, got {sample_length} and {tokens_per_micro_batch}")
+    return tokens_per_micro_batch // sample_length
+
+
+def fill_micro_batches(
+    indices: Sequence[int], lengths: Sequence[int], tokens_per_micro_batch: int
+) -> list[list[int]]:
+    """Cut `indices`, in order, into micro-batches whose padded size `max_len * num_samples` fits."""
+    micro_batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for index in indices:
+        if batch and max(longest, lengths[index]) * (len(batch) + 1) > tokens_per_micro_batch:
+            micro_batches.append(batch)
+            batch, longest = [], 0
+        batch.append(index)
+        longest = max(longest, lengths[index])
+    return micro_batches + [batch] if batch else micro_batches
+
+
+def plan_micro_batches(lengths: Sequence[int], tokens_per_micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Group example indices into micro-batches of similar length; deterministic for (seed, epoch).
+
+    Every index appears exactly once, and each micro-batch keeps `max_len * num_samples` within budget.
+    """
+    for index, length in enumerate(lengths):
+        if length > tokens_per_micro_batch:
+            raise DataError(
+                f"example {index} has {length} tokens, more than tokens_per_micro_batch="
+                f"{tokens_per_micro_batch}: raise the budget or lower max_text_tokens"
+            )
+    rng = random.Random(f"cosctl-plan:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    typical_batch_size = tokens_per_micro_batch // max(1, int(np.median(lengths))) if lengths else 1
+    chunk_size = SORT_CHUNK_MICRO_BATCHES * max(1, typical_batch_size)
+    micro_batches: list[list[int]] = []
+    for start in range(0, len(order), chunk_size):
+        # sorted() is stable, so equal lengths keep their shuffled order.
+        chunk = sorted(order[start : start + chunk_size], key=lambda index: lengths[index])
+        micro_batches += fill_micro_batches(chunk, lengths, tokens_per_micro_batch)
+    rng.shuffle(micro_batches)
+    return micro_batches
+
+
+def collate(examples: Sequence[Example], images: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows to the longest example and stack the images."""
+    num_columns = max(example.num_tokens for example in examples)
+    input_ids = torch.full((len(examples), num_columns), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), num_columns), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), num_columns), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : example.num_tokens] = torch.tensor(example.input_ids)
+        labels[row, : example.num_tokens] = torch.tensor(example.labels)
+        attention_mask[row, : example.num_tokens] = 1
+    pixel_values = torch.stack(images)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+class MicroBatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by a micro-batch (list of example indices), so DataLoader workers load
+    and collate whole micro-batches while the main process keeps the order."""
+
+    def __init__(self, examples: Sequence[Example], root: str | Path | None, image_size: int, pad_token_id: int):
+        self.examples = examples
+        self.image_root = root
+        self.image_size = image_size
+        self.pad_token_id = pad_token_id
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        chosen = [self.examples[index] for index in indices]
+        root = self.image_root or ""
+        images = [load_image(resolve_image_path(root, example.image_path), self.image_size) for example in chosen]
+        batch = collate(chosen, images, self.pad_token_id)
+        batch["num_samples"] = len(chosen)
+        return batch
+
+
+class MicroBatchLoader:
+    """Endless, rank-aware, resumable stream of micro-batches.
+
+    Epoch e's global order is `plan_micro_batches(lengths, budget, seed, e)`, truncated to a multiple
+    of `world_size` so ranks stay in step; rank r reads global micro-batches r, r + world, ... The
+    position `{"epoch", "index"}` (index = micro-batches this rank has read in the epoch) is the same on
+    every rank, and a loader restored to it yields exactly the batches the original would have.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        image_root: str | Path | None,
+        image_size: int,
+        pad_token_id: int,
+        tokens_per_micro_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 0,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.dataset = MicroBatchDataset(examples, image_root, image_size, pad_token_id)
+        self.lengths = [example.num_tokens for example in examples]
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        self.epoch, self.index = 0, 0
+        self._plan_cache: tuple[int, list[list[int]]] | None = None
+        self._iterator: Iterator[dict] | None = None
+        if not self.rank_plan(0):
+            raise DataError(
+                f"{len(examples)} examples make fewer micro-batches per epoch than world_size={world_size}"
+            )
+
+    def rank_plan(self, epoch: int) -> list[list[int]]:
+        """The micro-batches (example indices) this rank reads in `epoch`, in order."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            plan = plan_micro_batches(self.lengths, self.tokens_per_micro_batch, self.seed, epoch)
+            plan = plan[: len(plan) // self.world_size * self.world_size]
+            self._plan_cache = (epoch, plan[self.rank :: self.world_size])
+        return self._plan_cache[1]
+
+    def _start_iterator(self) -> Iterator[dict]:
+        remaining = self.rank_plan(self.epoch)[self.index :]
+        if self.num_workers == 0:
+            return (self.dataset[indices] for indices in remaining)
+        # batch_size=None: each sampler item is already a whole micro-batch, collated in the worker.
+        loader = DataLoader(self.dataset, sampler=remaining, batch_size=None, num_workers=self.num_workers)
+        return iter(loader)
+
+    def next_micro_batch(self) -> dict:
+        """The next micro-batch: input_ids, labels, attention_mask, pixel_values and `num_samples`."""
+        if self.index >= len(self.rank_plan(self.epoch)):
+            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+        if self._iterator is None:
+            self._iterator = self._start_iterator()
+        batch = next(self._iterator)
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= len(self.rank_plan(epoch)):
+            raise DataError(f"loader state {state} is outside the plan of epoch {epoch}")
+        self.epoch, self.index, self._iterator = epoch, index, None
