@@ -1,0 +1,509 @@
+"""Run specs: strict pydantic models of the YAML files in `recipes/`, one per stage.
+
+`load_spec(path, overrides)` is the only way in: YAML -> `--set key=value` overrides -> validation; any
+problem becomes one `SpecError` whose lines read `<file>: <yaml.key.path>: <what is wrong>`. Specs are
+deeply immutable: sections are frozen models, list fields are tuples and the free-form mappings
+(`model.*.config`, `deepspeed.overrides`) are `FrozenDict`s, so `spec_hash` cannot drift after loading.
+Secrets never live in specs (storage credentials come from the environment or an AWS profile).
+`TrainSpec.model.to_config()` is the only bridge from a spec into `cos_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cos_model import DEFAULT_SCALES, CosConfig
+
+MODULES = ("vision_tower", "resampler", "projector", "language_model")
+Module = Literal["vision_tower", "resampler", "projector", "language_model"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Keys that the resolver derives from the spec; overriding them would make the spec lie.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "bf16", "fp16", "optimizer",
+}
+InflatePreset = Literal["32to80", "32to336", "32to528", "80to336", "80to1296"]
+INFLATE_PRESETS: tuple[str, ...] = get_args(InflatePreset)
+_PLAN_ERROR = f"must be one of {', '.join(INFLATE_PRESETS)} or a mapping with image_size and scales"
+_STAGES = ("pretrain", "inflate", "finetune")
+
+
+class SpecError(ValueError):
+    """A run spec that cannot be used; the message names the file and the YAML key."""
+
+
+class FrozenDict(dict):
+    """A read-only dict: the free-form mappings of a spec. Nested mappings are `FrozenDict`s and
+    nested lists `FrozenList`s. `copy.deepcopy` returns plain, mutable dicts and lists (a copy to edit);
+    `copy.copy` returns the object itself."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("spec mappings are read-only; copy.deepcopy() one to get an editable dict")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return _thaw(self)
+
+    def __reduce__(self) -> tuple:
+        return FrozenDict, (dict(self),)
+
+
+class FrozenList(tuple):
+    """A read-only list inside a spec's free-form mapping; `copy.deepcopy` returns a plain list."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return _thaw(self)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return FrozenDict({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return FrozenList(_freeze(item) for item in value)
+    if isinstance(value, set):
+        return frozenset(value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(item) for item in value]
+    if isinstance(value, frozenset):
+        return set(value)
+    return value
+
+
+# A free-form mapping (config fields, DeepSpeed overrides), frozen once validated.
+FreeMapping = Annotated[dict[str, Any], AfterValidator(_freeze)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __deepcopy__(self, memo: dict | None = None) -> Section:
+        # Deep-copying thaws FrozenDicts; a copied spec must stay as read-only as the original.
+        copied = super().__deepcopy__(memo)
+        for name, value in copied.__dict__.items():
+            if isinstance(value, dict) and not isinstance(value, FrozenDict):
+                copied.__dict__[name] = _freeze(value)
+        return copied
+
+
+class RunSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; names the run folder.")
+    output: str = Field(description="Where checkpoints and artefacts go: a local path, file://PATH or s3://BUCKET/PREFIX.")
+    seed: int = Field(0, ge=0, description="Seed for weights init, data order and dropout.")
+
+    @field_validator("output")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("file://", "s3://")):
+            raise ValueError(f"unsupported URI scheme in {value!r}; use a path, file:// or s3://")
+        if value.startswith("s3://") and len(value[5:].split("/", 1)[0]) < 3:
+            raise ValueError(f"{value!r} needs a bucket name of at least 3 characters")
+        return value
+
+
+class ComponentSpec(Section):
+    path: str | None = Field(None, description="Local folder of a pretrained checkpoint; null = random init from `config`.")
+    config: FreeMapping = Field(default_factory=FrozenDict, description="Config fields (random init) or overrides.")
+
+
+class ScaleItem(Section):
+    window: int = Field(gt=0, description="Window side in patches.")
+    queries_per_window: int = Field(gt=0, description="Learned queries per window.")
+    parent: int | None = Field(None, ge=0, description="Source scale this one was inflated from (inflate plans).")
+
+
+class PretrainModelSpec(Section):
+    vision: ComponentSpec = Field(description="CLIP vision tower.")
+    text: ComponentSpec = Field(description="Causal LM (config needs model_type when random).")
+    tokenizer: str = Field(description="Local tokenizer folder (the LLM's, or the synthetic set's).")
+    image_size: int = Field(224, gt=0, description="Input resolution in pixels.")
+    feature_layers: tuple[int, ...] = Field((15, 22), description="0-indexed ViT blocks read.")
+    scales: tuple[ScaleItem, ...] = Field(default_factory=lambda: tuple(ScaleItem(**s) for s in DEFAULT_SCALES))
+    resampler_num_heads: int = Field(16, gt=0)
+    trainable: tuple[Module, ...] = ("resampler", "projector")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _components_are_buildable(self) -> PretrainModelSpec:
+        from transformers import CLIPVisionConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if "image_size" in self.vision.config:
+            raise ValueError("vision.config.image_size: set the resolution with model.image_size instead")
+        if self.text.path is None and "model_type" not in self.text.config:
+            raise ValueError("text.config.model_type: required when text.path is null (e.g. llama)")
+        model_type = self.text.config.get("model_type")
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            raise ValueError(f"text.config.model_type: unknown model type {model_type!r}")
+        for name, component, config_class in (
+            ("vision", self.vision, CLIPVisionConfig),
+            ("text", self.text, CONFIG_MAPPING[model_type] if model_type else None),
+        ):
+            if config_class is None:
+                continue
+            known = {f.name for f in dataclasses.fields(config_class)} | {"model_type"}
+            unknown = sorted(set(component.config) - known)
+            if unknown:
+                raise ValueError(f"{name}.config: unknown fields {unknown} for {config_class.__name__}")
+        if not self.trainable:
+            raise ValueError("trainable: at least one module must train")
+        if self.vision.path is None:
+            self.to_config(vocab_size=self.text.config.get("vocab_size", 32000), image_token_id=0)
+        return self
+
+    def to_config(self, vocab_size: int, image_token_id: int) -> CosConfig:
+        """The CosConfig this spec describes (reads config.json from local paths; builds no weights)."""
+        from transformers import AutoConfig, CLIPVisionConfig
+
+        vision = CLIPVisionConfig.from_pretrained(self.vision.path).to_dict() if self.vision.path else {}
+        vision.update(_thaw(self.vision.config), image_size=self.image_size, model_type="clip_vision_model")
+        text = AutoConfig.from_pretrained(self.text.path).to_dict() if self.text.path else {}
+        text.update(_thaw(self.text.config))
+        if self.text.path is None:
+            text["vocab_size"] = vocab_size
+        try:
+            return CosConfig(
+                vision_config=vision,
+                text_config=text,
+                feature_layers=list(self.feature_layers),
+                scales=[s.model_dump(exclude_none=True) for s in self.scales],
+                resampler_num_heads=self.resampler_num_heads,
+                image_token_id=image_token_id,
+            )
+        except (ValueError, TypeError) as err:
+            # The resolution is model.image_size in the spec, not a vision config field.
+            message = str(err).replace("vision_config.image_size", "image_size")
+            raise ValueError(message.replace("vision_config.", "vision.config.")) from None
+
+
+class FinetuneModelSpec(Section):
+    source: str = Field(description="URI of an inflated model folder (the inflate stage's output).")
+    trainable: tuple[Module, ...] = ("resampler", "projector")
+    gradient_checkpointing: bool = False
+
+
+class DataSpec(Section):
+    root: str = Field(description="Folder holding the JSON files and the images they name.")
+    train: str = Field("train.json", description="LLaVA-format training records, relative to root.")
+    eval: str | None = Field(None, description="Held-out records for the periodic eval loss.")
+    max_text_tokens: int = Field(256, gt=0, description="Records with more text tokens count as bad.")
+    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Stop when more records are bad.")
+    num_workers: int = Field(0, ge=0, description="Image-loading worker processes per rank.")
+
+
+class OptimSpec(Section):
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps with linear warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
+    num_steps: int = Field(gt=0, description="Optimizer steps in the stage.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class BatchSpec(Section):
+    tokens_per_micro_batch: int = Field(gt=0, description="Padded tokens (visual + text) per micro-batch per rank.")
+    gradient_accumulation: int = Field(1, gt=0)
+
+
+class DeepSpeedSpec(Section):
+    template: Literal["zero3", "zero2", "zero3_offload"] = "zero3"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    overrides: FreeMapping = Field(default_factory=FrozenDict, description="Merged into the resolved config.")
+
+    @field_validator("overrides")
+    @classmethod
+    def _not_derived(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(DERIVED_DEEPSPEED_KEYS & set(overrides))
+        if clash:
+            raise ValueError(f"{clash} come from the batch/optim/precision settings; set those instead")
+        return overrides
+
+
+class CheckpointSpec(Section):
+    every_steps: int | None = Field(None, gt=0, description="Save every N optimizer steps.")
+    every_minutes: float | None = Field(None, gt=0.0, description="Save when this much time passed since the last save.")
+    keep_last: int = Field(2, gt=0, description="Committed checkpoints kept; older ones are deleted after a newer commits.")
+
+
+class StorageSpec(Section):
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO/Ceph); default: AWS_ENDPOINT_URL(_S3) or AWS.")
+    region: str | None = None
+    path_style: bool = Field(False, description="Path-style addressing (most MinIO/Ceph setups).")
+    max_concurrency: int = Field(8, gt=0, le=64, description="Parallel part uploads/downloads.")
+    multipart_chunk_mb: int = Field(16, ge=5, le=5120, description="Multipart part size in MiB (S3 minimum 5).")
+
+
+class SlurmSpec(Section):
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(8, ge=0)
+    cpus_per_task: int = Field(16, gt=0)
+    mem: str = "0"
+    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_lead_s: int = Field(300, gt=0, description="Seconds before the time limit to warn the job.")
+    extra_sbatch: tuple[str, ...] = Field((), description="Extra `#SBATCH` option lines.")
+    setup: tuple[str, ...] = Field((), description="Shell lines run before launching (modules, venv).")
+
+
+class EvalSpec(Section):
+    every_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval).")
+    num_batches: int = Field(4, gt=0)
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(tuple(LORA_TARGETS), min_length=1)
+
+
+class TrainSpec(Section):
+    run: RunSection
+    data: DataSpec
+    optim: OptimSpec
+    batch: BatchSpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _eval_needs_data(self) -> TrainSpec:
+        if self.eval.every_steps is not None and self.data.eval is None:
+            raise ValueError("eval.every_steps: is set, but data.eval names no held-out records")
+        return self
+
+
+class PretrainSpec(TrainSpec):
+    stage: Literal["pretrain"]
+    model: PretrainModelSpec
+
+
+class FinetuneSpec(TrainSpec):
+    stage: Literal["finetune"]
+    model: FinetuneModelSpec
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="null = no LoRA (full LLM if trainable).")
+
+    @model_validator(mode="after")
+    def _lora_xor_full_llm(self) -> FinetuneSpec:
+        if self.lora is not None and "language_model" in self.model.trainable:
+            raise ValueError("model.trainable: language_model trains through lora; remove it or set lora: null")
+        return self
+
+
+class InflatePlan(Section):
+    image_size: int = Field(gt=0)
+    scales: tuple[ScaleItem, ...] = Field(min_length=1)
+
+
+# `plan` is a preset name or a mapping; the input's type picks the branch, so an error names one of them
+# only. The tags are internal and never appear in messages (see `_yaml_loc`).
+_PLAN_TAGS = ("preset", "mapping")
+
+
+def _plan_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "preset" if value in INFLATE_PRESETS else None
+    if isinstance(value, (dict, InflatePlan)):
+        return "mapping"
+    return None
+
+
+Plan = Annotated[
+    Union[Annotated[InflatePreset, Tag("preset")], Annotated[InflatePlan, Tag("mapping")]],
+    Discriminator(_plan_kind, custom_error_type="inflate_plan", custom_error_message=_PLAN_ERROR),
+]
+
+
+class InflateSpec(Section):
+    stage: Literal["inflate"]
+    run: RunSection
+    source: str = Field(description="Pretrain run output or model folder (path, file:// or s3://).")
+    plan: Plan = Field(description=f"A preset ({', '.join(INFLATE_PRESETS)}) or {{image_size, scales}}.")
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    def plan_arg(self) -> str | dict:
+        """The plan in the form `cos_model.inflate_config` takes."""
+        if isinstance(self.plan, str):
+            return self.plan
+        return {"image_size": self.plan.image_size, "scales": [s.model_dump(exclude_none=True) for s in self.plan.scales]}
+
+
+RunSpec = Annotated[Union[PretrainSpec, InflateSpec, FinetuneSpec], Field(discriminator="stage")]
+_ADAPTER = TypeAdapter(RunSpec)
+
+
+def _yaml_loc(loc: tuple) -> tuple:
+    """A pydantic error location as YAML keys: without the stage tag and the `plan` union's tags."""
+    if loc and loc[0] in _STAGES:
+        loc = loc[1:]
+    if len(loc) >= 2 and loc[0] == "plan" and loc[1] in _PLAN_TAGS:
+        loc = loc[:1] + loc[2:]
+    return loc
+
+
+def _yaml_key(loc: tuple) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    errors = err.errors()
+    locs = [e["loc"] for e in errors]
+    lines = []
+    for e in errors:
+        loc = e["loc"]
+        if e["type"] == "too_short" and any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs):
+            continue  # pydantic's tuples also count their invalid items as missing; the item's error says it
+        key, message = _yaml_key(_yaml_loc(loc)), e["msg"].removeprefix("Value error, ")
+        # List fields are tuples (immutable); in YAML they are lists.
+        if e["type"] == "tuple_type":
+            message = "Input should be a valid list"
+        elif e["type"] in ("too_short", "too_long"):
+            message = message.replace("Tuple ", "List ", 1)
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            key, message = "stage", f"must be one of {', '.join(_STAGES)}"
+        elif e["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see `cosctl spec schema`)"
+        elif e["type"] == "missing":
+            message = "required key is missing"
+        else:
+            # Cross-field checks name their own key relative to the section: "scales[0].window: ..."
+            inner, sep, rest = message.partition(": ")
+            if sep and " " not in inner:
+                key, message = (f"{key}.{inner}" if key else inner), rest
+        message = " ".join(message.splitlines())
+        lines.append(f"{source}: {key or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def _copy_tree(value: Any, path: frozenset = frozenset()) -> Any:
+    """A copy of the dicts and lists in a YAML tree (YAML aliases become separate copies)."""
+    if isinstance(value, (dict, list)):
+        if id(value) in path:
+            raise SpecError("the spec contains a recursive YAML alias")
+        path = path | {id(value)}
+        if isinstance(value, dict):
+            return {key: _copy_tree(item, path) for key, item in value.items()}
+        return [_copy_tree(item, path) for item in value]
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a raw spec dict, returning a new dict."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"the spec must be a YAML mapping, got {type(raw).__name__}")
+    result = _copy_tree(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise SpecError(f"--set {item!r}: expected key.path=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML") from None
+        node = result
+        for depth, part in enumerate(parts[:-1], start=1):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {'.'.join(parts[:depth])} is not a mapping")
+            node = child
+        node[parts[-1]] = parsed
+    return result
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> PretrainSpec | InflateSpec | FinetuneSpec:
+    if raw is None:
+        raise SpecError(f"{source}: the spec is empty")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(source, err)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> PretrainSpec | InflateSpec | FinetuneSpec:
+    """Read, override and validate a YAML run spec; raise `SpecError` naming the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read the spec file: {getattr(err, 'strerror', None) or err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        raise SpecError(f"{path}: the spec file is empty")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping, got {type(raw).__name__}")
+    if overrides:
+        try:
+            raw = apply_overrides(raw, list(overrides))
+        except SpecError as err:
+            raise SpecError(f"{path}: {err}") from None
+    return parse_spec(raw, str(path))
+
+
+def spec_to_dict(spec: BaseModel) -> dict:
+    """The spec as plain JSON data (lists, dicts, scalars); `parse_spec` reads it back to an equal spec."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: BaseModel) -> str:
+    """Stable hash of the resolved spec (written into checkpoint manifests): SHA-256 of the canonical
+    JSON dump (sorted keys), so it depends only on the values, never on key order or container types."""
+    return hashlib.sha256(json.dumps(spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_schema() -> dict:
+    return _ADAPTER.json_schema()
