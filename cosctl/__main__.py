@@ -1,0 +1,5 @@
+"""`python -m cosctl` (what torchrun launches for multi-rank runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""Building the model and its DeepSpeed engine: process group, model per stage, trainability, LoRA.
+
+Everything here is collective-safe: every rank runs the same calls in the same order. CPU runs use the
+gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nccl and bf16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cos_model import CosForConditionalGeneration
+from cos_model.vision import CosVisionTower
+
+from .deepspeed_config import comm_backend, load_template, resolve_deepspeed
+from .spec import MODULES, FinetuneSpec, LoraSpec, PretrainSpec
+
+LORA_MODULE_PATTERN = r"(.*\.)?language_model\..*\.({targets})"
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join (or, alone, create) the process group; ranks come from torchrun/SLURM environment."""
+    import deepspeed
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if "RANK" not in os.environ:  # a single in-process rank (no launcher)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # NOTE: the CPU backend JIT-builds an inference-only shm op (~30 s of g++) on first init; skip it.
+    # `import deepspeed.comm.torch` would bind torch itself, hence import_module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=comm_backend("cuda" if cuda else "cpu"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def num_params(parameters) -> int:
+    # Under ZeRO-3 a partitioned parameter's local numel is 0; ds_numel is its full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
+
+
+def set_trainable(model: nn.Module, modules: list[str]) -> None:
+    """Freeze everything, then unfreeze the named top-level modules."""
+    for name in modules:
+        if name not in MODULES:
+            raise ValueError(f"unknown module {name!r}; modules are {MODULES}")
+    for name, param in model.named_parameters():
+        param.requires_grad = name.split(".")[0] in modules
+
+
+def build_pretrain_model(spec: PretrainSpec, vocab_size: int, image_token_id: int) -> CosForConditionalGeneration:
+    """A fresh Chain-of-Sight model: random bridge; ViT and LLM from local folders or random."""
+    config = spec.model.to_config(vocab_size=vocab_size, image_token_id=image_token_id)
+    torch.manual_seed(spec.run.seed)
+    model = CosForConditionalGeneration(config)
+    if spec.model.vision.path:
+        tower = CosVisionTower.from_pretrained(spec.model.vision.path, num_blocks=model.vision_tower.num_blocks)
+        model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+    if spec.model.text.path:
+        from transformers import AutoModelForCausalLM
+
+        model.language_model = AutoModelForCausalLM.from_pretrained(spec.model.text.path, dtype=torch.float32)
+    set_trainable(model, list(spec.model.trainable))
+    if spec.model.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    return model
+
+
+def apply_lora(model: CosForConditionalGeneration, lora: LoraSpec, trainable: list[str], seed: int):
+    """Wrap the model with peft LoRA on the LLM's projections; the trainable bridge modules go to
+    `modules_to_save`, so one peft folder holds everything fine-tuning changed."""
+    from peft import LoraConfig, get_peft_model
+
+    set_trainable(model, [])
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=LORA_MODULE_PATTERN.format(targets="|".join(lora.target_modules)),
+        modules_to_save=list(trainable) or None,
+    )
+    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init on every rank and run
+    peft_model = get_peft_model(model, config)
+    if not any("lora_" in n for n, _ in peft_model.named_parameters()):
+        raise ValueError(f"lora.target_modules: {lora.target_modules} match no module of the language model")
+    return peft_model
+
+
+def build_finetune_model(spec: FinetuneSpec, model_dir: str):
+    """The inflated model from a local folder, with LoRA (or full LLM training) as the spec says."""
+    model = CosForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    if spec.model.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    if spec.lora is None:
+        set_trainable(model, list(spec.model.trainable))
+        return model
+    return apply_lora(model, spec.lora, list(spec.model.trainable), spec.run.seed)
+
+
+def trainable_summary(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per top-level module (LoRA adapters counted as `lora`)."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.removeprefix("base_model.model.").split(".")
+        group = "lora" if "lora_" in name else parts[0]
+        counts[group] = counts.get(group, 0) + getattr(param, "ds_numel", param.numel())
+    return counts
+
+
+def expected_trainable_groups(spec: PretrainSpec | FinetuneSpec) -> set[str]:
+    groups = set(spec.model.trainable)
+    if isinstance(spec, FinetuneSpec) and spec.lora is not None:
+        groups.add("lora")
+    return groups
+
+
+def cosine_schedule(num_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """LR multiplier per optimizer step: linear warm-up, then cosine down to `min_lr_ratio`."""
+    num_warmup = int(round(warmup_ratio * num_steps))
+
+    def multiplier(step: int) -> float:
+        if step < num_warmup:
+            return (step + 1) / (num_warmup + 1)
+        progress = (step - num_warmup) / max(1, num_steps - num_warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return multiplier
+
+
+def build_engine(model: nn.Module, spec: PretrainSpec | FinetuneSpec, dist_info: Dist, micro_batch_size: int):
+    """deepspeed.initialize with the resolved config, torch AdamW and our cosine schedule."""
+    import deepspeed
+
+    device_type = dist_info.device.type
+    hidden = getattr(getattr(model, "config", None), "text_config", None)
+    ds_config = resolve_deepspeed(
+        load_template(spec.deepspeed.template),
+        spec,
+        world_size=dist_info.world_size,
+        micro_batch_size=micro_batch_size,
+        device_type=device_type,
+        hidden_size=getattr(hidden, "hidden_size", None),
+    )
+    schedule = cosine_schedule(spec.optim.num_steps, spec.optim.warmup_ratio, spec.optim.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    return engine, scheduler, ds_config

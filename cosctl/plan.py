@@ -1,0 +1,132 @@
+"""`cosctl plan`: what a spec will do before it runs — tokens, scales, parameters, DeepSpeed config,
+memory and FLOP estimates, and the checkpoint it would resume from. Builds the model on the meta
+device (no weights, no memory), reads at most config.json and the tokenizer from local folders.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cos_model import CosConfig, CosForConditionalGeneration
+
+from .checkpoint import find_latest
+from .data import IMAGE_TOKEN, DataError, load_tokenizer, samples_per_micro_batch
+from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
+from .engine import set_trainable
+from .metrics import flops_per_sample
+from .spec import FinetuneSpec, InflateSpec, PretrainSpec
+from .storage import StorageError, join_uri, open_store
+
+ADAM_BYTES_PER_PARAM = 12  # fp32 master weight + two fp32 moments
+
+
+def source_config(source: str, storage_spec) -> CosConfig:
+    """The CosConfig of a model URI (published `<source>/model/`, `<source>/`, or a local folder)."""
+    store = open_store(source, storage_spec)
+    for key in ("model/config.json", "config.json"):
+        try:
+            return CosConfig.from_dict(json.loads(store.get_bytes(key)))
+        except StorageError:
+            continue
+    raise StorageError(f"{source}: no config.json (looked in model/ and the folder itself)")
+
+
+def _pretrain_config(spec: PretrainSpec) -> CosConfig:
+    vocab = spec.model.text.config.get("vocab_size", 32000)
+    image_token = 0
+    try:
+        tokenizer = load_tokenizer(spec.model.tokenizer)
+        vocab, image_token = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    except DataError:
+        pass  # the plan still works before the tokenizer folder exists
+    return spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
+
+
+def lora_params(model: torch.nn.Module, targets: list[str], rank: int) -> int:
+    total = 0
+    for name, module in model.language_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def scale_table(config: CosConfig) -> list[dict]:
+    return [
+        {"window": s.window, "queries_per_window": s.queries_per_window, "windows": s.num_windows, "tokens": s.num_tokens}
+        for s in config.scale_specs
+    ]
+
+
+def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
+    if isinstance(spec, InflateSpec):
+        from cos_model import inflate_config
+
+        src = source_config(spec.source, spec.storage)
+        dst = inflate_config(src, spec.plan_arg())
+        return {
+            "stage": "inflate", "visual_tokens": dst.num_visual_tokens, "image_size": dst.image_size,
+            "scales": scale_table(dst), "source_visual_tokens": src.num_visual_tokens,
+            "source_image_size": src.image_size, "output": join_uri(spec.run.output, "model"),
+        }
+    config = _pretrain_config(spec) if isinstance(spec, PretrainSpec) else source_config(spec.model.source, spec.storage)
+    with torch.device("meta"):
+        model = CosForConditionalGeneration(config)
+    set_trainable(model, list(spec.model.trainable))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(spec, FinetuneSpec) and spec.lora is not None:
+        trainable += lora_params(model, spec.lora.target_modules, spec.lora.r)
+    text_tokens = spec.data.max_text_tokens // 2  # assumed mean; the run measures the real one
+    micro = samples_per_micro_batch(config.num_visual_tokens, text_tokens, spec.batch.tokens_per_micro_batch)
+    ds_config = resolve_deepspeed(
+        load_template(spec.deepspeed.template), spec, world_size=world_size, micro_batch_size=micro,
+        device_type=device_type, hidden_size=config.text_config.hidden_size,
+    )
+    bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
+    sample_flops = flops_per_sample(config, text_tokens)
+    store = open_store(spec.run.output, spec.storage)
+    latest = find_latest(store)
+    return {
+        "stage": spec.stage,
+        "visual_tokens": config.num_visual_tokens,
+        "image_size": config.image_size,
+        "scales": scale_table(config),
+        "trainable_params": trainable,
+        "total_params": total,
+        "samples_per_micro_batch": micro,
+        "assumed_text_tokens": text_tokens,
+        "flops_per_sample": sample_flops,
+        "flops_per_step": sample_flops * micro * spec.batch.gradient_accumulation * world_size,
+        "memory_per_rank_gib": {
+            "weights": total * bytes_per_param / world_size / 2**30,
+            "optimizer": trainable * (ADAM_BYTES_PER_PARAM + bytes_per_param) / world_size / 2**30,
+        },
+        "resume": (
+            {"uri": join_uri(store.uri, "checkpoints", latest.name), "step": latest.step} if latest else None
+        ),
+        "deepspeed": ds_config,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"stage          {plan['stage']}",
+             f"visual tokens  {plan['visual_tokens']} per image at {plan['image_size']} px"]
+    for s in plan["scales"]:
+        lines.append(f"  scale        window {s['window']:>3}: {s['windows']:>4} windows x {s['queries_per_window']} queries"
+                     f" = {s['tokens']} tokens")
+    if plan["stage"] == "inflate":
+        lines.append(f"from           {plan['source_visual_tokens']} tokens at {plan['source_image_size']} px")
+        lines.append(f"output         {plan['output']}")
+        return "\n".join(lines)
+    memory = plan["memory_per_rank_gib"]
+    lines += [
+        f"parameters     {plan['trainable_params']:,} trainable of {plan['total_params']:,}",
+        f"micro-batch    ~{plan['samples_per_micro_batch']} samples (assuming {plan['assumed_text_tokens']} text tokens)",
+        f"FLOPs          {plan['flops_per_sample']:.3g} per sample, {plan['flops_per_step']:.3g} per step",
+        f"memory/rank    {memory['weights']:.2f} GiB weights + {memory['optimizer']:.2f} GiB optimizer (+ activations)",
+        f"resume from    {plan['resume']['uri'] + ' (step ' + str(plan['resume']['step']) + ')' if plan['resume'] else 'nothing: starts fresh'}",
+        "deepspeed      " + json.dumps(plan["deepspeed"], sort_keys=True),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""What differs between stages: where the model and tokenizer come from, what a checkpoint stores as
+its gathered trainable weights, and which artefact a stage publishes.
+
+    pretrain  spec.model (ViT/LLM from local folders or random)   -> publishes <output>/model/   (HF folder)
+    inflate   <source>/model -> cos_model.inflate_*               -> publishes <output>/model/   (HF folder)
+    finetune  <source>/model + LoRA                               -> publishes <output>/adapter/ (peft folder)
+
+Published folders carry a manifest written last, so a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
+
+from .checkpoint import CheckpointError, fetch_published, publish
+from .data import IMAGE_TOKEN, load_tokenizer
+from .engine import Dist, build_finetune_model, build_pretrain_model
+from .spec import FinetuneSpec, InflateSpec, PretrainSpec
+from .storage import StorageError, join_uri, open_store
+
+SOURCE_RECORD = "cosctl_source.json"
+
+
+@dataclass
+class Stage:
+    tokenizer: object
+    model: torch.nn.Module
+    cos_config: CosConfig
+    write_trainable: Callable  # (engine, local_dir) -> None; collective
+    write_final: Callable  # (engine) -> published URI; collective
+
+
+def fetch_model(source: str, storage_spec, local_dir: Path) -> Path:
+    """A model folder from a URI: `<source>/model/` or `<source>/` when published (verified against
+    its manifest), or a plain local HF folder (config.json + weights) such as a user's own model."""
+    store = open_store(source, storage_spec)
+    for prefix in ("model", ""):
+        try:
+            return fetch_published(store, prefix, Path(local_dir))
+        except CheckpointError as err:
+            if "no manifest.json" not in str(err):
+                raise
+    plain = Path(source.removeprefix("file://"))
+    if "://" not in source.removeprefix("file://") and (plain / "config.json").is_file():
+        return plain
+    raise StorageError(f"{source}: neither a published model folder (with manifest.json) nor a local model folder")
+
+
+def _gathered(engine, params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def _trainable_state(engine) -> dict[str, torch.Tensor] | None:
+    """Full (gathered) trainable weights on rank 0, None elsewhere; collective."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    with _gathered(engine, (p for _, p in named)):
+        if dist.get_rank() == 0:
+            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+    return None
+
+
+def _full_state(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (gathered module by module under ZeRO-3); collective."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+
+
+def _publish_on_main(output: str, storage_spec, local_dir: Path, prefix: str) -> str:
+    if dist.get_rank() == 0:
+        publish(open_store(output, storage_spec), local_dir, prefix)
+    dist.barrier()
+    return join_uri(output, prefix)
+
+
+def prepare_stage(spec: PretrainSpec | FinetuneSpec, output: str, staging: Path, dist_info: Dist) -> Stage:
+    if isinstance(spec, PretrainSpec):
+        return _pretrain_stage(spec, output, staging)
+    return _finetune_stage(spec, output, staging, dist_info)
+
+
+def _pretrain_stage(spec: PretrainSpec, output: str, staging: Path) -> Stage:
+    tokenizer = load_tokenizer(spec.model.tokenizer)
+    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+    def write_trainable(engine, local_dir: Path) -> None:
+        state = _trainable_state(engine)
+        if state is not None:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(local_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    def write_final(engine) -> str:
+        state = _full_state(engine)
+        local = staging / "final" / "model"
+        if state is not None:
+            shutil.rmtree(local, ignore_errors=True)
+            _save_model_folder(engine.module.config, state, tokenizer, local)
+        return _publish_on_main(output, spec.storage, local, "model")
+
+    return Stage(tokenizer, model, model.config, write_trainable, write_final)
+
+
+def _finetune_stage(spec: FinetuneSpec, output: str, staging: Path, dist_info: Dist) -> Stage:
+    # One download per node (local rank 0); the other ranks of the node read the same folder.
+    found = [None]
+    if dist_info.local_rank == 0:
+        found = [str(fetch_model(spec.model.source, spec.storage, staging / "source"))]
+    dist.barrier()
+    dist.broadcast_object_list(found, src=0)
+    model_dir = Path(found[0])
+    tokenizer = load_tokenizer(model_dir)
+    model = build_finetune_model(spec, str(model_dir))
+    cos_config = CosConfig.from_pretrained(model_dir)
+    uses_lora = spec.lora is not None
+
+    def write_adapter(engine, local_dir: Path) -> None:
+        # Under ZeRO-3 adapters are partitioned ([0]-shaped): gather them, or peft saves empty tensors.
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        with _gathered(engine, trainable):
+            if dist.get_rank() == 0:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()
+                         if "lora_" in k or "modules_to_save" in k}
+                engine.module.save_pretrained(local_dir, state_dict=state)
+                tokenizer.save_pretrained(local_dir)
+                (local_dir / SOURCE_RECORD).write_text(json.dumps({"base_model": spec.model.source}))
+
+    def write_trainable(engine, local_dir: Path) -> None:
+        if uses_lora:
+            return write_adapter(engine, local_dir)
+        state = _trainable_state(engine)
+        if state is not None:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(local_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    def write_final(engine) -> str:
+        local = staging / "final" / ("adapter" if uses_lora else "model")
+        if dist.get_rank() == 0:
+            shutil.rmtree(local, ignore_errors=True)
+        dist.barrier()
+        if uses_lora:
+            write_adapter(engine, local)
+        else:
+            state = _full_state(engine)
+            if state is not None:
+                _save_model_folder(cos_config, state, tokenizer, local)
+        return _publish_on_main(output, spec.storage, local, local.name)
+
+    return Stage(tokenizer, model, cos_config, write_trainable, write_final)
+
+
+def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
+    """Load the pretrained model (full weights, one process), inflate it, publish the new folder."""
+    started = time.monotonic()
+    run_dir = Path(run_dir)
+    source_dir = fetch_model(spec.source, spec.storage, run_dir / "staging" / "source")
+    src_config = CosConfig.from_pretrained(source_dir)
+    dst_config = inflate_config(src_config, spec.plan_arg())
+    source = CosForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32)
+    state = inflate_state_dict(source.state_dict(), src_config, dst_config)
+    model = CosForConditionalGeneration(dst_config)
+    model.load_state_dict(state, strict=True)
+    local = run_dir / "staging" / "model"
+    shutil.rmtree(local, ignore_errors=True)
+    model.save_pretrained(local)
+    load_tokenizer(source_dir).save_pretrained(local)
+    publish(open_store(output, spec.storage), local, "model")
+    summary = {
+        "stage": "inflate", "source": spec.source, "plan": spec.plan_arg(),
+        "visual_tokens": {"from": src_config.num_visual_tokens, "to": dst_config.num_visual_tokens},
+        "image_size": {"from": src_config.image_size, "to": dst_config.image_size},
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "time_s": time.monotonic() - started, "artefact": join_uri(output, "model"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

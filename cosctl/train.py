@@ -1,0 +1,209 @@
+"""The training loop of the pretrain and finetune stages.
+
+    setup: process group -> stage (tokenizer, model, trainable set) -> data -> DeepSpeed engine
+    resume: newest committed checkpoint (auto) / a given one (URI) / none (never; refuses to clobber)
+    while step < num_steps:
+        step += 1
+        train_step(): accumulation x (micro-batch -> forward -> engine.backward -> engine.step)
+        sink.log(step, loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU)      # rank 0
+        if eval due: mean eval loss over a fixed set of held-out micro-batches
+        if save due (every N steps / M minutes, agreed by all ranks): commit a checkpoint
+    final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import SaveClock, checkpoint_name
+from .data import MicroBatchLoader, build_examples, samples_per_micro_batch
+from .engine import build_engine, expected_trainable_groups, init_distributed, trainable_summary
+from .metrics import MetricsSink, flops_per_sample, peak_tflops
+from .resume import Resumer
+from .spec import FinetuneSpec, PretrainSpec
+from .stages import prepare_stage
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_text_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_step(engine, loader: MicroBatchLoader, accumulation: int, device) -> StepStats:
+    """One optimizer step over `accumulation` token-budgeted micro-batches; stats summed over ranks."""
+    stats = StepStats()
+    for _ in range(accumulation):
+        batch = loader.next_micro_batch()
+        num_samples = batch.pop("num_samples")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        stats.loss += loss.item() / accumulation
+        stats.num_samples += num_samples
+        stats.num_tokens += int(batch["attention_mask"].sum())
+    loss_sum, num_samples, num_tokens = _all_reduce([stats.loss, stats.num_samples, stats.num_tokens], device)
+    stats.loss = loss_sum / dist.get_world_size()
+    stats.num_samples, stats.num_tokens = int(num_samples), int(num_tokens)
+    return stats
+
+
+@torch.no_grad()
+def eval_loss(engine, loader: MicroBatchLoader, num_batches: int, device) -> float:
+    """Mean loss over the first `num_batches` held-out micro-batches (same batches, every rank)."""
+    engine.eval()
+    loader.load_state_dict({"epoch": 0, "index": 0})
+    total = 0.0
+    for _ in range(num_batches):
+        batch = loader.next_micro_batch()
+        batch.pop("num_samples")
+        total += engine(**{k: v.to(device) for k, v in batch.items()}).loss.item()
+    engine.train()
+    return total / num_batches
+
+
+def _save_due(clock: SaveClock, step: int, device) -> bool:
+    # Time-based saves differ per rank's clock; all ranks must agree or the collectives deadlock.
+    return _all_reduce([float(clock.due(step))], device)[0] > 0
+
+
+def run_training(
+    spec: PretrainSpec | FinetuneSpec, *, run_dir: Path, output: str, resume: str = "auto", overwrite: bool = False
+) -> dict:
+    dist_info = init_distributed()
+    main = dist_info.is_main
+    run_dir = Path(run_dir)
+    stage = prepare_stage(spec, output, run_dir / "staging", dist_info)
+    cos_config = stage.cos_config
+    say = print if main else (lambda *a, **k: None)
+
+    examples, report = build_examples(
+        Path(spec.data.root) / spec.data.train, Path(spec.data.root), stage.tokenizer,
+        cos_config.num_visual_tokens, spec.data.max_text_tokens, spec.data.max_bad_fraction,
+    )
+    say(f"[{spec.stage}] data: {report.summary()}")
+    loader = MicroBatchLoader(
+        examples, image_root=Path(spec.data.root), image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
+        tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed,
+        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=spec.data.num_workers,
+    )
+    eval_loader = None
+    if spec.data.eval is not None and spec.eval.every_steps:
+        eval_examples, _ = build_examples(
+            Path(spec.data.root) / spec.data.eval, Path(spec.data.root), stage.tokenizer,
+            cos_config.num_visual_tokens, spec.data.max_text_tokens, 1.0,
+        )
+        eval_loader = MicroBatchLoader(
+            eval_examples, image_root=Path(spec.data.root), image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
+            tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed,
+            # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch
+            # per rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
+            rank=0, world_size=1,
+        )
+    mean_text = sum(e.num_tokens for e in examples) / len(examples) - cos_config.num_visual_tokens
+    micro_estimate = samples_per_micro_batch(
+        cos_config.num_visual_tokens, int(mean_text), spec.batch.tokens_per_micro_batch
+    )
+
+    engine, scheduler, ds_config = build_engine(stage.model, spec, dist_info, micro_estimate)
+    trainable = trainable_summary(engine.module)
+    say(f"[{spec.stage}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
+    if set(trainable) != expected_trainable_groups(spec):
+        raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
+                           f"{sorted(expected_trainable_groups(spec))}")
+
+    resumer = Resumer(spec, output, run_dir / "staging", dist_info, stage.write_trainable)
+    step = resumer.restore(engine, loader, resume, overwrite, say)
+    sink = MetricsSink(run_dir, spec.optim.num_steps, step, spec.stage) if main else None
+    sample_flops = flops_per_sample(cos_config, int(mean_text))
+    peak = peak_tflops(dist_info.device)
+    clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
+    first_eval = None
+    if eval_loader is not None and step == 0:
+        first_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
+        if sink:
+            sink.log({"step": 0, "eval_loss": first_eval})
+    losses: list[float] = []
+    timings: list[tuple[int, float]] = []  # (samples, seconds) per step
+    engine.train()
+    train_start = time.monotonic()
+    while step < spec.optim.num_steps:
+        step += 1
+        started = time.monotonic()
+        lr = scheduler.get_last_lr()[0]
+        stats = train_step(engine, loader, spec.batch.gradient_accumulation, dist_info.device)
+        elapsed = time.monotonic() - started
+        losses.append(stats.loss)
+        timings.append((stats.num_samples, elapsed))
+        tflops = stats.num_samples * sample_flops / elapsed / 1e12
+        record = {
+            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": _grad_norm(engine),
+            "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
+            "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
+            "tflops": tflops, "mfu": tflops / (peak * dist_info.world_size) if peak else None,
+        }
+        if eval_loader is not None and step % spec.eval.every_steps == 0:
+            record["eval_loss"] = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
+        if sink:
+            sink.log(record)
+        if step < spec.optim.num_steps and _save_due(clock, step, dist_info.device):
+            resumer.save(engine, loader, step)
+            clock.saved()
+    train_time = time.monotonic() - train_start
+    final_eval = None
+    if eval_loader is not None:
+        final_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
+    resumer.save(engine, loader, step, final=True)
+    artefact = stage.write_final(engine)
+    resumer.close()
+    if sink:
+        sink.close()
+    summary = {
+        "stage": spec.stage, "visual_tokens": cos_config.num_visual_tokens, "image_size": cos_config.image_size,
+        "steps": step, **_loss_ends(losses), "first_eval_loss": first_eval, "final_eval_loss": final_eval,
+        "samples_per_s": _mean_rate(timings), "train_time_s": train_time,
+        "trainable_params": trainable, "world_size": dist_info.world_size,
+        "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}", "artefact": artefact,
+    }
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    engine.destroy()
+    return summary
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def _loss_ends(losses: list[float]) -> dict:
+    """Mean training loss of the first and last few steps (single steps are noisy with small
+    token-budgeted batches)."""
+    if not losses:
+        return {"first_loss": None, "final_loss": None, "loss_window": 0}
+    window = max(1, min(5, len(losses) // 4))
+    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+            "loss_window": window}
+
+
+def _mean_rate(timings: list[tuple[int, float]]) -> float | None:
+    """Samples/s over this run's steps, skipping the first (warm-up) step when there are others."""
+    timed = timings[1:] or timings
+    seconds = sum(t for _, t in timed)
+    return sum(n for n, _ in timed) / seconds if seconds else None
