@@ -201,6 +201,103 @@ def apply_retention(store: ObjectStore, keep_last: int) -> list[str]:
     return removed
 
 
+class BackgroundCommit:
+    """Uploads this rank's staged checkpoint off the training thread and, on rank 0, commits it once
+    every rank's part has arrived. At most one upload is in flight: `submit` first waits for the
+    previous one. Failures are retried, then reported; they never commit a partial checkpoint.
+
+    Each rank announces its finished upload with `parts/rank_NNNNN.json` (its files' sizes and
+    hashes) or `parts/rank_NNNNN.failed`; rank 0 waits for all parts, checks every object's size,
+    writes `manifest.json`, moves `latest` and applies retention.
+    """
+
+    def __init__(self, store: ObjectStore, rank: int, world_size: int, keep_last: int, log,
+                 num_attempts: int = 4, part_timeout_s: float = 1800.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.rank, self.world_size, self.keep_last, self.log = store, rank, world_size, keep_last, log
+        self.num_attempts, self.part_timeout_s = num_attempts, part_timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self.pending = None
+        self.failures: list[str] = []
+
+    def submit(self, local_dir: Path, name: str, meta: dict, blocked_s: float) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._run, Path(local_dir), name, meta, blocked_s)
+
+    def wait(self) -> bool:
+        """Block until the in-flight upload (if any) is done; False if it failed (already reported)."""
+        if self.pending is None:
+            return True
+        outcome, self.pending = self.pending.result(), None
+        return outcome
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()
+
+    def _run(self, local_dir: Path, name: str, meta: dict, blocked_s: float) -> bool:
+        started = time.monotonic()
+        prefix = f"{PREFIX}/{name}"
+        try:
+            files = self._upload_with_retries(local_dir, prefix)
+            self.store.put_bytes(json.dumps(files).encode(), f"{prefix}/parts/rank_{self.rank:05d}.json")
+            if self.rank == 0:
+                committed = commit(self.store, name, self._await_parts(prefix), meta)
+                removed = apply_retention(self.store, self.keep_last)
+                size_mb = sum(f["size"] for f in committed.manifest["files"].values()) / 2**20
+                self.log(f"checkpoint {name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
+                         f"{blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
+                         f"{committed.manifest_sha256[:12]})" + (f"; removed {', '.join(removed)}" if removed else ""))
+            return True
+        except Exception as err:  # noqa: BLE001 - reported and recorded; training goes on
+            if self.rank != 0:
+                try:
+                    self.store.put_bytes(str(err).encode(), f"{prefix}/parts/rank_{self.rank:05d}.failed")
+                except StorageError:
+                    pass
+            self.failures.append(f"{name}: {err}")
+            self.log(f"checkpoint {name} was NOT committed: {err}")
+            return False
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True) if self.rank == 0 else _remove_owned(local_dir, self.rank)
+
+    def _upload_with_retries(self, local_dir: Path, prefix: str) -> dict[str, dict]:
+        for attempt in range(1, self.num_attempts + 1):
+            try:
+                return upload_tree(self.store, local_dir, prefix, self.rank)
+            except StorageError as err:
+                if attempt == self.num_attempts:
+                    raise
+                self.log(f"upload to {self.store.uri}/{prefix} failed (attempt {attempt}/{self.num_attempts}): "
+                         f"{err}; retrying")
+                time.sleep(min(30.0, 2.0**attempt))
+        raise AssertionError("unreachable")
+
+    def _await_parts(self, prefix: str) -> dict[str, dict]:
+        deadline = time.monotonic() + self.part_timeout_s
+        while True:
+            keys = set(self.store.list(f"{prefix}/parts/"))
+            failed = sorted(k for k in keys if k.endswith(".failed"))
+            if failed:
+                raise CheckpointError(f"other ranks failed to upload: {', '.join(failed)}")
+            parts = [f"{prefix}/parts/rank_{r:05d}.json" for r in range(self.world_size)]
+            if all(p in keys for p in parts):
+                files: dict[str, dict] = {}
+                for part in parts:
+                    files.update(json.loads(self.store.get_bytes(part)))
+                return files
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{self.store.uri}/{prefix}: not every rank uploaded within {self.part_timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def _remove_owned(local_dir: Path, rank: int) -> None:
+    for path in list(Path(local_dir).rglob("*")):
+        if path.is_file() and owned_by_rank(path.relative_to(local_dir).as_posix(), rank):
+            path.unlink(missing_ok=True)
+
+
 class SaveClock:
     """When to save: every N steps and/or every M minutes since the last save."""
 

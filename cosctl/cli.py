@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .spec import SpecError, load_spec
 from .storage import StorageError
+from .train import Preempted, run_training
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Chain-of-Sight MLLM training: pretrain (32 tokens) -> inflate -> finetune (528, LoRA).")
@@ -71,12 +72,14 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
         spec = _load(spec_path, overrides, stage)
         if nproc > 1 and "RANK" not in os.environ:
             _relaunch_with_torchrun(nproc)
-        from .train import run_training
 
         summary = run_training(spec, run_dir=run_dir or Path("runs") / spec.run.name,
                                output=output or spec.run.output, resume=resume, overwrite=overwrite)
     except USER_ERRORS as err:
         fail(str(err))
+    except Preempted as stop:
+        typer.echo(f"[{stage}] {stop}", err=True)
+        raise typer.Exit(Preempted.exit_code) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(summary, indent=1))
 

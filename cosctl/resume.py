@@ -8,6 +8,7 @@ RNG states and data-loader position, the step, the resolved spec and the gathere
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import time
@@ -18,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
-    CheckpointError, Committed, apply_retention, checkpoint_name, commit, fetch, find_latest, read_manifest,
-    split_checkpoint_uri, upload_tree,
+    BackgroundCommit, CheckpointError, Committed, checkpoint_name, fetch, find_latest, read_manifest,
+    split_checkpoint_uri,
 )
 from .engine import Dist
 from .spec import spec_hash, spec_to_dict
@@ -28,6 +29,19 @@ from .storage import open_store
 ZERO_TAG = "zero"
 # Spec sections that may change across a resume; anything else changes the model or the data order.
 RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "run.output", "optim.num_steps")
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's shard loader, but refusing to unpickle anything beyond tensors, containers and the
+    few DeepSpeed types its state holds (its own loader uses weights_only=False)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint): {str(err)[:300]}") from None
 
 
 def rng_state() -> dict:
@@ -72,16 +86,23 @@ class Resumer:
         self.store = open_store(output, spec.storage)
         self.staging = Path(staging) / "checkpoints"
         self.write_trainable = write_trainable
-        self.keep_last = spec.checkpoint.keep_last
         self.last_saved_step: int | None = None
+        log = (lambda message: print(f"[{spec.stage}] {message}", flush=True)) if dist_info.is_main else (lambda m: None)
+        self.committer = BackgroundCommit(self.store, dist_info.rank, dist_info.world_size,
+                                          spec.checkpoint.keep_last, log)
 
     def _rank_file(self, loader) -> dict:
         return {"rank": self.dist.rank, "rng": rng_state(), "loader": loader.state_dict()}
 
-    def save(self, engine, loader, step: int, final: bool = False) -> None:
+    def save(self, engine, loader, step: int, wait: bool = False) -> None:
+        """Write a full resume point locally (collective), then upload and commit it in the background;
+        with `wait`, return only once it is committed (final save, preemption)."""
         if self.last_saved_step == step:
+            if wait:
+                self._wait_committed(step)
             return
         started = time.monotonic()
+        self.committer.wait()  # at most one upload in flight; also frees its staging folder
         name = checkpoint_name(step)
         local = self.staging / name
         if self.dist.is_main:
@@ -95,22 +116,17 @@ class Resumer:
         if self.dist.is_main:
             (local / "spec.json").write_text(json.dumps(spec_to_dict(self.spec), indent=1))
         dist.barrier()
-        files = upload_tree(self.store, local, f"checkpoints/{name}", self.dist.rank)
-        gathered: list = [None] * self.dist.world_size
-        dist.all_gather_object(gathered, files)
-        if self.dist.is_main:
-            all_files = {k: v for part in gathered for k, v in part.items()}
-            meta = {"step": step, "world_size": self.dist.world_size, "spec_hash": spec_hash(self.spec),
-                    "stage": self.spec.stage, "created": time.time(), "versions": _versions()}
-            committed = commit(self.store, name, all_files, meta)
-            removed = apply_retention(self.store, self.keep_last)
-            size_mb = sum(f["size"] for f in all_files.values()) / 2**20
-            print(f"[{self.spec.stage}] checkpoint {name} committed to {self.store.uri} "
-                  f"({size_mb:.1f} MiB, {time.monotonic() - started:.2f} s, manifest {committed.manifest_sha256[:12]})"
-                  + (f"; removed {', '.join(removed)}" if removed else ""), flush=True)
-        dist.barrier()
-        shutil.rmtree(local, ignore_errors=True)
+        meta = {"step": step, "world_size": self.dist.world_size, "spec_hash": spec_hash(self.spec),
+                "stage": self.spec.stage, "created": time.time(), "versions": _versions()}
+        self.committer.submit(local, name, meta, blocked_s=time.monotonic() - started)
         self.last_saved_step = step
+        if wait:
+            self._wait_committed(step)
+
+    def _wait_committed(self, step: int) -> None:
+        if not self.committer.wait():
+            raise CheckpointError(f"checkpoint {checkpoint_name(step)} could not be committed: "
+                                  f"{self.committer.failures[-1]}")
 
     def _choose(self, resume: str, overwrite: bool) -> tuple[object, Committed | None]:
         latest = find_latest(self.store)
@@ -145,6 +161,8 @@ class Resumer:
         local = self.staging / f"restore_rank{self.dist.rank}"
         fetch(store, committed, local, rank=self.dist.rank)
         self._show_diff(local / "spec.json", say)
+        # Hashes were verified by fetch(); load the shards without executing pickled code.
+        engine.checkpoint_engine.load = _weights_only_load
         engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
         rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
         set_rng_state(rank_file["rng"])
@@ -177,6 +195,7 @@ class Resumer:
                                   "the optimisation or the data order; start a new run instead")
 
     def close(self) -> None:
+        self.committer.close()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

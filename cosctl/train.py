@@ -7,13 +7,16 @@
         train_step(): accumulation x (micro-batch -> forward -> engine.backward -> engine.step)
         sink.log(step, loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU)      # rank 0
         if eval due: mean eval loss over a fixed set of held-out micro-batches
-        if save due (every N steps / M minutes, agreed by all ranks): commit a checkpoint
+        if save due (every N steps / M minutes) or SIGUSR1 seen, agreed by all ranks: commit a checkpoint
+        if SIGUSR1 seen: stop with exit code 75 so the scheduler requeues the job
     final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +81,33 @@ def eval_loss(engine, loader: MicroBatchLoader, num_batches: int, device) -> flo
     return total / num_batches
 
 
-def _save_due(clock: SaveClock, step: int, device) -> bool:
-    # Time-based saves differ per rank's clock; all ranks must agree or the collectives deadlock.
-    return _all_reduce([float(clock.due(step))], device)[0] > 0
+class Preempted(RuntimeError):
+    """The run stopped early on request (SLURM's warning signal) after committing a checkpoint."""
+
+    exit_code = 75  # EX_TEMPFAIL: the batch script requeues the job
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} on request; checkpoint committed, resume with --resume auto")
+        self.step = step
+
+
+class StopRequest:
+    """Set by SIGUSR1 (sent ahead of a time limit or preemption); ranks act on it together."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _agree(clock: SaveClock, stop: StopRequest, step: int, device) -> tuple[bool, bool]:
+    """(save due, stop requested) as agreed by all ranks: a time-based save or a signal seen by one
+    rank only would otherwise leave the others waiting in the save's collectives."""
+    save_due, stop_requested = _all_reduce([float(clock.due(step)), float(stop.requested)], device)
+    return save_due > 0, stop_requested > 0
 
 
 def run_training(
@@ -134,6 +161,7 @@ def run_training(
     sample_flops = flops_per_sample(cos_config, int(mean_text))
     peak = peak_tflops(dist_info.device)
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
+    stopper = StopRequest()
     first_eval = None
     if eval_loader is not None and step == 0:
         first_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
@@ -162,14 +190,20 @@ def run_training(
             record["eval_loss"] = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
         if sink:
             sink.log(record)
-        if step < spec.optim.num_steps and _save_due(clock, step, dist_info.device):
-            resumer.save(engine, loader, step)
+        save_due, stop_requested = _agree(clock, stopper, step, dist_info.device)
+        if step < spec.optim.num_steps and (save_due or stop_requested):
+            resumer.save(engine, loader, step, wait=stop_requested)
             clock.saved()
+        if stop_requested and step < spec.optim.num_steps:
+            resumer.close()
+            if sink:
+                sink.close()
+            raise Preempted(step)
     train_time = time.monotonic() - train_start
     final_eval = None
     if eval_loader is not None:
         final_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
-    resumer.save(engine, loader, step, final=True)
+    resumer.save(engine, loader, step, wait=True)
     artefact = stage.write_final(engine)
     resumer.close()
     if sink:
