@@ -135,16 +135,11 @@ def list_committed(store: ObjectStore) -> list[Committed]:
 
 
 def find_latest(store: ObjectStore) -> Committed | None:
-    """The checkpoint `latest` names, else the newest committed one (the pointer may lag a crash)."""
+    """The newest committed checkpoint. The `latest` pointer is for people and other tools; resume
+    trusts manifests only, so a pointer that lags a crash (or names a checkpoint whose manifest is
+    gone) cannot send it to an incomplete checkpoint."""
     committed = list_committed(store)
-    try:
-        pointed = store.get_bytes(LATEST).decode().strip()
-    except StorageError:
-        pointed = None
-    newest = committed[-1] if committed else None
-    if pointed and newest and step_of(pointed) > newest.step:
-        raise CheckpointError(f"{store.uri}/{LATEST} names {pointed}, which has no manifest")
-    return newest
+    return committed[-1] if committed else None
 
 
 def fetch(store: ObjectStore, committed: Committed, local_dir: Path, rank: int | None = None) -> Path:

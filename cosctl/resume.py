@@ -107,6 +107,7 @@ class Resumer:
         local = self.staging / name
         if self.dist.is_main:
             shutil.rmtree(local, ignore_errors=True)
+            self._clear_uncommitted(name)
         dist.barrier()
         engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
@@ -122,6 +123,17 @@ class Resumer:
         self.last_saved_step = step
         if wait:
             self._wait_committed(step)
+
+    def _clear_uncommitted(self, name: str) -> None:
+        """Remove what an interrupted earlier attempt left under this checkpoint's name (stale parts
+        would otherwise be committed with the new files)."""
+        prefix = f"checkpoints/{name}/"
+        keys = self.store.list(prefix)
+        manifest = prefix + "manifest.json"
+        if manifest in keys:  # resuming from an older checkpoint over a newer one: uncommit it first
+            self.store.delete(manifest)
+        for key in keys:
+            self.store.delete(key)
 
     def _wait_committed(self, step: int) -> None:
         if not self.committer.wait():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from cos_model import CosConfig, CosForConditionalGeneration
@@ -16,3 +21,12 @@ def config() -> CosConfig:
 @pytest.fixture
 def model(config: CosConfig) -> CosForConditionalGeneration:
     return tiny_model(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic set (96 samples, 64 px) with its tokenizer, shared by the training tests."""
+    out = tmp_path_factory.mktemp("tiny_data") / "data"
+    subprocess.run([sys.executable, "-m", "cosctl", "data", "synth", "--out", str(out), "--num-samples", "96",
+                    "--image-size", "64"], check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return out
