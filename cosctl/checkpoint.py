@@ -158,6 +158,25 @@ def fetch(store: ObjectStore, committed: Committed, local_dir: Path, rank: int |
     return local_dir
 
 
+def copy_checkpoint(src: ObjectStore, committed: Committed, dst: ObjectStore, scratch: Path) -> Committed:
+    """Copy a committed checkpoint between stores: every file verified against the source manifest,
+    uploaded, then the manifest, then `latest` (only if the copy is the destination's newest)."""
+    local = fetch(src, committed, Path(scratch) / committed.name)
+    prefix = f"{PREFIX}/{committed.name}"
+    files: dict[str, dict] = {}
+    for rank in range(committed.manifest["world_size"]):
+        files.update(upload_tree(dst, local, prefix, rank))
+    if files != committed.manifest["files"]:
+        raise CheckpointError(f"{dst.uri}/{prefix}: copied files differ from the source manifest")
+    data = json.dumps(committed.manifest, indent=1, sort_keys=True).encode()
+    dst.put_bytes(data, f"{prefix}/{MANIFEST}")
+    newest = find_latest(dst)
+    if newest is None or newest.step <= committed.step:
+        dst.put_bytes(committed.name.encode(), LATEST)
+    shutil.rmtree(local, ignore_errors=True)
+    return Committed(committed.name, committed.manifest, hashlib.sha256(data).hexdigest())
+
+
 def verify(store: ObjectStore, committed: Committed, scratch: Path) -> list[str]:
     """Re-hash every file of a committed checkpoint; return the files that do not match."""
     bad = []

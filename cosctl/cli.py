@@ -226,6 +226,41 @@ def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../che
     typer.echo(f"OK: {committed.name} (step {committed.step}), {len(committed.manifest['files'])} files verified")
 
 
+def _copy(source: str, destination: str) -> None:
+    import tempfile
+
+    from .checkpoint import copy_checkpoint, find_latest, read_manifest, split_checkpoint_uri
+    from .storage import open_store
+
+    try:
+        run, name = split_checkpoint_uri(source)
+        src = open_store(run)
+        committed = read_manifest(src, name) if name else find_latest(src)
+        if committed is None:
+            fail(f"{source}: no committed checkpoint")
+        dst = open_store(destination)
+        with tempfile.TemporaryDirectory() as scratch:
+            copied = copy_checkpoint(src, committed, dst, Path(scratch))
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"copied {committed.name} (step {committed.step}, {len(copied.manifest['files'])} files) "
+               f"to {dst.uri}/checkpoints/{committed.name}")
+
+
+@ckpt_app.command("pull")
+def ckpt_pull(source: Annotated[str, typer.Argument(help="Checkpoint or run URI (newest) to copy from, e.g. s3://b/run.")],
+              to: Annotated[Path, typer.Option(help="Local run folder to copy into.")]) -> None:
+    """Copy a committed checkpoint from a store (e.g. a bucket) into a local run folder, verified."""
+    _copy(source, str(to))
+
+
+@ckpt_app.command("push")
+def ckpt_push(source: Annotated[str, typer.Argument(help="Local checkpoint or run folder (newest).")],
+              to: Annotated[str, typer.Option(help="Run URI to copy into, e.g. s3://bucket/run.")]) -> None:
+    """Copy a committed checkpoint from a local run folder to a store (e.g. a bucket), verified."""
+    _copy(source, to)
+
+
 def main() -> None:
     # torch 2.13 deprecates collectives that DeepSpeed calls every step; the warnings bury real output.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -123,3 +123,21 @@ def test_local_store_writes_atomically_and_lists_real_objects(tmp_path):
     assert store.size("a/b.bin") is None
     with pytest.raises(StorageError, match="no such object"):
         store.get_bytes("a/b.bin")
+
+
+def test_pull_and_push_copy_a_verified_checkpoint(tmp_path):
+    """`ckpt push` / `ckpt pull` copy the newest checkpoint with its manifest and move `latest`."""
+    store = LocalStore(tmp_path / "run")
+    write_checkpoint(store, tmp_path, 3)
+    write_checkpoint(store, tmp_path, 7)
+    runner = CliRunner()
+    pushed = runner.invoke(app, ["ckpt", "push", str(tmp_path / "run"), "--to", str(tmp_path / "bucket")])
+    assert pushed.exit_code == 0, pushed.output
+    bucket = LocalStore(tmp_path / "bucket")
+    assert [c.step for c in list_committed(bucket)] == [7]
+    assert verify(bucket, find_latest(bucket), tmp_path / "scratch") == []
+    pulled = runner.invoke(app, ["ckpt", "pull", f"{tmp_path / 'run'}/checkpoints/step_00000003",
+                                 "--to", str(tmp_path / "copy")])
+    assert pulled.exit_code == 0, pulled.output
+    copy = LocalStore(tmp_path / "copy")
+    assert find_latest(copy).step == 3 and (tmp_path / "copy/checkpoints/latest").read_text() == "step_00000003"
