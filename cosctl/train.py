@@ -18,7 +18,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,6 @@ class StepStats:
     loss: float = 0.0
     num_samples: int = 0
     num_tokens: int = 0
-    num_text_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _all_reduce(values: list[float], device) -> list[float]:
@@ -110,115 +108,126 @@ def _agree(clock: SaveClock, stop: StopRequest, step: int, device) -> tuple[bool
     return save_due > 0, stop_requested > 0
 
 
-def run_training(
-    spec: PretrainSpec | FinetuneSpec, *, run_dir: Path, output: str, resume: str = "auto", overwrite: bool = False
-) -> dict:
-    dist_info = init_distributed()
-    main = dist_info.is_main
-    run_dir = Path(run_dir)
-    stage = prepare_stage(spec, output, run_dir / "staging", dist_info)
-    cos_config = stage.cos_config
-    say = print if main else (lambda *a, **k: None)
+@dataclass
+class Data:
+    loader: MicroBatchLoader
+    eval_loader: MicroBatchLoader | None
+    mean_text_tokens: int
 
-    examples, report = build_examples(
-        Path(spec.data.root) / spec.data.train, Path(spec.data.root), stage.tokenizer,
-        cos_config.num_visual_tokens, spec.data.max_text_tokens, spec.data.max_bad_fraction,
-    )
-    say(f"[{spec.stage}] data: {report.summary()}")
-    loader = MicroBatchLoader(
-        examples, image_root=Path(spec.data.root), image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
-        tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed,
-        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=spec.data.num_workers,
-    )
+
+def build_data(spec: PretrainSpec | FinetuneSpec, stage, dist_info, say) -> Data:
+    """Validated examples -> this rank's token-budgeted stream (+ the held-out stream, if any)."""
+    root, cos_config = Path(spec.data.root), stage.cos_config
+
+    def examples(name: str, max_bad_fraction: float):
+        found, report = build_examples(root / name, root, stage.tokenizer, cos_config.num_visual_tokens,
+                                       spec.data.max_text_tokens, max_bad_fraction)
+        say(f"[{spec.stage}] data: {report.summary()}")
+        return found
+
+    def stream(found, rank: int, world_size: int, num_workers: int) -> MicroBatchLoader:
+        return MicroBatchLoader(
+            found, image_root=root, image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
+            tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed, rank=rank,
+            world_size=world_size, num_workers=num_workers,
+        )
+
+    train = examples(spec.data.train, spec.data.max_bad_fraction)
+    loader = stream(train, dist_info.rank, dist_info.world_size, spec.data.num_workers)
     eval_loader = None
     if spec.data.eval is not None and spec.eval.every_steps:
-        eval_examples, _ = build_examples(
-            Path(spec.data.root) / spec.data.eval, Path(spec.data.root), stage.tokenizer,
-            cos_config.num_visual_tokens, spec.data.max_text_tokens, 1.0,
-        )
-        eval_loader = MicroBatchLoader(
-            eval_examples, image_root=Path(spec.data.root), image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
-            tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed,
-            # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch
-            # per rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
-            rank=0, world_size=1,
-        )
-    mean_text = sum(e.num_tokens for e in examples) / len(examples) - cos_config.num_visual_tokens
-    micro_estimate = samples_per_micro_batch(
-        cos_config.num_visual_tokens, int(mean_text), spec.batch.tokens_per_micro_batch
-    )
+        # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch
+        # per rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
+        eval_loader = stream(examples(spec.data.eval, 1.0), 0, 1, 0)
+    mean_text = sum(e.num_tokens for e in train) / len(train) - cos_config.num_visual_tokens
+    return Data(loader, eval_loader, int(mean_text))
 
-    engine, scheduler, ds_config = build_engine(stage.model, spec, dist_info, micro_estimate)
+
+def build(spec: PretrainSpec | FinetuneSpec, output: str, run_dir: Path, dist_info, say):
+    """Stage (model, tokenizer, artefacts), data and the DeepSpeed engine; checks the trainable set."""
+    stage = prepare_stage(spec, output, run_dir / "staging", dist_info)
+    data = build_data(spec, stage, dist_info, say)
+    micro_estimate = samples_per_micro_batch(
+        stage.cos_config.num_visual_tokens, data.mean_text_tokens, spec.batch.tokens_per_micro_batch
+    )
+    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, micro_estimate)
     trainable = trainable_summary(engine.module)
     say(f"[{spec.stage}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
     if set(trainable) != expected_trainable_groups(spec):
         raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
                            f"{sorted(expected_trainable_groups(spec))}")
+    return stage, data, engine, scheduler, trainable
 
+
+def run_training(
+    spec: PretrainSpec | FinetuneSpec, *, run_dir: Path, output: str, resume: str = "auto", overwrite: bool = False
+) -> dict:
+    dist_info = init_distributed()
+    run_dir, device = Path(run_dir), dist_info.device
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    stage, data, engine, scheduler, trainable = build(spec, output, run_dir, dist_info, say)
     resumer = Resumer(spec, output, run_dir / "staging", dist_info, stage.write_trainable)
-    step = resumer.restore(engine, loader, resume, overwrite, say)
-    sink = MetricsSink(run_dir, spec.optim.num_steps, step, spec.stage) if main else None
-    sample_flops = flops_per_sample(cos_config, int(mean_text))
-    peak = peak_tflops(dist_info.device)
-    clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
-    stopper = StopRequest()
-    first_eval = None
-    if eval_loader is not None and step == 0:
-        first_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
-        if sink:
-            sink.log({"step": 0, "eval_loss": first_eval})
-    losses: list[float] = []
-    timings: list[tuple[int, float]] = []  # (samples, seconds) per step
+    step = resumer.restore(engine, data.loader, resume, overwrite, say)
+    sink = MetricsSink(run_dir, spec.optim.num_steps, step, spec.stage) if dist_info.is_main else None
+    sample_flops, peak = flops_per_sample(stage.cos_config, data.mean_text_tokens), peak_tflops(device)
+    clock, stopper = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes), StopRequest()
+    evaluate = (lambda: eval_loss(engine, data.eval_loader, spec.eval.num_batches, device)) if data.eval_loader else None
+    first_eval = evaluate() if evaluate and step == 0 else None
+    if sink and first_eval is not None:
+        sink.log({"step": 0, "eval_loss": first_eval})
+    losses, timings = [], []  # per step: loss; (samples, seconds)
     engine.train()
-    train_start = time.monotonic()
     while step < spec.optim.num_steps:
         step += 1
-        started = time.monotonic()
-        lr = scheduler.get_last_lr()[0]
-        stats = train_step(engine, loader, spec.batch.gradient_accumulation, dist_info.device)
+        lr, started = scheduler.get_last_lr()[0], time.monotonic()
+        stats = train_step(engine, data.loader, spec.batch.gradient_accumulation, device)
         elapsed = time.monotonic() - started
         losses.append(stats.loss)
         timings.append((stats.num_samples, elapsed))
-        tflops = stats.num_samples * sample_flops / elapsed / 1e12
-        record = {
-            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": _grad_norm(engine),
-            "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
-            "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
-            "tflops": tflops, "mfu": tflops / (peak * dist_info.world_size) if peak else None,
-        }
-        if eval_loader is not None and step % spec.eval.every_steps == 0:
-            record["eval_loss"] = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
+        record = _step_record(step, stats, lr, elapsed, engine, sample_flops, peak, dist_info.world_size)
+        if evaluate and step % spec.eval.every_steps == 0:
+            record["eval_loss"] = evaluate()
         if sink:
             sink.log(record)
-        save_due, stop_requested = _agree(clock, stopper, step, dist_info.device)
+        save_due, stop_requested = _agree(clock, stopper, step, device)
         if step < spec.optim.num_steps and (save_due or stop_requested):
-            resumer.save(engine, loader, step, wait=stop_requested)
+            resumer.save(engine, data.loader, step, wait=stop_requested)
             clock.saved()
         if stop_requested and step < spec.optim.num_steps:
-            resumer.close()
-            if sink:
-                sink.close()
+            _close(resumer, sink)
             raise Preempted(step)
-    train_time = time.monotonic() - train_start
-    final_eval = None
-    if eval_loader is not None:
-        final_eval = eval_loss(engine, eval_loader, spec.eval.num_batches, dist_info.device)
-    resumer.save(engine, loader, step, wait=True)
+    final_eval = evaluate() if evaluate else None
+    resumer.save(engine, data.loader, step, wait=True)
     artefact = stage.write_final(engine)
-    resumer.close()
-    if sink:
-        sink.close()
+    _close(resumer, sink)
     summary = {
-        "stage": spec.stage, "visual_tokens": cos_config.num_visual_tokens, "image_size": cos_config.image_size,
-        "steps": step, **_loss_ends(losses), "first_eval_loss": first_eval, "final_eval_loss": final_eval,
-        "samples_per_s": _mean_rate(timings), "train_time_s": train_time,
-        "trainable_params": trainable, "world_size": dist_info.world_size,
-        "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}", "artefact": artefact,
+        "stage": spec.stage, "visual_tokens": stage.cos_config.num_visual_tokens,
+        "image_size": stage.cos_config.image_size, "steps": step, **_loss_ends(losses),
+        "first_eval_loss": first_eval, "final_eval_loss": final_eval, "samples_per_s": _mean_rate(timings),
+        "train_time_s": sum(t for _, t in timings), "trainable_params": trainable,
+        "world_size": dist_info.world_size, "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}",
+        "artefact": artefact,
     }
-    if main:
+    if dist_info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     engine.destroy()
     return summary
+
+
+def _step_record(step, stats: StepStats, lr, elapsed, engine, sample_flops, peak, world_size) -> dict:
+    tflops = stats.num_samples * sample_flops / elapsed / 1e12
+    return {
+        "step": step, "loss": stats.loss, "lr": lr, "grad_norm": _grad_norm(engine),
+        "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
+        "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
+        "tflops": tflops, "mfu": tflops / (peak * world_size) if peak else None,
+    }
+
+
+def _close(resumer: Resumer, sink: MetricsSink | None) -> None:
+    resumer.close()
+    if sink:
+        sink.close()
 
 
 def _grad_norm(engine) -> float | None:
