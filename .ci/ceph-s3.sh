@@ -32,7 +32,9 @@ pid_of() {  # prints the live pid of a daemon, or fails
   [ -f "$f" ] || return 1
   p=$(cat "$f")
   # A stale pid file after SIGKILL or a reboot may name an unrelated process: check the binary too.
-  kill -0 "$p" 2>/dev/null && grep -qE 'ceph-mon|ceph-osd|radosgw' "/proc/$p/comm" 2>/dev/null || return 1
+  grep -qE 'ceph-mon|ceph-osd|radosgw' "/proc/$p/comm" 2>/dev/null || return 1
+  # A killed daemon stays a zombie until reaped, and containers' PID 1 may reap late or never.
+  [[ $(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) != Z ]] || return 1
   echo "$p"
 }
 
@@ -63,7 +65,7 @@ stop_daemon() {
   local p
   p=$(pid_of "$1") || { rm -f "$D/run/$1.pid"; return 0; }
   kill "$p" 2>/dev/null || return 0
-  for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.2; done
+  for _ in $(seq 150); do pid_of "$1" >/dev/null || return 0; sleep 0.2; done
   log "$1 (pid $p) ignored SIGTERM for 30 s; sending SIGKILL"
   kill -9 "$p" 2>/dev/null || true
 }

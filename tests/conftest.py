@@ -12,6 +12,8 @@ import pytest
 from cos_model import CosConfig, CosForConditionalGeneration
 from tests.tiny import tiny_config, tiny_model
 
+pytest_plugins = ["tests.conftest_s3"]
+
 
 @pytest.fixture
 def config() -> CosConfig:
