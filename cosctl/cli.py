@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .spec import SpecError, load_spec
 from .storage import StorageError
+from .slurm import slurm_app
 from .train import Preempted, run_training
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -29,6 +30,7 @@ ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and copy committed ch
 app.add_typer(spec_app, name="spec")
 app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="ckpt")
+app.add_typer(slurm_app, name="slurm")
 
 USER_ERRORS = (SpecError, DataError, CheckpointError, StorageError)
 

@@ -136,9 +136,13 @@ class Resumer:
             self.store.delete(key)
 
     def _wait_committed(self, step: int) -> None:
-        if not self.committer.wait():
-            raise CheckpointError(f"checkpoint {checkpoint_name(step)} could not be committed: "
-                                  f"{self.committer.failures[-1]}")
+        """Collective: return once rank 0 has committed (or every rank raises). Without it a rank
+        could exit (and its launcher kill rank 0) or clean the shared staging folder mid-commit."""
+        ok = torch.tensor([1.0 if self.committer.wait() else 0.0], device=self.dist.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1.0:
+            reason = self.committer.failures[-1] if self.committer.failures else "another rank failed"
+            raise CheckpointError(f"checkpoint {checkpoint_name(step)} could not be committed: {reason}")
 
     def _choose(self, resume: str, overwrite: bool) -> tuple[object, Committed | None]:
         latest = find_latest(self.store)

@@ -275,16 +275,31 @@ class StorageSpec(Section):
 
 class SlurmSpec(Section):
     nodes: int = Field(1, gt=0)
-    gpus_per_node: int = Field(8, ge=0)
-    cpus_per_task: int = Field(16, gt=0)
-    mem: str = "0"
+    gpus_per_node: int = Field(8, ge=0, description="0 = a CPU job (gloo).")
+    ranks_per_node: int | None = Field(
+        None, gt=0, description="Training processes per node (torchrun --nproc_per_node); default gpus_per_node, or 1 without GPUs.")
+    cpus_per_task: int = Field(16, gt=0, description="CPUs for the one task per node that runs all its ranks.")
+    mem: str = Field("0", description="Memory per node (sbatch --mem); 0 = all of it.")
     time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     signal_lead_s: int = Field(300, gt=0, description="Seconds before the time limit to warn the job.")
+    rendezvous_port: int | None = Field(
+        None, ge=1024, le=65535, description="torchrun rendezvous port on the first node; default derived from the job id.")
     extra_sbatch: tuple[str, ...] = Field((), description="Extra `#SBATCH` option lines.")
     setup: tuple[str, ...] = Field((), description="Shell lines run before launching (modules, venv).")
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> SlurmSpec:
+        if self.gpus_per_node and self.ranks_per_node and self.ranks_per_node > self.gpus_per_node:
+            raise ValueError(f"ranks_per_node: is {self.ranks_per_node}, but gpus_per_node gives only "
+                             f"{self.gpus_per_node} GPUs (one rank per GPU)")
+        return self
+
+    def num_ranks_per_node(self) -> int:
+        """torchrun processes per node: `ranks_per_node`, else one per GPU, else one (CPU)."""
+        return self.ranks_per_node or self.gpus_per_node or 1
 
 
 class EvalSpec(Section):

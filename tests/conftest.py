@@ -12,7 +12,7 @@ import pytest
 from cos_model import CosConfig, CosForConditionalGeneration
 from tests.tiny import tiny_config, tiny_model
 
-pytest_plugins = ["tests.conftest_s3"]
+pytest_plugins = ["tests.conftest_s3", "tests.conftest_slurm"]
 
 
 @pytest.fixture
