@@ -14,6 +14,12 @@ from cos_model import CosConfig
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; COSCTL_PEAK_TFLOPS overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
+# The model-FLOPs utilisation every step-time prediction assumes (`cosctl plan`, bench/stage_speed.py).
+# A plain ZeRO-3 loop on one H200 reached ~31% with a trained 1.1B LLM and ~39% with a frozen 7B one
+# (DESIGN §10); 0.35 sits between them. Small models on CPU reach far less: there the prediction is a
+# floor on the step time, not an estimate.
+ASSUMED_MFU = 0.35
+
 
 def llm_flops_per_token(text_config, seq_len: int) -> float:
     """Training FLOPs per token of a decoder LLM: 6 x (non-embedding params) + causal attention."""
@@ -58,6 +64,16 @@ def flops_per_sample(config: CosConfig, num_text_tokens: int) -> float:
         + vit_forward_flops(config.vision_config, num_blocks)
         + resampler_flops(config)
     )
+
+
+def predict_step_seconds(
+    flops_per_step: float, peak_tflops_per_rank: float | None, world_size: int = 1, mfu: float = ASSUMED_MFU
+) -> float | None:
+    """Seconds per optimizer step if all ranks together sustain `mfu` of their peak; None when the peak
+    is unknown. `flops_per_step` counts every rank's samples (`flops_per_sample` x samples per step)."""
+    if not peak_tflops_per_rank:
+        return None
+    return flops_per_step / (peak_tflops_per_rank * 1e12 * world_size * mfu)
 
 
 def peak_tflops(device) -> float | None:

@@ -1,11 +1,16 @@
 """`cosctl plan`: what a spec will do before it runs — tokens, scales, parameters, DeepSpeed config,
-memory and FLOP estimates, and the checkpoint it would resume from. Builds the model on the meta
-device (no weights, no memory), reads at most config.json and the tokenizer from local folders.
+memory and FLOP estimates, predicted step time and samples/s, and the checkpoint it would resume from.
+Builds the model on the meta device (no weights, no memory), reads at most config.json and the
+tokenizer from local folders.
+
+The prediction is the FLOP model (`cosctl.metrics.flops_per_sample`) over the device's peak times
+`cosctl.metrics.ASSUMED_MFU`; without a known peak (CPU, unless COSCTL_PEAK_TFLOPS is set) it is null.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -15,7 +20,7 @@ from .checkpoint import find_latest
 from .data import IMAGE_TOKEN, DataError, load_tokenizer, samples_per_micro_batch
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .engine import set_trainable
-from .metrics import flops_per_sample
+from .metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec
 from .storage import StorageError, join_uri, open_store
 
@@ -41,7 +46,11 @@ def _pretrain_config(spec: PretrainSpec) -> CosConfig:
         vocab, image_token = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     except DataError:
         pass  # the plan still works before the tokenizer folder exists
-    return spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
+    try:
+        return spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
+    except OSError as err:  # transformers' answer to a model.vision.path / model.text.path that is not there
+        paths = ", ".join(p for p in (spec.model.vision.path, spec.model.text.path) if p)
+        raise ValueError(f"model: cannot read the config of the local model folders ({paths}): {err}") from None
 
 
 def lora_params(model: torch.nn.Module, targets: list[str], rank: int) -> int:
@@ -57,6 +66,25 @@ def scale_table(config: CosConfig) -> list[dict]:
         {"window": s.window, "queries_per_window": s.queries_per_window, "windows": s.num_windows, "tokens": s.num_tokens}
         for s in config.scale_specs
     ]
+
+
+def device_peak_tflops(device_type: str) -> float | None:
+    """Per-rank peak for predictions: COSCTL_PEAK_TFLOPS, else this machine's GPU if it has one (a
+    plan made on a login node for `--device cuda` has no GPU to name, so no peak)."""
+    if os.environ.get("COSCTL_PEAK_TFLOPS") or (device_type == "cuda" and torch.cuda.is_available()):
+        return peak_tflops(torch.device(device_type))
+    return None
+
+
+def _speed(flops_per_step: float, samples_per_step: int, world_size: int, device_type: str) -> dict:
+    peak = device_peak_tflops(device_type)
+    step_s = predict_step_seconds(flops_per_step, peak, world_size)
+    return {
+        "peak_tflops": peak,
+        "assumed_mfu": ASSUMED_MFU,
+        "predicted_step_s": step_s,
+        "predicted_samples_per_s": samples_per_step / step_s if step_s else None,
+    }
 
 
 def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
@@ -86,6 +114,7 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
     )
     bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
     sample_flops = flops_per_sample(config, text_tokens)
+    samples_per_step = micro * spec.batch.gradient_accumulation * world_size
     store = open_store(spec.run.output, spec.storage)
     latest = find_latest(store)
     return {
@@ -98,7 +127,8 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
         "samples_per_micro_batch": micro,
         "assumed_text_tokens": text_tokens,
         "flops_per_sample": sample_flops,
-        "flops_per_step": sample_flops * micro * spec.batch.gradient_accumulation * world_size,
+        "flops_per_step": sample_flops * samples_per_step,
+        **_speed(sample_flops * samples_per_step, samples_per_step, world_size, device_type),
         "memory_per_rank_gib": {
             "weights": total * bytes_per_param / world_size / 2**30,
             "optimizer": trainable * (ADAM_BYTES_PER_PARAM + bytes_per_param) / world_size / 2**30,
@@ -125,8 +155,16 @@ def format_plan(plan: dict) -> str:
         f"parameters     {plan['trainable_params']:,} trainable of {plan['total_params']:,}",
         f"micro-batch    ~{plan['samples_per_micro_batch']} samples (assuming {plan['assumed_text_tokens']} text tokens)",
         f"FLOPs          {plan['flops_per_sample']:.3g} per sample, {plan['flops_per_step']:.3g} per step",
+        f"step time      {_format_speed(plan)}",
         f"memory/rank    {memory['weights']:.2f} GiB weights + {memory['optimizer']:.2f} GiB optimizer (+ activations)",
         f"resume from    {plan['resume']['uri'] + ' (step ' + str(plan['resume']['step']) + ')' if plan['resume'] else 'nothing: starts fresh'}",
         "deepspeed      " + json.dumps(plan["deepspeed"], sort_keys=True),
     ]
     return "\n".join(lines)
+
+
+def _format_speed(plan: dict) -> str:
+    if plan.get("predicted_step_s") is None:
+        return "unknown: no device peak (plan on the GPU machine with --device cuda, or set COSCTL_PEAK_TFLOPS)"
+    return (f"~{plan['predicted_step_s']:.3g} s/step, ~{plan['predicted_samples_per_s']:.4g} samples/s "
+            f"(FLOP model at {plan['assumed_mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOP/s per rank)")

@@ -1,0 +1,91 @@
+"""bench/stage_speed.py (token layouts, a tiny end-to-end run) and the step-time prediction of `cosctl plan`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cosctl.metrics import ASSUMED_MFU
+from cosctl.plan import build_plan
+from cosctl.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_SPEED = REPO / "bench" / "stage_speed.py"
+
+
+def _stage_speed():
+    if "stage_speed" not in sys.modules:  # bench/ is scripts, not a package; dataclasses need the module registered
+        spec = importlib.util.spec_from_file_location("stage_speed", STAGE_SPEED)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["stage_speed"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["stage_speed"]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "1b", "7b"])
+def test_every_row_layout_gives_its_token_count(shape):
+    """Each supported row builds a spec whose chain emits exactly the requested visual tokens."""
+    bench = _stage_speed()
+    args = bench.parse_args(["--shape", shape])
+    patch = bench.SHAPES[shape].vision["patch_size"]
+    for tokens in bench.SUPPORTED_TOKENS:
+        spec = bench.row_spec(bench.SHAPES[shape], tokens, args)
+        config = spec.model.to_config(vocab_size=32000, image_token_id=0)
+        assert config.num_visual_tokens == tokens
+        expected_grid = {32: 16, 576: 24}.get(tokens, 32)
+        assert spec.model.image_size == expected_grid * patch
+
+
+def test_shape_defaults_follow_the_paper_settings():
+    """1b trains the LLM, 7b freezes it (bridge only) with the paper's 64-sample micro-batch at 32 tokens."""
+    bench = _stage_speed()
+    one_b, seven_b = bench.parse_args(["--shape", "1b"]), bench.parse_args(["--shape", "7b"])
+    assert one_b.llm_trainable and not seven_b.llm_trainable
+    assert "language_model" not in bench.row_spec(bench.SHAPES["7b"], 32, seven_b).model.trainable
+    assert seven_b.tokens_per_micro_batch // (32 + seven_b.text_tokens) == 64
+    assert not bench.parse_args(["--shape", "1b", "--llm-frozen"]).llm_trainable
+
+
+def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
+    """With a device peak, plan's predicted step time is FLOPs per step over peak x the assumed MFU."""
+    spec = load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"])
+    monkeypatch.delenv("COSCTL_PEAK_TFLOPS", raising=False)
+    unknown = build_plan(spec)
+    assert unknown["predicted_step_s"] is None and unknown["predicted_samples_per_s"] is None
+    monkeypatch.setenv("COSCTL_PEAK_TFLOPS", "2.0")
+    plan = build_plan(spec)
+    assert plan["predicted_step_s"] == pytest.approx(plan["flops_per_step"] / (2.0e12 * ASSUMED_MFU))
+    assert plan["predicted_samples_per_s"] == pytest.approx(plan["samples_per_micro_batch"] / plan["predicted_step_s"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
+    """A tiny CPU run at 32 and 528 tokens writes one JSON row each; 32 tokens pack more samples."""
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env.pop("RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--tokens", "32,528", "--warmup", "1", "--steps", "1",
+         "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and report["complete"] and report["device"].startswith("cpu")
+    rows = {row["tokens"]: row for row in report["rows"]}
+    assert sorted(rows) == [32, 528]
+    for row in rows.values():
+        for key in ("micro_batch", "samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "s_per_step",
+                    "predicted_s_per_step"):
+            assert key in row
+        assert row["samples_per_s"] > 0 and row["peak_mem_gib"] > 0
+    assert rows[32]["micro_batch"] > rows[528]["micro_batch"]
+    assert "ratio_32_vs_336" in report and "| 528 |" in result.stdout
