@@ -186,9 +186,9 @@ class PretrainModelSpec(Section):
         """The CosConfig this spec describes (reads config.json from local paths; builds no weights)."""
         from transformers import AutoConfig, CLIPVisionConfig
 
-        vision = CLIPVisionConfig.from_pretrained(self.vision.path).to_dict() if self.vision.path else {}
+        vision = _local_config(CLIPVisionConfig, self.vision.path, "model.vision.path")
         vision.update(_thaw(self.vision.config), image_size=self.image_size, model_type="clip_vision_model")
-        text = AutoConfig.from_pretrained(self.text.path).to_dict() if self.text.path else {}
+        text = _local_config(AutoConfig, self.text.path, "model.text.path")
         text.update(_thaw(self.text.config))
         if self.text.path is None:
             text["vocab_size"] = vocab_size
@@ -205,6 +205,18 @@ class PretrainModelSpec(Section):
             # The resolution is model.image_size in the spec, not a vision config field.
             message = str(err).replace("vision_config.image_size", "image_size")
             raise ValueError(message.replace("vision_config.", "vision.config.")) from None
+
+
+def _local_config(config_class, path: str | None, key: str) -> dict:
+    """config.json of a local model folder as a dict ({} for none); nothing is ever downloaded."""
+    if path is None:
+        return {}
+    if not (Path(path) / "config.json").is_file():
+        raise SpecError(f"{key}: {path} is not a local model folder with a config.json")
+    try:
+        return config_class.from_pretrained(path, local_files_only=True).to_dict()
+    except (OSError, ValueError) as err:
+        raise SpecError(f"{key}: cannot read {path}/config.json: {err}") from None
 
 
 class FinetuneModelSpec(Section):

@@ -114,3 +114,20 @@ def test_spec_schema_names_every_stage():
     assert result.exit_code == 0
     for stage in ("pretrain", "inflate", "finetune"):
         assert stage in result.output
+
+
+def test_missing_local_model_folder_exits_1(tmp_path, tiny_data):
+    """A real-scale recipe whose model folders are absent: exit 1 naming the key, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(REPO / "recipes/vicuna7b/pretrain.yaml"), "--set", f"run.output={tmp_path}",
+            "--set", f"model.tokenizer={tiny_data / 'tokenizer'}"]
+    planned = runner.invoke(app, ["plan", *args])
+    trained = subprocess.run([sys.executable, "-m", "cosctl", "pretrain", *args, "--run-dir", str(tmp_path / "w")],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    for code, output in ((planned.exit_code, planned.output), (trained.returncode, trained.stderr)):
+        assert code == 1, output
+        assert "error: model.vision.path: /models/clip-vit-large-patch14 is not a local model folder" in output
+        assert "Traceback" not in output
