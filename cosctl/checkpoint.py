@@ -142,6 +142,18 @@ def find_latest(store: ObjectStore) -> Committed | None:
     return committed[-1] if committed else None
 
 
+def resolve_checkpoint(uri: str, storage_spec=None) -> tuple[ObjectStore, Committed]:
+    """`RUN/checkpoints/step_N` -> that committed checkpoint; `RUN` -> its newest committed one."""
+    from .storage import open_store
+
+    run, name = split_checkpoint_uri(uri)
+    store = open_store(run, storage_spec)
+    committed = read_manifest(store, name) if name else find_latest(store)
+    if committed is None:
+        raise CheckpointError(f"{uri}: no committed checkpoint (no manifest.json)")
+    return store, committed
+
+
 def fetch(store: ObjectStore, committed: Committed, local_dir: Path, rank: int | None = None) -> Path:
     """Download (all, or one rank's and the shared) files of a checkpoint and verify each hash."""
     local_dir = Path(local_dir)

@@ -210,15 +210,10 @@ def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../che
     """Re-hash every file of a checkpoint against its manifest; exit 1 naming any bad file."""
     import tempfile
 
-    from .checkpoint import find_latest, read_manifest, split_checkpoint_uri, verify
-    from .storage import open_store
+    from .checkpoint import resolve_checkpoint, verify
 
     try:
-        run, name = split_checkpoint_uri(uri)
-        store = open_store(run)
-        committed = read_manifest(store, name) if name else find_latest(store)
-        if committed is None:
-            fail(f"{uri}: no committed checkpoint")
+        store, committed = resolve_checkpoint(uri)
         with tempfile.TemporaryDirectory() as scratch:
             bad = verify(store, committed, Path(scratch))
     except USER_ERRORS as err:
@@ -231,15 +226,11 @@ def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../che
 def _copy(source: str, destination: str) -> None:
     import tempfile
 
-    from .checkpoint import copy_checkpoint, find_latest, read_manifest, split_checkpoint_uri
+    from .checkpoint import copy_checkpoint, resolve_checkpoint
     from .storage import open_store
 
     try:
-        run, name = split_checkpoint_uri(source)
-        src = open_store(run)
-        committed = read_manifest(src, name) if name else find_latest(src)
-        if committed is None:
-            fail(f"{source}: no committed checkpoint")
+        src, committed = resolve_checkpoint(source)
         dst = open_store(destination)
         with tempfile.TemporaryDirectory() as scratch:
             copied = copy_checkpoint(src, committed, dst, Path(scratch))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
-    BackgroundCommit, CheckpointError, Committed, checkpoint_name, fetch, find_latest, read_manifest,
+    BackgroundCommit, CheckpointError, Committed, checkpoint_name, fetch, find_latest, resolve_checkpoint,
     split_checkpoint_uri,
 )
 from .engine import Dist
@@ -158,14 +158,9 @@ class Resumer:
             return self.store, None
         if resume == "auto":
             return self.store, latest
-        run, name = split_checkpoint_uri(resume)
-        if name is None:
+        if split_checkpoint_uri(resume)[1] is None:
             raise CheckpointError(f"--resume {resume}: expected auto, never or RUN/checkpoints/step_NNNNNNNN")
-        store = open_store(run, self.spec.storage)
-        committed = read_manifest(store, name)
-        if committed is None:
-            raise CheckpointError(f"{resume}: no manifest.json; not a committed checkpoint")
-        return store, committed
+        return resolve_checkpoint(resume, self.spec.storage)
 
     def restore(self, engine, loader, resume: str, overwrite: bool, say) -> int:
         """Restore the chosen checkpoint; return the step to continue from (0 when starting fresh)."""
