@@ -5,6 +5,7 @@ N steps == N/2 steps + kill -9 + resume + N/2 steps: same loss and learning rate
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
 
-from tests.runs import kill_when, run, steps, train_command
+from tests.runs import REPO, env, kill_when, run, steps, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -51,3 +52,18 @@ def test_kill_at_any_point_leaves_latest_complete(tiny_data, tmp_path, kill_afte
     assert final.step == 12 and verify(store, final, tmp_path / "scratch") == []
     if latest is not None:
         assert f"at step {latest.step}" in result.stdout
+
+
+def test_resume_refuses_a_corrupt_checkpoint(tiny_data, tmp_path):
+    """A flipped byte in a committed shard stops the resume with one clear error naming the file."""
+    out = tmp_path / "out"
+    cmd = train_command(tiny_data, tmp_path / "work", out, 2, 1)
+    run(cmd, tmp_path)
+    shard = next((out / "checkpoints" / "step_00000002" / "zero").glob("*rank_1*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    longer = train_command(tiny_data, tmp_path / "work", out, 4, 1)
+    result = subprocess.run(longer, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert f"{shard.name}: content does not match its manifest" in result.stderr
