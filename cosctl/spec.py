@@ -32,6 +32,8 @@ from pydantic import (
 
 from cos_model import DEFAULT_SCALES, CosConfig
 
+from .frozen import FrozenDict, freeze, thaw
+
 MODULES = ("vision_tower", "resampler", "projector", "language_model")
 Module = Literal["vision_tower", "resampler", "projector", "language_model"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,59 +52,8 @@ class SpecError(ValueError):
     """A run spec that cannot be used; the message names the file and the YAML key."""
 
 
-class FrozenDict(dict):
-    """A read-only dict: the free-form mappings of a spec. Nested mappings are `FrozenDict`s and
-    nested lists `FrozenList`s. `copy.deepcopy` returns plain, mutable dicts and lists (a copy to edit);
-    `copy.copy` returns the object itself."""
-
-    __slots__ = ()
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("spec mappings are read-only; copy.deepcopy() one to get an editable dict")
-
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
-
-    def __copy__(self) -> FrozenDict:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> dict:
-        return _thaw(self)
-
-    def __reduce__(self) -> tuple:
-        return FrozenDict, (dict(self),)
-
-
-class FrozenList(tuple):
-    """A read-only list inside a spec's free-form mapping; `copy.deepcopy` returns a plain list."""
-
-    __slots__ = ()
-
-    def __deepcopy__(self, memo: dict) -> list:
-        return _thaw(self)
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return FrozenDict({key: _freeze(item) for key, item in value.items()})
-    if isinstance(value, (list, tuple)):
-        return FrozenList(_freeze(item) for item in value)
-    if isinstance(value, set):
-        return frozenset(value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _thaw(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(item) for item in value]
-    if isinstance(value, frozenset):
-        return set(value)
-    return value
-
-
 # A free-form mapping (config fields, DeepSpeed overrides), frozen once validated.
-FreeMapping = Annotated[dict[str, Any], AfterValidator(_freeze)]
+FreeMapping = Annotated[dict[str, Any], AfterValidator(freeze)]
 
 
 class Section(BaseModel):
@@ -113,7 +64,7 @@ class Section(BaseModel):
         copied = super().__deepcopy__(memo)
         for name, value in copied.__dict__.items():
             if isinstance(value, dict) and not isinstance(value, FrozenDict):
-                copied.__dict__[name] = _freeze(value)
+                copied.__dict__[name] = freeze(value)
         return copied
 
 
@@ -187,9 +138,9 @@ class PretrainModelSpec(Section):
         from transformers import AutoConfig, CLIPVisionConfig
 
         vision = _local_config(CLIPVisionConfig, self.vision.path, "model.vision.path")
-        vision.update(_thaw(self.vision.config), image_size=self.image_size, model_type="clip_vision_model")
+        vision.update(thaw(self.vision.config), image_size=self.image_size, model_type="clip_vision_model")
         text = _local_config(AutoConfig, self.text.path, "model.text.path")
-        text.update(_thaw(self.text.config))
+        text.update(thaw(self.text.config))
         if self.text.path is None:
             text["vocab_size"] = vocab_size
         try:
