@@ -130,6 +130,13 @@ def test_bucket_sizes_scale_with_hidden_size():
     assert zero["stage3_param_persistence_threshold"] == 320
 
 
+def test_prefetch_bucket_holds_two_blocks():
+    """Given the largest block's size, the prefetch bucket holds two such blocks (when that is more than
+    0.9*h*h), so ZeRO-3 can gather the next block while the current one runs."""
+    assert resolve(hidden_size=32, block_numel=5000)["zero_optimization"]["stage3_prefetch_bucket_size"] == 10_000
+    assert resolve(hidden_size=32, block_numel=100)["zero_optimization"]["stage3_prefetch_bucket_size"] == 921
+
+
 def test_auto_buckets_dropped_without_hidden_size():
     """Without a model width the auto bucket keys are removed so DeepSpeed's defaults apply."""
     zero = resolve(hidden_size=None)["zero_optimization"]
