@@ -389,9 +389,16 @@ class MicroBatchLoader:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "tokens_per_micro_batch": self.tokens_per_micro_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at a saved position. The saved budget is adopted with it: a position only means
+        something in the plan it was read from (an `auto` budget may probe differently after a resume)."""
+        budget = int(state.get("tokens_per_micro_batch", self.tokens_per_micro_batch))
+        if budget < 1:
+            raise DataError(f"loader state {state}: tokens_per_micro_batch must be positive")
+        if budget != self.tokens_per_micro_batch:
+            self.tokens_per_micro_batch, self._plan_cache = budget, None
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= len(self.rank_plan(epoch)):
             raise DataError(f"loader state {state} is outside the plan of epoch {epoch}")

@@ -19,7 +19,7 @@ from cos_model import CosConfig, CosForConditionalGeneration
 from .checkpoint import find_latest
 from .data import IMAGE_TOKEN, DataError, load_tokenizer, samples_per_micro_batch
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
-from .engine import set_trainable
+from .engine import largest_block_numel, set_trainable
 from .metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec
 from .storage import StorageError, join_uri, open_store
@@ -76,13 +76,16 @@ def device_peak_tflops(device_type: str) -> float | None:
     return None
 
 
-def _speed(flops_per_step: float, samples_per_step: int, world_size: int, device_type: str) -> dict:
+def _speed(flops_per_step: float, samples_per_step: int, world_size: int, device_type: str,
+           known_step: bool = True) -> dict:
+    """Predicted step time and samples/s; without a known micro-batch (auto) only samples/s, which the
+    FLOP model makes independent of the batch size."""
     peak = device_peak_tflops(device_type)
     step_s = predict_step_seconds(flops_per_step, peak, world_size)
     return {
         "peak_tflops": peak,
         "assumed_mfu": ASSUMED_MFU,
-        "predicted_step_s": step_s,
+        "predicted_step_s": step_s if known_step else None,
         "predicted_samples_per_s": samples_per_step / step_s if step_s else None,
     }
 
@@ -107,14 +110,16 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
     if isinstance(spec, FinetuneSpec) and spec.lora is not None:
         trainable += lora_params(model, spec.lora.target_modules, spec.lora.r)
     text_tokens = spec.data.max_text_tokens // 2  # assumed mean; the run measures the real one
-    micro = samples_per_micro_batch(config.num_visual_tokens, text_tokens, spec.batch.tokens_per_micro_batch)
+    budget = spec.batch.tokens_per_micro_batch
+    # An auto budget is probed on the device at start; per-sample figures (samples/s) do not depend on it.
+    micro = None if budget == "auto" else samples_per_micro_batch(config.num_visual_tokens, text_tokens, budget)
     ds_config = resolve_deepspeed(
-        load_template(spec.deepspeed.template), spec, world_size=world_size, micro_batch_size=micro,
-        device_type=device_type, hidden_size=config.text_config.hidden_size,
+        load_template(spec.deepspeed.template), spec, world_size=world_size, micro_batch_size=micro or 1,
+        device_type=device_type, hidden_size=config.text_config.hidden_size, block_numel=largest_block_numel(model),
     )
     bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
     sample_flops = flops_per_sample(config, text_tokens)
-    samples_per_step = micro * spec.batch.gradient_accumulation * world_size
+    samples_per_step = (micro or 1) * spec.batch.gradient_accumulation * world_size
     store = open_store(spec.run.output, spec.storage)
     latest = find_latest(store)
     return {
@@ -127,8 +132,8 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
         "samples_per_micro_batch": micro,
         "assumed_text_tokens": text_tokens,
         "flops_per_sample": sample_flops,
-        "flops_per_step": sample_flops * samples_per_step,
-        **_speed(sample_flops * samples_per_step, samples_per_step, world_size, device_type),
+        "flops_per_step": sample_flops * samples_per_step if micro else None,
+        **_speed(sample_flops * samples_per_step, samples_per_step, world_size, device_type, known_step=bool(micro)),
         "memory_per_rank_gib": {
             "weights": total * bytes_per_param / world_size / 2**30,
             "optimizer": trainable * (ADAM_BYTES_PER_PARAM + bytes_per_param) / world_size / 2**30,
@@ -153,8 +158,9 @@ def format_plan(plan: dict) -> str:
     memory = plan["memory_per_rank_gib"]
     lines += [
         f"parameters     {plan['trainable_params']:,} trainable of {plan['total_params']:,}",
-        f"micro-batch    ~{plan['samples_per_micro_batch']} samples (assuming {plan['assumed_text_tokens']} text tokens)",
-        f"FLOPs          {plan['flops_per_sample']:.3g} per sample, {plan['flops_per_step']:.3g} per step",
+        _format_micro_batch(plan),
+        f"FLOPs          {plan['flops_per_sample']:.3g} per sample"
+        + (f", {plan['flops_per_step']:.3g} per step" if plan["flops_per_step"] else ""),
         f"step time      {_format_speed(plan)}",
         f"memory/rank    {memory['weights']:.2f} GiB weights + {memory['optimizer']:.2f} GiB optimizer (+ activations)",
         f"resume from    {plan['resume']['uri'] + ' (step ' + str(plan['resume']['step']) + ')' if plan['resume'] else 'nothing: starts fresh'}",
@@ -163,8 +169,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_micro_batch(plan: dict) -> str:
+    if plan["samples_per_micro_batch"] is None:
+        return "micro-batch    auto: probed on the device at start to fill its memory"
+    return (f"micro-batch    ~{plan['samples_per_micro_batch']} samples "
+            f"(assuming {plan['assumed_text_tokens']} text tokens)")
+
+
 def _format_speed(plan: dict) -> str:
-    if plan.get("predicted_step_s") is None:
+    if plan.get("predicted_samples_per_s") is None:
         return "unknown: no device peak (plan on the GPU machine with --device cuda, or set COSCTL_PEAK_TFLOPS)"
-    return (f"~{plan['predicted_step_s']:.3g} s/step, ~{plan['predicted_samples_per_s']:.4g} samples/s "
+    step = f"~{plan['predicted_step_s']:.3g} s/step, " if plan["predicted_step_s"] is not None else ""
+    return (f"{step}~{plan['predicted_samples_per_s']:.4g} samples/s "
             f"(FLOP model at {plan['assumed_mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOP/s per rank)")

@@ -25,7 +25,9 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    PlainValidator,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -54,6 +56,20 @@ class SpecError(ValueError):
 
 # A free-form mapping (config fields, DeepSpeed overrides), frozen once validated.
 FreeMapping = Annotated[dict[str, Any], AfterValidator(freeze)]
+
+
+def _token_budget(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"expected a positive number of tokens or auto, got {value!r}")
+
+
+# One message for both forms (a plain union would report one error per member).
+TokenBudget = Annotated[
+    Union[int, Literal["auto"]],
+    PlainValidator(_token_budget),
+    WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"const": "auto"}]}),
+]
 
 
 class Section(BaseModel):
@@ -204,13 +220,26 @@ class OptimSpec(Section):
 
 
 class BatchSpec(Section):
-    tokens_per_micro_batch: int = Field(gt=0, description="Padded tokens (visual + text) per micro-batch per rank.")
+    tokens_per_micro_batch: TokenBudget = Field(
+        description="Padded tokens (visual + text) per micro-batch per rank; auto probes the largest that "
+        "fits in memory_fraction of the device's memory.")
+    memory_fraction: float = Field(0.85, gt=0.0, le=1.0, description="Share of memory that auto may fill.")
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0, description="Upper bound for auto.")
     gradient_accumulation: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _auto_settings_need_auto(self) -> BatchSpec:
+        if self.tokens_per_micro_batch != "auto" and self.max_tokens_per_micro_batch is not None:
+            raise ValueError("max_tokens_per_micro_batch: only used with tokens_per_micro_batch: auto")
+        return self
 
 
 class DeepSpeedSpec(Section):
     template: Literal["zero3", "zero2", "zero3_offload"] = "zero3"
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    zero3_fetch: Literal["block", "module"] = Field(
+        "block", description="ZeRO-3 gathers parameters per transformer block (one gather and hook pair per "
+        "block) or per module (DeepSpeed's default).")
     overrides: FreeMapping = Field(default_factory=FrozenDict, description="Merged into the resolved config.")
 
     @field_validator("overrides")

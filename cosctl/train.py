@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import SaveClock, checkpoint_name
-from .data import MicroBatchLoader, build_examples, samples_per_micro_batch
+from .autobatch import probe_micro_batch
+from .data import Example, MicroBatchLoader, build_examples, samples_per_micro_batch
 from .engine import build_engine, expected_trainable_groups, init_distributed, trainable_summary
 from .metrics import MetricsSink, flops_per_sample, peak_tflops
 from .resume import Resumer
@@ -113,10 +114,30 @@ class Data:
     loader: MicroBatchLoader
     eval_loader: MicroBatchLoader | None
     mean_text_tokens: int
+    tokens_per_micro_batch: int
 
 
-def build_data(spec: PretrainSpec | FinetuneSpec, stage, dist_info, say) -> Data:
-    """Validated examples -> this rank's token-budgeted stream (+ the held-out stream, if any)."""
+@dataclass
+class Examples:
+    train: list[Example]
+    eval: list[Example] | None
+    num_visual_tokens: int  # per example (one image each), included in every example's num_tokens
+
+    @property
+    def mean_text_tokens(self) -> int:
+        return int(sum(e.num_tokens for e in self.train) / len(self.train)) - self.num_visual_tokens
+
+    @property
+    def min_text_tokens(self) -> int:
+        return min(e.num_tokens for e in self.train) - self.num_visual_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return max(e.num_tokens for e in self.train)
+
+
+def load_examples(spec: PretrainSpec | FinetuneSpec, stage, say) -> Examples:
+    """The validated train (and, if evaluated, held-out) examples, with the data report printed."""
     root, cos_config = Path(spec.data.root), stage.cos_config
 
     def examples(name: str, max_bad_fraction: float):
@@ -125,37 +146,55 @@ def build_data(spec: PretrainSpec | FinetuneSpec, stage, dist_info, say) -> Data
         say(f"[{spec.stage}] data: {report.summary()}")
         return found
 
+    evaluated = spec.data.eval is not None and spec.eval.every_steps
+    return Examples(examples(spec.data.train, spec.data.max_bad_fraction),
+                    examples(spec.data.eval, 1.0) if evaluated else None, cos_config.num_visual_tokens)
+
+
+def build_data(spec: PretrainSpec | FinetuneSpec, stage, examples: Examples, dist_info, budget: int) -> Data:
+    """This rank's token-budgeted stream of the train examples (+ the held-out stream, if any)."""
+
     def stream(found, rank: int, world_size: int, num_workers: int) -> MicroBatchLoader:
         return MicroBatchLoader(
-            found, image_root=root, image_size=cos_config.image_size, pad_token_id=stage.tokenizer.pad_token_id,
-            tokens_per_micro_batch=spec.batch.tokens_per_micro_batch, seed=spec.run.seed, rank=rank,
-            world_size=world_size, num_workers=num_workers,
+            found, image_root=Path(spec.data.root), image_size=stage.cos_config.image_size,
+            pad_token_id=stage.tokenizer.pad_token_id, tokens_per_micro_batch=budget, seed=spec.run.seed,
+            rank=rank, world_size=world_size, num_workers=num_workers,
         )
 
-    train = examples(spec.data.train, spec.data.max_bad_fraction)
-    loader = stream(train, dist_info.rank, dist_info.world_size, spec.data.num_workers)
-    eval_loader = None
-    if spec.data.eval is not None and spec.eval.every_steps:
-        # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch
-        # per rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
-        eval_loader = stream(examples(spec.data.eval, 1.0), 0, 1, 0)
-    mean_text = sum(e.num_tokens for e in train) / len(train) - cos_config.num_visual_tokens
-    return Data(loader, eval_loader, int(mean_text))
+    loader = stream(examples.train, dist_info.rank, dist_info.world_size, spec.data.num_workers)
+    # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch per
+    # rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
+    eval_loader = stream(examples.eval, 0, 1, 0) if examples.eval is not None else None
+    return Data(loader, eval_loader, examples.mean_text_tokens, budget)
+
+
+def resolve_budget(spec: PretrainSpec | FinetuneSpec, engine, stage, examples: Examples, device, say) -> int:
+    """The spec's token budget, or with `auto` the probed one (never below the longest example)."""
+    if spec.batch.tokens_per_micro_batch != "auto":
+        return spec.batch.tokens_per_micro_batch
+    probe = probe_micro_batch(engine, stage.cos_config, examples.min_text_tokens,
+                              memory_fraction=spec.batch.memory_fraction,
+                              max_tokens=spec.batch.max_tokens_per_micro_batch, device=device)
+    say(f"[{spec.stage}] {probe.summary()}")
+    return max(probe.tokens_per_micro_batch, examples.max_tokens)
 
 
 def build(spec: PretrainSpec | FinetuneSpec, output: str, run_dir: Path, dist_info, say):
     """Stage (model, tokenizer, artefacts), data and the DeepSpeed engine; checks the trainable set."""
     stage = prepare_stage(spec, output, run_dir / "staging", dist_info)
-    data = build_data(spec, stage, dist_info, say)
-    micro_estimate = samples_per_micro_batch(
-        stage.cos_config.num_visual_tokens, data.mean_text_tokens, spec.batch.tokens_per_micro_batch
-    )
-    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, micro_estimate)
+    examples = load_examples(spec, stage, say)
+    budget = spec.batch.tokens_per_micro_batch
+    # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
+    micro_estimate = 1 if budget == "auto" else samples_per_micro_batch(
+        stage.cos_config.num_visual_tokens, examples.mean_text_tokens, budget)
+    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, micro_estimate))
     trainable = trainable_summary(engine.module)
     say(f"[{spec.stage}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
     if set(trainable) != expected_trainable_groups(spec):
         raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
                            f"{sorted(expected_trainable_groups(spec))}")
+    budget = resolve_budget(spec, engine, stage, examples, dist_info.device, say)
+    data = build_data(spec, stage, examples, dist_info, budget)
     return stage, data, engine, scheduler, trainable
 
 
@@ -205,7 +244,8 @@ def run_training(
         "image_size": stage.cos_config.image_size, "steps": step, **_loss_ends(losses),
         "first_eval_loss": first_eval, "final_eval_loss": final_eval, "samples_per_s": _mean_rate(timings),
         "train_time_s": sum(t for _, t in timings), "trainable_params": trainable,
-        "world_size": dist_info.world_size, "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}",
+        "world_size": dist_info.world_size, "tokens_per_micro_batch": data.loader.tokens_per_micro_batch,
+        "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}",
         "artefact": artefact,
     }
     if dist_info.is_main:

@@ -284,3 +284,19 @@ def test_loader_rejects_too_few_micro_batches_and_bad_state(synth_dir, tokenizer
     loader = make_loader(synth_dir, examples)
     with pytest.raises(DataError, match="outside the plan"):
         loader.load_state_dict({"epoch": 0, "index": 10_000})
+
+
+def test_restored_loader_adopts_the_saved_budget(synth_dir, tokenizer):
+    """A position saved under another token budget (an `auto` budget probed differently after a resume)
+    restores that budget too, so the stream continues with the original's batches."""
+    examples, _ = build(synth_dir, tokenizer)
+    original = make_loader(synth_dir, examples, budget=1024)
+    original.next_micro_batch()
+    state = json.loads(json.dumps(original.state_dict()))
+    expected = [original.next_micro_batch() for _ in range(3)]
+    restored = make_loader(synth_dir, examples, budget=512)
+    restored.load_state_dict(state)
+    assert restored.tokens_per_micro_batch == 1024
+    assert_same_batches([restored.next_micro_batch() for _ in range(3)], expected)
+    with pytest.raises(DataError, match="must be positive"):
+        restored.load_state_dict({**state, "tokens_per_micro_batch": 0})
