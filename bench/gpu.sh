@@ -2,12 +2,16 @@
 # Stage-speed benchmark on one lent GPU (H100/H200), in one call of at most ~8 minutes:
 #   1. the GPU's name;  2. carried wheels -> /tmp/site (never over the image's torch);
 #   3. versions + every carried package's requirements checked;  4. bf16 matmul peak (8192^3);
-#   5. bench/stage_speed.py --shape 1b, then --shape 7b and a host-vs-device build check while time lasts.
-# Results land in $OUT: env.txt, 1b.{json,txt}, 7b.{json,txt}, build-cpu.{json,txt}.
+#   5. bench/stage_speed.py variants while time lasts (32/336/528 tokens each): the 1b shape with the
+#      engine as it was ("before"), as it is, with an auto budget and gradient checkpointing, then the 7b
+#      shape with an auto budget, then 1b auto without checkpointing, 1b on ZeRO-2 for reference, a
+#      profile of the 1b rows and ZeRO-2 with an auto budget. VARIANTS="a b" picks and orders.
+# Results land in $OUT: env.txt and <variant>.{json,txt} (the device tool returns at most 8 files: pick
+# at most 3 variants per call).
 #
 # The machine has python3 + torch (CUDA) + transformers but no deepspeed or pydantic and no network:
 # the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried).
-#   usage, from the repo root: bash bench/gpu.sh        (env: OUT, WHEELS, BUDGET_S)
+#   usage, from the repo root: bash bench/gpu.sh        (env: OUT, WHEELS, BUDGET_S, VARIANTS)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -115,9 +119,37 @@ bench() {
   fi
 }
 
-bench 1b "$(min 200 $(($(left) - 130)))" --shape 1b
-# 32 and 336 first: the ratio that matters survives a cut-off run.
-bench 7b "$(min 240 $(($(left) - 20)))" --shape 7b --tokens 32,336,528,80,576
-# The path `cosctl pretrain` takes (model built on the host, then moved) against the default device build.
-bench build-cpu "$(min 90 $(($(left) - 10)))" --shape 1b --tokens 32 --warmup 0 --steps 1 --build-on cpu
+# The 1b budget of the fixed-budget rows: 192 samples of 96 tokens where the GPU has ~140 GiB (the
+# 528-token row peaks at 114 GiB), 128 where it has ~80 GiB.
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+BUDGET_1B=$((MEM_MIB > 100000 ? 18432 : 12288))
+ROWS=(--tokens 32,336,528 --warmup 2 --steps 6)
+# "before": the engine as it was before block fetching and the block-sized prefetch bucket.
+BEFORE=(--set deepspeed.zero3_fetch=module
+        --set deepspeed.overrides.zero_optimization.stage3_prefetch_bucket_size=3774873)
+# One stage_speed run per variant, in the order of VARIANTS (default: all, most important first); a
+# variant cut off by the budget still leaves its finished rows.
+variant() {
+  local left_after=$1 limit=$2 name=$3
+  shift 3
+  bench "$name" "$(min "$limit" $(($(left) - left_after)))" "$@"
+}
+run_variant() {
+  case $1 in
+    1b-before) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" "${BEFORE[@]}" ;;
+    1b-block) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
+    1b-auto-ckpt) variant 10 150 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --gradient-checkpointing ;;
+    7b-auto) variant 30 150 "$1" --shape 7b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
+    1b-auto) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
+    1b-zero2) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" --set deepspeed.template=zero2 ;;
+    # Where a step's time goes (operator tables after each row's timed steps).
+    1b-auto-profile) variant 10 110 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --profile ;;
+    1b-zero2-auto) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --set deepspeed.template=zero2 ;;
+    *) echo "unknown variant $1"; exit 1 ;;
+  esac
+}
+VARIANTS=${VARIANTS:-1b-before 1b-block 1b-auto-ckpt 7b-auto 1b-auto 1b-zero2 1b-auto-profile 1b-zero2-auto}
+for name in $VARIANTS; do
+  run_variant "$name"
+done
 echo "== done in ${SECONDS}s"

@@ -61,13 +61,14 @@ from pathlib import Path
 
 import torch
 
-from cos_model import DEFAULT_SCALES, IGNORE_INDEX, CosConfig, inflate_config
+from cos_model import DEFAULT_SCALES, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
+from cosctl.autobatch import probe_micro_batch, synthetic_micro_batch
 from cosctl.data import samples_per_micro_batch
 from cosctl.deepspeed_config import use_bf16
 from cosctl.engine import build_engine, build_pretrain_model, init_distributed, num_params, trainable_summary
 from cosctl.metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
-from cosctl.spec import PretrainSpec, parse_spec
+from cosctl.spec import PretrainSpec, apply_overrides, parse_spec
 from cosctl.train import train_step
 
 REFERENCE_TOKENS = 336
@@ -177,7 +178,8 @@ def layout(shape: Shape, num_tokens: int, args: argparse.Namespace) -> tuple[int
 def row_spec(shape: Shape, num_tokens: int, args: argparse.Namespace) -> PretrainSpec:
     image_size, scales = layout(shape, num_tokens, args)
     name = f"stage-speed-{args.shape}-{num_tokens}"
-    return parse_spec(spec_dict(shape, image_size, scales, args, name), source=f"<{name}>")
+    raw = apply_overrides(spec_dict(shape, image_size, scales, args, name), args.overrides)
+    return parse_spec(raw, source=f"<{name}>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,26 +199,6 @@ def build_model(spec: PretrainSpec, shape: Shape, device: torch.device, build_on
             return build_pretrain_model(spec, shape.vocab_size, shape.image_token_id)
     finally:
         torch.set_default_dtype(previous)
-
-
-def synthetic_batch(config: CosConfig, num_samples: int, num_text_tokens: int, seed: int = 0) -> dict:
-    """One micro-batch in the loader's layout: a few prompt tokens, the image's visual-token slots, the
-    rest of the text; the second half of the text is the labelled answer. No padding."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab, num_visual = config.text_config.vocab_size, config.num_visual_tokens
-    text = torch.randint(3, vocab - 1, (num_samples, num_text_tokens), generator=generator)
-    prefix = min(4, num_text_tokens)
-    visual = torch.full((num_samples, num_visual), config.image_token_id)
-    input_ids = torch.cat([text[:, :prefix], visual, text[:, prefix:]], dim=1)
-    labels = input_ids.clone()
-    labels[:, : input_ids.shape[1] - num_text_tokens // 2] = IGNORE_INDEX
-    size = config.image_size
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(num_samples, 3, size, size, generator=generator),
-    }
 
 
 class RepeatedMicroBatch:
@@ -312,15 +294,31 @@ def time_steps(engine, loader: RepeatedMicroBatch, warmup: int, steps: int, devi
     return seconds[warmup:], losses
 
 
+def print_profile(engine, loader: RepeatedMicroBatch, device: torch.device, num_tokens: int, steps: int = 2) -> None:
+    """Where the time of a few more steps goes, by operator: self device time and self host time.
+    Run after the timed steps, so the profiler's own overhead never touches the table's figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(engine, loader, 1, device)
+        synchronize(device)
+    events = prof.key_averages()
+    for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+        print(f"[stage_speed] {num_tokens} tokens: profile of {steps} steps by {key}")
+        print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+
+
 def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, peak: float | None) -> dict:
     """Build, wrap and time one token count; free everything before returning its measurements."""
     spec = row_spec(shape, num_tokens, args)
     config = spec.model.to_config(vocab_size=shape.vocab_size, image_token_id=shape.image_token_id)
-    micro = samples_per_micro_batch(config.num_visual_tokens, args.text_tokens, args.tokens_per_micro_batch)
+    budget, device = spec.batch.tokens_per_micro_batch, dist_info.device
+    micro = 1 if budget == "auto" else samples_per_micro_batch(config.num_visual_tokens, args.text_tokens, budget)
     if micro < 1:
-        raise SystemExit(f"--tokens-per-micro-batch {args.tokens_per_micro_batch} holds no sample of "
+        raise SystemExit(f"--tokens-per-micro-batch {budget} holds no sample of "
                          f"{config.num_visual_tokens} + {args.text_tokens} tokens")
-    device = dist_info.device
     reset_peak_memory(device)
     start = time.perf_counter()
     model = build_model(spec, shape, device, args.build_on)
@@ -330,9 +328,18 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
     try:
         engine, _, _ = build_engine(model, spec, dist_info, micro)
         ready = time.perf_counter()
+        if budget == "auto":
+            probe = probe_micro_batch(engine, config, args.text_tokens, memory_fraction=spec.batch.memory_fraction,
+                                      max_tokens=spec.batch.max_tokens_per_micro_batch, device=device)
+            print(f"[stage_speed] {num_tokens} tokens: {probe.summary()}", flush=True)
+            micro = probe.num_samples
+            reset_peak_memory(device)
+        probed = time.perf_counter()
         trainable = sum(trainable_summary(engine.module).values())
-        loader = RepeatedMicroBatch(synthetic_batch(config, micro, args.text_tokens), micro)
+        loader = RepeatedMicroBatch(synthetic_micro_batch(config, micro, args.text_tokens), micro)
         seconds, losses = time_steps(engine, loader, args.warmup, args.steps, device)
+        if args.profile:
+            print_profile(engine, loader, device, num_tokens)
         peak_mem = peak_memory_gib(device)
     finally:  # also after an out-of-memory error, so the next row starts from an empty device
         if engine is not None:
@@ -342,7 +349,7 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
         release_memory(device)
     return row_metrics(config, micro, args.text_tokens, seconds, peak, peak_mem) | {
         "trainable_params": trainable, "total_params": total, "first_loss": losses[0], "last_loss": losses[-1],
-        "build_s": built - start, "engine_s": ready - built,
+        "build_s": built - start, "engine_s": ready - built, "probe_s": probed - ready,
         "mem_after_row_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -445,14 +452,23 @@ def token_list(text: str) -> list[int]:
     return tokens
 
 
+def budget_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens or auto, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--tokens", type=token_list, default=[32, 80, 336, 528, 576],
                         help="visual-token counts, comma-separated, run in this order (default 32,80,336,528,576)")
     parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (default 64)")
-    parser.add_argument("--tokens-per-micro-batch", type=int,
-                        help="token budget per micro-batch (default per shape: tiny 2048, 1b 18432, 7b 6144)")
+    parser.add_argument("--tokens-per-micro-batch", type=budget_arg,
+                        help="token budget per micro-batch, or auto to probe the largest that fits "
+                             "(default per shape: tiny 2048, 1b 18432, 7b 6144)")
     parser.add_argument("--warmup", type=int, help="untimed steps per row (default per shape)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default per shape)")
     trains = parser.add_mutually_exclusive_group()
@@ -466,6 +482,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--build-on", choices=["device", "cpu"], default="device",
                         help="materialise the model on the device in its training dtype (default) or on the host")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every row's spec, as `cosctl --set` does (repeatable), "
+                             "e.g. deepspeed.template=zero2")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row's timed steps, profile two more and print the top operators")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every row)")
     parser.add_argument("--report", type=Path, metavar="JSON",
                         help="only print the table of an earlier --json file (say, of a run cut off by a time limit)")
