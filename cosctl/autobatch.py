@@ -24,7 +24,6 @@ against what the node has available, shared among the ranks on the node.
 from __future__ import annotations
 
 import gc
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cosctl.spec import FinetuneSpec, OptimSpec, PretrainSpec
+    from cosctl.spec import FinetuneSpec, PretrainSpec
+    from cosctl.spec_sections import OptimSpec
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
 AUTO = "auto"

@@ -20,7 +20,8 @@ from cos_model import CosForConditionalGeneration
 from cos_model.vision import CosVisionTower
 
 from .deepspeed_config import comm_backend, load_template, resolve_deepspeed
-from .spec import MODULES, FinetuneSpec, LoraSpec, PretrainSpec
+from .spec import MODULES, FinetuneSpec, PretrainSpec
+from .spec_sections import LoraSpec
 
 LORA_MODULE_PATTERN = r"(.*\.)?language_model\..*\.({targets})"
 

@@ -42,7 +42,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from .storage import StorageError, TransientStorageError, check_key, sha256_file
 
 if TYPE_CHECKING:
-    from .spec import StorageSpec
+    from .spec_sections import StorageSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class S3Store:
         if not uri.startswith("s3://"):
             raise StorageError(f"{uri}: not an s3:// URI")
         if storage_spec is None:
-            from .spec import StorageSpec  # the spec's defaults are the single source of truth
+            from .spec_sections import StorageSpec  # the spec's defaults are the single source of truth
 
             storage_spec = StorageSpec()
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")

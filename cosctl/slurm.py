@@ -30,7 +30,8 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from .spec import FinetuneSpec, PretrainSpec, SlurmSpec, SpecError, load_spec, spec_to_dict
+from .spec import FinetuneSpec, PretrainSpec, SpecError, load_spec, spec_to_dict
+from .spec_sections import SlurmSpec
 
 TrainSpec = PretrainSpec | FinetuneSpec
 TRAIN_STAGES = ("pretrain", "finetune")

@@ -25,7 +25,7 @@ def s3_env(server, endpoint: str) -> dict[str, str]:
 
 
 def bucket_store(bucket: str, endpoint: str) -> S3Store:
-    from cosctl.spec import StorageSpec
+    from cosctl.spec_sections import StorageSpec
 
     return S3Store.from_uri(f"s3://{bucket}/run", StorageSpec(endpoint_url=endpoint, path_style=True))
 

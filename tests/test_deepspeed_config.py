@@ -13,7 +13,8 @@ import textwrap
 import pytest
 
 from cosctl.deepspeed_config import TEMPLATE_DIR, comm_backend, load_template, resolve_deepspeed
-from cosctl.spec import DeepSpeedSpec, FinetuneSpec, parse_spec
+from cosctl.spec import FinetuneSpec, parse_spec
+from cosctl.spec_sections import DeepSpeedSpec
 
 TEMPLATES = ["zero3", "zero2", "zero3_offload"]
 DEVICES = ["cpu", "cuda"]

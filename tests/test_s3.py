@@ -14,7 +14,7 @@ import pytest
 from botocore.config import Config
 
 from cosctl.s3 import MiB, S3Store, file_etag
-from cosctl.spec import StorageSpec
+from cosctl.spec_sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
 from tests.conftest_s3 import TEST_SECRET, S3Server, create_bucket
 from tests.faultproxy import FaultProxy
