@@ -11,19 +11,23 @@ kernels, ZeRO stage and precision. The probe:
     3. solves for the n that fills `memory_fraction` of this rank's memory, capped by the spec's
        `max_tokens_per_micro_batch`, and runs that n; the line is refitted through the new, farther
        point and the next n run until the answer settles (a few passes at most: memory is not quite
-       linear, e.g. allocator rounding, and the first two points are close together);
-    4. takes the largest n measured to fit, and the smallest such n over all ranks.
+       linear, e.g. allocator rounding, and the first two points are close together); a pass that
+       runs out of memory bounds n from above, and the next try goes halfway below it;
+    4. takes the largest n measured to fit.
 
-The probe runs before the first optimizer step, so the AdamW state that step creates is kept free
-from the start (`optimizer_state_gib`). The probe leaves no trace in training: RNG states are restored and the gradients it made are dropped,
-so a run with `auto` trains exactly as one given the resolved number (tests check the losses).
-Memory is the GPU's (`max_memory_reserved` against its total) or, on CPU, the process's peak RSS
-against what the node has available, shared among the ranks on the node.
+Every reading is the highest over all ranks (and the usable memory the lowest), so all ranks take the
+same steps and reach the same budget; the data plan is global and must be. The probe runs before the
+first optimizer step, so the AdamW state that step creates is kept free from the start
+(`optimizer_state_gib`). It leaves no trace in training: RNG states are restored and the gradients it
+made are dropped, so a run with `auto` trains exactly as one given the resolved number (a test checks
+the losses). Memory is the GPU's (`max_memory_reserved` against its total) or, on CPU, the process's
+peak RSS against what the node has available, shared among the ranks on the node.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,15 +146,18 @@ def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory
     sample_tokens = config.num_visual_tokens + num_text_tokens
     max_samples = max(1, max_tokens // sample_tokens) if max_tokens else None
     # The optimizer's state does not exist until the first step, which comes after the probe.
-    capacity = meter.capacity_gib(memory_fraction) - optimizer_state_gib(engine, device)
+    capacity = -_max_over_ranks(optimizer_state_gib(engine, device) - meter.capacity_gib(memory_fraction), device)
 
     def measure(num: int) -> float | None:
-        """Peak GiB of a pass of `num` samples; None when it ran out of memory."""
+        """Peak GiB of a pass of `num` samples, the highest over all ranks; None when any rank ran out
+        of memory. Agreed readings make every rank take the same next step and the same answer."""
         try:
-            return _peak_of_pass(engine, config, num, num_text_tokens, meter)
+            peak = _peak_of_pass(engine, config, num, num_text_tokens, meter)
         except torch.OutOfMemoryError:
             _release(engine, device)
-            return None
+            peak = math.inf
+        peak = _max_over_ranks(peak, device)
+        return None if math.isinf(peak) else peak
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         first = measure(PROBE_SAMPLES[0])
@@ -161,7 +168,7 @@ def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory
         num = _fit_and_check(peaks, capacity, max_samples, measure)
     fixed, per_sample, _ = solve_num_samples(peaks, capacity, max_samples) if len(peaks) > 1 else (first, 0.0, 1)
     checked = peaks.get(num) if num not in PROBE_SAMPLES else None
-    return Probe(sample_tokens, capacity, fixed, per_sample, _min_over_ranks(num, device), checked)
+    return Probe(sample_tokens, capacity, fixed, per_sample, num, checked)
 
 
 def _fit_and_check(peaks: dict[int, float], capacity: float, max_samples: int | None, measure) -> int:
@@ -222,12 +229,12 @@ def _release(engine, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _min_over_ranks(value: int, device: torch.device) -> int:
+def _max_over_ranks(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _proc_status_kib(field: str) -> int:

@@ -114,7 +114,6 @@ class Data:
     loader: MicroBatchLoader
     eval_loader: MicroBatchLoader | None
     mean_text_tokens: int
-    tokens_per_micro_batch: int
 
 
 @dataclass
@@ -165,7 +164,7 @@ def build_data(spec: PretrainSpec | FinetuneSpec, stage, examples: Examples, dis
     # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch per
     # rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
     eval_loader = stream(examples.eval, 0, 1, 0) if examples.eval is not None else None
-    return Data(loader, eval_loader, examples.mean_text_tokens, budget)
+    return Data(loader, eval_loader, examples.mean_text_tokens)
 
 
 def resolve_budget(spec: PretrainSpec | FinetuneSpec, engine, stage, examples: Examples, device, say) -> int:
