@@ -7,8 +7,11 @@ template resolved from the spec: ZeRO-3, bf16 + nccl on GPU, fp32 + gloo on CPU)
 `cosctl.train.train_step` itself (forward -> engine.backward -> engine.step, loss and counts
 all-reduced). A micro-batch holds as many samples as the spec's token budget allows,
 `samples_per_micro_batch(visual, text, tokens_per_micro_batch)`, so fewer visual tokens mean more
-samples per step. The engine is measured, not the data pipeline: one synthetic micro-batch (random
-pixels and token ids, on the host as the loader hands it over) is built once and fed every step.
+samples per step; with `--tokens-per-micro-batch auto` the budget is what `cosctl.autobatch` probes
+on the row's engine, as `cosctl pretrain` does. `--set KEY=VALUE` changes any key of every row's spec
+(the way variants such as `deepspeed.template=zero2` are compared). The engine is measured, not the
+data pipeline: one synthetic micro-batch (`cosctl.autobatch.synthetic_micro_batch`: random pixels and
+token ids, on the host as the loader hands it over) is built once and fed every step.
 
 Visual-token layouts (windows in patches; DESIGN §3). The 32-token chain runs at the pre-training
 grid of 16x16 patches (224 px with ViT-L/14, 64 px for the tiny shape); 80/336/528 are the scale

@@ -52,6 +52,16 @@ def test_shape_defaults_follow_the_paper_settings():
     assert not bench.parse_args(["--shape", "1b", "--llm-frozen"]).llm_trainable
 
 
+def test_set_and_auto_reach_every_row_spec():
+    """--set overrides and an auto budget land in each row's spec; a bad budget is an argument error."""
+    bench = _stage_speed()
+    args = bench.parse_args(["--shape", "1b", "--set", "deepspeed.template=zero2", "--tokens-per-micro-batch", "auto"])
+    spec = bench.row_spec(bench.SHAPES["1b"], 528, args)
+    assert spec.deepspeed.template == "zero2" and spec.batch.tokens_per_micro_batch == "auto"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tokens-per-micro-batch", "lots"])
+
+
 def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
     """With a device peak, plan's predicted step time is FLOPs per step over peak x the assumed MFU."""
     spec = load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"])
