@@ -143,6 +143,7 @@ def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory
                       max_tokens: int | None, device: torch.device) -> Probe:
     """The token budget that fills `memory_fraction` of memory (collective: every rank calls it)."""
     meter = MemoryMeter(device)
+    num_text_tokens = max(2, num_text_tokens)  # at least one labelled token, so the loss is a number
     sample_tokens = config.num_visual_tokens + num_text_tokens
     max_samples = max(1, max_tokens // sample_tokens) if max_tokens else None
     # The optimizer's state does not exist until the first step, which comes after the probe.

@@ -177,7 +177,7 @@ def largest_block_numel(model: nn.Module) -> int | None:
     return max(sizes, default=None)
 
 
-def fetch_whole_blocks(model: nn.Module) -> list[str]:
+def fetch_whole_blocks(model: nn.Module) -> None:
     """Make each transformer block a ZeRO-3 leaf: its parameters are gathered in one go when the block
     runs, and its sub-modules get no hooks of their own.
 
@@ -186,7 +186,7 @@ def fetch_whole_blocks(model: nn.Module) -> list[str]:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    return [type(m).__name__ for m in set_z3_leaf_modules(model, sorted(block_classes(model)), raise_if_not_found=False)]
+    set_z3_leaf_modules(model, sorted(block_classes(model)), raise_if_not_found=False)
 
 
 def build_engine(model: nn.Module, spec: PretrainSpec | FinetuneSpec, dist_info: Dist, micro_batch_size: int):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cosctl.metrics import ASSUMED_MFU
-from cosctl.plan import build_plan
+from cosctl.plan import build_plan, format_plan
 from cosctl.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,18 @@ def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
     plan = build_plan(spec)
     assert plan["predicted_step_s"] == pytest.approx(plan["flops_per_step"] / (2.0e12 * ASSUMED_MFU))
     assert plan["predicted_samples_per_s"] == pytest.approx(plan["samples_per_micro_batch"] / plan["predicted_step_s"])
+
+
+def test_plan_with_an_auto_budget_predicts_samples_per_second_only(tmp_path, monkeypatch):
+    """With `auto` the micro-batch is unknown before the probe: plan gives samples/s (the same as with
+    any fixed budget, since the FLOP model is per sample) and no step time, and says why."""
+    monkeypatch.setenv("COSCTL_PEAK_TFLOPS", "2.0")
+    fixed = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"]))
+    auto = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml",
+                                [f"run.output={tmp_path}", "batch.tokens_per_micro_batch=auto"]))
+    assert auto["samples_per_micro_batch"] is None and auto["predicted_step_s"] is None
+    assert auto["predicted_samples_per_s"] == pytest.approx(fixed["predicted_samples_per_s"])
+    assert "auto: probed on the device at start" in format_plan(auto)
 
 
 @pytest.mark.slow
