@@ -72,6 +72,8 @@ def synthetic_micro_batch(config: CosConfig, num_samples: int, num_text_tokens: 
     generator = torch.Generator().manual_seed(seed)
     vocab, num_visual = config.text_config.vocab_size, config.num_visual_tokens
     text = torch.randint(3, vocab - 1, (num_samples, num_text_tokens), generator=generator)
+    # A tokenizer's <image> id may lie inside the vocabulary: text must never contain it.
+    text = text.masked_fill(text == config.image_token_id, 3 if config.image_token_id != 3 else 4)
     prefix = min(4, num_text_tokens)
     visual = torch.full((num_samples, num_visual), config.image_token_id)
     input_ids = torch.cat([text[:, :prefix], visual, text[:, prefix:]], dim=1)

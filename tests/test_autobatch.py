@@ -42,6 +42,15 @@ def test_synthetic_batch_has_the_stage_layout():
     assert ((batch["labels"] != IGNORE_INDEX).sum(dim=1) == 5).all()
 
 
+def test_synthetic_text_never_contains_the_image_token():
+    """With <image> inside the vocabulary (as a real tokenizer has it), random text avoids its id, so
+    the image-token count always matches the images."""
+    config = tiny_config()
+    config.image_token_id = 7
+    batch = synthetic_micro_batch(config, num_samples=64, num_text_tokens=64)
+    assert int((batch["input_ids"] == 7).sum()) == 64 * config.num_visual_tokens
+
+
 def test_cpu_meter_reads_a_growing_peak():
     """The CPU meter's peak grows by about what the process allocated after a reset."""
     meter = MemoryMeter(torch.device("cpu"))
