@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -66,7 +65,7 @@ import torch
 
 from cos_model import DEFAULT_SCALES, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
-from cosctl.autobatch import probe_micro_batch, synthetic_micro_batch
+from cosctl.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
 from cosctl.data import samples_per_micro_batch
 from cosctl.deepspeed_config import use_bf16
 from cosctl.engine import build_engine, build_pretrain_model, init_distributed, num_params, trainable_summary
@@ -220,25 +219,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM), so each row gets its own peak
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    MemoryMeter(device).reset()  # CPU: the process's peak RSS, so each row gets its own peak
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """The row's peak: allocated GPU memory (the column's meaning since round 1; the probe counts
+    reserved memory), or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux; whole-run peak
+    return MemoryMeter(device).peak_gib()
 
 
 def forget_module(module: torch.nn.Module) -> None:

@@ -156,12 +156,12 @@ def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory
         of memory. Agreed readings make every rank take the same next step and the same answer."""
         try:
             peak = _peak_of_pass(engine, config, num, num_text_tokens, meter)
-        except torch.OutOfMemoryError:
-            _release(engine, device)
+        except torch.OutOfMemoryError:  # the pass has already released what it held
             peak = math.inf
         peak = _max_over_ranks(peak, device)
         return None if math.isinf(peak) else peak
 
+    _release(engine, device)  # so the first reading does not count blocks cached while building
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         first = measure(PROBE_SAMPLES[0])
         if first is None:
@@ -206,10 +206,10 @@ def _largest_fit(peaks: dict[int, float], capacity: float) -> int:
 
 
 def _peak_of_pass(engine, config: CosConfig, num_samples: int, num_text_tokens: int, meter: MemoryMeter) -> float:
-    """Peak memory of one forward + backward; the gradients it leaves are dropped."""
+    """Peak memory of one forward + backward; whatever it leaves (gradients, cached blocks) is
+    released afterwards, also when it runs out of memory."""
     batch = synthetic_micro_batch(config, num_samples, num_text_tokens)
     device = meter.device
-    _release(engine, device)
     meter.reset()
     try:
         loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
