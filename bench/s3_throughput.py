@@ -32,7 +32,7 @@ import boto3
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cosctl.s3 import MiB, S3Store  # noqa: E402
+from cosctl.storage.s3 import MiB, S3Store  # noqa: E402
 
 CEPH_SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "ceph-s3.sh"
 

@@ -63,19 +63,24 @@ from pathlib import Path
 
 import torch
 
-from cos_model import DEFAULT_SCALES, CosConfig, inflate_config
+from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
 from cosctl.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
 from cosctl.data import samples_per_micro_batch
 from cosctl.deepspeed_config import use_bf16
-from cosctl.engine import build_engine, build_pretrain_model, init_distributed, num_params, trainable_summary
+from cosctl.dist import init_distributed
+from cosctl.engine import build_engine, build_pretrain_model, num_params, trainable_summary
 from cosctl.metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
 from cosctl.spec import PretrainSpec, apply_overrides, parse_spec
 from cosctl.train import train_step
 
 REFERENCE_TOKENS = 336
 BASE_GRID = 16  # patches per side of the 32-token pre-training chain
-INFLATE_PRESETS = {80: "32to80", 336: "32to336", 528: "32to528"}
+# Token count -> the preset that inflates the 32-token chain to it (on the doubled grid).
+INFLATE_PRESETS = {
+    sum(scale.num_tokens(2 * BASE_GRID) for scale in preset.scales): name
+    for name, preset in PRESETS.items() if preset.source_tokens == 32
+}
 LLAVA_TOKENS, LLAVA_GRID = 576, 24
 
 VIT_L14 = {k: v for k, v in VIT_L14_224.items() if k != "image_size"}  # the row sets the resolution
@@ -167,14 +172,14 @@ def layout(shape: Shape, num_tokens: int, args: argparse.Namespace) -> tuple[int
     patch = shape.vision["patch_size"]
     if num_tokens == LLAVA_TOKENS:
         return LLAVA_GRID * patch, [{"window": 1, "queries_per_window": 1}]
-    base_scales = [dict(s) for s in DEFAULT_SCALES]
+    base_scales = [s.to_dict() for s in DEFAULT_SCALES]
     if num_tokens == 32:
         return BASE_GRID * patch, base_scales
     if num_tokens not in INFLATE_PRESETS:
         raise ValueError(f"--tokens: no layout for {num_tokens}; choose from {list(SUPPORTED_TOKENS)}")
     base = row_spec(shape, 32, args).model.to_config(shape.vocab_size, shape.image_token_id)
     inflated = inflate_config(base, INFLATE_PRESETS[num_tokens])
-    return inflated.image_size, [dict(s) for s in inflated.scales]
+    return inflated.image_size, [s.to_dict() for s in inflated.scales]
 
 
 def row_spec(shape: Shape, num_tokens: int, args: argparse.Namespace) -> PretrainSpec:
@@ -356,7 +361,7 @@ def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[f
     return {
         "tokens": config.num_visual_tokens,
         "image_size": config.image_size,
-        "scales": [f"{s.window}->{s.num_windows}x{s.queries_per_window}" for s in config.scale_specs],
+        "scales": [f"{s.window}->{s.num_windows(config.grid_size)}x{s.queries_per_window}" for s in config.scales],
         "micro_batch": micro,
         "seq_len": config.num_visual_tokens + text_tokens,
         "s_per_step": step_s,

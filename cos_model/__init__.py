@@ -5,8 +5,8 @@ Depends on torch, transformers and peft only; never imports `cosctl`.
 
 from transformers import AutoConfig
 
-from .configuration import DEFAULT_SCALES, CosConfig, ScaleSpec
-from .inflate import PRESETS, inflate_config, inflate_state_dict
+from .configuration import DEFAULT_SCALES, CosConfig, Scale
+from .inflate import PRESETS, Preset, inflate_config, inflate_state_dict
 from .modeling import IGNORE_INDEX, CosForConditionalGeneration, expand_image_tokens
 from .resampler import ResamplerChain, WindowedCrossAttnResampler
 
@@ -19,7 +19,8 @@ __all__ = [
     "CosConfig",
     "CosForConditionalGeneration",
     "ResamplerChain",
-    "ScaleSpec",
+    "Preset",
+    "Scale",
     "WindowedCrossAttnResampler",
     "expand_image_tokens",
     "inflate_config",

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from . import PRESETS, CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
+from . import PRESETS, CosConfig, CosForConditionalGeneration, Scale, inflate_config, inflate_state_dict
 
 SOURCE_SCALES = {
-    32: [{"window": 16, "queries_per_window": 16}, {"window": 4, "queries_per_window": 1}],
-    80: [{"window": 16, "queries_per_window": 16}, {"window": 4, "queries_per_window": 4}],
+    32: [Scale(window=16, queries_per_window=16), Scale(window=4, queries_per_window=1)],
+    80: [Scale(window=16, queries_per_window=16), Scale(window=4, queries_per_window=4)],
 }
 
 
@@ -37,9 +37,9 @@ def main() -> None:
     vit_l = CosConfig()
     print(f"{'preset':>9} | {'px':>4} | scales (window: windows x queries) | tokens")
     for name in PRESETS:
-        src = CosConfig(scales=SOURCE_SCALES[int(name.split('to')[0])])
+        src = CosConfig(scales=SOURCE_SCALES[PRESETS[name].source_tokens])
         dst = inflate_config(src, name)
-        scales = ", ".join(f"{s.window}: {s.num_windows}x{s.queries_per_window}" for s in dst.scale_specs)
+        scales = ", ".join(f"{s.window}: {s.num_windows(dst.grid_size)}x{s.queries_per_window}" for s in dst.scales)
         print(f"{name:>9} | {dst.image_size:>4} | {scales:<34} | {dst.num_visual_tokens}")
     print(f"pre-training default: {vit_l.num_visual_tokens} tokens at {vit_l.image_size} px")
 

@@ -1,9 +1,9 @@
 """`CosConfig`: the Chain-of-Sight model's configuration, and the typed view of its resampler scales.
 
 A config describes the whole MLLM (CLIP vision tower, resampler chain, projection, causal LM) without
-building any weights. The scale list is stored as plain dicts so that `config.json` stays readable and
-round-trips through `save_pretrained`; `CosConfig.scale_specs` gives the validated, typed view that the
-model and the inflation code use.
+building any weights. `Scale` is the one type a resampler scale has, here, in presets and in run specs;
+`config.json` stores scales as plain dicts, so it stays readable and round-trips through
+`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -25,44 +25,45 @@ VIT_L14_224 = {
     "projection_dim": 768,
 }
 
-# The 32-token pre-training chain: one global window with 16 queries + 4x4 local windows x 1 query.
-DEFAULT_SCALES = [
-    {"window": 16, "queries_per_window": 16},
-    {"window": 4, "queries_per_window": 1},
-]
-
-
 @dataclass(frozen=True)
-class ScaleSpec:
-    """One resampler scale on a `grid` x `grid` patch grid: square windows of `window` patches per side,
-    each with its own `queries_per_window` learned queries."""
+class Scale:
+    """One resampler scale: square windows of `window` patches per side, each with its own
+    `queries_per_window` learned queries; an inflated scale records the source scale it was made from
+    (`parent`). How many windows (and tokens) it has depends on the patch grid it is laid on."""
 
     window: int
     queries_per_window: int
-    grid: int
-    parent: int | None = None  # index of the source scale this one was inflated from, if any
+    parent: int | None = None
 
-    @property
-    def windows_per_side(self) -> int:
-        return self.grid // self.window
+    def windows_per_side(self, grid: int) -> int:
+        return grid // self.window
 
-    @property
-    def num_windows(self) -> int:
-        return self.windows_per_side**2
+    def num_windows(self, grid: int) -> int:
+        return self.windows_per_side(grid) ** 2
 
-    @property
-    def num_tokens(self) -> int:
-        return self.num_windows * self.queries_per_window
+    def num_tokens(self, grid: int) -> int:
+        return self.num_windows(grid) * self.queries_per_window
+
+    def to_dict(self) -> dict:
+        """The config.json form (no `parent` key for a scale that was not inflated)."""
+        out = {"window": self.window, "queries_per_window": self.queries_per_window}
+        return out if self.parent is None else {**out, "parent": self.parent}
 
 
-def check_scales(scales: list[dict], grid: int, field: str = "scales") -> list[ScaleSpec]:
-    """Validate a list of `{window, queries_per_window}` dicts against a patch grid; raise `ValueError`
+# The 32-token pre-training chain: one global window with 16 queries + 4x4 local windows x 1 query.
+DEFAULT_SCALES = (Scale(window=16, queries_per_window=16), Scale(window=4, queries_per_window=1))
+
+
+def check_scales(scales: list[Scale | dict], grid: int, field: str = "scales") -> list[Scale]:
+    """Validate scales (`Scale`s or their config.json dicts) against a patch grid; raise `ValueError`
     naming `field[i].key` for the first bad entry."""
     if not isinstance(scales, (list, tuple)) or len(scales) == 0:
         raise ValueError(f"{field}: needs at least one scale, got {scales!r}")
-    specs = []
+    checked = []
     for i, scale in enumerate(scales):
         where = f"{field}[{i}]"
+        if isinstance(scale, Scale):
+            scale = scale.to_dict()
         if not isinstance(scale, dict):
             raise ValueError(f"{where}: expected a mapping with 'window' and 'queries_per_window', got {scale!r}")
         unknown = set(scale) - {"window", "queries_per_window", "parent"}
@@ -79,8 +80,8 @@ def check_scales(scales: list[dict], grid: int, field: str = "scales") -> list[S
             raise ValueError(
                 f"{where}.window: {scale['window']} patches does not divide the {grid}x{grid} patch grid"
             )
-        specs.append(ScaleSpec(scale["window"], scale["queries_per_window"], grid, parent))
-    return specs
+        checked.append(Scale(scale["window"], scale["queries_per_window"], parent))
+    return checked
 
 
 @strict
@@ -93,8 +94,9 @@ class CosConfig(PreTrainedConfig):
         text_config: any causal-LM config (default: a LLaMA-7B-shaped config).
         feature_layers: 0-indexed ViT blocks whose outputs feed the resampler, shallow to deep; blocks
             past the deepest one are never built.
-        scales: resampler scales, global first, as `{window, queries_per_window}` dicts; an inflated
-            model's scales also record `parent`, the source scale they were initialised from.
+        scales: resampler scales, global first, as `Scale`s (or their `{window, queries_per_window}`
+            dicts, as config.json stores them); an inflated model's scales also record `parent`, the
+            source scale they were initialised from.
         resampler_num_heads: attention heads in every resampler cross-attention.
         resampler_mlp_ratio: hidden width of the resampler MLP, as a multiple of the vision width.
         image_token_id: id of the `<image>` token; each image occupies `num_visual_tokens` of them.
@@ -111,7 +113,7 @@ class CosConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     feature_layers: list[int] | None = None
-    scales: list[dict] | None = None
+    scales: list[dict | Scale] | None = None
     resampler_num_heads: int = 16
     resampler_mlp_ratio: int = 4
     image_token_id: int = 32000
@@ -122,8 +124,14 @@ class CosConfig(PreTrainedConfig):
         if self.feature_layers is None:
             self.feature_layers = [15, 22]
         if self.scales is None:
-            self.scales = [dict(scale) for scale in DEFAULT_SCALES]
+            self.scales = list(DEFAULT_SCALES)
         self._check()
+        self.scales = check_scales(self.scales, self.grid_size)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["scales"] = [scale.to_dict() if isinstance(scale, Scale) else scale for scale in self.scales]
+        return output
 
     def _check(self) -> None:
         vision = self.vision_config
@@ -164,13 +172,9 @@ class CosConfig(PreTrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
-    def scale_specs(self) -> list[ScaleSpec]:
-        return check_scales(self.scales, self.grid_size)
-
-    @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image that the resampler chain emits into the LLM."""
-        return sum(spec.num_tokens for spec in self.scale_specs)
+        return sum(scale.num_tokens(self.grid_size) for scale in self.scales)
 
 
-__all__ = ["CosConfig", "ScaleSpec", "check_scales", "DEFAULT_SCALES", "VIT_L14_224"]
+__all__ = ["CosConfig", "Scale", "check_scales", "DEFAULT_SCALES", "VIT_L14_224"]

@@ -17,20 +17,34 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass, replace
 
 import torch
 
-from .configuration import CosConfig, ScaleSpec, check_scales
+from .configuration import CosConfig, Scale, check_scales
 from .vision import resize_position_embedding
 
-# Destination scales per preset at twice the source resolution (224 -> 448 px for ViT-L/14), windows
-# in patches of the 32x32 grid: (window, queries_per_window, parent source scale).
-PRESETS: dict[str, dict] = {
-    "32to80": {"num_tokens": 32, "scales": [(32, 16, 0), (4, 1, 1)]},
-    "32to336": {"num_tokens": 32, "scales": [(32, 16, 0), (16, 16, 0), (2, 1, 1)]},
-    "32to528": {"num_tokens": 32, "scales": [(32, 16, 0), (8, 16, 0), (2, 1, 1)]},
-    "80to336": {"num_tokens": 80, "scales": [(32, 16, 0), (16, 16, 0), (4, 4, 1)]},
-    "80to1296": {"num_tokens": 80, "scales": [(32, 16, 0), (8, 16, 0), (2, 4, 1)]},
+
+@dataclass(frozen=True)
+class Preset:
+    """A named inflation: from a `source_tokens`-token chain on a 16x16 grid to `scales` on the 32x32
+    grid of twice the resolution (224 -> 448 px for ViT-L/14)."""
+
+    source_tokens: int
+    scales: tuple[Scale, ...]
+
+
+def _preset(source_tokens: int, *scales: tuple[int, int, int]) -> Preset:
+    return Preset(source_tokens, tuple(Scale(window, queries, parent) for window, queries, parent in scales))
+
+
+# The token table: (window in patches of the 32x32 grid, queries per window, parent source scale).
+PRESETS: dict[str, Preset] = {
+    "32to80": _preset(32, (32, 16, 0), (4, 1, 1)),
+    "32to336": _preset(32, (32, 16, 0), (16, 16, 0), (2, 1, 1)),
+    "32to528": _preset(32, (32, 16, 0), (8, 16, 0), (2, 1, 1)),
+    "80to336": _preset(80, (32, 16, 0), (16, 16, 0), (4, 4, 1)),
+    "80to1296": _preset(80, (32, 16, 0), (8, 16, 0), (2, 4, 1)),
 }
 PRESET_SOURCE_GRID = 16
 
@@ -40,13 +54,13 @@ SCALE_KEY = re.compile(r"^resampler\.scales\.(\d+)\.(.+)$")
 
 def inflate_config(src: CosConfig, plan: str | dict) -> CosConfig:
     """The destination config for `plan`: a preset name (see `PRESETS`) or
-    `{"image_size": px, "scales": [{window, queries_per_window, parent?}, ...]}`; a scale without
+    `{"image_size": px, "scales": [Scale or {window, queries_per_window, parent?}, ...]}`; a scale without
     `parent` is inflated from the source scale with the same queries per window whose window covers
     the smallest image fraction that still contains it."""
     image_size, scales = _resolve_plan(src, plan)
     config = copy.deepcopy(src.to_dict())
     config["vision_config"]["image_size"] = image_size
-    config["scales"] = scales
+    config["scales"] = [scale.to_dict() for scale in scales]
     for key in ("model_type", "transformers_version", "architectures"):
         config.pop(key, None)
     dst = CosConfig(**config)  # validates windows against the new grid
@@ -54,41 +68,41 @@ def inflate_config(src: CosConfig, plan: str | dict) -> CosConfig:
     return dst
 
 
-def _resolve_plan(src: CosConfig, plan: str | dict) -> tuple[int, list[dict]]:
+def _resolve_plan(src: CosConfig, plan: str | dict) -> tuple[int, list[Scale]]:
     if isinstance(plan, str):
         if plan not in PRESETS:
             raise ValueError(f"plan: unknown preset {plan!r}; presets are {sorted(PRESETS)}")
         preset = PRESETS[plan]
-        if src.num_visual_tokens != preset["num_tokens"] or src.grid_size != PRESET_SOURCE_GRID:
+        if src.num_visual_tokens != preset.source_tokens or src.grid_size != PRESET_SOURCE_GRID:
             raise ValueError(
-                f"plan {plan!r}: needs a {preset['num_tokens']}-token source on a {PRESET_SOURCE_GRID}x"
+                f"plan {plan!r}: needs a {preset.source_tokens}-token source on a {PRESET_SOURCE_GRID}x"
                 f"{PRESET_SOURCE_GRID} grid, got {src.num_visual_tokens} tokens on {src.grid_size}x{src.grid_size}"
             )
-        scales = [{"window": w, "queries_per_window": q, "parent": p} for w, q, p in preset["scales"]]
-        return 2 * src.image_size, scales
+        return 2 * src.image_size, list(preset.scales)
     if not isinstance(plan, dict) or set(plan) != {"image_size", "scales"}:
         raise ValueError(f"plan: expected a preset name or {{'image_size', 'scales'}}, got {plan!r}")
-    image_size, scales = plan["image_size"], [dict(s) for s in plan["scales"]]
+    image_size = plan["image_size"]
     patch = src.vision_config.patch_size
     if not isinstance(image_size, int) or image_size < patch or image_size % patch:
         raise ValueError(f"plan.image_size: {image_size!r} is not a positive multiple of the {patch}-px patch")
-    check_scales(scales, image_size // patch, field="plan.scales")
-    for i, scale in enumerate(scales):
-        if scale.get("parent") is None:
-            scale["parent"] = _infer_parent(src.scale_specs, scale, image_size // patch, f"plan.scales[{i}]")
-    return image_size, scales
+    grid = image_size // patch
+    scales = check_scales(list(plan["scales"]), grid, field="plan.scales")
+    return image_size, [
+        scale if scale.parent is not None else replace(scale, parent=_infer_parent(src, scale, grid, f"plan.scales[{i}]"))
+        for i, scale in enumerate(scales)
+    ]
 
 
-def _infer_parent(sources: list[ScaleSpec], scale: dict, grid: int, where: str) -> int:
-    fraction = scale["window"] / grid
+def _infer_parent(src: CosConfig, scale: Scale, grid: int, where: str) -> int:
+    fraction = scale.window / grid
     candidates = [
-        (src.window / src.grid, i)
-        for i, src in enumerate(sources)
-        if src.queries_per_window == scale["queries_per_window"] and src.window / src.grid >= fraction
+        (source.window / src.grid_size, i)
+        for i, source in enumerate(src.scales)
+        if source.queries_per_window == scale.queries_per_window and source.window / src.grid_size >= fraction
     ]
     if not candidates:
         raise ValueError(
-            f"{where}: no source scale with {scale['queries_per_window']} queries per window and a window "
+            f"{where}: no source scale with {scale.queries_per_window} queries per window and a window "
             f"at least {fraction:.3g} of the image to inflate from; give 'parent' explicitly"
         )
     return min(candidates)[1]
@@ -97,9 +111,9 @@ def _infer_parent(sources: list[ScaleSpec], scale: dict, grid: int, where: str) 
 def _check_lineage(src: CosConfig, dst: CosConfig) -> None:
     """Raise unless every destination scale can be initialised from its parent and every source scale
     is used."""
-    sources = src.scale_specs
+    sources = src.scales
     used = set()
-    for i, child in enumerate(dst.scale_specs):
+    for i, child in enumerate(dst.scales):
         where = f"scales[{i}]"
         if child.parent is None or child.parent >= len(sources):
             raise ValueError(f"{where}.parent: {child.parent!r} is not a source scale (0..{len(sources) - 1})")
@@ -109,10 +123,11 @@ def _check_lineage(src: CosConfig, dst: CosConfig) -> None:
                 f"{where}: {child.queries_per_window} queries per window cannot be inflated from source "
                 f"scale {child.parent} with {parent.queries_per_window}"
             )
-        if child.windows_per_side % parent.windows_per_side:
+        child_side, parent_side = child.windows_per_side(dst.grid_size), parent.windows_per_side(src.grid_size)
+        if child_side % parent_side:
             raise ValueError(
-                f"{where}: its {child.windows_per_side}x{child.windows_per_side} windows do not each lie "
-                f"inside one of source scale {child.parent}'s {parent.windows_per_side}x{parent.windows_per_side} windows"
+                f"{where}: its {child_side}x{child_side} windows do not each lie "
+                f"inside one of source scale {child.parent}'s {parent_side}x{parent_side} windows"
             )
         used.add(child.parent)
     unused = sorted(set(range(len(sources))) - used)
@@ -123,14 +138,14 @@ def _check_lineage(src: CosConfig, dst: CosConfig) -> None:
             raise ValueError(f"{field}: inflation cannot change it ({getattr(src, field)} -> {getattr(dst, field)})")
 
 
-def replicate_queries(queries: torch.Tensor, parent: ScaleSpec, child: ScaleSpec) -> torch.Tensor:
+def replicate_queries(queries: torch.Tensor, parent_per_side: int, child_per_side: int) -> torch.Tensor:
     """(nW_parent, q, C) -> (nW_child, q, C): child window (a, b) gets the queries of the parent window
     (a // r, b // r), r = child windows per side / parent windows per side."""
-    ratio = child.windows_per_side // parent.windows_per_side
-    n, q, width = parent.windows_per_side, queries.shape[1], queries.shape[2]
-    grid = queries.reshape(n, n, q, width)
+    ratio = child_per_side // parent_per_side
+    q, width = queries.shape[1], queries.shape[2]
+    grid = queries.reshape(parent_per_side, parent_per_side, q, width)
     grid = grid.repeat_interleave(ratio, dim=0).repeat_interleave(ratio, dim=1)
-    return grid.reshape(child.num_windows, q, width).clone()
+    return grid.reshape(child_per_side * child_per_side, q, width).clone()
 
 
 def inflate_state_dict(
@@ -138,7 +153,7 @@ def inflate_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Map a `src` model's weights onto the `dst` architecture (from `inflate_config`)."""
     _check_lineage(src, dst)
-    sources, children = src.scale_specs, dst.scale_specs
+    sources, children = src.scales, dst.scales
     per_scale: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(sources))}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -160,11 +175,12 @@ def inflate_state_dict(
             raise ValueError(f"state_dict: missing resampler.scales.{child.parent}.queries")
         for name, tensor in parent_weights.items():
             if name == "queries":
-                tensor = replicate_queries(tensor, sources[child.parent], child)
+                tensor = replicate_queries(tensor, sources[child.parent].windows_per_side(src.grid_size),
+                                           child.windows_per_side(dst.grid_size))
             else:
                 tensor = tensor.clone()
             out[f"resampler.scales.{j}.{name}"] = tensor
     return out
 
 
-__all__ = ["PRESETS", "inflate_config", "inflate_state_dict", "replicate_queries"]
+__all__ = ["PRESETS", "Preset", "inflate_config", "inflate_state_dict", "replicate_queries"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import CosConfig, ScaleSpec
+from .configuration import CosConfig, Scale
 
 
 def windows_from_grid(features: torch.Tensor, window: int) -> torch.Tensor:
@@ -76,10 +76,11 @@ class ResamplerBlock(nn.Module):
 class WindowedCrossAttnResampler(nn.Module):
     """One scale: its own queries per window and one block per feature level, applied shallow to deep."""
 
-    def __init__(self, spec: ScaleSpec, width: int, num_levels: int, num_heads: int, mlp_ratio: int):
+    def __init__(self, scale: Scale, grid: int, width: int, num_levels: int, num_heads: int, mlp_ratio: int):
         super().__init__()
-        self.spec = spec
-        self.queries = nn.Parameter(torch.zeros(spec.num_windows, spec.queries_per_window, width))
+        self.window, self.queries_per_window = scale.window, scale.queries_per_window
+        self.num_windows, self.num_tokens = scale.num_windows(grid), scale.num_tokens(grid)
+        self.queries = nn.Parameter(torch.zeros(self.num_windows, self.queries_per_window, width))
         self.levels = nn.ModuleList(
             ResamplerBlock(width, num_heads, mlp_ratio) for _ in range(num_levels)
         )
@@ -88,10 +89,10 @@ class WindowedCrossAttnResampler(nn.Module):
         batch = features[0].shape[0]
         width = self.queries.shape[-1]
         x = self.queries.unsqueeze(0).expand(batch, -1, -1, -1)
-        x = x.reshape(batch * self.spec.num_windows, self.spec.queries_per_window, width)
+        x = x.reshape(batch * self.num_windows, self.queries_per_window, width)
         for block, level in zip(self.levels, features):
-            x = block(x, windows_from_grid(level, self.spec.window))
-        return x.reshape(batch, self.spec.num_tokens, width)
+            x = block(x, windows_from_grid(level, self.window))
+        return x.reshape(batch, self.num_tokens, width)
 
 
 class ResamplerChain(nn.Module):
@@ -102,13 +103,14 @@ class ResamplerChain(nn.Module):
         width = config.vision_config.hidden_size
         self.scales = nn.ModuleList(
             WindowedCrossAttnResampler(
-                spec,
+                scale,
+                config.grid_size,
                 width,
                 num_levels=len(config.feature_layers),
                 num_heads=config.resampler_num_heads,
                 mlp_ratio=config.resampler_mlp_ratio,
             )
-            for spec in config.scale_specs
+            for scale in config.scales
         )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:

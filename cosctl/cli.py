@@ -15,12 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .checkpoint import CheckpointError
-from .data import DataError
-from .spec import SpecError, load_spec
-from .storage import StorageError
+from .errors import SpecError, UserError
 from .slurm import slurm_app
-from .train import Preempted, run_training
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Chain-of-Sight MLLM training: pretrain (32 tokens) -> inflate -> finetune (528, LoRA).")
@@ -32,7 +28,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(slurm_app, name="slurm")
 
-USER_ERRORS = (SpecError, DataError, CheckpointError, StorageError)
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML run spec.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: a.b=value (repeatable).")]
@@ -48,6 +43,8 @@ def fail(message: str) -> None:
 
 
 def _load(spec_path: Path, overrides: list[str] | None, stage: str | None = None):
+    from .spec import load_spec
+
     spec = load_spec(spec_path, overrides or [])
     if stage is not None and spec.stage != stage:
         raise SpecError(f"{spec_path}: stage: is {spec.stage!r}, but this command runs {stage!r}")
@@ -70,6 +67,8 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 
 def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc) -> None:
+    from .train import Preempted, run_training
+
     try:
         spec = _load(spec_path, overrides, stage)
         if nproc > 1 and "RANK" not in os.environ:
@@ -77,7 +76,7 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
 
         summary = run_training(spec, run_dir=run_dir or Path("runs") / spec.run.name,
                                output=output or spec.run.output, resume=resume, overwrite=overwrite)
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
     except Preempted as stop:
         typer.echo(f"[{stage}] {stop}", err=True)
@@ -105,7 +104,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, as_json: Annotated[bool, typer.Opti
 
     try:
         result = build_plan(_load(spec, set_), world_size=world_size, device_type=device)
-    except (*USER_ERRORS, ValueError) as err:
+    except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
 
@@ -133,7 +132,7 @@ def inflate(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, outpu
         loaded = _load(spec, set_, "inflate")
         summary = run_inflate(loaded, run_dir=run_dir or Path("runs") / loaded.run.name,
                               output=output or loaded.run.output)
-    except (*USER_ERRORS, ValueError) as err:
+    except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(summary, indent=1))
 
@@ -146,7 +145,7 @@ def export(source: Annotated[str, typer.Argument(help="Finetune output URI (hold
 
     try:
         typer.echo(json.dumps(export_merged(source, out), indent=1))
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
 
 
@@ -158,7 +157,7 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for data, runs and summa
 
     try:
         summary = run_demo(out, num_samples=num_samples)
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
     typer.echo(json.dumps(summary, indent=1))
 
@@ -195,7 +194,7 @@ def ckpt_ls(uri: Annotated[str, typer.Argument(help="Run output URI.")]) -> None
 
     try:
         committed = list_committed(open_store(uri))
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
     for c in committed:
         size = sum(f["size"] for f in c.manifest["files"].values()) / 2**20
@@ -216,7 +215,7 @@ def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../che
         store, committed = resolve_checkpoint(uri)
         with tempfile.TemporaryDirectory() as scratch:
             bad = verify(store, committed, Path(scratch))
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
     if bad:
         fail(f"{committed.name}: {len(bad)} file(s) do not match the manifest: {', '.join(bad)}")
@@ -234,7 +233,7 @@ def _copy(source: str, destination: str) -> None:
         dst = open_store(destination)
         with tempfile.TemporaryDirectory() as scratch:
             copied = copy_checkpoint(src, committed, dst, Path(scratch))
-    except USER_ERRORS as err:
+    except UserError as err:
         fail(str(err))
     typer.echo(f"copied {committed.name} (step {committed.step}, {len(copied.manifest['files'])} files) "
                f"to {dst.uri}/checkpoints/{committed.name}")

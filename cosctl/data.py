@@ -37,6 +37,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from cos_model import IGNORE_INDEX
 
+from .errors import DataError
+
 IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,10 +46,6 @@ MAX_REPORTED_BAD_IDS = 10
 # Length-sorting happens inside shuffled chunks this many micro-batches long: wide enough to find
 # similar lengths, narrow enough that the order stays random across the epoch.
 SORT_CHUNK_MICRO_BATCHES = 16
-
-
-class DataError(ValueError):
-    """A data problem the user must fix; the message names the file and, when relevant, the record."""
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -80,22 +78,38 @@ def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
 @dataclass(frozen=True)
 class Example:
     """One validated record as model input; `labels` align with `input_ids` (the model shifts).
-    `image_path` is the record's own, relative to the image root unless absolute."""
+    `image_path` is the record's own, relative to the image root unless absolute. `num_text_tokens`
+    counts the tokens that are not visual-token slots (recorded where the slots are inserted)."""
 
     record_id: str
     task: str
     image_path: str
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    num_text_tokens: int
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True)
+class LengthStats:
+    """Lengths over a set of examples: text tokens (shortest, mean) and whole sequences (longest)."""
+
+    min_text_tokens: int
+    mean_text_tokens: int
+    max_tokens: int
+
+
+def length_stats(examples: Sequence[Example]) -> LengthStats:
+    text = [example.num_text_tokens for example in examples]
+    return LengthStats(min(text), sum(text) // len(text), max(example.num_tokens for example in examples))
+
+
 @dataclass
 class DataReport:
-    """What `build_examples` kept and why it dropped the rest."""
+    """What `load_examples` kept and why it dropped the rest."""
 
     source: str
     num_records: int
@@ -190,7 +204,7 @@ def read_records(json_path: Path) -> list:
     return records
 
 
-def build_examples(
+def load_examples(
     json_path: str | Path,
     image_root: str | Path,
     tokenizer: PreTrainedTokenizerFast,
@@ -216,7 +230,8 @@ def build_examples(
             problem = "missing_image" if image_path is None else image_problem(image_path, checked_images)
         if problem is None:
             input_ids, labels = encode_conversation(record["conversations"], tokenizer, num_visual_tokens)
-            if len(input_ids) - num_visual_tokens > max_text_tokens:
+            num_text_tokens = len(input_ids) - num_visual_tokens  # one image per record
+            if num_text_tokens > max_text_tokens:
                 problem = "too_long"
         if problem is not None:
             bad[problem] += 1
@@ -224,7 +239,7 @@ def build_examples(
                 bad_ids.append(record_id)
             continue
         task = str(record.get("task", "unknown"))
-        examples.append(Example(record_id, task, image, tuple(input_ids), tuple(labels)))
+        examples.append(Example(record_id, task, image, tuple(input_ids), tuple(labels), num_text_tokens))
     report = DataReport(str(json_path), len(records), len(examples), dict(bad), bad_ids)
     bad_fraction = report.num_bad / report.num_records
     if bad_fraction > max_bad_fraction or not examples:
@@ -269,7 +284,7 @@ def fill_micro_batches(
     return micro_batches + [batch] if batch else micro_batches
 
 
-def plan_micro_batches(lengths: Sequence[int], tokens_per_micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
+def order_micro_batches(lengths: Sequence[int], tokens_per_micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
     """Group example indices into micro-batches of similar length; deterministic for (seed, epoch).
 
     Every index appears exactly once, and each micro-batch keeps `max_len * num_samples` within budget.
@@ -330,7 +345,7 @@ class MicroBatchDataset(torch.utils.data.Dataset):
 class MicroBatchLoader:
     """Endless, rank-aware, resumable stream of micro-batches.
 
-    Epoch e's global order is `plan_micro_batches(lengths, budget, seed, e)`, truncated to a multiple
+    Epoch e's global order is `order_micro_batches(lengths, budget, seed, e)`, truncated to a multiple
     of `world_size` so ranks stay in step; rank r reads global micro-batches r, r + world, ... The
     position `{"epoch", "index"}` (index = micro-batches this rank has read in the epoch) is the same on
     every rank, and a loader restored to it yields exactly the batches the original would have.
@@ -355,23 +370,23 @@ class MicroBatchLoader:
         self.tokens_per_micro_batch = tokens_per_micro_batch
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.epoch, self.index = 0, 0
-        self._plan_cache: tuple[int, list[list[int]]] | None = None
+        self._order_cache: tuple[int, list[list[int]]] | None = None
         self._iterator: Iterator[dict] | None = None
-        if not self.rank_plan(0):
+        if not self.rank_micro_batches(0):
             raise DataError(
                 f"{len(examples)} examples make fewer micro-batches per epoch than world_size={world_size}"
             )
 
-    def rank_plan(self, epoch: int) -> list[list[int]]:
+    def rank_micro_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches (example indices) this rank reads in `epoch`, in order."""
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            plan = plan_micro_batches(self.lengths, self.tokens_per_micro_batch, self.seed, epoch)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            plan = order_micro_batches(self.lengths, self.tokens_per_micro_batch, self.seed, epoch)
             plan = plan[: len(plan) // self.world_size * self.world_size]
-            self._plan_cache = (epoch, plan[self.rank :: self.world_size])
-        return self._plan_cache[1]
+            self._order_cache = (epoch, plan[self.rank :: self.world_size])
+        return self._order_cache[1]
 
     def _start_iterator(self) -> Iterator[dict]:
-        remaining = self.rank_plan(self.epoch)[self.index :]
+        remaining = self.rank_micro_batches(self.epoch)[self.index :]
         if self.num_workers == 0:
             return (self.dataset[indices] for indices in remaining)
         # batch_size=None: each sampler item is already a whole micro-batch, collated in the worker.
@@ -380,7 +395,7 @@ class MicroBatchLoader:
 
     def next_micro_batch(self) -> dict:
         """The next micro-batch: input_ids, labels, attention_mask, pixel_values and `num_samples`."""
-        if self.index >= len(self.rank_plan(self.epoch)):
+        if self.index >= len(self.rank_micro_batches(self.epoch)):
             self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
         if self._iterator is None:
             self._iterator = self._start_iterator()
@@ -398,8 +413,8 @@ class MicroBatchLoader:
         if budget < 1:
             raise DataError(f"loader state {state}: tokens_per_micro_batch must be positive")
         if budget != self.tokens_per_micro_batch:
-            self.tokens_per_micro_batch, self._plan_cache = budget, None
+            self.tokens_per_micro_batch, self._order_cache = budget, None
         epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index <= len(self.rank_plan(epoch)):
+        if epoch < 0 or not 0 <= index <= len(self.rank_micro_batches(epoch)):
             raise DataError(f"loader state {state} is outside the plan of epoch {epoch}")
         self.epoch, self.index, self._iterator = epoch, index, None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cosctl.spec import FinetuneSpec, PretrainSpec
+    from cosctl.spec import TrainingSpec
     from cosctl.spec_sections import OptimSpec
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
@@ -36,14 +36,9 @@ def load_template(name: str) -> dict:
     return json.loads((TEMPLATE_DIR / f"{name}.json").read_text())
 
 
-def comm_backend(device_type: str) -> str:
-    """The torch.distributed backend for a device type: NCCL on CUDA, gloo everywhere else."""
-    return "nccl" if device_type == "cuda" else "gloo"
-
-
 def resolve_deepspeed(
     template: dict,
-    spec: PretrainSpec | FinetuneSpec,
+    spec: TrainingSpec,
     *,
     world_size: int,
     micro_batch_size: int,

@@ -1,4 +1,4 @@
-"""Building the model and its DeepSpeed engine: process group, model per stage, trainability, LoRA.
+"""Building the model and its DeepSpeed engine: model per stage, trainability, LoRA, ZeRO-3 fetching.
 
 Everything here is collective-safe: every rank runs the same calls in the same order. CPU runs use the
 gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nccl and bf16.
@@ -6,11 +6,7 @@ gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nc
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import socket
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,51 +15,12 @@ from transformers import PreTrainedModel
 from cos_model import CosForConditionalGeneration
 from cos_model.vision import CosVisionTower
 
-from .deepspeed_config import comm_backend, load_template, resolve_deepspeed
-from .spec import MODULES, FinetuneSpec, PretrainSpec
+from .deepspeed_config import load_template, resolve_deepspeed
+from .dist import Dist
+from .spec import MODULES, FinetuneSpec, PretrainSpec, TrainingSpec
 from .spec_sections import LoraSpec
 
 LORA_MODULE_PATTERN = r"(.*\.)?language_model\..*\.({targets})"
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed() -> Dist:
-    """Join (or, alone, create) the process group; ranks come from torchrun/SLURM environment."""
-    import deepspeed
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    if "RANK" not in os.environ:  # a single in-process rank (no launcher)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    # NOTE: the CPU backend JIT-builds an inference-only shm op (~30 s of g++) on first init; skip it.
-    # `import deepspeed.comm.torch` would bind torch itself, hence import_module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=comm_backend("cuda" if cuda else "cpu"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def num_params(parameters) -> int:
@@ -141,7 +98,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def expected_trainable_groups(spec: PretrainSpec | FinetuneSpec) -> set[str]:
+def expected_trainable_groups(spec: TrainingSpec) -> set[str]:
     groups = set(spec.model.trainable)
     if isinstance(spec, FinetuneSpec) and spec.lora is not None:
         groups.add("lora")
@@ -189,7 +146,7 @@ def fetch_whole_blocks(model: nn.Module) -> None:
     set_z3_leaf_modules(model, sorted(block_classes(model)), raise_if_not_found=False)
 
 
-def build_engine(model: nn.Module, spec: PretrainSpec | FinetuneSpec, dist_info: Dist, micro_batch_size: int):
+def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_batch_size: int):
     """deepspeed.initialize with the resolved config, torch AdamW and our cosine schedule."""
     import deepspeed
 

@@ -46,9 +46,10 @@ def resampler_flops(config: CosConfig, trainable: bool = True) -> float:
     """FLOPs of the resampler chain + projector per image (x3 when trained)."""
     c = config.vision_config.hidden_size
     total = 0.0
-    for spec in config.scale_specs:
-        q, k = spec.num_tokens, spec.window**2 * spec.num_windows
-        per_level = 2 * q * c * c * 2 + 2 * k * 2 * c * c + 4 * q * spec.window**2 * c
+    grid = config.grid_size
+    for scale in config.scales:
+        q, k = scale.num_tokens(grid), scale.window**2 * scale.num_windows(grid)
+        per_level = 2 * q * c * c * 2 + 2 * k * 2 * c * c + 4 * q * scale.window**2 * c
         per_level += 2 * q * 2 * config.resampler_mlp_ratio * c * c
         total += len(config.feature_layers) * per_level
     total += 2 * config.num_visual_tokens * c * config.text_config.hidden_size

@@ -17,23 +17,24 @@ import torch
 from cos_model import CosConfig, CosForConditionalGeneration
 
 from .checkpoint import find_latest
-from .data import IMAGE_TOKEN, DataError, load_tokenizer, samples_per_micro_batch
+from .data import IMAGE_TOKEN, load_tokenizer, samples_per_micro_batch
+from .errors import DataError
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .engine import largest_block_numel, set_trainable
 from .metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec
-from .storage import StorageError, join_uri, open_store
+from .storage import ObjectNotFound, StorageError, StoreSettings, join_uri, open_store
 
 ADAM_BYTES_PER_PARAM = 12  # fp32 master weight + two fp32 moments
 
 
-def source_config(source: str, storage_spec) -> CosConfig:
+def source_config(source: str, settings: StoreSettings | None) -> CosConfig:
     """The CosConfig of a model URI (published `<source>/model/`, `<source>/`, or a local folder)."""
-    store = open_store(source, storage_spec)
+    store = open_store(source, settings)
     for key in ("model/config.json", "config.json"):
         try:
             return CosConfig.from_dict(json.loads(store.get_bytes(key)))
-        except StorageError:
+        except ObjectNotFound:
             continue
     raise StorageError(f"{source}: no config.json (looked in model/ and the folder itself)")
 
@@ -63,8 +64,9 @@ def lora_params(model: torch.nn.Module, targets: list[str], rank: int) -> int:
 
 def scale_table(config: CosConfig) -> list[dict]:
     return [
-        {"window": s.window, "queries_per_window": s.queries_per_window, "windows": s.num_windows, "tokens": s.num_tokens}
-        for s in config.scale_specs
+        {"window": s.window, "queries_per_window": s.queries_per_window, "windows": s.num_windows(config.grid_size),
+         "tokens": s.num_tokens(config.grid_size)}
+        for s in config.scales
     ]
 
 
@@ -94,14 +96,14 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
     if isinstance(spec, InflateSpec):
         from cos_model import inflate_config
 
-        src = source_config(spec.source, spec.storage)
+        src = source_config(spec.source, spec.storage.to_settings())
         dst = inflate_config(src, spec.plan_arg())
         return {
             "stage": "inflate", "visual_tokens": dst.num_visual_tokens, "image_size": dst.image_size,
             "scales": scale_table(dst), "source_visual_tokens": src.num_visual_tokens,
             "source_image_size": src.image_size, "output": join_uri(spec.run.output, "model"),
         }
-    config = _pretrain_config(spec) if isinstance(spec, PretrainSpec) else source_config(spec.model.source, spec.storage)
+    config = _pretrain_config(spec) if isinstance(spec, PretrainSpec) else source_config(spec.model.source, spec.storage.to_settings())
     with torch.device("meta"):
         model = CosForConditionalGeneration(config)
     set_trainable(model, list(spec.model.trainable))
@@ -120,7 +122,7 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
     bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
     sample_flops = flops_per_sample(config, text_tokens)
     samples_per_step = (micro or 1) * spec.batch.gradient_accumulation * world_size
-    store = open_store(spec.run.output, spec.storage)
+    store = open_store(spec.run.output, spec.storage.to_settings())
     latest = find_latest(store)
     return {
         "stage": spec.stage,

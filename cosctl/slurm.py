@@ -30,17 +30,13 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from .spec import FinetuneSpec, PretrainSpec, SpecError, load_spec, spec_to_dict
+from .errors import SlurmError, SpecError
+from .spec import TrainingSpec, load_spec, spec_to_dict
 from .spec_sections import SlurmSpec
 
-TrainSpec = PretrainSpec | FinetuneSpec
 TRAIN_STAGES = ("pretrain", "finetune")
 JOB_SCRIPT = "job.sbatch"
 SPEC_SNAPSHOT = "spec.yaml"
-
-
-class SlurmError(RuntimeError):
-    """sbatch is missing or refused the job, or the spec cannot run as a SLURM job."""
 
 
 # Commented on purpose: the right values depend on the cluster's fabric; they document the knobs.
@@ -160,7 +156,7 @@ finish $?
 """
 
 
-def render_sbatch(spec: TrainSpec, argv: list[str], run_dir: str) -> str:
+def render_sbatch(spec: TrainingSpec, argv: list[str], run_dir: str) -> str:
     """The batch script that runs `cosctl <argv> --run-dir <run_dir>` on the spec's SLURM shape.
 
     Pure: depends only on `spec.run.name`, `spec.slurm` and the arguments."""
@@ -177,7 +173,7 @@ def render_sbatch(spec: TrainSpec, argv: list[str], run_dir: str) -> str:
     return "\n".join(header) + "\n\n" + _CLUSTER_ENV + _PROTOCOL + "\n" + setup + _launch(slurm, argv, run_dir)
 
 
-def write_spec_snapshot(spec: TrainSpec, run_dir: Path) -> Path:
+def write_spec_snapshot(spec: TrainingSpec, run_dir: Path) -> Path:
     """Freeze the resolved spec (overrides applied) next to the job, so every requeued run trains
     exactly what was submitted even if the YAML file changes later."""
     path = Path(run_dir) / "slurm" / SPEC_SNAPSHOT
@@ -215,7 +211,7 @@ def _check_extra(extra: list[str]) -> None:
 
 
 def _job(spec_path: Path, overrides: list[str] | None, run_dir: Path | None, output: str | None,
-         extra: list[str] | None) -> tuple[TrainSpec, list[str], Path]:
+         extra: list[str] | None) -> tuple[TrainingSpec, list[str], Path]:
     """Load the spec; the stage command line and the (absolute) run folder of its job."""
     spec = load_spec(spec_path, overrides or [])
     if spec.stage not in TRAIN_STAGES:

@@ -5,7 +5,7 @@ problem becomes one `SpecError` whose lines read `<file>: <yaml.key.path>: <what
 deeply immutable: sections are frozen models, list fields are tuples and the free-form mappings
 (`model.*.config`, `deepspeed.overrides`) are `FrozenDict`s, so `spec_hash` cannot drift after loading.
 Secrets never live in specs (storage credentials come from the environment or an AWS profile).
-`TrainSpec.model.to_config()` is the only bridge from a spec into `cos_model`. The sections that say
+`PretrainModelSpec.to_config()` is the only bridge from a spec into `cos_model`. The sections that say
 how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, LoRA) live in
 `cosctl.spec_sections`; this module holds the model sections, the stage specs and the loading.
 """
@@ -29,8 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from cos_model import DEFAULT_SCALES, CosConfig
+from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, Scale
 
+from .errors import SpecError
 from .frozen import FrozenDict, thaw
 from .spec_sections import (
     BatchSpec,
@@ -49,14 +50,10 @@ from .spec_sections import (
 
 MODULES = ("vision_tower", "resampler", "projector", "language_model")
 Module = Literal["vision_tower", "resampler", "projector", "language_model"]
-InflatePreset = Literal["32to80", "32to336", "32to528", "80to336", "80to1296"]
+InflatePreset = Literal[tuple(PRESETS)]  # the names cos_model defines; nothing to keep in sync here
 INFLATE_PRESETS: tuple[str, ...] = get_args(InflatePreset)
 _PLAN_ERROR = f"must be one of {', '.join(INFLATE_PRESETS)} or a mapping with image_size and scales"
 _STAGES = ("pretrain", "inflate", "finetune")
-
-
-class SpecError(ValueError):
-    """A run spec that cannot be used; the message names the file and the YAML key."""
 
 
 class ComponentSpec(Section):
@@ -65,9 +62,14 @@ class ComponentSpec(Section):
 
 
 class ScaleItem(Section):
+    """One resampler scale as YAML writes it; `to_scale()` gives the `cos_model.Scale` it describes."""
+
     window: int = Field(gt=0, description="Window side in patches.")
     queries_per_window: int = Field(gt=0, description="Learned queries per window.")
     parent: int | None = Field(None, ge=0, description="Source scale this one was inflated from (inflate plans).")
+
+    def to_scale(self) -> Scale:
+        return Scale(self.window, self.queries_per_window, self.parent)
 
 
 class PretrainModelSpec(Section):
@@ -76,10 +78,13 @@ class PretrainModelSpec(Section):
     tokenizer: str = Field(description="Local tokenizer folder (the LLM's, or the synthetic set's).")
     image_size: int = Field(224, gt=0, description="Input resolution in pixels.")
     feature_layers: tuple[int, ...] = Field((15, 22), description="0-indexed ViT blocks read.")
-    scales: tuple[ScaleItem, ...] = Field(default_factory=lambda: tuple(ScaleItem(**s) for s in DEFAULT_SCALES))
-    resampler_num_heads: int = Field(16, gt=0)
-    trainable: tuple[Module, ...] = ("resampler", "projector")
-    gradient_checkpointing: bool = False
+    scales: tuple[ScaleItem, ...] = Field(
+        default_factory=lambda: tuple(ScaleItem(**s.to_dict()) for s in DEFAULT_SCALES),
+        description="Resampler scales, global first: window (patches per side) and queries per window; the "
+        "default is the 32-token chain [{16, 16}, {4, 1}].")
+    resampler_num_heads: int = Field(16, gt=0, description="Attention heads of every resampler cross-attention.")
+    trainable: tuple[Module, ...] = Field(("resampler", "projector"), description="Top-level modules that train.")
+    gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
 
     @model_validator(mode="after")
     def _components_are_buildable(self) -> PretrainModelSpec:
@@ -124,7 +129,7 @@ class PretrainModelSpec(Section):
                 vision_config=vision,
                 text_config=text,
                 feature_layers=list(self.feature_layers),
-                scales=[s.model_dump(exclude_none=True) for s in self.scales],
+                scales=[s.to_scale() for s in self.scales],
                 resampler_num_heads=self.resampler_num_heads,
                 image_token_id=image_token_id,
             )
@@ -148,36 +153,39 @@ def _local_config(config_class, path: str | None, key: str) -> dict:
 
 class FinetuneModelSpec(Section):
     source: str = Field(description="URI of an inflated model folder (the inflate stage's output).")
-    trainable: tuple[Module, ...] = ("resampler", "projector")
-    gradient_checkpointing: bool = False
+    trainable: tuple[Module, ...] = Field(
+        ("resampler", "projector"), description="Top-level modules trained in full (the LLM trains through lora).")
+    gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
 
 
-class TrainSpec(Section):
-    run: RunSection
-    data: DataSpec
-    optim: OptimSpec
-    batch: BatchSpec
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+class TrainingSpec(Section):
+    """What the training stages (pretrain, finetune) share."""
+
+    run: RunSection = Field(description="Run name, output URI and seed.")
+    data: DataSpec = Field(description="Training and held-out records.")
+    optim: OptimSpec = Field(description="AdamW and the learning-rate schedule.")
+    batch: BatchSpec = Field(description="How samples are grouped into micro-batches and optimizer steps.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed template and overrides.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="When to save and how many to keep.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint settings for s3:// URIs.")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Batch-job resources for `cosctl slurm`.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Periodic held-out evaluation.")
 
     @model_validator(mode="after")
-    def _eval_needs_data(self) -> TrainSpec:
+    def _eval_needs_data(self) -> TrainingSpec:
         if self.eval.every_steps is not None and self.data.eval is None:
             raise ValueError("eval.every_steps: is set, but data.eval names no held-out records")
         return self
 
 
-class PretrainSpec(TrainSpec):
-    stage: Literal["pretrain"]
-    model: PretrainModelSpec
+class PretrainSpec(TrainingSpec):
+    stage: Literal["pretrain"] = Field(description="Which stage this spec runs.")
+    model: PretrainModelSpec = Field(description="The model to build: towers, resolution, resampler scales.")
 
 
-class FinetuneSpec(TrainSpec):
-    stage: Literal["finetune"]
-    model: FinetuneModelSpec
+class FinetuneSpec(TrainingSpec):
+    stage: Literal["finetune"] = Field(description="Which stage this spec runs.")
+    model: FinetuneModelSpec = Field(description="The inflated model to fine-tune and what trains.")
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="null = no LoRA (full LLM if trainable).")
 
     @model_validator(mode="after")
@@ -188,8 +196,8 @@ class FinetuneSpec(TrainSpec):
 
 
 class InflatePlan(Section):
-    image_size: int = Field(gt=0)
-    scales: tuple[ScaleItem, ...] = Field(min_length=1)
+    image_size: int = Field(gt=0, description="Resolution of the inflated model in pixels.")
+    scales: tuple[ScaleItem, ...] = Field(min_length=1, description="Scales of the inflated model, global first.")
 
 
 # `plan` is a preset name or a mapping; the input's type picks the branch, so an error names one of them
@@ -212,17 +220,17 @@ Plan = Annotated[
 
 
 class InflateSpec(Section):
-    stage: Literal["inflate"]
-    run: RunSection
+    stage: Literal["inflate"] = Field(description="Which stage this spec runs.")
+    run: RunSection = Field(description="Run name, output URI and seed.")
     source: str = Field(description="Pretrain run output or model folder (path, file:// or s3://).")
     plan: Plan = Field(description=f"A preset ({', '.join(INFLATE_PRESETS)}) or {{image_size, scales}}.")
-    storage: StorageSpec = Field(default_factory=StorageSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint settings for s3:// URIs.")
 
     def plan_arg(self) -> str | dict:
         """The plan in the form `cos_model.inflate_config` takes."""
         if isinstance(self.plan, str):
             return self.plan
-        return {"image_size": self.plan.image_size, "scales": [s.model_dump(exclude_none=True) for s in self.plan.scales]}
+        return {"image_size": self.plan.image_size, "scales": [s.to_scale() for s in self.plan.scales]}
 
 
 RunSpec = Annotated[Union[PretrainSpec, InflateSpec, FinetuneSpec], Field(discriminator="stage")]

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .frozen import FrozenDict, freeze
+from .storage.base import StoreSettings
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Keys that the resolver derives from the spec; overriding them would make the spec lie.
@@ -86,10 +87,10 @@ class DataSpec(Section):
 
 
 class OptimSpec(Section):
-    lr: float = Field(gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    lr: float = Field(gt=0.0, description="Peak learning rate (after warm-up).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas [beta1, beta2].")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps with linear warm-up.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
@@ -109,7 +110,7 @@ class BatchSpec(Section):
         "fits in memory_fraction of the device's memory.")
     memory_fraction: float = Field(0.85, gt=0.0, le=1.0, description="Share of memory that auto may fill.")
     max_tokens_per_micro_batch: int | None = Field(None, gt=0, description="Upper bound for auto.")
-    gradient_accumulation: int = Field(1, gt=0)
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step on each rank.")
 
     @model_validator(mode="after")
     def _auto_settings_need_auto(self) -> BatchSpec:
@@ -119,7 +120,8 @@ class BatchSpec(Section):
 
 
 class DeepSpeedSpec(Section):
-    template: Literal["zero3", "zero2", "zero3_offload"] = "zero3"
+    template: Literal["zero3", "zero2", "zero3_offload"] = Field(
+        "zero3", description="DeepSpeed config template in deepspeed_configs/ (ZeRO stage and offload).")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     zero3_fetch: Literal["block", "module"] = Field(
         "block", description="ZeRO-3 gathers parameters per transformer block (one gather and hook pair per "
@@ -142,24 +144,30 @@ class CheckpointSpec(Section):
 
 
 class StorageSpec(Section):
+    """How to reach the S3-compatible store of `s3://` URIs (credentials come from the environment)."""
+
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO/Ceph); default: AWS_ENDPOINT_URL(_S3) or AWS.")
-    region: str | None = None
+    region: str | None = Field(None, description="S3 region; default: the AWS profile's, else us-east-1.")
     path_style: bool = Field(False, description="Path-style addressing (most MinIO/Ceph setups).")
     max_concurrency: int = Field(8, gt=0, le=64, description="Parallel part uploads/downloads.")
     multipart_chunk_mb: int = Field(16, ge=5, le=5120, description="Multipart part size in MiB (S3 minimum 5).")
 
+    def to_settings(self) -> StoreSettings:
+        """The plain settings the storage package takes (it never sees the spec)."""
+        return StoreSettings(**self.model_dump())
+
 
 class SlurmSpec(Section):
-    nodes: int = Field(1, gt=0)
+    nodes: int = Field(1, gt=0, description="Nodes to allocate (sbatch --nodes).")
     gpus_per_node: int = Field(8, ge=0, description="0 = a CPU job (gloo).")
     ranks_per_node: int | None = Field(
         None, gt=0, description="Training processes per node (torchrun --nproc_per_node); default gpus_per_node, or 1 without GPUs.")
     cpus_per_task: int = Field(16, gt=0, description="CPUs for the one task per node that runs all its ranks.")
     mem: str = Field("0", description="Memory per node (sbatch --mem); 0 = all of it.")
-    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$", description="Time limit (sbatch --time), [D-]HH:MM:SS.")
+    partition: str | None = Field(None, description="sbatch --partition; default: the cluster's.")
+    account: str | None = Field(None, description="sbatch --account.")
+    qos: str | None = Field(None, description="sbatch --qos.")
     signal_lead_s: int = Field(300, gt=0, description="Seconds before the time limit to warn the job.")
     rendezvous_port: int | None = Field(
         None, ge=1024, le=65535, description="torchrun rendezvous port on the first node; default derived from the job id.")
@@ -180,11 +188,12 @@ class SlurmSpec(Section):
 
 class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval).")
-    num_batches: int = Field(4, gt=0)
+    num_batches: int = Field(4, gt=0, description="Held-out micro-batches averaged per eval.")
 
 
 class LoraSpec(Section):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = Field(tuple(LORA_TARGETS), min_length=1)
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        tuple(LORA_TARGETS), min_length=1, description="LLM projection names that get adapters (attention and MLP).")

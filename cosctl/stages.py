@@ -23,11 +23,13 @@ from safetensors.torch import save_file
 
 from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
 
-from .checkpoint import CheckpointError, fetch_published, publish
+from .checkpoint import NotPublished, fetch_published, publish
 from .data import IMAGE_TOKEN, load_tokenizer
-from .engine import Dist, build_finetune_model, build_pretrain_model
-from .spec import FinetuneSpec, InflateSpec, PretrainSpec
-from .storage import StorageError, join_uri, open_store
+from .dist import Dist, barrier, broadcast
+from .engine import build_finetune_model, build_pretrain_model
+from .log import log
+from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
+from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
 
 SOURCE_RECORD = "cosctl_source.json"
 
@@ -41,16 +43,15 @@ class Stage:
     write_final: Callable  # (engine) -> published URI; collective
 
 
-def fetch_model(source: str, storage_spec, local_dir: Path) -> Path:
+def fetch_model(source: str, settings: StoreSettings | None, local_dir: Path) -> Path:
     """A model folder from a URI: `<source>/model/` or `<source>/` when published (verified against
     its manifest), or a plain local HF folder (config.json + weights) such as a user's own model."""
-    store = open_store(source, storage_spec)
+    store = open_store(source, settings)
     for prefix in ("model", ""):
         try:
             return fetch_published(store, prefix, Path(local_dir))
-        except CheckpointError as err:
-            if "no manifest.json" not in str(err):
-                raise
+        except NotPublished:
+            continue
     plain = Path(source.removeprefix("file://"))
     if "://" not in source.removeprefix("file://") and (plain / "config.json").is_file():
         return plain
@@ -90,20 +91,21 @@ def _save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path)
     tokenizer.save_pretrained(out_dir)
 
 
-def _publish_on_main(output: str, storage_spec, local_dir: Path, prefix: str) -> str:
+def _publish_on_main(store: ObjectStore, local_dir: Path, prefix: str) -> str:
     if dist.get_rank() == 0:
-        publish(open_store(output, storage_spec), local_dir, prefix)
-    dist.barrier()
-    return join_uri(output, prefix)
+        publish(store, local_dir, prefix)
+    barrier()
+    return join_uri(store.uri, prefix)
 
 
-def prepare_stage(spec: PretrainSpec | FinetuneSpec, output: str, staging: Path, dist_info: Dist) -> Stage:
+def prepare_stage(spec: TrainingSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
+    """The stage's tokenizer and model (not yet in an engine) and how it writes weights to `store`."""
     if isinstance(spec, PretrainSpec):
-        return _pretrain_stage(spec, output, staging)
-    return _finetune_stage(spec, output, staging, dist_info)
+        return _pretrain_stage(spec, store, staging)
+    return _finetune_stage(spec, store, staging, dist_info)
 
 
-def _pretrain_stage(spec: PretrainSpec, output: str, staging: Path) -> Stage:
+def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path) -> Stage:
     tokenizer = load_tokenizer(spec.model.tokenizer)
     model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
@@ -119,19 +121,18 @@ def _pretrain_stage(spec: PretrainSpec, output: str, staging: Path) -> Stage:
         if state is not None:
             shutil.rmtree(local, ignore_errors=True)
             _save_model_folder(engine.module.config, state, tokenizer, local)
-        return _publish_on_main(output, spec.storage, local, "model")
+        return _publish_on_main(store, local, "model")
 
     return Stage(tokenizer, model, model.config, write_trainable, write_final)
 
 
-def _finetune_stage(spec: FinetuneSpec, output: str, staging: Path, dist_info: Dist) -> Stage:
+def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
     # One download per node (local rank 0); the other ranks of the node read the same folder.
-    found = [None]
+    found = None
     if dist_info.local_rank == 0:
-        found = [str(fetch_model(spec.model.source, spec.storage, staging / "source"))]
-    dist.barrier()
-    dist.broadcast_object_list(found, src=0)
-    model_dir = Path(found[0])
+        found = str(fetch_model(spec.model.source, spec.storage.to_settings(), staging / "source"))
+    barrier()
+    model_dir = Path(broadcast(found))
     tokenizer = load_tokenizer(model_dir)
     model = build_finetune_model(spec, str(model_dir))
     cos_config = CosConfig.from_pretrained(model_dir)
@@ -167,7 +168,7 @@ def _finetune_stage(spec: FinetuneSpec, output: str, staging: Path, dist_info: D
             state = _full_state(engine)
             if state is not None:
                 _save_model_folder(cos_config, state, tokenizer, local)
-        return _publish_on_main(output, spec.storage, local, local.name)
+        return _publish_on_main(store, local, local.name)
 
     return Stage(tokenizer, model, cos_config, write_trainable, write_final)
 
@@ -176,7 +177,8 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
     """Load the pretrained model (full weights, one process), inflate it, publish the new folder."""
     started = time.monotonic()
     run_dir = Path(run_dir)
-    source_dir = fetch_model(spec.source, spec.storage, run_dir / "staging" / "source")
+    settings = spec.storage.to_settings()
+    source_dir = fetch_model(spec.source, settings, run_dir / "staging" / "source")
     src_config = CosConfig.from_pretrained(source_dir)
     dst_config = inflate_config(src_config, spec.plan_arg())
     source = CosForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32)
@@ -187,7 +189,7 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
     shutil.rmtree(local, ignore_errors=True)
     model.save_pretrained(local)
     load_tokenizer(source_dir).save_pretrained(local)
-    publish(open_store(output, spec.storage), local, "model")
+    publish(open_store(output, settings), local, "model")
     summary = {
         "stage": "inflate", "source": spec.source, "plan": spec.plan_arg(),
         "visual_tokens": {"from": src_config.num_visual_tokens, "to": dst_config.num_visual_tokens},

@@ -1,11 +1,12 @@
 """The training loop of the pretrain and finetune stages.
 
-    setup: process group -> stage (tokenizer, model, trainable set) -> data -> DeepSpeed engine
-    resume: newest committed checkpoint (auto) / a given one (URI) / none (never; refuses to clobber)
+    run = setup_run(spec)                 # process group, output store, stage, data, engine, checkpointer
+    restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never
+    budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
     while step < num_steps:
         step += 1
         train_step(): accumulation x (micro-batch -> forward -> engine.backward -> engine.step)
-        sink.log(step, loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU)      # rank 0
+        log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
         if eval due: mean eval loss over a fixed set of held-out micro-batches
         if save due (every N steps / M minutes) or SIGUSR1 seen, agreed by all ranks: commit a checkpoint
         if SIGUSR1 seen: stop with exit code 75 so the scheduler requeues the job
@@ -22,16 +23,66 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import SaveClock, checkpoint_name
-from .autobatch import probe_micro_batch
-from .data import Example, MicroBatchLoader, build_examples, samples_per_micro_batch
-from .engine import build_engine, expected_trainable_groups, init_distributed, trainable_summary
+from .checkpoint import checkpoint_name, checkpoint_uri
+from .checkpointer import SaveClock
+from .data import MicroBatchLoader
+from .dist import all_reduce, any_rank
+from .log import log
 from .metrics import MetricsSink, flops_per_sample, peak_tflops
-from .resume import Resumer
-from .spec import FinetuneSpec, PretrainSpec
-from .stages import prepare_stage
+from .run import Run, choose_budget, setup_run
+from .spec import TrainingSpec
+
+
+def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str = "auto",
+                 overwrite: bool = False) -> dict:
+    """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary."""
+    run = setup_run(spec, run_dir=Path(run_dir), output=output)
+    restored = run.checkpointer.restore(run.engine, resume, overwrite)
+    budget = choose_budget(run, restored)
+    log.info(f"tokens per micro-batch: {budget.tokens} (from the {budget.origin})")
+    loader = run.train_loader(budget, position=restored.loader_state if restored else None)
+    step = restored.step if restored else 0
+    evaluate = Evaluator(run, budget)
+    sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
+    meter = StepMeter(run, flops_per_sample(run.stage.cos_config, run.lengths.mean_text_tokens))
+    clock, stop = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes), StopRequest()
+    first_eval = evaluate() if step == 0 else None
+    if sink and first_eval is not None:
+        sink.log({"step": 0, "eval_loss": first_eval})
+    run.engine.train()
+    while step < spec.optim.num_steps:
+        step += 1
+        lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
+        stats = train_step(run.engine, loader, spec.batch.gradient_accumulation, run.dist.device)
+        record = meter.record(step, stats, lr, time.monotonic() - started)
+        if evaluate.due(step):
+            record["eval_loss"] = evaluate()
+        if sink:
+            sink.log(record)
+        save_due, stop_requested = any_rank([clock.due(step), stop.requested], run.dist.device)
+        if step < spec.optim.num_steps and (save_due or stop_requested):
+            run.checkpointer.save(run.engine, loader.state_dict(), step, wait=stop_requested)
+            clock.saved()
+        if stop_requested and step < spec.optim.num_steps:
+            _close(run, sink)
+            raise Preempted(step)
+    final_eval = evaluate()
+    run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True)
+    artefact = run.stage.write_final(run.engine)
+    _close(run, sink)
+    summary = {
+        "stage": spec.stage, "visual_tokens": run.stage.cos_config.num_visual_tokens,
+        "image_size": run.stage.cos_config.image_size, "steps": step, **meter.loss_ends(),
+        "first_eval_loss": first_eval, "final_eval_loss": final_eval, "samples_per_s": meter.mean_rate(),
+        "train_time_s": meter.train_time_s(), "trainable_params": run.trainable,
+        "world_size": run.dist.world_size, "tokens_per_micro_batch": budget.tokens, "budget_origin": budget.origin,
+        "checkpoint": checkpoint_uri(output, checkpoint_name(step)), "artefact": artefact,
+    }
+    if run.dist.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    run.engine.destroy()
+    return summary
 
 
 @dataclass
@@ -39,12 +90,6 @@ class StepStats:
     loss: float = 0.0
     num_samples: int = 0
     num_tokens: int = 0
-
-
-def _all_reduce(values: list[float], device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def train_step(engine, loader: MicroBatchLoader, accumulation: int, device) -> StepStats:
@@ -60,24 +105,75 @@ def train_step(engine, loader: MicroBatchLoader, accumulation: int, device) -> S
         stats.loss += loss.item() / accumulation
         stats.num_samples += num_samples
         stats.num_tokens += int(batch["attention_mask"].sum())
-    loss_sum, num_samples, num_tokens = _all_reduce([stats.loss, stats.num_samples, stats.num_tokens], device)
-    stats.loss = loss_sum / dist.get_world_size()
-    stats.num_samples, stats.num_tokens = int(num_samples), int(num_tokens)
-    return stats
+    loss_sum, num_samples, num_tokens = all_reduce([stats.loss, stats.num_samples, stats.num_tokens], device)
+    return StepStats(loss_sum / torch.distributed.get_world_size(), int(num_samples), int(num_tokens))
 
 
-@torch.no_grad()
-def eval_loss(engine, loader: MicroBatchLoader, num_batches: int, device) -> float:
-    """Mean loss over the first `num_batches` held-out micro-batches (same batches, every rank)."""
-    engine.eval()
-    loader.load_state_dict({"epoch": 0, "index": 0})
-    total = 0.0
-    for _ in range(num_batches):
-        batch = loader.next_micro_batch()
-        batch.pop("num_samples")
-        total += engine(**{k: v.to(device) for k, v in batch.items()}).loss.item()
-    engine.train()
-    return total / num_batches
+class Evaluator:
+    """Mean loss over the first `eval.num_batches` held-out micro-batches (the same batches on every
+    rank, every time); calling it without held-out data returns None."""
+
+    def __init__(self, run: Run, budget):
+        self.engine, self.device = run.engine, run.dist.device
+        self.every, self.num_batches = run.spec.eval.every_steps, run.spec.eval.num_batches
+        self.loader = run.eval_loader(budget)
+
+    def due(self, step: int) -> bool:
+        return self.loader is not None and step % self.every == 0
+
+    @torch.no_grad()
+    def __call__(self) -> float | None:
+        if self.loader is None:
+            return None
+        self.engine.eval()
+        self.loader.load_state_dict({"epoch": 0, "index": 0})
+        total = 0.0
+        for _ in range(self.num_batches):
+            batch = self.loader.next_micro_batch()
+            batch.pop("num_samples")
+            total += self.engine(**{k: v.to(self.device) for k, v in batch.items()}).loss.item()
+        self.engine.train()
+        return total / self.num_batches
+
+
+class StepMeter:
+    """Per-step records (throughput, FLOP rate, MFU) and the run's loss and speed summary."""
+
+    def __init__(self, run: Run, sample_flops: float):
+        self.engine, self.world_size = run.engine, run.dist.world_size
+        self.sample_flops, self.peak = sample_flops, peak_tflops(run.dist.device)
+        self.losses: list[float] = []
+        self.timings: list[tuple[int, float]] = []  # (samples, seconds) per step
+
+    def record(self, step: int, stats: StepStats, lr: float, elapsed: float) -> dict:
+        self.losses.append(stats.loss)
+        self.timings.append((stats.num_samples, elapsed))
+        tflops = stats.num_samples * self.sample_flops / elapsed / 1e12
+        norm = self.engine.get_global_grad_norm()
+        return {
+            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
+            "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
+            "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
+            "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
+        }
+
+    def loss_ends(self) -> dict:
+        """Mean training loss of the first and last few steps (single steps are noisy with small
+        token-budgeted batches)."""
+        if not self.losses:
+            return {"first_loss": None, "final_loss": None, "loss_window": 0}
+        window = max(1, min(5, len(self.losses) // 4))
+        return {"first_loss": sum(self.losses[:window]) / window, "final_loss": sum(self.losses[-window:]) / window,
+                "loss_window": window}
+
+    def mean_rate(self) -> float | None:
+        """Samples/s over this run's steps, skipping the first (warm-up) step when there are others."""
+        timed = self.timings[1:] or self.timings
+        seconds = sum(t for _, t in timed)
+        return sum(n for n, _ in timed) / seconds if seconds else None
+
+    def train_time_s(self) -> float:
+        return sum(t for _, t in self.timings)
 
 
 class Preempted(RuntimeError):
@@ -102,190 +198,7 @@ class StopRequest:
         self.requested = True
 
 
-def _agree(clock: SaveClock, stop: StopRequest, step: int, device) -> tuple[bool, bool]:
-    """(save due, stop requested) as agreed by all ranks: a time-based save or a signal seen by one
-    rank only would otherwise leave the others waiting in the save's collectives."""
-    save_due, stop_requested = _all_reduce([float(clock.due(step)), float(stop.requested)], device)
-    return save_due > 0, stop_requested > 0
-
-
-@dataclass
-class Data:
-    loader: MicroBatchLoader
-    eval_loader: MicroBatchLoader | None
-    mean_text_tokens: int
-
-
-@dataclass
-class Examples:
-    train: list[Example]
-    eval: list[Example] | None
-    num_visual_tokens: int  # per example (one image each), included in every example's num_tokens
-
-    @property
-    def mean_text_tokens(self) -> int:
-        return int(sum(e.num_tokens for e in self.train) / len(self.train)) - self.num_visual_tokens
-
-    @property
-    def min_text_tokens(self) -> int:
-        return min(e.num_tokens for e in self.train) - self.num_visual_tokens
-
-    @property
-    def max_tokens(self) -> int:
-        return max(e.num_tokens for e in self.train)
-
-
-def load_examples(spec: PretrainSpec | FinetuneSpec, stage, say) -> Examples:
-    """The validated train (and, if evaluated, held-out) examples, with the data report printed."""
-    root, cos_config = Path(spec.data.root), stage.cos_config
-
-    def examples(name: str, max_bad_fraction: float):
-        found, report = build_examples(root / name, root, stage.tokenizer, cos_config.num_visual_tokens,
-                                       spec.data.max_text_tokens, max_bad_fraction)
-        say(f"[{spec.stage}] data: {report.summary()}")
-        return found
-
-    evaluated = spec.data.eval is not None and spec.eval.every_steps
-    return Examples(examples(spec.data.train, spec.data.max_bad_fraction),
-                    examples(spec.data.eval, 1.0) if evaluated else None, cos_config.num_visual_tokens)
-
-
-def build_data(spec: PretrainSpec | FinetuneSpec, stage, examples: Examples, dist_info, budget: int) -> Data:
-    """This rank's token-budgeted stream of the train examples (+ the held-out stream, if any)."""
-
-    def stream(found, rank: int, world_size: int, num_workers: int) -> MicroBatchLoader:
-        return MicroBatchLoader(
-            found, image_root=Path(spec.data.root), image_size=stage.cos_config.image_size,
-            pad_token_id=stage.tokenizer.pad_token_id, tokens_per_micro_batch=budget, seed=spec.run.seed,
-            rank=rank, world_size=world_size, num_workers=num_workers,
-        )
-
-    loader = stream(examples.train, dist_info.rank, dist_info.world_size, spec.data.num_workers)
-    # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch per
-    # rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
-    eval_loader = stream(examples.eval, 0, 1, 0) if examples.eval is not None else None
-    return Data(loader, eval_loader, examples.mean_text_tokens)
-
-
-def resolve_budget(spec: PretrainSpec | FinetuneSpec, engine, stage, examples: Examples, device, say) -> int:
-    """The spec's token budget, or with `auto` the probed one (never below the longest example)."""
-    if spec.batch.tokens_per_micro_batch != "auto":
-        return spec.batch.tokens_per_micro_batch
-    probe = probe_micro_batch(engine, stage.cos_config, examples.min_text_tokens,
-                              memory_fraction=spec.batch.memory_fraction,
-                              max_tokens=spec.batch.max_tokens_per_micro_batch, device=device)
-    say(f"[{spec.stage}] {probe.summary()}")
-    return max(probe.tokens_per_micro_batch, examples.max_tokens)
-
-
-def build(spec: PretrainSpec | FinetuneSpec, output: str, run_dir: Path, dist_info, say):
-    """Stage (model, tokenizer, artefacts), data and the DeepSpeed engine; checks the trainable set."""
-    stage = prepare_stage(spec, output, run_dir / "staging", dist_info)
-    examples = load_examples(spec, stage, say)
-    budget = spec.batch.tokens_per_micro_batch
-    # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
-    micro_estimate = 1 if budget == "auto" else samples_per_micro_batch(
-        stage.cos_config.num_visual_tokens, examples.mean_text_tokens, budget)
-    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, micro_estimate))
-    trainable = trainable_summary(engine.module)
-    say(f"[{spec.stage}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
-    if set(trainable) != expected_trainable_groups(spec):
-        raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
-                           f"{sorted(expected_trainable_groups(spec))}")
-    budget = resolve_budget(spec, engine, stage, examples, dist_info.device, say)
-    data = build_data(spec, stage, examples, dist_info, budget)
-    return stage, data, engine, scheduler, trainable
-
-
-def run_training(
-    spec: PretrainSpec | FinetuneSpec, *, run_dir: Path, output: str, resume: str = "auto", overwrite: bool = False
-) -> dict:
-    dist_info = init_distributed()
-    run_dir, device = Path(run_dir), dist_info.device
-    say = print if dist_info.is_main else (lambda *a, **k: None)
-    stage, data, engine, scheduler, trainable = build(spec, output, run_dir, dist_info, say)
-    resumer = Resumer(spec, output, run_dir / "staging", dist_info, stage.write_trainable)
-    step = resumer.restore(engine, data.loader, resume, overwrite, say)
-    sink = MetricsSink(run_dir, spec.optim.num_steps, step, spec.stage) if dist_info.is_main else None
-    sample_flops, peak = flops_per_sample(stage.cos_config, data.mean_text_tokens), peak_tflops(device)
-    clock, stopper = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes), StopRequest()
-    evaluate = (lambda: eval_loss(engine, data.eval_loader, spec.eval.num_batches, device)) if data.eval_loader else None
-    first_eval = evaluate() if evaluate and step == 0 else None
-    if sink and first_eval is not None:
-        sink.log({"step": 0, "eval_loss": first_eval})
-    losses, timings = [], []  # per step: loss; (samples, seconds)
-    engine.train()
-    while step < spec.optim.num_steps:
-        step += 1
-        lr, started = scheduler.get_last_lr()[0], time.monotonic()
-        stats = train_step(engine, data.loader, spec.batch.gradient_accumulation, device)
-        elapsed = time.monotonic() - started
-        losses.append(stats.loss)
-        timings.append((stats.num_samples, elapsed))
-        record = _step_record(step, stats, lr, elapsed, engine, sample_flops, peak, dist_info.world_size)
-        if evaluate and step % spec.eval.every_steps == 0:
-            record["eval_loss"] = evaluate()
-        if sink:
-            sink.log(record)
-        save_due, stop_requested = _agree(clock, stopper, step, device)
-        if step < spec.optim.num_steps and (save_due or stop_requested):
-            resumer.save(engine, data.loader, step, wait=stop_requested)
-            clock.saved()
-        if stop_requested and step < spec.optim.num_steps:
-            _close(resumer, sink)
-            raise Preempted(step)
-    final_eval = evaluate() if evaluate else None
-    resumer.save(engine, data.loader, step, wait=True)
-    artefact = stage.write_final(engine)
-    _close(resumer, sink)
-    summary = {
-        "stage": spec.stage, "visual_tokens": stage.cos_config.num_visual_tokens,
-        "image_size": stage.cos_config.image_size, "steps": step, **_loss_ends(losses),
-        "first_eval_loss": first_eval, "final_eval_loss": final_eval, "samples_per_s": _mean_rate(timings),
-        "train_time_s": sum(t for _, t in timings), "trainable_params": trainable,
-        "world_size": dist_info.world_size, "tokens_per_micro_batch": data.loader.tokens_per_micro_batch,
-        "checkpoint": f"{output.rstrip('/')}/checkpoints/{checkpoint_name(step)}",
-        "artefact": artefact,
-    }
-    if dist_info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    engine.destroy()
-    return summary
-
-
-def _step_record(step, stats: StepStats, lr, elapsed, engine, sample_flops, peak, world_size) -> dict:
-    tflops = stats.num_samples * sample_flops / elapsed / 1e12
-    return {
-        "step": step, "loss": stats.loss, "lr": lr, "grad_norm": _grad_norm(engine),
-        "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
-        "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
-        "tflops": tflops, "mfu": tflops / (peak * world_size) if peak else None,
-    }
-
-
-def _close(resumer: Resumer, sink: MetricsSink | None) -> None:
-    resumer.close()
+def _close(run: Run, sink: MetricsSink | None) -> None:
+    run.checkpointer.close()
     if sink:
         sink.close()
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else None
-
-
-def _loss_ends(losses: list[float]) -> dict:
-    """Mean training loss of the first and last few steps (single steps are noisy with small
-    token-budgeted batches)."""
-    if not losses:
-        return {"first_loss": None, "final_loss": None, "loss_window": 0}
-    window = max(1, min(5, len(losses) // 4))
-    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-            "loss_window": window}
-
-
-def _mean_rate(timings: list[tuple[int, float]]) -> float | None:
-    """Samples/s over this run's steps, skipping the first (warm-up) step when there are others."""
-    timed = timings[1:] or timings
-    seconds = sum(t for _, t in timed)
-    return sum(n for n, _ in timed) / seconds if seconds else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cosctl.checkpoint import find_latest, list_committed, verify
-from cosctl.s3 import S3Store
+from cosctl.storage.s3 import S3Store
 
 from tests.conftest_s3 import create_bucket
 from tests.runs import kill_when, run, steps, train_command

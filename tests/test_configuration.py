@@ -16,7 +16,7 @@ def test_defaults_are_the_papers_pretraining_model():
     assert config.vision_config.hidden_size == 1024 and config.vision_config.patch_size == 14
     assert config.vision_config.num_hidden_layers == 24
     assert config.feature_layers == [15, 22]
-    assert [(s.window, s.queries_per_window, s.num_windows) for s in config.scale_specs] == [(16, 16, 1), (4, 1, 16)]
+    assert [(s.window, s.queries_per_window, s.num_windows(16)) for s in config.scales] == [(16, 16, 1), (4, 1, 16)]
 
 
 def test_eighty_token_variant():

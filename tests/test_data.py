@@ -21,12 +21,12 @@ from cosctl.data import (
     DataError,
     Example,
     MicroBatchLoader,
-    build_examples,
+    load_examples,
     collate,
     image_token_id,
     load_image,
     load_tokenizer,
-    plan_micro_batches,
+    order_micro_batches,
     samples_per_micro_batch,
 )
 from cosctl.synth import synthesize
@@ -48,7 +48,7 @@ def tokenizer(synth_dir) -> PreTrainedTokenizerFast:
 
 def build(synth_dir: Path, tokenizer, num_visual_tokens: int = 32, json_name: str = "train.json", **kwargs):
     options = {"max_text_tokens": 128, "max_bad_fraction": 0.0, **kwargs}
-    return build_examples(synth_dir / json_name, synth_dir, tokenizer, num_visual_tokens, **options)
+    return load_examples(synth_dir / json_name, synth_dir, tokenizer, num_visual_tokens, **options)
 
 
 def make_loader(synth_dir, examples, rank=0, world_size=1, num_workers=0, budget=512) -> MicroBatchLoader:
@@ -185,11 +185,11 @@ def test_plan_covers_every_index_once_within_budget():
     """Each epoch's plan holds every index once, respects the padded-token budget and is reproducible."""
     lengths = [int(length) for length in torch.randint(20, 200, (500,), generator=torch.Generator().manual_seed(0))]
     for epoch in range(3):
-        plan = plan_micro_batches(lengths, 1024, seed=1, epoch=epoch)
+        plan = order_micro_batches(lengths, 1024, seed=1, epoch=epoch)
         assert sorted(index for batch in plan for index in batch) == list(range(500))
         assert all(max(lengths[i] for i in batch) * len(batch) <= 1024 for batch in plan)
-        assert plan == plan_micro_batches(lengths, 1024, seed=1, epoch=epoch)
-    assert plan_micro_batches(lengths, 1024, 1, 0) != plan_micro_batches(lengths, 1024, 1, 1)
+        assert plan == order_micro_batches(lengths, 1024, seed=1, epoch=epoch)
+    assert order_micro_batches(lengths, 1024, 1, 0) != order_micro_batches(lengths, 1024, 1, 1)
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in plan)
     assert padded < 1.1 * sum(lengths)
 
@@ -197,7 +197,7 @@ def test_plan_covers_every_index_once_within_budget():
 def test_plan_rejects_an_example_longer_than_the_budget():
     """A single example over budget is an error naming its length and the budget."""
     with pytest.raises(DataError, match="example 1 has 600 tokens.*tokens_per_micro_batch=512"):
-        plan_micro_batches([100, 600], 512, seed=0, epoch=0)
+        order_micro_batches([100, 600], 512, seed=0, epoch=0)
 
 
 def test_32_token_stage_packs_far_more_samples_than_528(synth_dir, tokenizer):
@@ -207,7 +207,7 @@ def test_32_token_stage_packs_far_more_samples_than_528(synth_dir, tokenizer):
     for num_visual_tokens in (32, 528):
         examples, _ = build(synth_dir, tokenizer, num_visual_tokens=num_visual_tokens)
         lengths = [example.num_tokens for example in examples] * 10
-        plan = plan_micro_batches(lengths, budget, seed=0, epoch=0)
+        plan = order_micro_batches(lengths, budget, seed=0, epoch=0)
         mean_samples[num_visual_tokens] = len(lengths) / len(plan)
     assert mean_samples[32] >= 4 * mean_samples[528]
     assert samples_per_micro_batch(32, 40, budget) >= 4 * samples_per_micro_batch(528, 40, budget)
@@ -216,8 +216,8 @@ def test_32_token_stage_packs_far_more_samples_than_528(synth_dir, tokenizer):
 
 def test_collate_right_pads_tokens_labels_and_mask():
     """Shorter rows are padded with the pad id, IGNORE_INDEX labels and a zero mask; images stack."""
-    short = Example("a", "vqa", "a.png", (1, 5, 6), (IGNORE_INDEX, 5, 6))
-    long = Example("b", "vqa", "b.png", (1, 7, 8, 9, 2), (IGNORE_INDEX, IGNORE_INDEX, 8, 9, 2))
+    short = Example("a", "vqa", "a.png", (1, 5, 6), (IGNORE_INDEX, 5, 6), 3)
+    long = Example("b", "vqa", "b.png", (1, 7, 8, 9, 2), (IGNORE_INDEX, IGNORE_INDEX, 8, 9, 2), 5)
     batch = collate([short, long], [torch.zeros(3, 8, 8), torch.ones(3, 8, 8)], pad_token_id=3)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 3, 3], [1, 7, 8, 9, 2]]
     ignore = IGNORE_INDEX
@@ -230,7 +230,7 @@ def test_ranks_read_disjoint_samples_in_step(synth_dir, tokenizer):
     """With two ranks, each reads its own micro-batches, they never share a sample, and batches match."""
     examples, _ = build(synth_dir, tokenizer)
     loaders = [make_loader(synth_dir, examples, rank=rank, world_size=2) for rank in range(2)]
-    plans = [loader.rank_plan(0) for loader in loaders]
+    plans = [loader.rank_micro_batches(0) for loader in loaders]
     assert len(plans[0]) == len(plans[1]) >= 2
     seen = [{index for batch in plan for index in batch} for plan in plans]
     assert not seen[0] & seen[1]
@@ -255,7 +255,7 @@ def test_restored_loader_yields_the_same_batches_across_epochs(synth_dir, tokeni
     """A loader restored from state_dict() continues with exactly the original's batches, into epoch 2."""
     examples, _ = build(synth_dir, tokenizer)
     original = make_loader(synth_dir, examples, rank=1, world_size=2)
-    num_per_epoch = len(original.rank_plan(0))
+    num_per_epoch = len(original.rank_micro_batches(0))
     num_before = 1 if position == "mid_epoch" else num_per_epoch
     for _ in range(num_before):
         original.next_micro_batch()
@@ -271,7 +271,7 @@ def test_worker_processes_give_the_same_stream(synth_dir, tokenizer):
     """Loading with DataLoader workers yields the same batches, across an epoch, as loading inline."""
     examples, _ = build(synth_dir, tokenizer)
     inline, workers = (make_loader(synth_dir, examples, num_workers=n, budget=1024) for n in (0, 2))
-    num_batches = len(inline.rank_plan(0)) + 1
+    num_batches = len(inline.rank_micro_batches(0)) + 1
     assert_same_batches([workers.next_micro_batch() for _ in range(num_batches)],
                         [inline.next_micro_batch() for _ in range(num_batches)])
 

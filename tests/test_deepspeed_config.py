@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 
-from cosctl.deepspeed_config import TEMPLATE_DIR, comm_backend, load_template, resolve_deepspeed
+from cosctl.deepspeed_config import TEMPLATE_DIR, load_template, resolve_deepspeed
+from cosctl.dist import comm_backend
 from cosctl.spec import FinetuneSpec, parse_spec
 from cosctl.spec_sections import DeepSpeedSpec
 

@@ -27,7 +27,7 @@ def test_token_table(src_scales, preset, expected_scales, tokens):
     src = tiny_config(scales=src_scales)
     dst = inflate_config(src, preset)
     assert dst.image_size == 2 * src.image_size and dst.grid_size == 32
-    assert [(s.window, s.num_windows, s.queries_per_window) for s in dst.scale_specs] == expected_scales
+    assert [(s.window, s.num_windows(32), s.queries_per_window) for s in dst.scales] == expected_scales
     assert dst.num_visual_tokens == tokens
 
 
@@ -82,8 +82,8 @@ def test_every_source_key_is_used(inflated):
 def test_new_scales_copy_their_parents_weights(inflated):
     """Every block weight of each destination scale equals its parent scale's."""
     _, dst, state, _, out = inflated
-    for j, spec in enumerate(dst.scale_specs):
-        prefix = f"resampler.scales.{spec.parent}."
+    for j, scale in enumerate(dst.scales):
+        prefix = f"resampler.scales.{scale.parent}."
         for key, value in state.items():
             if key.startswith(prefix) and not key.endswith("queries"):
                 assert torch.equal(out[f"resampler.scales.{j}." + key[len(prefix):]], value)
@@ -92,15 +92,16 @@ def test_new_scales_copy_their_parents_weights(inflated):
 def test_child_windows_start_with_their_parent_windows_queries(inflated):
     """Window (a, b) of a child scale holds the queries of the parent window containing it."""
     src, dst, state, _, out = inflated
-    for j, child in enumerate(dst.scale_specs):
-        parent = src.scale_specs[child.parent]
-        ratio = child.windows_per_side // parent.windows_per_side
+    for j, child in enumerate(dst.scales):
+        parent = src.scales[child.parent]
+        child_side, parent_side = child.windows_per_side(dst.grid_size), parent.windows_per_side(src.grid_size)
+        ratio = child_side // parent_side
         parent_q = state[f"resampler.scales.{child.parent}.queries"]
         child_q = out[f"resampler.scales.{j}.queries"]
-        for a in range(child.windows_per_side):
-            for b in range(child.windows_per_side):
-                p = (a // ratio) * parent.windows_per_side + b // ratio
-                assert torch.equal(child_q[a * child.windows_per_side + b], parent_q[p])
+        for a in range(child_side):
+            for b in range(child_side):
+                p = (a // ratio) * parent_side + b // ratio
+                assert torch.equal(child_q[a * child_side + b], parent_q[p])
 
 
 def test_position_embedding_is_resized_to_32x32(inflated):

@@ -23,7 +23,7 @@ def reference_chain(chain: ResamplerChain, features: list[torch.Tensor]) -> torc
     """Naive definition: loop over scales, then windows row-major, slicing each window's features."""
     tokens = []
     for scale in chain.scales:
-        w, per_side = scale.spec.window, scale.spec.windows_per_side
+        w, per_side = scale.window, int(scale.num_windows**0.5)
         for row in range(per_side):
             for col in range(per_side):
                 x = scale.queries[row * per_side + col].unsqueeze(0).expand(features[0].shape[0], -1, -1)

@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from cosctl.s3 import MiB, S3Store, file_etag
+from cosctl.storage.s3 import MiB, S3Store, file_etag
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
 from tests.conftest_s3 import TEST_SECRET, S3Server, create_bucket
@@ -167,7 +167,7 @@ def test_missing_bucket_is_a_storage_error(s3_env: str):
 def test_from_uri_prefix_and_open_store(s3_env: str, bucket: str, moto_server: S3Server):
     """open_store maps s3://bucket/prefix/ to an S3Store whose keys land under the prefix."""
     spec = StorageSpec(endpoint_url=s3_env, path_style=True, max_concurrency=3, multipart_chunk_mb=5)
-    store = open_store(f"s3://{bucket}/runs/exp1/", spec)
+    store = open_store(f"s3://{bucket}/runs/exp1/", spec.to_settings())
     assert isinstance(store, S3Store)
     assert (store.uri, store.chunk_bytes, store.max_concurrency) == (f"s3://{bucket}/runs/exp1", CHUNK, 3)
     store.put_bytes(b"{}", "latest")

@@ -15,7 +15,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from cosctl.s3 import MiB, S3Store, file_etag
+from cosctl.storage.s3 import MiB, S3Store, file_etag
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import StorageError, TransientStorageError, sha256_file
 from tests.conftest_s3 import S3Server, create_bucket, use_credentials

@@ -313,7 +313,7 @@ def preempt_output(tmp_path, monkeypatch) -> Iterator[str]:
         import boto3
         from moto.server import ThreadedMotoServer
 
-        import cosctl.s3  # noqa: F401
+        import cosctl.storage.s3  # noqa: F401
     except ImportError:
         yield f"file://{tmp_path}/out"
         return
@@ -346,7 +346,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tiny_data, un
     resumed = [(uri, int(name), int(step)) for uri, name, step in
                re.findall(r"resuming from (\S+)/checkpoints/step_(\d+) at step (\d+)", log)]
     stopped = re.findall(r"stopped at step (\d+) on request", log)
-    store = open_store(preempt_output, load_spec(run_dir / "slurm" / "spec.yaml").storage)
+    store = open_store(preempt_output, load_spec(run_dir / "slurm" / "spec.yaml").storage.to_settings())
     manifests = {c.step: c.manifest for c in list_committed(store)}
     for step, manifest in manifests.items():
         if step != NUM_STEPS:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from cos_model import Scale
 from cosctl.spec import (
     FinetuneSpec,
     InflateSpec,
@@ -338,8 +339,8 @@ def test_dict_round_trip_keeps_the_hash(raw):
 
 
 def test_inflate_plan_arg():
-    """plan_arg gives a preset name as is and a mapping plan as plain dicts."""
+    """plan_arg gives a preset name as is and a mapping plan with cos_model Scales."""
     assert parse_spec(INFLATE).plan_arg() == "32to528"
     plan = {"image_size": 448, "scales": [{"window": 8, "queries_per_window": 1}]}
     spec = parse_spec(variant(INFLATE, {"plan": plan}))
-    assert spec.plan_arg() == {"image_size": 448, "scales": [{"window": 8, "queries_per_window": 1}]}
+    assert spec.plan_arg() == {"image_size": 448, "scales": [Scale(window=8, queries_per_window=1)]}

@@ -29,20 +29,31 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 from s3transfer.utils import ChunksizeAdjuster
 
-from .storage import StorageError, TransientStorageError, check_key, sha256_file
-
-if TYPE_CHECKING:
-    from .spec_sections import StorageSpec
+from .base import (
+    ObjectNotFound,
+    StorageError,
+    StoreSettings,
+    StoreUnavailable,
+    TransientStorageError,
+    check_key,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +98,15 @@ class S3Store:
         self._s3: Any = None
 
     @classmethod
-    def from_uri(cls, uri: str, storage_spec: StorageSpec | None = None) -> S3Store:
-        """`s3://bucket/prefix` with the endpoint, region, addressing and part size of the spec."""
+    def from_uri(cls, uri: str, settings: StoreSettings | None = None) -> S3Store:
+        """`s3://bucket/prefix` with the endpoint, region, addressing and part size of `settings`."""
         if not uri.startswith("s3://"):
             raise StorageError(f"{uri}: not an s3:// URI")
-        if storage_spec is None:
-            from .spec_sections import StorageSpec  # the spec's defaults are the single source of truth
-
-            storage_spec = StorageSpec()
+        settings = settings or StoreSettings()
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        return cls(bucket, prefix, endpoint_url=storage_spec.endpoint_url, region=storage_spec.region,
-                   path_style=storage_spec.path_style, max_concurrency=storage_spec.max_concurrency,
-                   chunk_bytes=storage_spec.multipart_chunk_mb * MiB)
+        return cls(bucket, prefix, endpoint_url=settings.endpoint_url, region=settings.region,
+                   path_style=settings.path_style, max_concurrency=settings.max_concurrency,
+                   chunk_bytes=settings.multipart_chunk_mb * MiB)
 
     # --- client and errors -------------------------------------------------------------------------
 
@@ -147,14 +155,17 @@ class S3Store:
             code = str(info.get("Code") or "")
             status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code == "NoSuchBucket":
-                return StorageError(f"{where}: {action}: bucket {self.bucket!r} does not exist")
+                return ObjectNotFound(f"{where}: {action}: bucket {self.bucket!r} does not exist")
             if code in MISSING_CODES:
-                return StorageError(f"{where}: no such object")
+                return ObjectNotFound(f"{where}: no such object")
             text = f"{where}: {action} failed: {code or 'error'} (HTTP {status})"
             if info.get("Message"):
                 text += f": {info['Message']}"
             transient = status >= 500 or status == 429 or code in TRANSIENT_CODES
             return (TransientStorageError if transient else StorageError)(text)
+        if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
+            return StoreUnavailable(f"{where}: {action} failed: the endpoint does not answer "
+                                    f"({type(err).__name__}: {err})")
         if isinstance(err, STREAM_ERRORS):
             return TransientStorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
         return StorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
@@ -275,7 +286,7 @@ class S3Store:
         local_path = Path(local_path)
         head = self._head(key)
         if head is None:
-            raise StorageError(f"{self._where(key)}: no such object")
+            raise ObjectNotFound(f"{self._where(key)}: no such object")
         size, etag = head["ContentLength"], head["ETag"]
         try:
             local_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,110 @@
+"""The process group: joining it, who this rank is, and the few collectives the trainer agrees with.
+
+Ranks come from torchrun's (or SLURM's) environment; a process started without a launcher becomes a
+one-rank group on its own. CPU runs use gloo, GPU runs nccl. Every function here is collective unless
+it says otherwise: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the group (not collective)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_world_size(self) -> int:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def comm_backend(device_type: str) -> str:
+    """The torch.distributed backend for a device type: NCCL on CUDA, gloo everywhere else."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join (or, alone, create) the process group; idempotent within a process."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if "RANK" not in os.environ:  # a single in-process rank (no launcher)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # NOTE: the CPU backend JIT-builds an inference-only shm op (~30 s of g++) on first init; skip it.
+    # `import deepspeed.comm.torch` would bind torch itself, hence import_module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=comm_backend("cuda" if cuda else "cpu"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """`values` reduced element-wise over all ranks (sum, max or min), in float64."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return tensor.tolist()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether any rank set it: decisions one rank makes alone (a time-based save, a
+    signal seen by one process) must be shared, or the others wait in the save's collectives."""
+    return [value > 0 for value in all_reduce([float(f) for f in flags], device, op="max")]
+
+
+def broadcast(value: T, src: int = 0) -> T:
+    """Rank `src`'s `value` (any picklable object) on every rank."""
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """Run `compute` on rank 0 only and give every rank its result. An exception on rank 0 is raised
+    on every rank (same type, same message), so all ranks stop together instead of some waiting in a
+    later collective for a rank that already left."""
+    outcome: tuple[bool, object] = (True, None)
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, compute())
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            outcome = (False, err)
+    ok, value = broadcast(outcome)
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,128 @@
+"""What a training run is made of, and putting it together: `setup_run` joins the process group, opens
+the run's output store (once), builds the stage's model and tokenizer, reads the data, wraps the model
+in its DeepSpeed engine and makes the checkpointer; `Run` holds the result for the loop in
+`cosctl.train`. Also the token budget's three origins (`choose_budget`) and the loaders it sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .autobatch import probe_micro_batch
+from .checkpointer import Checkpointer, Restored
+from .data import Example, LengthStats, MicroBatchLoader, length_stats, load_examples, samples_per_micro_batch
+from .dist import Dist, init_distributed
+from .engine import build_engine, expected_trainable_groups, trainable_summary
+from .log import log, setup_logging
+from .spec import TrainingSpec
+from .stages import Stage, prepare_stage
+from .storage import ObjectStore, open_store
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Padded tokens per micro-batch per rank, and where the number came from: the spec, the `auto`
+    probe, or the checkpoint a resumed run continues (its data order only exists at that budget)."""
+
+    tokens: int
+    origin: Literal["spec", "probe", "checkpoint"]
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once per process by `setup_run`."""
+
+    spec: TrainingSpec
+    dist: Dist
+    store: ObjectStore  # the run's output: checkpoints and the published artefact
+    run_dir: Path  # local: metrics, TensorBoard, staging
+    stage: Stage
+    engine: object  # deepspeed.DeepSpeedEngine
+    scheduler: object
+    checkpointer: Checkpointer
+    train_examples: list[Example]
+    eval_examples: list[Example] | None
+    trainable: dict[str, int]  # trainable parameters per top-level module
+
+    @property
+    def lengths(self) -> LengthStats:
+        return length_stats(self.train_examples)
+
+    def train_loader(self, budget: Budget, position: dict | None = None) -> MicroBatchLoader:
+        """This rank's token-budgeted stream of the training examples, at `position` if resuming."""
+        loader = self._loader(self.train_examples, budget.tokens, self.dist.rank, self.dist.world_size,
+                              self.spec.data.num_workers)
+        if position is not None:
+            loader.load_state_dict(position)
+        return loader
+
+    def eval_loader(self, budget: Budget) -> MicroBatchLoader | None:
+        # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch per
+        # rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
+        if self.eval_examples is None:
+            return None
+        return self._loader(self.eval_examples, budget.tokens, 0, 1, 0)
+
+    def _loader(self, examples, tokens: int, rank: int, world_size: int, num_workers: int) -> MicroBatchLoader:
+        return MicroBatchLoader(
+            examples, image_root=Path(self.spec.data.root), image_size=self.stage.cos_config.image_size,
+            pad_token_id=self.stage.tokenizer.pad_token_id, tokens_per_micro_batch=tokens, seed=self.spec.run.seed,
+            rank=rank, world_size=world_size, num_workers=num_workers,
+        )
+
+
+def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
+    """Process group -> output store -> stage (tokenizer, model) -> data -> engine -> checkpointer."""
+    dist_info = init_distributed()
+    setup_logging(dist_info.rank, spec.stage)
+    run_dir = Path(run_dir)
+    store = open_store(output, spec.storage.to_settings())
+    stage = prepare_stage(spec, store, run_dir / "staging", dist_info)
+    train_examples = _load_split(spec, stage, spec.data.train, spec.data.max_bad_fraction)
+    evaluated = spec.data.eval is not None and spec.eval.every_steps
+    eval_examples = _load_split(spec, stage, spec.data.eval, 1.0) if evaluated else None
+    engine, scheduler, trainable = _build_checked_engine(spec, stage, length_stats(train_examples), dist_info)
+    checkpointer = Checkpointer(spec, store, run_dir / "staging", dist_info, stage.write_trainable)
+    return Run(spec, dist_info, store, run_dir, stage, engine, scheduler, checkpointer, train_examples,
+               eval_examples, trainable)
+
+
+def choose_budget(run: Run, restored: Restored | None) -> Budget:
+    """The token budget: the checkpoint's when resuming, else the spec's number, else (`auto`) the
+    probed one, never below the longest example."""
+    if restored is not None:
+        return Budget(int(restored.loader_state["tokens_per_micro_batch"]), "checkpoint")
+    spec = run.spec
+    if spec.batch.tokens_per_micro_batch != "auto":
+        return Budget(spec.batch.tokens_per_micro_batch, "spec")
+    lengths = run.lengths
+    probe = probe_micro_batch(run.engine, run.stage.cos_config, lengths.min_text_tokens,
+                              memory_fraction=spec.batch.memory_fraction,
+                              max_tokens=spec.batch.max_tokens_per_micro_batch, device=run.dist.device)
+    log.info(probe.summary())
+    return Budget(max(probe.tokens_per_micro_batch, lengths.max_tokens), "probe")
+
+
+def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> list[Example]:
+    root = Path(spec.data.root)
+    examples, report = load_examples(root / name, root, stage.tokenizer, stage.cos_config.num_visual_tokens,
+                                     spec.data.max_text_tokens, max_bad_fraction)
+    log.info(f"data: {report.summary()}")
+    return examples
+
+
+def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats, dist_info: Dist):
+    """The DeepSpeed engine around the stage's model; refuses a trainable set other than the spec's."""
+    budget = spec.batch.tokens_per_micro_batch
+    # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
+    micro_estimate = 1 if budget == "auto" else samples_per_micro_batch(
+        stage.cos_config.num_visual_tokens, lengths.mean_text_tokens, budget)
+    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, micro_estimate))
+    trainable = trainable_summary(engine.module)
+    log.info("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
+    if set(trainable) != expected_trainable_groups(spec):
+        raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
+                           f"{sorted(expected_trainable_groups(spec))}")
+    return engine, scheduler, trainable

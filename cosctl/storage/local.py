@@ -1,0 +1,77 @@
+"""The `file://` backend: a folder on a local or shared filesystem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .base import ObjectNotFound, StorageError, check_key
+
+
+class LocalStore:
+    """A folder on a local or shared filesystem. Writes go to a temp name then `os.replace`, so a
+    reader never sees a half-written object."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _atomic_write(self, target: Path, write) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            write(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{self.uri}/{target.relative_to(self.root)}: write failed: {err}") from err
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        self._atomic_write(self._path(key), lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self._atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data))
+
+    def get_file(self, key: str, local_path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(f"{self.uri}/{key}: no such object")
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != Path(local_path).resolve():
+            shutil.copyfile(source, local_path)
+
+    def get_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(start or 0)
+                return handle.read() if end is None else handle.read(end - (start or 0))
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.uri}/{key}: no such object") from None
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        keys = []
+        for path in base.rglob("*") if base.is_dir() else [base]:
+            if path.is_file() and not path.name.startswith(".") and ".tmp-" not in path.name:
+                keys.append(path.relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
