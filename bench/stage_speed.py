@@ -1,5 +1,5 @@
 """Stage speed: ZeRO-3 pre-training samples/s at several visual-token counts, same model, same machine,
-one run (DESIGN §10: the 32-token stage against a 336-token one).
+one run (docs/design.md §8: the 32-token stage against a 336-token one).
 
 For each token count the script builds the real model with `cosctl.engine.build_pretrain_model` from
 a `PretrainSpec` (a dict through `parse_spec`), wraps it with `cosctl.engine.build_engine` (the zero3
@@ -13,7 +13,7 @@ on the row's engine, as `cosctl pretrain` does. `--set KEY=VALUE` changes any ke
 data pipeline: one synthetic micro-batch (`cosctl.autobatch.synthetic_micro_batch`: random pixels and
 token ids, on the host as the loader hands it over) is built once and fed every step.
 
-Visual-token layouts (windows in patches; DESIGN §3). The 32-token chain runs at the pre-training
+Visual-token layouts (windows in patches; docs/design.md §3). The 32-token chain runs at the pre-training
 grid of 16x16 patches (224 px with ViT-L/14, 64 px for the tiny shape); 80/336/528 are the scale
 lists that `cos_model.inflate_config` makes from it at twice the resolution (32x32 patches):
 
@@ -31,7 +31,7 @@ Shapes (random weights; the ViT is frozen everywhere):
 
 Columns: s/step is the median of the timed steps (the JSON keeps each step and the mean); tokens/s
 counts visual + text tokens; TFLOP/s and MFU use the FLOP model of `cosctl.metrics.flops_per_sample`
-(LLM 6·N·tokens + attention, ViT forward, resampler; DESIGN §10's definition, so a frozen LLM still
+(LLM 6·N·tokens + attention, ViT forward, resampler; the definition of docs/design.md §8, so a frozen LLM still
 counts 6·N although its weight gradients are never computed); peak memory is the GPU's max allocated
 or, on CPU, the process's peak RSS during the row; "pred s/step" is the FLOP model over peak x
 `cosctl.metrics.ASSUMED_MFU` (the prediction `cosctl plan` prints); "x336" is the row's samples/s
@@ -66,7 +66,7 @@ import torch
 from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
 from cosctl.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
-from cosctl.data import samples_per_micro_batch
+from cosctl.batching import samples_per_micro_batch
 from cosctl.deepspeed_config import use_bf16
 from cosctl.dist import init_distributed
 from cosctl.engine import build_engine, build_pretrain_model, num_params, trainable_summary
@@ -162,7 +162,8 @@ def spec_dict(shape: Shape, image_size: int, scales: list[dict], args: argparse.
         "data": {"root": "unused", "max_text_tokens": args.text_tokens},
         # A small lr: random bf16 weights should not diverge within the few steps timed.
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0, "num_steps": args.warmup + args.steps},
-        "batch": {"tokens_per_micro_batch": args.tokens_per_micro_batch},
+        # One micro-batch per step: the rows time micro-batches of the token budget.
+        "batch": {"samples_per_step": 1 << 20, "tokens_per_micro_batch": args.tokens_per_micro_batch},
         "deepspeed": {"template": "zero3"},
     }
 
@@ -209,13 +210,13 @@ def build_model(spec: PretrainSpec, shape: Shape, device: torch.device, build_on
 
 
 class RepeatedMicroBatch:
-    """Stands in for `cosctl.data.MicroBatchLoader`: the same micro-batch at every call."""
+    """Stands in for `cosctl.batching.StepLoader`: every step is the same single micro-batch."""
 
     def __init__(self, batch: dict, num_samples: int):
         self.batch, self.num_samples = batch, num_samples
 
-    def next_micro_batch(self) -> dict:
-        return {**self.batch, "num_samples": self.num_samples}  # train_step pops num_samples
+    def next_step(self) -> list[dict]:
+        return [{**self.batch, "num_samples": self.num_samples}]
 
 
 def synchronize(device: torch.device) -> None:
@@ -284,7 +285,7 @@ def time_steps(engine, loader: RepeatedMicroBatch, warmup: int, steps: int, devi
     for _ in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        stats = train_step(engine, loader, 1, device)
+        stats = train_step(engine, loader.next_step(), device)
         synchronize(device)
         seconds.append(time.perf_counter() - start)
         losses.append(stats.loss)
@@ -299,7 +300,7 @@ def print_profile(engine, loader: RepeatedMicroBatch, device: torch.device, num_
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            train_step(engine, loader, 1, device)
+            train_step(engine, loader.next_step(), device)
         synchronize(device)
     events = prof.key_averages()
     for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:

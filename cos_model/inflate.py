@@ -1,4 +1,4 @@
-"""Token scaling and parameter inflation: pure functions from a trained model to a bigger one.
+"""Token scaling and parameter inflation (docs/design.md §3): pure functions from a trained model to a bigger one.
 
 Compound scaling = resolution scaling x window scaling (Chain-of-Sight, section 3.3):
 

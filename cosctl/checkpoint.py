@@ -1,4 +1,4 @@
-"""Checkpoints in a store: the layout, the commit protocol, and finding, fetching, copying, verifying
+"""Checkpoints in a store (docs/design.md §6): the layout, the commit protocol, and finding, fetching, copying, verifying
 and retiring committed checkpoints. Published artefacts (`model/`, `adapter/`) follow the same rule.
 `cosctl.checkpointer.Checkpointer` uses these functions to save and restore a running job.
 

@@ -1,4 +1,4 @@
-"""The checkpointer of a running job: when to save, saving (stage locally, upload and commit in the
+"""The checkpointer of a running job (docs/design.md §6, §7): when to save, saving (stage locally, upload and commit in the
 background), restoring, and what a resume point holds. Collective: every rank calls it.
 
 A resume point is the DeepSpeed ZeRO state (trainable weights, optimizer, LR scheduler), every rank's

@@ -1,8 +1,8 @@
-"""LLaVA-format records -> validated token sequences -> token-budget micro-batches.
+"""LLaVA-format records -> validated token sequences (examples) -> collated tensors (docs/design.md §5).
 
 Owns reading conversation JSON (`[{"id", "image", "conversations": [{"from": "human"|"gpt",
-"value"}...]}]`), rejecting and counting bad records, the chat template and its labels, image loading,
-the token-budget batch plan and the rank-aware, resumable stream the training loop reads.
+"value"}...]}]`), rejecting and counting bad records, the chat template and its labels, image loading
+and collating. How examples are grouped into steps and micro-batches is `cosctl.batching`'s.
 
 Chat template, one sequence per record (`<s>`/`</s>` are the tokenizer's bos/eos ids):
 
@@ -14,25 +14,19 @@ Chat template, one sequence per record (`<s>`/`</s>` are the tokenizer's bos/eos
 - The text before `<image>`, the rest of each prompt and each answer are tokenised separately, so the
   placeholder never merges with its neighbours and an answer tokenises as it is generated after
   "ASSISTANT: ".
-
-Batching: a micro-batch holds as many samples as fit `max_len_in_batch * num_samples <=
-tokens_per_micro_batch` (padded tokens are what cost compute), so a 32-visual-token stage packs many
-more samples per step than a 528-token one.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from cos_model import IGNORE_INDEX
@@ -43,9 +37,6 @@ IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_REPORTED_BAD_IDS = 10
-# Length-sorting happens inside shuffled chunks this many micro-batches long: wide enough to find
-# similar lengths, narrow enough that the order stays random across the epoch.
-SORT_CHUNK_MICRO_BATCHES = 16
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -260,55 +251,6 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
     return ((pixels - mean) / std).contiguous()
 
 
-def samples_per_micro_batch(num_visual_tokens: int, num_text_tokens: int, tokens_per_micro_batch: int) -> int:
-    """How many samples of this length fit a micro-batch of `tokens_per_micro_batch` padded tokens."""
-    sample_length = num_visual_tokens + num_text_tokens
-    if sample_length <= 0 or tokens_per_micro_batch <= 0:
-        raise ValueError(f"lengths and budget must be positive, got {sample_length} and {tokens_per_micro_batch}")
-    return tokens_per_micro_batch // sample_length
-
-
-def fill_micro_batches(
-    indices: Sequence[int], lengths: Sequence[int], tokens_per_micro_batch: int
-) -> list[list[int]]:
-    """Cut `indices`, in order, into micro-batches whose padded size `max_len * num_samples` fits."""
-    micro_batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = 0
-    for index in indices:
-        if batch and max(longest, lengths[index]) * (len(batch) + 1) > tokens_per_micro_batch:
-            micro_batches.append(batch)
-            batch, longest = [], 0
-        batch.append(index)
-        longest = max(longest, lengths[index])
-    return micro_batches + [batch] if batch else micro_batches
-
-
-def order_micro_batches(lengths: Sequence[int], tokens_per_micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Group example indices into micro-batches of similar length; deterministic for (seed, epoch).
-
-    Every index appears exactly once, and each micro-batch keeps `max_len * num_samples` within budget.
-    """
-    for index, length in enumerate(lengths):
-        if length > tokens_per_micro_batch:
-            raise DataError(
-                f"example {index} has {length} tokens, more than tokens_per_micro_batch="
-                f"{tokens_per_micro_batch}: raise the budget or lower max_text_tokens"
-            )
-    rng = random.Random(f"cosctl-plan:{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    typical_batch_size = tokens_per_micro_batch // max(1, int(np.median(lengths))) if lengths else 1
-    chunk_size = SORT_CHUNK_MICRO_BATCHES * max(1, typical_batch_size)
-    micro_batches: list[list[int]] = []
-    for start in range(0, len(order), chunk_size):
-        # sorted() is stable, so equal lengths keep their shuffled order.
-        chunk = sorted(order[start : start + chunk_size], key=lambda index: lengths[index])
-        micro_batches += fill_micro_batches(chunk, lengths, tokens_per_micro_batch)
-    rng.shuffle(micro_batches)
-    return micro_batches
-
-
 def collate(examples: Sequence[Example], images: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token rows to the longest example and stack the images."""
     num_columns = max(example.num_tokens for example in examples)
@@ -321,100 +263,3 @@ def collate(examples: Sequence[Example], images: list[torch.Tensor], pad_token_i
         attention_mask[row, : example.num_tokens] = 1
     pixel_values = torch.stack(images)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixel_values": pixel_values}
-
-
-class MicroBatchDataset(torch.utils.data.Dataset):
-    """Map-style dataset keyed by a micro-batch (list of example indices), so DataLoader workers load
-    and collate whole micro-batches while the main process keeps the order."""
-
-    def __init__(self, examples: Sequence[Example], root: str | Path | None, image_size: int, pad_token_id: int):
-        self.examples = examples
-        self.image_root = root
-        self.image_size = image_size
-        self.pad_token_id = pad_token_id
-
-    def __getitem__(self, indices: list[int]) -> dict:
-        chosen = [self.examples[index] for index in indices]
-        root = self.image_root or ""
-        images = [load_image(resolve_image_path(root, example.image_path), self.image_size) for example in chosen]
-        batch = collate(chosen, images, self.pad_token_id)
-        batch["num_samples"] = len(chosen)
-        return batch
-
-
-class MicroBatchLoader:
-    """Endless, rank-aware, resumable stream of micro-batches.
-
-    Epoch e's global order is `order_micro_batches(lengths, budget, seed, e)`, truncated to a multiple
-    of `world_size` so ranks stay in step; rank r reads global micro-batches r, r + world, ... The
-    position `{"epoch", "index"}` (index = micro-batches this rank has read in the epoch) is the same on
-    every rank, and a loader restored to it yields exactly the batches the original would have.
-    """
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        image_root: str | Path | None,
-        image_size: int,
-        pad_token_id: int,
-        tokens_per_micro_batch: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int = 0,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.dataset = MicroBatchDataset(examples, image_root, image_size, pad_token_id)
-        self.lengths = [example.num_tokens for example in examples]
-        self.tokens_per_micro_batch = tokens_per_micro_batch
-        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.epoch, self.index = 0, 0
-        self._order_cache: tuple[int, list[list[int]]] | None = None
-        self._iterator: Iterator[dict] | None = None
-        if not self.rank_micro_batches(0):
-            raise DataError(
-                f"{len(examples)} examples make fewer micro-batches per epoch than world_size={world_size}"
-            )
-
-    def rank_micro_batches(self, epoch: int) -> list[list[int]]:
-        """The micro-batches (example indices) this rank reads in `epoch`, in order."""
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            plan = order_micro_batches(self.lengths, self.tokens_per_micro_batch, self.seed, epoch)
-            plan = plan[: len(plan) // self.world_size * self.world_size]
-            self._order_cache = (epoch, plan[self.rank :: self.world_size])
-        return self._order_cache[1]
-
-    def _start_iterator(self) -> Iterator[dict]:
-        remaining = self.rank_micro_batches(self.epoch)[self.index :]
-        if self.num_workers == 0:
-            return (self.dataset[indices] for indices in remaining)
-        # batch_size=None: each sampler item is already a whole micro-batch, collated in the worker.
-        loader = DataLoader(self.dataset, sampler=remaining, batch_size=None, num_workers=self.num_workers)
-        return iter(loader)
-
-    def next_micro_batch(self) -> dict:
-        """The next micro-batch: input_ids, labels, attention_mask, pixel_values and `num_samples`."""
-        if self.index >= len(self.rank_micro_batches(self.epoch)):
-            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
-        if self._iterator is None:
-            self._iterator = self._start_iterator()
-        batch = next(self._iterator)
-        self.index += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "tokens_per_micro_batch": self.tokens_per_micro_batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue at a saved position. The saved budget is adopted with it: a position only means
-        something in the plan it was read from (an `auto` budget may probe differently after a resume)."""
-        budget = int(state.get("tokens_per_micro_batch", self.tokens_per_micro_batch))
-        if budget < 1:
-            raise DataError(f"loader state {state}: tokens_per_micro_batch must be positive")
-        if budget != self.tokens_per_micro_batch:
-            self.tokens_per_micro_batch, self._order_cache = budget, None
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index <= len(self.rank_micro_batches(epoch)):
-            raise DataError(f"loader state {state} is outside the plan of epoch {epoch}")
-        self.epoch, self.index, self._iterator = epoch, index, None

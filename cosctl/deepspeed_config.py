@@ -50,12 +50,14 @@ def resolve_deepspeed(
 
     `micro_batch_size` is an estimate of samples per micro-batch: the trainer batches by token budget and
     feeds its own batches, so DeepSpeed uses it only for batch-size bookkeeping and throughput reports.
+    Accumulation is the trainer's too (it varies per step and marks the last micro-batch of each step
+    with `set_gradient_accumulation_boundary`), so DeepSpeed's own count is 1.
     `hidden_size` (the LLM's width) and `block_numel` (parameters of the largest transformer block) size
     the ZeRO buckets.
     """
     if world_size < 1 or micro_batch_size < 1:
         raise ValueError(f"world_size and micro_batch_size must be >= 1, got {world_size} and {micro_batch_size}")
-    accumulation = spec.batch.gradient_accumulation
+    accumulation = 1
     config = copy.deepcopy(template)
     # The spec is the source of truth: derived keys are written even where a template hard-codes them.
     config.update(

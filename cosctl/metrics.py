@@ -16,7 +16,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, 
 
 # The model-FLOPs utilisation every step-time prediction assumes (`cosctl plan`, bench/stage_speed.py).
 # A plain ZeRO-3 loop on one H200 reached ~31% with a trained 1.1B LLM and ~39% with a frozen 7B one
-# (DESIGN §10); 0.35 sits between them. Small models on CPU reach far less: there the prediction is a
+# (bench/RESULTS.md); 0.35 sits between them. Small models on CPU reach far less: there the prediction is a
 # floor on the step time, not an estimate.
 ASSUMED_MFU = 0.35
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
 from cos_model import CosConfig, CosForConditionalGeneration
 
 from .checkpoint import find_latest
-from .data import IMAGE_TOKEN, load_tokenizer, samples_per_micro_batch
+from .batching import samples_per_micro_batch
+from .data import IMAGE_TOKEN, load_tokenizer
 from .errors import DataError
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .engine import largest_block_numel, set_trainable
@@ -78,18 +80,42 @@ def device_peak_tflops(device_type: str) -> float | None:
     return None
 
 
-def _speed(flops_per_step: float, samples_per_step: int, world_size: int, device_type: str,
-           known_step: bool = True) -> dict:
-    """Predicted step time and samples/s; without a known micro-batch (auto) only samples/s, which the
-    FLOP model makes independent of the batch size."""
+def _speed(flops_per_step: float, samples_per_step: int, world_size: int, device_type: str) -> dict:
+    """Predicted step time and samples/s from the FLOP model (independent of how a step is split into
+    micro-batches)."""
     peak = device_peak_tflops(device_type)
     step_s = predict_step_seconds(flops_per_step, peak, world_size)
     return {
         "peak_tflops": peak,
         "assumed_mfu": ASSUMED_MFU,
-        "predicted_step_s": step_s if known_step else None,
+        "predicted_step_s": step_s,
         "predicted_samples_per_s": samples_per_step / step_s if step_s else None,
     }
+
+
+def batch_plan(spec, num_visual_tokens: int, text_tokens: int, world_size: int) -> dict:
+    """Samples per step (the spec's), and how a rank's share splits into micro-batches at the assumed
+    length (unknown for an `auto` budget, which is probed at start); steps per epoch when the training
+    records can be counted."""
+    samples_per_step = spec.batch.samples_per_step
+    share = -(-samples_per_step // world_size)
+    budget = spec.batch.tokens_per_micro_batch
+    micro = None if budget == "auto" else min(share, samples_per_micro_batch(num_visual_tokens, text_tokens, budget))
+    return {
+        "samples_per_step": samples_per_step,
+        "samples_per_micro_batch": micro,
+        "micro_batches_per_step": -(-share // micro) if micro else None,
+        "steps_per_epoch": _steps_per_epoch(spec),
+    }
+
+
+def _steps_per_epoch(spec) -> int | None:
+    path = Path(spec.data.root) / spec.data.train
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return len(records) // spec.batch.samples_per_step if isinstance(records, list) else None
 
 
 def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
@@ -112,16 +138,15 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
     if isinstance(spec, FinetuneSpec) and spec.lora is not None:
         trainable += lora_params(model, spec.lora.target_modules, spec.lora.r)
     text_tokens = spec.data.max_text_tokens // 2  # assumed mean; the run measures the real one
-    budget = spec.batch.tokens_per_micro_batch
-    # An auto budget is probed on the device at start; per-sample figures (samples/s) do not depend on it.
-    micro = None if budget == "auto" else samples_per_micro_batch(config.num_visual_tokens, text_tokens, budget)
+    batch = batch_plan(spec, config.num_visual_tokens, text_tokens, world_size)
+    micro = batch["samples_per_micro_batch"]
     ds_config = resolve_deepspeed(
         load_template(spec.deepspeed.template), spec, world_size=world_size, micro_batch_size=micro or 1,
         device_type=device_type, hidden_size=config.text_config.hidden_size, block_numel=largest_block_numel(model),
     )
     bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
     sample_flops = flops_per_sample(config, text_tokens)
-    samples_per_step = (micro or 1) * spec.batch.gradient_accumulation * world_size
+    samples_per_step = spec.batch.samples_per_step
     store = open_store(spec.run.output, spec.storage.to_settings())
     latest = find_latest(store)
     return {
@@ -131,11 +156,11 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu") -> dict:
         "scales": scale_table(config),
         "trainable_params": trainable,
         "total_params": total,
-        "samples_per_micro_batch": micro,
+        **batch,
         "assumed_text_tokens": text_tokens,
         "flops_per_sample": sample_flops,
-        "flops_per_step": sample_flops * samples_per_step if micro else None,
-        **_speed(sample_flops * samples_per_step, samples_per_step, world_size, device_type, known_step=bool(micro)),
+        "flops_per_step": sample_flops * samples_per_step,
+        **_speed(sample_flops * samples_per_step, samples_per_step, world_size, device_type),
         "memory_per_rank_gib": {
             "weights": total * bytes_per_param / world_size / 2**30,
             "optimizer": trainable * (ADAM_BYTES_PER_PARAM + bytes_per_param) / world_size / 2**30,
@@ -172,10 +197,12 @@ def format_plan(plan: dict) -> str:
 
 
 def _format_micro_batch(plan: dict) -> str:
+    epoch = f", {plan['steps_per_epoch']} steps per epoch" if plan["steps_per_epoch"] is not None else ""
+    step = f"step           {plan['samples_per_step']} samples (all ranks){epoch}\n"
     if plan["samples_per_micro_batch"] is None:
-        return "micro-batch    auto: probed on the device at start to fill its memory"
-    return (f"micro-batch    ~{plan['samples_per_micro_batch']} samples "
-            f"(assuming {plan['assumed_text_tokens']} text tokens)")
+        return step + "micro-batch    auto: probed on the device at start to fill its memory"
+    return step + (f"micro-batch    ~{plan['samples_per_micro_batch']} samples, ~{plan['micro_batches_per_step']} "
+                   f"per step per rank (assuming {plan['assumed_text_tokens']} text tokens)")
 
 
 def _format_speed(plan: dict) -> str:

@@ -1,4 +1,4 @@
-"""What a training run is made of, and putting it together: `setup_run` joins the process group, opens
+"""What a training run is made of (docs/design.md §1), and putting it together: `setup_run` joins the process group, opens
 the run's output store (once), builds the stage's model and tokenizer, reads the data, wraps the model
 in its DeepSpeed engine and makes the checkpointer; `Run` holds the result for the loop in
 `cosctl.train`. Also the token budget's three origins (`choose_budget`) and the loaders it sizes.
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 from .autobatch import probe_micro_batch
+from .batching import MicroBatch, MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
 from .checkpointer import Checkpointer, Restored
-from .data import Example, LengthStats, MicroBatchLoader, length_stats, load_examples, samples_per_micro_batch
+from .data import Example, LengthStats, length_stats, load_examples
 from .dist import Dist, init_distributed
 from .engine import build_engine, expected_trainable_groups, trainable_summary
 from .log import log, setup_logging
@@ -50,27 +51,28 @@ class Run:
     def lengths(self) -> LengthStats:
         return length_stats(self.train_examples)
 
-    def train_loader(self, budget: Budget, position: dict | None = None) -> MicroBatchLoader:
-        """This rank's token-budgeted stream of the training examples, at `position` if resuming."""
-        loader = self._loader(self.train_examples, budget.tokens, self.dist.rank, self.dist.world_size,
-                              self.spec.data.num_workers)
+    def train_loader(self, budget: Budget, position: dict | None = None) -> StepLoader:
+        """This rank's stream of optimizer steps over the training examples, at `position` if resuming."""
+        loader = StepLoader(
+            self.train_examples, image_root=Path(self.spec.data.root), image_size=self.stage.cos_config.image_size,
+            pad_token_id=self.stage.tokenizer.pad_token_id, tokens_per_micro_batch=budget.tokens,
+            samples_per_step=self.spec.batch.samples_per_step, seed=self.spec.run.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=self.spec.data.num_workers,
+        )
         if position is not None:
             loader.load_state_dict(position)
         return loader
 
-    def eval_loader(self, budget: Budget) -> MicroBatchLoader | None:
-        # Every rank evaluates the same batches: a held-out set may be smaller than one micro-batch per
-        # rank, and ZeRO-3 forwards are collective, so all ranks must run the same count.
+    def eval_batches(self, budget: Budget) -> list[dict]:
+        """The held-out micro-batches, collated once: every rank evaluates the same ones (a held-out set
+        may be smaller than one micro-batch per rank, and ZeRO-3 forwards are collective)."""
         if self.eval_examples is None:
-            return None
-        return self._loader(self.eval_examples, budget.tokens, 0, 1, 0)
-
-    def _loader(self, examples, tokens: int, rank: int, world_size: int, num_workers: int) -> MicroBatchLoader:
-        return MicroBatchLoader(
-            examples, image_root=Path(self.spec.data.root), image_size=self.stage.cos_config.image_size,
-            pad_token_id=self.stage.tokenizer.pad_token_id, tokens_per_micro_batch=tokens, seed=self.spec.run.seed,
-            rank=rank, world_size=world_size, num_workers=num_workers,
-        )
+            return []
+        dataset = MicroBatchDataset(self.eval_examples, Path(self.spec.data.root), self.stage.cos_config.image_size,
+                                    self.stage.tokenizer.pad_token_id)
+        micro_batches: list[MicroBatch] = eval_micro_batches(self.eval_examples, budget.tokens,
+                                                             self.spec.eval.num_batches)
+        return [dataset[micro] for micro in micro_batches]
 
 
 def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
@@ -117,9 +119,10 @@ def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats
     """The DeepSpeed engine around the stage's model; refuses a trainable set other than the spec's."""
     budget = spec.batch.tokens_per_micro_batch
     # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
+    share = max(1, spec.batch.samples_per_step // dist_info.world_size)  # samples per rank and step
     micro_estimate = 1 if budget == "auto" else samples_per_micro_batch(
         stage.cos_config.num_visual_tokens, lengths.mean_text_tokens, budget)
-    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, micro_estimate))
+    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, min(micro_estimate, share)))
     trainable = trainable_summary(engine.module)
     log.info("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
     if set(trainable) != expected_trainable_groups(spec):

@@ -1,4 +1,4 @@
-"""SLURM launch: `render_sbatch` writes a run's batch script (pure), `submit` hands it to sbatch.
+"""SLURM launch (docs/design.md §7): `render_sbatch` writes a run's batch script (pure), `submit` hands it to sbatch.
 
 The job runs one `srun` task per node; each task runs torchrun with `ranks_per_node` training ranks,
 rendezvousing on the first node. The script's real work is the warning/requeue protocol:

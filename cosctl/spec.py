@@ -253,6 +253,13 @@ def _yaml_key(loc: tuple) -> str:
     return key
 
 
+# Keys whose absence most likely means a spec written for an older cosctl: say what they are.
+MISSING_HINTS = {
+    "batch.samples_per_step": " (the global batch: samples per optimizer step over all ranks, e.g. 256; every "
+    "stage optimises with it, and tokens_per_micro_batch now only splits it into micro-batches)",
+}
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     errors = err.errors()
     locs = [e["loc"] for e in errors]
@@ -272,7 +279,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
         elif e["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see `cosctl spec schema`)"
         elif e["type"] == "missing":
-            message = "required key is missing"
+            message = "required key is missing" + MISSING_HINTS.get(_yaml_key(_yaml_loc(loc)), "")
         else:
             # Cross-field checks name their own key relative to the section: "scales[0].window: ..."
             inner, sep, rest = message.partition(": ")

@@ -105,12 +105,25 @@ class OptimSpec(Section):
 
 
 class BatchSpec(Section):
+    """An optimizer step sees `samples_per_step` samples (over all ranks), whatever the stage's visual
+    tokens; the token budget only splits them into micro-batches, so accumulation follows from it."""
+
+    samples_per_step: int = Field(
+        gt=0, description="The global batch: samples per optimizer step over all ranks (e.g. 256). Every stage "
+        "optimises with it; the token budget only decides micro-batches and accumulation.")
     tokens_per_micro_batch: TokenBudget = Field(
         description="Padded tokens (visual + text) per micro-batch per rank; auto probes the largest that "
         "fits in memory_fraction of the device's memory.")
     memory_fraction: float = Field(0.85, gt=0.0, le=1.0, description="Share of memory that auto may fill.")
     max_tokens_per_micro_batch: int | None = Field(None, gt=0, description="Upper bound for auto.")
-    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step on each rank.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fixed_accumulation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "gradient_accumulation" in data:
+            raise ValueError("gradient_accumulation: removed; set samples_per_step (the global batch in samples) "
+                             "and the accumulation follows from it and tokens_per_micro_batch")
+        return data
 
     @model_validator(mode="after")
     def _auto_settings_need_auto(self) -> BatchSpec:

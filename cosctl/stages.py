@@ -40,7 +40,7 @@ class Stage:
     model: torch.nn.Module
     cos_config: CosConfig
     write_trainable: Callable  # (engine, local_dir) -> None; collective
-    write_final: Callable  # (engine) -> published URI; collective
+    write_final: Callable  # (engine) -> the published artefact's key in the output store; collective
 
 
 def fetch_model(source: str, settings: StoreSettings | None, local_dir: Path) -> Path:
@@ -92,14 +92,16 @@ def _save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path)
 
 
 def _publish_on_main(store: ObjectStore, local_dir: Path, prefix: str) -> str:
+    """Rank 0 publishes `local_dir` as `prefix` in the output store; returns the artefact's key."""
     if dist.get_rank() == 0:
         publish(store, local_dir, prefix)
     barrier()
-    return join_uri(store.uri, prefix)
+    return prefix
 
 
 def prepare_stage(spec: TrainingSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
-    """The stage's tokenizer and model (not yet in an engine) and how it writes weights to `store`."""
+    """The stage's tokenizer and model (not yet in an engine) and how it writes weights to `store`;
+    `write_final` returns the published artefact's key in the store (`model` or `adapter`)."""
     if isinstance(spec, PretrainSpec):
         return _pretrain_stage(spec, store, staging)
     return _finetune_stage(spec, store, staging, dist_info)

@@ -5,7 +5,9 @@
     budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
     while step < num_steps:
         step += 1
-        train_step(): accumulation x (micro-batch -> forward -> engine.backward -> engine.step)
+        micro-batches = loader.next_step()  # this rank's share of the step's samples_per_step samples
+        train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
+                      by the step's label tokens over all ranks); engine.step() after the last one
         log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
         if eval due: mean eval loss over a fixed set of held-out micro-batches
         if save due (every N steps / M minutes) or SIGUSR1 seen, agreed by all ranks: commit a checkpoint
@@ -24,14 +26,16 @@ from pathlib import Path
 
 import torch
 
+from cos_model import IGNORE_INDEX
+
 from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
-from .data import MicroBatchLoader
 from .dist import all_reduce, any_rank
 from .log import log
 from .metrics import MetricsSink, flops_per_sample, peak_tflops
 from .run import Run, choose_budget, setup_run
 from .spec import TrainingSpec
+from .storage import join_uri
 
 
 def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str = "auto",
@@ -40,8 +44,9 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
     run = setup_run(spec, run_dir=Path(run_dir), output=output)
     restored = run.checkpointer.restore(run.engine, resume, overwrite)
     budget = choose_budget(run, restored)
-    log.info(f"tokens per micro-batch: {budget.tokens} (from the {budget.origin})")
     loader = run.train_loader(budget, position=restored.loader_state if restored else None)
+    log.info(f"{spec.batch.samples_per_step} samples per step, {loader.steps_per_epoch} steps per epoch; "
+             f"{budget.tokens} tokens per micro-batch (from the {budget.origin})")
     step = restored.step if restored else 0
     evaluate = Evaluator(run, budget)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
@@ -54,7 +59,7 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
     while step < spec.optim.num_steps:
         step += 1
         lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
-        stats = train_step(run.engine, loader, spec.batch.gradient_accumulation, run.dist.device)
+        stats = train_step(run.engine, loader.next_step(), run.dist.device)
         record = meter.record(step, stats, lr, time.monotonic() - started)
         if evaluate.due(step):
             record["eval_loss"] = evaluate()
@@ -69,7 +74,7 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
             raise Preempted(step)
     final_eval = evaluate()
     run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True)
-    artefact = run.stage.write_final(run.engine)
+    artefact = join_uri(output, run.stage.write_final(run.engine))
     _close(run, sink)
     summary = {
         "stage": spec.stage, "visual_tokens": run.stage.cos_config.num_visual_tokens,
@@ -87,53 +92,74 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
 
 @dataclass
 class StepStats:
-    loss: float = 0.0
-    num_samples: int = 0
-    num_tokens: int = 0
+    loss: float  # mean over the step's label tokens, all ranks
+    num_samples: int  # over all ranks
+    num_tokens: int  # non-padding tokens over all ranks
+    num_label_tokens: int
+    num_micro_batches: int  # this rank's, the same on every rank
 
 
-def train_step(engine, loader: MicroBatchLoader, accumulation: int, device) -> StepStats:
-    """One optimizer step over `accumulation` token-budgeted micro-batches; stats summed over ranks."""
-    stats = StepStats()
-    for _ in range(accumulation):
-        batch = loader.next_micro_batch()
-        num_samples = batch.pop("num_samples")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = engine(**batch).loss
+def num_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss: labels other than IGNORE_INDEX after the causal shift (the first
+    position predicts nothing), exactly as transformers' causal-LM loss counts them."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(engine, micro_batches: list[dict], device) -> StepStats:
+    """One optimizer step over this rank's micro-batches of the step (`accumulate`, then the update)."""
+    stats = accumulate(engine, micro_batches, device)
+    engine.step()
+    return stats
+
+
+def accumulate(engine, micro_batches: list[dict], device) -> StepStats:
+    """Forward and backward over this rank's micro-batches of a step, leaving the step's gradient.
+
+    Every token of the step weighs the same, whichever micro-batch or rank it is in: each micro-batch's
+    loss is its sum over tokens divided by the label tokens of the whole step (all ranks), times the
+    world size, because DeepSpeed averages gradients over ranks. That is transformers'
+    `num_items_in_batch`. The last micro-batch is marked as the accumulation boundary.
+    """
+    world_size = torch.distributed.get_world_size()
+    local = [sum(num_label_tokens(b["labels"]) for b in micro_batches), sum(b["num_samples"] for b in micro_batches),
+             sum(int(b["attention_mask"].sum()) for b in micro_batches)]
+    step_labels, num_samples, num_tokens = all_reduce(local, device)
+    per_rank_items = torch.tensor(max(step_labels, 1.0) / world_size, device=device)
+    loss_sum = 0.0
+    for index, batch in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "num_samples"}
+        loss = engine(**inputs, num_items_in_batch=per_rank_items).loss
         engine.backward(loss)
-        engine.step()
-        stats.loss += loss.item() / accumulation
-        stats.num_samples += num_samples
-        stats.num_tokens += int(batch["attention_mask"].sum())
-    loss_sum, num_samples, num_tokens = all_reduce([stats.loss, stats.num_samples, stats.num_tokens], device)
-    return StepStats(loss_sum / torch.distributed.get_world_size(), int(num_samples), int(num_tokens))
+        loss_sum += loss.item()
+    total = all_reduce([loss_sum], device)[0] / world_size
+    return StepStats(total, int(num_samples), int(num_tokens), int(step_labels), len(micro_batches))
 
 
 class Evaluator:
-    """Mean loss over the first `eval.num_batches` held-out micro-batches (the same batches on every
-    rank, every time); calling it without held-out data returns None."""
+    """Mean loss per label token over the first `eval.num_batches` held-out micro-batches (the same
+    batches on every rank, every time); calling it without held-out data returns None."""
 
     def __init__(self, run: Run, budget):
         self.engine, self.device = run.engine, run.dist.device
-        self.every, self.num_batches = run.spec.eval.every_steps, run.spec.eval.num_batches
-        self.loader = run.eval_loader(budget)
+        self.every = run.spec.eval.every_steps
+        self.batches = run.eval_batches(budget)
 
     def due(self, step: int) -> bool:
-        return self.loader is not None and step % self.every == 0
+        return bool(self.batches) and step % self.every == 0
 
     @torch.no_grad()
     def __call__(self) -> float | None:
-        if self.loader is None:
+        if not self.batches:
             return None
         self.engine.eval()
-        self.loader.load_state_dict({"epoch": 0, "index": 0})
-        total = 0.0
-        for _ in range(self.num_batches):
-            batch = self.loader.next_micro_batch()
-            batch.pop("num_samples")
-            total += self.engine(**{k: v.to(self.device) for k, v in batch.items()}).loss.item()
+        total, count = 0.0, 0
+        for batch in self.batches:
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "num_samples"}
+            total += self.engine(**inputs, num_items_in_batch=torch.tensor(1.0)).loss.item()
+            count += num_label_tokens(batch["labels"])
         self.engine.train()
-        return total / self.num_batches
+        return total / max(count, 1)
 
 
 class StepMeter:
@@ -152,7 +178,8 @@ class StepMeter:
         norm = self.engine.get_global_grad_norm()
         return {
             "step": step, "loss": stats.loss, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
-            "samples": stats.num_samples, "tokens": stats.num_tokens, "step_time_s": elapsed,
+            "samples": stats.num_samples, "tokens": stats.num_tokens, "label_tokens": stats.num_label_tokens,
+            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed,
             "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
             "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
         }

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Set up this checkout on a fresh Debian machine and run the whole test suite:
+# Set up this checkout on a fresh Debian machine and run the whole test suite, cheapest checks first:
 #   1. a virtualenv with the project and its test extra (torch pinned to the CPU build);
-#   2. the real servers the s3 and slurm tiers need: a single-host Ceph radosgw (1 mon + 1 OSD on a
-#      sparse file) and a single-node SLURM with munge (both installed with apt when missing, so run
-#      as root), stopped again on exit;
-#   3. pytest, with both tiers required (a broken server fails the run instead of skipping tests).
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+#   2. lint: `ruff check` and `ruff format --check` (config in pyproject.toml);
+#   3. the fast tier (`-m "not slow and not s3 and not slurm"`): a minute, fails early;
+#   4. the real servers the s3 and slurm tiers need: a single-host Ceph radosgw (1 mon + 1 OSD on a
+#      sparse file) and a single-node SLURM with munge (installed with apt when missing, so run as
+#      root), stopped again on exit;
+#   5. the rest (`-m "slow or s3 or slurm"`), with both servers required: a broken server fails the
+#      run instead of skipping tests.
+# Extra arguments go to both pytest runs, e.g. `bash scripts/test.sh -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state="$PWD/.ci-state"
@@ -14,7 +17,11 @@ export CEPH_S3_DIR="$state/ceph" SLURM_DIR="$state/slurm"
 python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/python -m pytest -m "not slow and not s3 and not slurm" "$@"
+
 trap '.ci/ceph-s3.sh stop "$CEPH_S3_DIR" >/dev/null 2>&1 || true; .ci/slurm.sh stop >/dev/null 2>&1 || true' EXIT
 .ci/ceph-s3.sh init "$CEPH_S3_DIR"
 .ci/slurm.sh start
-COSCTL_REQUIRE_CEPH=1 COSCTL_REQUIRE_SLURM=1 .venv/bin/python -m pytest "$@"
+COSCTL_REQUIRE_CEPH=1 COSCTL_REQUIRE_SLURM=1 .venv/bin/python -m pytest -m "slow or s3 or slurm" "$@"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from tests.harness import cosctl, ok
 from tests.tiny import tiny_config, tiny_model
 
 pytest_plugins = ["tests.conftest_s3", "tests.conftest_slurm"]
@@ -29,6 +27,5 @@ def model(config: CosConfig) -> CosForConditionalGeneration:
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic set (96 samples, 64 px) with its tokenizer, shared by the training tests."""
     out = tmp_path_factory.mktemp("tiny_data") / "data"
-    subprocess.run([sys.executable, "-m", "cosctl", "data", "synth", "--out", str(out), "--num-samples", "96",
-                    "--image-size", "64"], check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    ok(cosctl("data", "synth", "--out", str(out), "--num-samples", "96", "--image-size", "64"))
     return out

@@ -11,7 +11,7 @@ import torch
 
 from cos_model import IGNORE_INDEX
 from cosctl.autobatch import MemoryMeter, _fit_and_check, optimizer_state_gib, solve_num_samples, synthetic_micro_batch
-from tests.runs import run, steps, train_command
+from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config
 
 

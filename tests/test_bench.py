@@ -14,8 +14,8 @@ import pytest
 from cosctl.metrics import ASSUMED_MFU
 from cosctl.plan import build_plan, format_plan
 from cosctl.spec import load_spec
+from tests.harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STAGE_SPEED = REPO / "bench" / "stage_speed.py"
 
 
@@ -71,17 +71,18 @@ def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
     monkeypatch.setenv("COSCTL_PEAK_TFLOPS", "2.0")
     plan = build_plan(spec)
     assert plan["predicted_step_s"] == pytest.approx(plan["flops_per_step"] / (2.0e12 * ASSUMED_MFU))
-    assert plan["predicted_samples_per_s"] == pytest.approx(plan["samples_per_micro_batch"] / plan["predicted_step_s"])
+    assert plan["predicted_samples_per_s"] == pytest.approx(plan["samples_per_step"] / plan["predicted_step_s"])
 
 
-def test_plan_with_an_auto_budget_predicts_samples_per_second_only(tmp_path, monkeypatch):
-    """With `auto` the micro-batch is unknown before the probe: plan gives samples/s (the same as with
-    any fixed budget, since the FLOP model is per sample) and no step time, and says why."""
+def test_plan_with_an_auto_budget_still_predicts_the_step(tmp_path, monkeypatch):
+    """With `auto` the micro-batch is unknown before the probe, but a step is the spec's samples per
+    step whatever the split: plan predicts the same step time and samples/s as with a fixed budget."""
     monkeypatch.setenv("COSCTL_PEAK_TFLOPS", "2.0")
     fixed = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"]))
     auto = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml",
                                 [f"run.output={tmp_path}", "batch.tokens_per_micro_batch=auto"]))
-    assert auto["samples_per_micro_batch"] is None and auto["predicted_step_s"] is None
+    assert auto["samples_per_micro_batch"] is None and auto["micro_batches_per_step"] is None
+    assert auto["predicted_step_s"] == pytest.approx(fixed["predicted_step_s"])
     assert auto["predicted_samples_per_s"] == pytest.approx(fixed["predicted_samples_per_s"])
     assert "auto: probed on the device at start" in format_plan(auto)
 

@@ -11,7 +11,7 @@ from cosctl.checkpoint import find_latest, list_committed, verify
 from cosctl.storage.s3 import S3Store
 
 from tests.conftest_s3 import create_bucket
-from tests.runs import kill_when, run, steps, train_command
+from tests.harness import kill_when, run, steps, train_command
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.multiproc]
 

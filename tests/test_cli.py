@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from cosctl.cli import app
 from cosctl.spec import load_spec
+from tests.harness import REPO, cosctl
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 runner = CliRunner()
 
@@ -118,15 +118,10 @@ def test_spec_schema_names_every_stage():
 
 def test_missing_local_model_folder_exits_1(tmp_path, tiny_data):
     """A real-scale recipe whose model folders are absent: exit 1 naming the key, no traceback."""
-    import os
-    import subprocess
-    import sys
-
     args = [str(REPO / "recipes/vicuna7b/pretrain.yaml"), "--set", f"run.output={tmp_path}",
             "--set", f"model.tokenizer={tiny_data / 'tokenizer'}"]
     planned = runner.invoke(app, ["plan", *args])
-    trained = subprocess.run([sys.executable, "-m", "cosctl", "pretrain", *args, "--run-dir", str(tmp_path / "w")],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    trained = cosctl("pretrain", *args, "--run-dir", str(tmp_path / "w"), tmp=tmp_path, timeout=300)
     for code, output in ((planned.exit_code, planned.output), (trained.returncode, trained.stderr)):
         assert code == 1, output
         assert "error: model.vision.path: /models/clip-vit-large-patch14 is not a local model folder" in output

@@ -1,4 +1,4 @@
-"""Data pipeline: chat template and labels, bad-record accounting, token-budget plans, resumable loader."""
+"""Records to examples: chat template and labels, bad-record accounting, images, collate."""
 
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ from cosctl.data import (
     IMAGE_TOKEN,
     DataError,
     Example,
-    MicroBatchLoader,
-    load_examples,
     collate,
     image_token_id,
+    load_examples,
     load_image,
     load_tokenizer,
-    order_micro_batches,
-    samples_per_micro_batch,
 )
 from cosctl.synth import synthesize
 
@@ -49,11 +46,6 @@ def tokenizer(synth_dir) -> PreTrainedTokenizerFast:
 def build(synth_dir: Path, tokenizer, num_visual_tokens: int = 32, json_name: str = "train.json", **kwargs):
     options = {"max_text_tokens": 128, "max_bad_fraction": 0.0, **kwargs}
     return load_examples(synth_dir / json_name, synth_dir, tokenizer, num_visual_tokens, **options)
-
-
-def make_loader(synth_dir, examples, rank=0, world_size=1, num_workers=0, budget=512) -> MicroBatchLoader:
-    return MicroBatchLoader(examples, synth_dir, IMAGE_SIZE, 3, budget, seed=7, rank=rank,
-                            world_size=world_size, num_workers=num_workers)
 
 
 def test_chat_template_labels_only_answers(synth_dir, tokenizer):
@@ -181,39 +173,6 @@ def test_load_image_resizes_and_normalises(tmp_path):
         load_image(tmp_path / "bad.png", 32)
 
 
-def test_plan_covers_every_index_once_within_budget():
-    """Each epoch's plan holds every index once, respects the padded-token budget and is reproducible."""
-    lengths = [int(length) for length in torch.randint(20, 200, (500,), generator=torch.Generator().manual_seed(0))]
-    for epoch in range(3):
-        plan = order_micro_batches(lengths, 1024, seed=1, epoch=epoch)
-        assert sorted(index for batch in plan for index in batch) == list(range(500))
-        assert all(max(lengths[i] for i in batch) * len(batch) <= 1024 for batch in plan)
-        assert plan == order_micro_batches(lengths, 1024, seed=1, epoch=epoch)
-    assert order_micro_batches(lengths, 1024, 1, 0) != order_micro_batches(lengths, 1024, 1, 1)
-    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in plan)
-    assert padded < 1.1 * sum(lengths)
-
-
-def test_plan_rejects_an_example_longer_than_the_budget():
-    """A single example over budget is an error naming its length and the budget."""
-    with pytest.raises(DataError, match="example 1 has 600 tokens.*tokens_per_micro_batch=512"):
-        order_micro_batches([100, 600], 512, seed=0, epoch=0)
-
-
-def test_32_token_stage_packs_far_more_samples_than_528(synth_dir, tokenizer):
-    """At one token budget, 32-visual-token examples fill micro-batches with >= 4x the samples of 528."""
-    budget = 4096
-    mean_samples = {}
-    for num_visual_tokens in (32, 528):
-        examples, _ = build(synth_dir, tokenizer, num_visual_tokens=num_visual_tokens)
-        lengths = [example.num_tokens for example in examples] * 10
-        plan = order_micro_batches(lengths, budget, seed=0, epoch=0)
-        mean_samples[num_visual_tokens] = len(lengths) / len(plan)
-    assert mean_samples[32] >= 4 * mean_samples[528]
-    assert samples_per_micro_batch(32, 40, budget) >= 4 * samples_per_micro_batch(528, 40, budget)
-    assert samples_per_micro_batch(528, 40, budget) == 7
-
-
 def test_collate_right_pads_tokens_labels_and_mask():
     """Shorter rows are padded with the pad id, IGNORE_INDEX labels and a zero mask; images stack."""
     short = Example("a", "vqa", "a.png", (1, 5, 6), (IGNORE_INDEX, 5, 6), 3)
@@ -224,79 +183,3 @@ def test_collate_right_pads_tokens_labels_and_mask():
     assert batch["labels"].tolist() == [[ignore, 5, 6, ignore, ignore], [ignore, ignore, 8, 9, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["pixel_values"][1].sum() == 3 * 64
-
-
-def test_ranks_read_disjoint_samples_in_step(synth_dir, tokenizer):
-    """With two ranks, each reads its own micro-batches, they never share a sample, and batches match."""
-    examples, _ = build(synth_dir, tokenizer)
-    loaders = [make_loader(synth_dir, examples, rank=rank, world_size=2) for rank in range(2)]
-    plans = [loader.rank_micro_batches(0) for loader in loaders]
-    assert len(plans[0]) == len(plans[1]) >= 2
-    seen = [{index for batch in plan for index in batch} for plan in plans]
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) >= len(examples) - max(len(batch) for plan in plans for batch in plan)
-    for loader, plan in zip(loaders, plans):
-        batch = loader.next_micro_batch()
-        chosen = [examples[index] for index in plan[0]]
-        assert batch["num_samples"] == len(chosen)
-        assert batch["pixel_values"].shape == (len(chosen), 3, IMAGE_SIZE, IMAGE_SIZE)
-        assert torch.equal(batch["input_ids"], collate(chosen, [torch.zeros(3, 1, 1)] * len(chosen), 3)["input_ids"])
-
-
-def assert_same_batches(first: list[dict], second: list[dict]) -> None:
-    assert len(first) == len(second)
-    for one, other in zip(first, second):
-        assert one.keys() == other.keys() and one["num_samples"] == other["num_samples"]
-        assert all(torch.equal(one[key], other[key]) for key in one if key != "num_samples")
-
-
-@pytest.mark.parametrize("position", ["mid_epoch", "end_of_epoch"])
-def test_restored_loader_yields_the_same_batches_across_epochs(synth_dir, tokenizer, position):
-    """A loader restored from state_dict() continues with exactly the original's batches, into epoch 2."""
-    examples, _ = build(synth_dir, tokenizer)
-    original = make_loader(synth_dir, examples, rank=1, world_size=2)
-    num_per_epoch = len(original.rank_micro_batches(0))
-    num_before = 1 if position == "mid_epoch" else num_per_epoch
-    for _ in range(num_before):
-        original.next_micro_batch()
-    state = json.loads(json.dumps(original.state_dict()))
-    expected = [original.next_micro_batch() for _ in range(num_per_epoch + 1)]
-    assert original.state_dict()["epoch"] == 1 + (position == "end_of_epoch")
-    restored = make_loader(synth_dir, examples, rank=1, world_size=2)
-    restored.load_state_dict(state)
-    assert_same_batches([restored.next_micro_batch() for _ in range(num_per_epoch + 1)], expected)
-
-
-def test_worker_processes_give_the_same_stream(synth_dir, tokenizer):
-    """Loading with DataLoader workers yields the same batches, across an epoch, as loading inline."""
-    examples, _ = build(synth_dir, tokenizer)
-    inline, workers = (make_loader(synth_dir, examples, num_workers=n, budget=1024) for n in (0, 2))
-    num_batches = len(inline.rank_micro_batches(0)) + 1
-    assert_same_batches([workers.next_micro_batch() for _ in range(num_batches)],
-                        [inline.next_micro_batch() for _ in range(num_batches)])
-
-
-def test_loader_rejects_too_few_micro_batches_and_bad_state(synth_dir, tokenizer):
-    """More ranks than micro-batches, or a state outside the plan, is a DataError."""
-    examples, _ = build(synth_dir, tokenizer)
-    with pytest.raises(DataError, match="world_size=64"):
-        make_loader(synth_dir, examples[:4], rank=0, world_size=64)
-    loader = make_loader(synth_dir, examples)
-    with pytest.raises(DataError, match="outside the plan"):
-        loader.load_state_dict({"epoch": 0, "index": 10_000})
-
-
-def test_restored_loader_adopts_the_saved_budget(synth_dir, tokenizer):
-    """A position saved under another token budget (an `auto` budget probed differently after a resume)
-    restores that budget too, so the stream continues with the original's batches."""
-    examples, _ = build(synth_dir, tokenizer)
-    original = make_loader(synth_dir, examples, budget=1024)
-    original.next_micro_batch()
-    state = json.loads(json.dumps(original.state_dict()))
-    expected = [original.next_micro_batch() for _ in range(3)]
-    restored = make_loader(synth_dir, examples, budget=512)
-    restored.load_state_dict(state)
-    assert restored.tokens_per_micro_batch == 1024
-    assert_same_batches([restored.next_micro_batch() for _ in range(3)], expected)
-    with pytest.raises(DataError, match="must be positive"):
-        restored.load_state_dict({**state, "tokens_per_micro_batch": 0})

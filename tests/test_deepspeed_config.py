@@ -21,9 +21,7 @@ TEMPLATES = ["zero3", "zero2", "zero3_offload"]
 DEVICES = ["cpu", "cuda"]
 
 
-def make_spec(
-    precision: str = "auto", overrides: dict | None = None, grad_clip: float = 1.0, accumulation: int = 4
-) -> FinetuneSpec:
+def make_spec(precision: str = "auto", overrides: dict | None = None, grad_clip: float = 1.0) -> FinetuneSpec:
     return parse_spec({
         "stage": "finetune",
         "run": {"name": "ds", "output": "runs/ds"},
@@ -31,7 +29,7 @@ def make_spec(
         "data": {"root": "d"},
         "optim": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "grad_clip": grad_clip,
                   "num_steps": 10},
-        "batch": {"tokens_per_micro_batch": 1024, "gradient_accumulation": accumulation},
+        "batch": {"samples_per_step": 32, "tokens_per_micro_batch": 1024},
         "deepspeed": {"precision": precision, "overrides": overrides or {}},
     })
 
@@ -70,11 +68,12 @@ def test_no_auto_survives(name, device, precision):
 
 @pytest.mark.parametrize("world_size", [1, 2, 8])
 def test_train_batch_size_is_micro_accum_world(world_size):
-    """train_batch_size = micro-batch × accumulation × world size, each taken from its source."""
+    """train_batch_size = micro-batch × accumulation × world size; DeepSpeed's own accumulation is 1,
+    because the trainer marks each step's last micro-batch itself (the count varies per step)."""
     config = resolve(world_size=world_size, micro_batch_size=3)
     assert config["train_micro_batch_size_per_gpu"] == 3
-    assert config["gradient_accumulation_steps"] == 4
-    assert config["train_batch_size"] == 3 * 4 * world_size
+    assert config["gradient_accumulation_steps"] == 1
+    assert config["train_batch_size"] == 3 * world_size
 
 
 def test_auto_precision_is_bf16_on_cuda_fp32_on_cpu():
@@ -184,7 +183,7 @@ def test_batch_mismatch_raises():
     """A train_batch_size that disagrees with micro × accumulation × world is refused."""
     rogue = DeepSpeedSpec.model_construct(template="zero3", precision="auto", overrides={"train_batch_size": 7})
     spec = make_spec().model_copy(update={"deepspeed": rogue})
-    with pytest.raises(ValueError, match=r"train_batch_size 7 != micro 3 × accumulation 4 × world 2"):
+    with pytest.raises(ValueError, match=r"train_batch_size 7 != micro 3 × accumulation 1 × world 2"):
         resolve(spec=spec)
 
 
@@ -230,8 +229,7 @@ def free_port() -> int:
 @pytest.mark.timeout(300)
 def test_resolved_zero3_builds_a_cpu_engine(tmp_path):
     """The resolved zero3 config builds a one-rank gloo ZeRO-3 engine on CPU that trains."""
-    # Accumulation 1 so that every engine.step() is an optimizer step.
-    spec = make_spec(accumulation=1)
+    spec = make_spec()
     config = resolve("zero3", spec, world_size=1, micro_batch_size=2, hidden_size=8)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cos_model import CosForConditionalGeneration
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness import cosctl, ok
 
 
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     """Demo: 32-token pretrain -> 528-token inflate -> LoRA finetune, loss falling clearly in both
     training stages, artefacts loadable, summary.json complete."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    result = subprocess.run([sys.executable, "-m", "cosctl", "demo", "--out", str(tmp_path / "demo")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    result = ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path))
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     pre, inf, fin = summary["pretrain"], summary["inflate"], summary["finetune"]
     assert (pre["visual_tokens"], inf["visual_tokens"], fin["visual_tokens"]) == (32, 528, 528)

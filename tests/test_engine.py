@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cosctl.engine import block_classes, fetch_whole_blocks, largest_block_numel
-from tests.runs import run, steps, train_command
+from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config, tiny_model
 
 

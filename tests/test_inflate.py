@@ -1,4 +1,4 @@
-"""Token scaling and parameter inflation (DESIGN §3)."""
+"""Token scaling and parameter inflation (docs/design.md §3)."""
 
 import copy
 
@@ -11,7 +11,7 @@ from tests.tiny import tiny_config, tiny_inputs, tiny_model
 SCALES_32 = [{"window": 16, "queries_per_window": 16}, {"window": 4, "queries_per_window": 1}]
 SCALES_80 = [{"window": 16, "queries_per_window": 16}, {"window": 4, "queries_per_window": 4}]
 
-# DESIGN §3 token table: (source chain, preset, [(window, windows, queries per window)], tokens)
+# The token table of docs/design.md §3: (source chain, preset, [(window, windows, queries per window)], tokens)
 TOKEN_TABLE = [
     (SCALES_32, "32to80", [(32, 1, 16), (4, 64, 1)], 80),
     (SCALES_32, "32to336", [(32, 1, 16), (16, 4, 16), (2, 256, 1)], 336),
@@ -23,7 +23,7 @@ TOKEN_TABLE = [
 
 @pytest.mark.parametrize("src_scales, preset, expected_scales, tokens", TOKEN_TABLE, ids=[r[1] for r in TOKEN_TABLE])
 def test_token_table(src_scales, preset, expected_scales, tokens):
-    """Every row of the DESIGN §3 table comes out exactly, at twice the resolution (32x32 grid)."""
+    """Every row of the token table (docs/design.md §3) comes out exactly, at twice the resolution (32x32 grid)."""
     src = tiny_config(scales=src_scales)
     dst = inflate_config(src, preset)
     assert dst.image_size == 2 * src.image_size and dst.grid_size == 32

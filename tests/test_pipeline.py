@@ -7,52 +7,34 @@ checks one behaviour of its outputs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from tests.harness import cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["optim.num_steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=5", "eval.every_steps=3",
         "eval.num_batches=1"]
-
-
-def cosctl(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONWARNINGS": "ignore::FutureWarning", **(env_extra or {})}
-    env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "cosctl", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    ext = {"TORCH_EXTENSIONS_DIR": str(root / "ext")}
     ok(cosctl("data", "synth", "--out", str(root / "data"), "--num-samples", "96", "--image-size", "64"))
     out = {s: root / "runs" / s for s in ("pretrain", "inflate", "finetune")}
     pre = ok(cosctl("pretrain", "recipes/tiny/pretrain.yaml", "--nproc", "2", "--run-dir", str(root / "work/pre"),
                     "--output", str(out["pretrain"]), *sum((["--set", s] for s in FAST + [
                         f"data.root={root / 'data'}", f"model.tokenizer={root / 'data/tokenizer'}",
-                        "batch.tokens_per_micro_batch=1024"]), []), env_extra=ext))
+                        "batch.tokens_per_micro_batch=1024"]), []), tmp=root))
     inf = ok(cosctl("inflate", "recipes/tiny/inflate.yaml", "--set", f"source={out['pretrain']}",
                     "--run-dir", str(root / "work/inf"), "--output", str(out["inflate"])))
     fin = ok(cosctl("finetune", "recipes/tiny/finetune.yaml", "--nproc", "2", "--run-dir", str(root / "work/fin"),
                     "--output", str(out["finetune"]), *sum((["--set", s] for s in FAST + [
                         f"data.root={root / 'data'}", f"model.source={out['inflate']}",
-                        "batch.tokens_per_micro_batch=2048"]), []), env_extra=ext))
+                        "batch.tokens_per_micro_batch=2048"]), []), tmp=root))
     return {"root": root, "out": out, "pretrain": pre, "inflate": inf, "finetune": fin}
 
 

@@ -20,8 +20,8 @@ from cosctl.checkpoint import list_committed
 from cosctl.slurm import SlurmError, render_sbatch, slurm_app, submit, time_limit_s, write_spec_snapshot
 from cosctl.spec import SpecError, load_spec
 from cosctl.storage import open_store
+from tests.harness import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "vicuna7b_4x8.sbatch"
 TINY = REPO / "recipes" / "tiny" / "pretrain.yaml"
 VICUNA = REPO / "recipes" / "vicuna7b" / "pretrain.yaml"

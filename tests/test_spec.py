@@ -40,7 +40,7 @@ PRETRAIN = {
     },
     "data": {"root": "d"},
     "optim": {"lr": 1e-3, "num_steps": 10},
-    "batch": {"tokens_per_micro_batch": 1024},
+    "batch": {"samples_per_step": 16, "tokens_per_micro_batch": 1024},
 }
 FINETUNE = {
     "stage": "finetune",
@@ -48,7 +48,7 @@ FINETUNE = {
     "model": {"source": "runs/x/model"},
     "data": {"root": "d"},
     "optim": {"lr": 1e-4, "num_steps": 10},
-    "batch": {"tokens_per_micro_batch": 1024},
+    "batch": {"samples_per_step": 16, "tokens_per_micro_batch": 1024},
 }
 INFLATE = {"stage": "inflate", "run": {"name": "tiny-inf", "output": "runs/tiny-inf"}, "source": "runs/x",
            "plan": "32to528"}
@@ -135,6 +135,10 @@ MALFORMED = [
     pytest.param(variant(PRETRAIN, {"optim.num_steps": 0}), "optim.num_steps:", id="zero-steps"),
     pytest.param(variant(PRETRAIN, {"batch.tokens_per_micro_batch": "lots"}),
                  "batch.tokens_per_micro_batch: expected a positive number of tokens or auto", id="budget-not-auto"),
+    pytest.param(variant(PRETRAIN, {"batch.samples_per_step": 0}),
+                 "batch.samples_per_step: Input should be greater than 0", id="no-samples-per-step"),
+    pytest.param(variant(PRETRAIN, {"batch.gradient_accumulation": 4}),
+                 "batch.gradient_accumulation: removed; set samples_per_step", id="old-fixed-accumulation"),
     pytest.param(variant(PRETRAIN, {"batch.max_tokens_per_micro_batch": 4096}),
                  "batch.max_tokens_per_micro_batch: only used with", id="auto-cap-without-auto"),
     pytest.param(variant(PRETRAIN, {"batch.tokens_per_micro_batch": "auto", "batch.memory_fraction": 1.5}),
@@ -344,3 +348,24 @@ def test_inflate_plan_arg():
     plan = {"image_size": 448, "scales": [{"window": 8, "queries_per_window": 1}]}
     spec = parse_spec(variant(INFLATE, {"plan": plan}))
     assert spec.plan_arg() == {"image_size": 448, "scales": [Scale(window=8, queries_per_window=1)]}
+
+
+def test_every_spec_field_is_described_in_the_schema():
+    """Every field of every run-spec section carries a description in `cosctl spec schema`."""
+    from cosctl.spec import json_schema
+
+    schema = json_schema()
+    missing = []
+    for name, definition in schema.get("$defs", {}).items():
+        for field, prop in definition.get("properties", {}).items():
+            if "description" not in prop:
+                missing.append(f"{name}.{field}")
+    assert not missing, missing
+
+
+def test_a_spec_with_only_a_token_budget_is_refused_naming_the_global_batch():
+    """A spec written before samples_per_step (only a token budget) is refused, and the message names
+    the new key and what it means; the batching never changes silently."""
+    old = variant(PRETRAIN, {"batch.samples_per_step": DELETE})
+    with pytest.raises(SpecError, match=r"batch.samples_per_step: required key is missing \(the global batch"):
+        parse_spec(old)

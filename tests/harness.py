@@ -1,4 +1,6 @@
-"""Running `cosctl` training as a user would, from tests: commands, environments, killing ranks."""
+"""Running `cosctl` as a user would, from tests: the repository, the command line in a subprocess
+(`cosctl(...)`), training commands, their environment, and killing ranks. The one place tests start
+`python -m cosctl`."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
 
 
 def train_command(data: Path, run_dir: Path, output, num_steps: int, every: int, *extra: str) -> list[str]:
@@ -24,15 +27,31 @@ def train_command(data: Path, run_dir: Path, output, num_steps: int, every: int,
             "--run-dir", str(run_dir), "--output", str(output), *[a for o in overrides for a in ("--set", o)]]
 
 
-def env(tmp: Path, **extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp / "ext"),
-            "PYTHONWARNINGS": "ignore::FutureWarning", **extra}
+def env(tmp: Path | None = None, **extra: str) -> dict:
+    """The environment of a CPU run: one OpenMP thread per rank, DeepSpeed's CPU accelerator, a private
+    extension cache (nothing JIT-builds, but a shared cache would race), no launcher variables."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cache = {"TORCH_EXTENSIONS_DIR": str(tmp / "ext")} if tmp is not None else {}
+    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning",
+            **cache, **extra}
+
+
+def cosctl(*args: str, tmp: Path | None = None, timeout: int = 600, env_extra: dict | None = None,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m cosctl ARGS` in a subprocess, output captured; the exit code is the caller's to check."""
+    return subprocess.run([sys.executable, "-m", "cosctl", *args], cwd=cwd, env=env(tmp, **(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`result`, after asserting it exited 0 (the output's tail is the assertion message)."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
 
 
 def run(cmd: list[str], tmp: Path, **extra_env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=env(tmp, **extra_env), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+    """Run a full command line (from `train_command`) and require exit 0."""
+    return ok(subprocess.run(cmd, cwd=REPO, env=env(tmp, **extra_env), capture_output=True, text=True, timeout=600))
 
 
 def steps(run_dir: Path) -> dict[int, dict]:

@@ -1,0 +1,180 @@
+"""The training loop in this process: one rank, a few steps, a local store (the fast tier of the loop,
+its checkpointer and its resume; the multi-rank paths run through the CLI in the slow tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cos_model import IGNORE_INDEX
+from cosctl.checkpoint import find_latest, verify
+from cosctl.spec import load_spec
+from cosctl.storage import LocalStore
+from cosctl.train import run_training
+from tests.harness import RECIPES
+
+
+def tiny_spec(data, output, num_steps: int, *extra: str):
+    return load_spec(RECIPES / "tiny" / "pretrain.yaml", [
+        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={output}",
+        f"optim.num_steps={num_steps}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+        "eval.every_steps=null", "batch.tokens_per_micro_batch=1024", *extra])
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run the loop here without leaking the launcher variables it sets into later subprocesses."""
+    saved = dict(os.environ)
+    yield lambda spec, run_dir, resume="auto": run_training(spec, run_dir=run_dir, output=spec.run.output,
+                                                             resume=resume)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def losses(run_dir) -> dict[int, tuple[float, float]]:
+    """(loss, learning rate) per step, from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["lr"]) for r in records if "loss" in r}
+
+
+def test_two_steps_commit_checkpoints_and_publish_the_model(tiny_data, tmp_path, in_process):
+    """Two steps on one rank commit a verified checkpoint per step and publish model/ with a manifest."""
+    out = tmp_path / "out"
+    summary = in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
+    assert summary["steps"] == 2 and summary["world_size"] == 1 and summary["budget_origin"] == "spec"
+    store = LocalStore(out)
+    latest = find_latest(store)
+    assert latest.step == 2 and verify(store, latest, tmp_path / "scratch") == []
+    assert (out / "model" / "manifest.json").is_file() and (out / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "work" / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
+    """Resuming a 3-step run from its step-2 checkpoint trains step 3 to the same loss and learning rate
+    as the straight run, with the budget taken from the checkpoint."""
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_data, out, 3)
+    in_process(spec, tmp_path / "straight")
+    resumed = in_process(spec, tmp_path / "resumed", resume=f"{out}/checkpoints/step_00000002")
+    assert resumed["budget_origin"] == "checkpoint" and resumed["steps"] == 3
+    assert losses(tmp_path / "resumed") == {3: losses(tmp_path / "straight")[3]}
+
+
+# --- token-weighted loss: every label token of a step weighs the same --------------------------------
+
+
+def two_uneven_micro_batches(data) -> tuple[dict, dict]:
+    """Two single-sample micro-batches from the synthetic set: one answer token against a full caption."""
+    from cosctl.data import collate, load_examples, load_image, load_tokenizer, resolve_image_path
+
+    tokenizer = load_tokenizer(data / "tokenizer")
+    examples, _ = load_examples(data / "train.json", data, tokenizer, 32, 96, 0.0)
+    caption = max(examples, key=lambda e: sum(label != IGNORE_INDEX for label in e.labels))
+    other = next(e for e in examples if e is not caption)
+
+    def batch(example, keep_labels: int | None) -> dict:
+        collated = collate([example], [load_image(resolve_image_path(data, example.image_path), 64)],
+                           tokenizer.pad_token_id)
+        if keep_labels is not None:  # keep only the first `keep_labels` answer tokens
+            labelled = (collated["labels"] != IGNORE_INDEX).nonzero()[:, 1]
+            collated["labels"][0, labelled[keep_labels:]] = IGNORE_INDEX
+        return {**collated, "num_samples": 1}
+
+    return batch(other, keep_labels=1), batch(caption, keep_labels=None)
+
+
+def reference_gradient(data, spec, a: dict, b: dict) -> dict[str, torch.Tensor]:
+    """The gradient of (sum of token losses of a and b) / (their label tokens), computed with plain
+    PyTorch on one micro-batch holding both samples (no DeepSpeed, no accumulation)."""
+    from cosctl.data import load_tokenizer
+    from cosctl.engine import build_pretrain_model
+    from cosctl.train import num_label_tokens
+
+    tokenizer = load_tokenizer(data / "tokenizer")
+    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    both = {"input_ids": torch.cat([pad(a["input_ids"], tokenizer.pad_token_id), pad(b["input_ids"], tokenizer.pad_token_id)]),
+            "labels": torch.cat([pad(a["labels"], IGNORE_INDEX), pad(b["labels"], IGNORE_INDEX)]),
+            "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
+            "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]])}
+    count = num_label_tokens(a["labels"]) + num_label_tokens(b["labels"])
+    loss = model(**both, num_items_in_batch=torch.tensor(float(count))).loss
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def engine_gradient(spec, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The gradient the trainer's `accumulate` leaves in a ZeRO-3 engine (full tensors, gathered)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from cosctl.data import load_tokenizer
+    from cosctl.dist import init_distributed
+    from cosctl.engine import build_engine, build_pretrain_model
+    from cosctl.train import accumulate
+
+    dist_info = init_distributed()
+    tokenizer = load_tokenizer(spec.model.tokenizer)
+    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
+    engine, _, _ = build_engine(model, spec, dist_info, micro_batch_size=1)
+    accumulate(engine, micro_batches, dist_info.device)
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    engine.destroy()
+    return grads
+
+
+def relative_difference(got: dict, expected: dict) -> float:
+    assert got.keys() == expected.keys()
+    diff = sum(float((got[k] - expected[k]).double().norm() ** 2) for k in got) ** 0.5
+    return diff / sum(float(expected[k].double().norm() ** 2) for k in expected) ** 0.5
+
+
+def test_uneven_micro_batches_give_the_one_micro_batch_gradient(tiny_data, tmp_path, in_process):
+    """One step over a 1-label micro-batch and a many-label one, accumulated on one rank, has the
+    gradient of both samples in one micro-batch (every token weighs alike), to 1e-5 relative."""
+    spec = tiny_spec(tiny_data, tmp_path / "out", 1)
+    a, b = two_uneven_micro_batches(tiny_data)
+    assert (b["labels"] != IGNORE_INDEX).sum() >= 8 * (a["labels"] != IGNORE_INDEX).sum()
+    expected = reference_gradient(tiny_data, spec, a, b)
+    assert relative_difference(engine_gradient(spec, [a, b]), expected) < 1e-5
+
+
+GRADIENT_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from tests.test_train import engine_gradient, tiny_spec, two_uneven_micro_batches
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+spec = tiny_spec(data, out / "run", 1)
+a, b = two_uneven_micro_batches(data)
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ["RANK"])
+grads = engine_gradient(spec, [a] if rank == 0 else [b])
+if torch.distributed.get_rank() == 0:
+    torch.save(grads, out / "grads.pt")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_uneven_ranks_give_the_one_micro_batch_gradient(tiny_data, tmp_path):
+    """Two ranks, one holding a 1-label sample and the other a many-label one: the step's gradient is
+    that of both samples in one micro-batch on one rank, to 1e-5 relative."""
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, env
+
+    script = tmp_path / "gradient.py"
+    script.write_text(GRADIENT_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tiny_data), str(tmp_path)], cwd=REPO, env=env(tmp_path, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = two_uneven_micro_batches(tiny_data)
+    expected = reference_gradient(tiny_data, tiny_spec(tiny_data, tmp_path / "run", 1), a, b)
+    assert relative_difference(torch.load(tmp_path / "grads.pt"), expected) < 1e-5
