@@ -275,8 +275,11 @@ def _score_task(family: str | None, items: list[EvalItem], predictions: dict[str
 
 def score(items: list[EvalItem], predictions: dict[str, str]) -> Scores:
     """Score `predictions` (id -> generated text) against `items`, task by task (see the module
-    docstring). Every item needs a prediction; predictions for other ids are ignored. Tasks appear in
-    the order of their first item."""
+    docstring). Ids must be unique and every item needs a prediction; predictions for other ids are
+    ignored. Tasks appear in the order of their first item."""
+    duplicates = sorted(key for key, count in Counter(item.id for item in items).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{len(duplicates)} eval id(s) occur more than once, e.g. {duplicates[:3]}")
     missing = [item.id for item in items if item.id not in predictions]
     if missing:
         raise ValueError(f"no prediction for {len(missing)} eval item(s), e.g. {missing[:3]}")

@@ -312,10 +312,12 @@ def test_score_unknown_task_falls_back_to_exact_match():
     assert scores.fallback_tasks == ["counting"]
 
 
-def test_score_requires_every_prediction():
-    """A missing prediction is an error that names the id."""
+def test_score_requires_unique_ids_and_every_prediction():
+    """A missing prediction or a repeated id is an error that names the id."""
     with pytest.raises(ValueError, match="'b'"):
         score([EvalItem("a", "vqa", ("x",)), EvalItem("b", "vqa", ("y",))], {"a": "x"})
+    with pytest.raises(ValueError, match="more than once.*'a'"):
+        score([EvalItem("a", "vqa", ("x",)), EvalItem("a", "ocr", ("y",))], {"a": "x"})
 
 
 # -------------------------------------------------------------------------------------- baseline
