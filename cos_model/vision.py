@@ -52,17 +52,24 @@ class CosVisionTower(CLIPVisionModel):
 
 
 def resize_position_embedding(weight: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resize a CLIP position table (1 + G*G, C) to (1 + new_grid^2, C); the CLS row is
-    kept as is. Returns a new tensor; the input is never modified."""
+    """Bicubically resize a CLIP position table (1 + G*G, C) to (1 + new_grid^2, C) with
+    `align_corners=True` (as the Chain-of-Sight authors do): the four corner patches keep their
+    vectors exactly and the grid is stretched between them; the CLS row is kept as is. Computed in
+    float64, so the corners round back to the input's values in any floating dtype. Returns a new
+    tensor in the input's dtype; the input is never modified."""
     num_positions, width = weight.shape
     grid = int(round((num_positions - 1) ** 0.5))
     if grid * grid + 1 != num_positions:
         raise ValueError(f"position embedding: {num_positions} rows is not 1 + a square grid")
+    if new_grid < 1:
+        raise ValueError(f"position embedding: new grid {new_grid} must be >= 1")
     if new_grid == grid:
         return weight.clone()
+    if grid < 2:
+        raise ValueError(f"position embedding: a {grid}x{grid} grid cannot be interpolated")
     cls_row, patches = weight[:1], weight[1:]
-    patches = patches.reshape(1, grid, grid, width).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patches = patches.reshape(1, grid, grid, width).permute(0, 3, 1, 2).double()
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=True)
     patches = patches.permute(0, 2, 3, 1).reshape(new_grid * new_grid, width).to(weight.dtype)
     return torch.cat([cls_row.clone(), patches], dim=0)
 
