@@ -4,6 +4,11 @@ Chain-of-Sight reads ViT features from a few hidden layers (blocks 15 and 22 of 
 and never needs the blocks after the deepest one, nor the post-LN and pooler: they are not built, so
 they cost neither memory nor compute. A real CLIP checkpoint still loads with `from_pretrained`; the
 weights of the missing blocks are simply unused.
+
+`CosVisionTower.from_pretrained` does not go through transformers' loader: transformers 5 renames the
+`vision_model.*` keys of a CLIP checkpoint only for the class named `CLIPVisionModel`, so a subclass
+would match no key and keep its random init. It uses `cos_model.loading.load_vision_tower`, which maps
+the keys itself and raises `CheckpointMismatchError` on any missing key or shape mismatch.
 """
 
 from __future__ import annotations
@@ -17,9 +22,6 @@ class CosVisionTower(CLIPVisionModel):
     """`CLIPVisionModel` with only blocks 0..`num_blocks - 1`; `features()` returns the chosen blocks'
     outputs as patch grids without the CLS token."""
 
-    # A full CLIP checkpoint carries the blocks past the deepest feature layer and the post-LN.
-    _keys_to_ignore_on_load_unexpected = [r"^(vision_model\.)?encoder\.layers\.\d+\.", r"post_layernorm"]
-
     def __init__(self, config: CLIPVisionConfig, num_blocks: int | None = None):
         super().__init__(config)
         num_blocks = config.num_hidden_layers if num_blocks is None else num_blocks
@@ -28,6 +30,31 @@ class CosVisionTower(CLIPVisionModel):
         self.encoder.layers = self.encoder.layers[:num_blocks]
         # The post-LN only feeds the pooled CLS output, which Chain-of-Sight never reads.
         del self.post_layernorm
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        num_blocks: int | None = None,
+        *,
+        config: CLIPVisionConfig | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "CosVisionTower":
+        """The tower from a local CLIP folder (a `CLIPModel` or a `CLIPVisionModel`, with or without the
+        `vision_model.` key prefix), loaded exactly: built on the meta device, the checkpoint tensors
+        assigned (cast to `dtype` if given), the position table resized when `config.image_size`
+        differs from the checkpoint's. `config` defaults to the folder's vision config.
+
+        Raises `CheckpointMismatchError` (a `ValueError`) for a missing key, a shape mismatch or an
+        incompatible architecture; `TypeError` for transformers loading options it does not support.
+        """
+        from .loading import build_vision_tower
+
+        if kwargs:
+            raise TypeError(f"CosVisionTower.from_pretrained: unsupported options {sorted(kwargs)}")
+        tower, _ = build_vision_tower(pretrained_model_name_or_path, num_blocks, config=config, dtype=dtype)
+        return tower
 
     @property
     def num_blocks(self) -> int:
@@ -52,17 +79,24 @@ class CosVisionTower(CLIPVisionModel):
 
 
 def resize_position_embedding(weight: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resize a CLIP position table (1 + G*G, C) to (1 + new_grid^2, C); the CLS row is
-    kept as is. Returns a new tensor; the input is never modified."""
+    """Bicubically resize a CLIP position table (1 + G*G, C) to (1 + new_grid^2, C) with
+    `align_corners=True` (as the Chain-of-Sight authors do): the four corner patches keep their
+    vectors exactly and the grid is stretched between them; the CLS row is kept as is. Computed in
+    float64, so the corners round back to the input's values in any floating dtype. Returns a new
+    tensor in the input's dtype; the input is never modified."""
     num_positions, width = weight.shape
     grid = int(round((num_positions - 1) ** 0.5))
     if grid * grid + 1 != num_positions:
         raise ValueError(f"position embedding: {num_positions} rows is not 1 + a square grid")
+    if new_grid < 1:
+        raise ValueError(f"position embedding: new grid {new_grid} must be >= 1")
     if new_grid == grid:
         return weight.clone()
+    if grid < 2:
+        raise ValueError(f"position embedding: a {grid}x{grid} grid cannot be interpolated")
     cls_row, patches = weight[:1], weight[1:]
-    patches = patches.reshape(1, grid, grid, width).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patches = patches.reshape(1, grid, grid, width).permute(0, 3, 1, 2).double()
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=True)
     patches = patches.permute(0, 2, 3, 1).reshape(new_grid * new_grid, width).to(weight.dtype)
     return torch.cat([cls_row.clone(), patches], dim=0)
 

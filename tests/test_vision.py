@@ -1,5 +1,7 @@
 """Vision tower: feature layers, truncation, position-embedding resize."""
 
+import numpy as np
+import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -37,14 +39,56 @@ def test_position_resize_is_identity_at_same_size():
     assert torch.equal(resized, table) and resized.data_ptr() != table.data_ptr()
 
 
-def test_position_resize_to_448_px_keeps_cls_and_is_bicubic():
-    """16x16 -> 32x32 gives 32*32+1 rows, the CLS row unchanged, patches = bicubic interpolation."""
-    table = torch.randn(1 + 16 * 16, 8)
+def bicubic_align_corners(grid: np.ndarray, size: int, a: float = -0.75) -> np.ndarray:
+    """Reference (G, G, C) -> (size, size, C) bicubic resize written from the definition: Keys' cubic
+    convolution kernel (a = -0.75), align_corners=True sampling (output i sits at input i*(G-1)/(size-1)),
+    indices clamped at the border. Exact rational positions, float64, one output point at a time."""
+
+    def kernel(x: float) -> float:
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        if x < 2:
+            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+        return 0.0
+
+    def taps(i: int) -> list[tuple[int, float]]:
+        base, remainder = divmod(i * (grid.shape[0] - 1), size - 1)
+        t = remainder / (size - 1)
+        last = grid.shape[0] - 1
+        return [(min(max(base + k, 0), last), kernel(t - k)) for k in (-1, 0, 1, 2)]
+
+    out = np.zeros((size, size, grid.shape[2]))
+    for y in range(size):
+        for x in range(size):
+            for row, wy in taps(y):
+                for col, wx in taps(x):
+                    out[y, x] += wy * wx * grid[row, col]
+    return out
+
+
+@pytest.mark.parametrize("old, new", [(16, 32), (4, 7), (6, 4)])
+def test_position_resize_is_bicubic_with_aligned_corners(old, new):
+    """The patch grid is a bicubic align_corners=True resize (checked against a hand-written one); the
+    four corner patches and the CLS row are exactly the old ones; the input is unchanged."""
+    table = torch.randn(1 + old * old, 8)
     original = table.clone()
-    resized = resize_position_embedding(table, 32)
-    assert resized.shape == (32 * 32 + 1, 8)
+    resized = resize_position_embedding(table, new)
+    assert resized.shape == (1 + new * new, 8)
     assert torch.equal(resized[0], table[0])
-    grid = table[1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False)
-    assert torch.allclose(resized[1:], expected.permute(0, 2, 3, 1).reshape(-1, 8))
+    old_grid, new_grid = table[1:].reshape(old, old, 8), resized[1:].reshape(new, new, 8)
+    for y, x in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+        assert torch.equal(new_grid[y, x], old_grid[y, x])
+    expected = bicubic_align_corners(old_grid.double().numpy(), new)
+    np.testing.assert_allclose(new_grid.numpy(), expected, rtol=0, atol=1e-5)
     assert torch.equal(table, original)
+
+
+def test_position_resize_keeps_bf16_corners():
+    """In bf16 the table stays bf16 and the corners round back to exactly the old values."""
+    table = torch.randn(1 + 16 * 16, 8).to(torch.bfloat16)
+    resized = resize_position_embedding(table, 24)
+    assert resized.dtype == torch.bfloat16
+    old_grid, new_grid = table[1:].reshape(16, 16, 8), resized[1:].reshape(24, 24, 8)
+    for y, x in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+        assert torch.equal(new_grid[y, x], old_grid[y, x])

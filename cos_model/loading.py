@@ -1,0 +1,654 @@
+"""Pretrained weights into the Chain-of-Sight model, exactly or not at all, and the lean build.
+
+transformers 5 renames checkpoint keys through conversion mappings looked up by model class name:
+`CLIPVisionModel` strips the `vision_model.` prefix of a CLIP checkpoint, a subclass such as
+`CosVisionTower` gets no mapping, matches no key and keeps its random init without an error. This
+module does not rely on any such mapping. It reads a local Hugging Face folder tensor by tensor
+(`Checkpoint`), maps the keys itself, checks every required key and shape, and raises
+`CheckpointMismatchError` naming the folder and the first offending keys when anything does not fit.
+
+`build_pretrained` builds the whole model on the meta device and materialises each part once: the ViT
+and the LLM as the checkpoint tensors themselves (cast to the run dtype), everything without a
+checkpoint with the model's own `_init_weights`, the non-persistent buffers (rotary `inv_freq`, CLIP
+`position_ids`) recomputed. No weight is initialised and then overwritten, and host memory peaks at
+about one copy of the model.
+
+Vocabulary rule: the LLM's embedding (and untied output head) has `max(checkpoint rows, vocab_size)`
+rows, where `vocab_size` is `len(tokenizer)` after `<image>` was added: it grows, never shrinks. The
+checkpoint rows are copied untouched; each new row is the mean of the checkpoint rows (computed in
+float64), as LLaVA initialises the embeddings of the tokens it adds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedModel
+
+from .configuration import CosConfig
+from .modeling import CosForConditionalGeneration
+from .vision import CosVisionTower, resize_position_embedding
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Buffers older checkpoints stored and current models recompute (transformers drops them the same way).
+STALE_BUFFERS = re.compile(r"(rotary_emb\.inv_freq$|(^|\.)position_ids$)")
+# The parts of a `CLIPModel` checkpoint the vision tower never uses.
+CLIP_NOT_VISION = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$)")
+# Inside the vision model: the post-LN (only feeds the pooled output) and the blocks past the last built one.
+VISION_POST_LN = re.compile(r"^post_layernorm\.")
+VISION_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+VISION_PREFIX = "vision_model."
+POSITION_TABLE = "embeddings.position_embedding.weight"
+
+# Config fields the weights were trained with that tensor shapes do not reveal.
+VISION_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size", "num_channels",
+                      "hidden_act", "layer_norm_eps")
+TEXT_ARCH_FIELDS = ("model_type", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                    "rms_norm_eps", "layer_norm_eps", "tie_word_embeddings")
+
+NUM_KEYS_SHOWN = 3
+
+
+class CheckpointMismatchError(ValueError):
+    """A folder's weights cannot be loaded exactly into the module asked for: no weights file, a
+    missing key, a shape mismatch or an incompatible architecture. The message is one line that names
+    the folder and the first offending keys."""
+
+
+def _first(keys: Iterable[str], n: int = NUM_KEYS_SHOWN) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:n])
+    return f"{shown} (+{len(keys) - n} more)" if len(keys) > n else shown
+
+
+@dataclass
+class LoadReport:
+    """What loading one folder did. `loaded`: the module's keys filled from the checkpoint;
+    `unexpected`: checkpoint keys that fit nothing and are not deliberately left out; `messages`: one
+    line per notable event (a resized position table, a grown vocabulary, unexpected keys)."""
+
+    folder: str
+    loaded: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        self.messages.append(message)
+        logger.info("%s: %s", self.folder, message)
+
+
+class Checkpoint:
+    """The weights of a local Hugging Face folder, read lazily, one tensor at a time.
+
+    Reads `model.safetensors` or its sharded form (`model.safetensors.index.json`), else
+    `pytorch_model.bin` (+ `.index.json`) with `torch.load(weights_only=True, mmap=True)`.
+
+    Memory: a tensor kept in its stored dtype comes straight from the memory-mapped file (`safe_open`;
+    copy-on-write, so writing to it never touches the file, and its pages are shared page cache until
+    written). A safetensors tensor cast to another dtype is read with a plain file read and cast at
+    once, so neither the file's pages nor a second copy of the checkpoint stay in memory. A `.bin`
+    shard is memory-mapped whole: the pages of a shard read for a cast stay mapped until the shard is
+    released (`in_shard_order` and `tensors` release each shard after its last key; `close()` all).
+
+    Raises `CheckpointMismatchError` when the folder has no weights file or an index names a missing
+    shard.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.format, self._key_file, opened = _index_folder(self.folder)
+        self._handles: dict[Path, object] = opened
+        self._headers: dict[Path, tuple[int, dict]] = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the open files (tensors already returned stay valid)."""
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return list(self._key_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_file
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            if self.format == "safetensors":
+                from safetensors import safe_open
+
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            else:
+                self._handles[path] = _load_bin(path)
+        return self._handles[path]
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                self._headers[path] = (8 + length, json.loads(fh.read(length)))
+        return self._headers[path]
+
+    def shape(self, key: str) -> torch.Size:
+        """The tensor's shape, read from the file header (no data is read)."""
+        path = self._key_file[key]
+        if self.format == "safetensors":
+            return torch.Size(self._header(path)[1][key]["shape"])
+        return self._handle(path)[key].shape
+
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor; floating-point tensors are cast to `dtype` when given, others never are."""
+        path = self._key_file[key]
+        if self.format == "safetensors":
+            start, header = self._header(path)
+            entry = header[key]
+            stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None or stored is None or not stored.is_floating_point or stored == dtype:
+                return self._handle(path).get_tensor(key)
+            begin, end = entry["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            with open(path, "rb") as fh:
+                fh.seek(start + begin)
+                if fh.readinto(memoryview(raw.numpy())) != end - begin:
+                    raise CheckpointMismatchError(f"{path}: {key} is truncated")
+            return raw.view(stored).reshape(entry["shape"]).to(dtype)
+        tensor = self._handle(path)[key]
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def in_shard_order(self, keys: Iterable[str]) -> Iterator[str]:
+        """`keys` grouped by shard in file order; a shard is released once the loop moves past its
+        last key, so at most one `.bin` shard is mapped at a time."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._key_file[key], []).append(key)
+        for path, file_keys in by_file.items():
+            yield from file_keys
+            self._handles.pop(path, None)
+
+    def tensors(
+        self, keys: Iterable[str] | None = None, prefix: str = "", dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for `keys` (default: all) that start with `prefix`, shard by shard."""
+        wanted = [key for key in (self.keys() if keys is None else keys) if key.startswith(prefix)]
+        for key in self.in_shard_order(wanted):
+            yield key, self.tensor(key, dtype)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_checkpoint(
+    folder: str | Path, prefix: str = "", dtype: torch.dtype | None = None, strip_prefix: bool = False
+) -> dict[str, torch.Tensor]:
+    """The folder's tensors whose keys start with `prefix` (all by default), floating ones cast to
+    `dtype`, as a dict; with `strip_prefix` the keys lose the prefix. Raises `CheckpointMismatchError`
+    when the folder has no weights file."""
+    with Checkpoint(folder) as checkpoint:
+        return {
+            (key[len(prefix):] if strip_prefix else key): tensor
+            for key, tensor in checkpoint.tensors(prefix=prefix, dtype=dtype)
+        }
+
+
+def _index_folder(folder: Path) -> tuple[str, dict[str, Path], dict[Path, object]]:
+    """The folder's format, the file of every key, and any file already opened to list its keys."""
+    if not folder.is_dir():
+        raise CheckpointMismatchError(f"{folder}: not a local model folder")
+    for fmt, single, index in (("safetensors", SAFE_WEIGHTS, SAFE_INDEX), ("bin", BIN_WEIGHTS, BIN_INDEX)):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointMismatchError(f"{folder}: {index} has no readable weight_map ({err})") from None
+            files = {name: folder / name for name in set(weight_map.values())}
+            absent = sorted(name for name, path in files.items() if not path.is_file())
+            if absent:
+                raise CheckpointMismatchError(f"{folder}: {index} names missing shards {_first(absent)}")
+            return fmt, {key: files[name] for key, name in weight_map.items()}, {}
+        if (folder / single).is_file():
+            path = folder / single
+            if fmt == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    return fmt, dict.fromkeys(handle.keys(), path), {}
+            state = _load_bin(path)
+            return fmt, dict.fromkeys(state, path), {path: state}
+    raise CheckpointMismatchError(
+        f"{folder}: no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX} in the folder"
+    )
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # A pre-zip (torch < 1.6) file cannot be memory-mapped: it is read whole, one shard at a time.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointMismatchError(f"{path}: cannot read: {first_line}") from err
+
+
+# ----------------------------------------------------------------------------------- module surgery
+
+
+def _parameter_groups(module: nn.Module) -> list[list[str]]:
+    """Parameter names grouped by tensor (tied weights share one group), in registration order."""
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return list(groups.values())
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        raise KeyError(f"{name} is neither a parameter nor a buffer")
+
+
+def _assign(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Make `values` the module's tensors (no copy); tied parameters get the same new parameter.
+    `values` holds one name per tied group; every tensor is marked as initialised."""
+    group_of = {name: group for group in _parameter_groups(module) for name in group}
+    for name, tensor in values.items():
+        if name in group_of:
+            new = nn.Parameter(tensor, requires_grad=module.get_parameter(name).requires_grad)
+            new._is_hf_initialized = True
+            for alias in group_of[name]:
+                _set_tensor(module, alias, new)
+        else:
+            tensor._is_hf_initialized = True
+            _set_tensor(module, name, tensor)
+
+
+def _expected(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, list[str]]]:
+    """Shapes of the persistent state (one name per tied group), and each name's tied aliases."""
+    state = module.state_dict(keep_vars=True)
+    groups = {name: group for group in _parameter_groups(module) for name in group}
+    shapes, aliases = {}, {}
+    for name, tensor in state.items():
+        group = groups.get(name, [name])
+        if group[0] != name and group[0] in state:
+            continue
+        shapes[name] = tensor.shape
+        aliases[name] = [n for n in group if n != name and n in state]
+    return shapes, aliases
+
+
+def _check_architecture(folder: Path, source: object, target: object, fields: tuple[str, ...], what: str) -> None:
+    differing = [
+        f"{name}={getattr(source, name)!r} (model has {getattr(target, name)!r})"
+        for name in fields
+        if hasattr(source, name) and hasattr(target, name) and getattr(source, name) != getattr(target, name)
+    ]
+    if differing:
+        raise CheckpointMismatchError(f"{folder}: the {what} checkpoint's config differs: {_first(differing)}")
+
+
+def _raise_mismatch(folder: Path, what: str, missing: list[str], mismatched: list[str]) -> None:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {_first(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches: {_first(mismatched)}")
+    if parts:
+        raise CheckpointMismatchError(f"{folder}: cannot load the {what} exactly: " + "; ".join(parts))
+
+
+# ------------------------------------------------------------------------------------- vision tower
+
+
+def load_vision_tower(tower: CosVisionTower, folder: str | Path, dtype: torch.dtype | None = None) -> LoadReport:
+    """Assign a CLIP checkpoint's vision weights to `tower` (usually built on the meta device).
+
+    Accepts a `CLIPModel` folder and a `CLIPVisionModel` one, with (transformers 4) or without
+    (transformers 5) the `vision_model.` prefix. Required: the embeddings, the pre-LN and the tower's
+    blocks 0..num_blocks-1. Left out on purpose: the text tower, both projections, `logit_scale`, the
+    post-LN, the blocks past the tower's last and stale `position_ids` buffers; any other key is
+    reported as unexpected. A position table for another image size is resized with
+    `resize_position_embedding` (reported). Floating tensors are cast to `dtype` when given.
+
+    Raises `CheckpointMismatchError` for a missing key, a shape mismatch or a vision config that
+    differs in a field the shapes do not show (heads, activation, LN epsilon).
+    """
+    folder = Path(folder)
+    report = LoadReport(str(folder))
+    if (folder / "config.json").is_file():
+        source_config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+        _check_architecture(folder, source_config, tower.config, VISION_ARCH_FIELDS, "vision")
+    shapes, _ = _expected(tower)
+    with Checkpoint(folder) as checkpoint:
+        keys = checkpoint.keys()
+        prefixed = any(key.startswith(VISION_PREFIX) for key in keys)
+        bare = any(key.startswith(("embeddings.", "encoder.", "pre_layrnorm.")) for key in keys)
+        if prefixed and bare:
+            raise CheckpointMismatchError(
+                f"{folder}: vision keys both with and without the '{VISION_PREFIX}' prefix; cannot tell which to load"
+            )
+        prefix = VISION_PREFIX if prefixed else ""
+        source: dict[str, str] = {}  # tower key -> checkpoint key
+        for key in keys:
+            if not key.startswith(prefix):
+                if not CLIP_NOT_VISION.search(key):
+                    report.unexpected.append(key)
+                continue
+            name = key[len(prefix):]
+            layer = VISION_LAYER.match(name)
+            if name in shapes:
+                source[name] = key
+            elif CLIP_NOT_VISION.search(key) or VISION_POST_LN.match(name) or STALE_BUFFERS.search(name):
+                continue
+            elif layer and int(layer.group(1)) >= tower.num_blocks:
+                continue
+            else:
+                report.unexpected.append(key)
+        missing = [f"{prefix}{name}" for name in shapes if name not in source]
+        mismatched, resize_to = [], None
+        for name, key in source.items():
+            shape = checkpoint.shape(key)
+            if shape == shapes[name]:
+                continue
+            resizable = _square_table(shape) and _square_table(shapes[name]) and shape[1:] == shapes[name][1:]
+            if name == POSITION_TABLE and resizable:
+                resize_to = _square_table(shapes[name])
+                continue
+            mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
+        _raise_mismatch(folder, "vision tower", missing, mismatched)
+        values = {}
+        name_of = {key: name for name, key in source.items()}
+        for key in checkpoint.in_shard_order(source.values()):
+            name = name_of[key]
+            if name == POSITION_TABLE and resize_to is not None:
+                table = checkpoint.tensor(key)
+                old = _square_table(table.shape)
+                values[name] = resize_position_embedding(table, resize_to).to(dtype or table.dtype)
+                report.note(
+                    f"position table resized from {old}x{old} to {resize_to}x{resize_to} patches "
+                    "(bicubic, align_corners=True, CLS row kept)"
+                )
+            else:
+                values[name] = checkpoint.tensor(key, dtype)
+    _assign(tower, values)
+    report.loaded = sorted(values)
+    _note_unexpected(report)
+    return report
+
+
+def _note_unexpected(report: LoadReport) -> None:
+    if report.unexpected:
+        message = f"{len(report.unexpected)} unexpected keys not loaded: {_first(report.unexpected)}"
+        report.messages.append(message)
+        logger.warning("%s: %s", report.folder, message)
+
+
+def _square_table(shape: torch.Size) -> int | None:
+    """Patches per side of a (1 + G*G, C) position table, or None."""
+    if len(shape) != 2:
+        return None
+    grid = int(round((shape[0] - 1) ** 0.5))
+    return grid if grid >= 1 and grid * grid + 1 == shape[0] else None
+
+
+def build_vision_tower(
+    folder: str | Path,
+    num_blocks: int | None = None,
+    *,
+    config: CLIPVisionConfig | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[CosVisionTower, LoadReport]:
+    """A `CosVisionTower` with `num_blocks` blocks (default: all of `config`), built on the meta device
+    and loaded from `folder` with `load_vision_tower`; `config` defaults to the folder's vision config.
+    Raises `CheckpointMismatchError`."""
+    folder = Path(folder)
+    if config is None:
+        if not (folder / "config.json").is_file():
+            raise CheckpointMismatchError(f"{folder}: no config.json to build the vision tower from")
+        config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        tower = CosVisionTower(config, num_blocks=num_blocks)
+    report = load_vision_tower(tower, folder, dtype)
+    materialize(tower, dtype or torch.float32)
+    return tower.eval(), report
+
+
+# ------------------------------------------------------------------------------------ language model
+
+
+def _embedding_names(model: PreTrainedModel) -> tuple[str | None, str | None]:
+    """State-dict names of the input embedding and of an untied output head (None where absent)."""
+    by_id = {id(param): name for name, param in model.named_parameters()}
+    inputs = model.get_input_embeddings()
+    outputs = model.get_output_embeddings()
+    input_name = by_id.get(id(inputs.weight)) if inputs is not None else None
+    output_name = None
+    if outputs is not None and outputs.weight is not (inputs.weight if inputs is not None else None):
+        output_name = by_id.get(id(outputs.weight))
+    return input_name, output_name
+
+
+def checkpoint_vocab_size(folder: str | Path, model: PreTrainedModel) -> int:
+    """Rows of the input embedding in `folder`'s checkpoint (read from the header only)."""
+    input_name, _ = _embedding_names(model)
+    with Checkpoint(folder) as checkpoint:
+        if input_name not in checkpoint:
+            raise CheckpointMismatchError(f"{folder}: no input embedding {input_name} in the checkpoint")
+        return checkpoint.shape(input_name)[0]
+
+
+def grow_rows(source: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`source` (V, ...) extended to `rows` >= V rows: rows 0..V-1 untouched, each new row the mean of
+    the source rows (computed in float64). Raises `ValueError` if `rows` < V (never shrinks)."""
+    dtype = dtype or source.dtype
+    if rows < source.shape[0]:
+        raise ValueError(f"embedding: cannot shrink {source.shape[0]} rows to {rows}")
+    out = torch.empty((rows, *source.shape[1:]), dtype=dtype)
+    out[: source.shape[0]] = source
+    if rows > source.shape[0]:
+        out[source.shape[0]:] = source.double().mean(dim=0).to(dtype)
+    return out
+
+
+def load_language_model(model: PreTrainedModel, folder: str | Path, dtype: torch.dtype | None = None) -> LoadReport:
+    """Assign a causal-LM checkpoint (single file or sharded) to `model` (usually built on the meta
+    device), key for key: the folder must hold the same architecture (`LlamaForCausalLM` for a Llama
+    or Vicuna folder). Tied weights may be stored under either name. When the model's vocabulary is
+    larger than the checkpoint's (an added `<image>` token), the embedding and untied head grow with
+    `grow_rows`. Stale `rotary_emb.inv_freq` / `position_ids` buffers are skipped; other extra keys are
+    reported as unexpected. Floating tensors are cast to `dtype` when given.
+
+    Raises `CheckpointMismatchError` for a missing key, a shape mismatch (including a checkpoint with
+    more vocabulary rows than the model: build the model with at least that many) or a config that
+    differs in a field the shapes do not show.
+    """
+    folder = Path(folder)
+    report = LoadReport(str(folder))
+    if (folder / "config.json").is_file():
+        source_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        _check_architecture(folder, source_config, model.config, TEXT_ARCH_FIELDS, "language model")
+    shapes, aliases = _expected(model)
+    growable = [name for name in _embedding_names(model) if name is not None]
+    with Checkpoint(folder) as checkpoint:
+        source: dict[str, str] = {}
+        for name in shapes:
+            found = [key for key in [name, *aliases[name]] if key in checkpoint]
+            if found:
+                source[name] = found[0]
+        known = {key for name in shapes for key in [name, *aliases[name]]}
+        report.unexpected = [key for key in checkpoint.keys() if key not in known and not STALE_BUFFERS.search(key)]
+        missing = [name for name in shapes if name not in source]
+        mismatched, grow = [], {}
+        for name, key in source.items():
+            shape = checkpoint.shape(key)
+            if shape == shapes[name]:
+                continue
+            if name in growable and shape[1:] == shapes[name][1:] and shape[0] < shapes[name][0]:
+                grow[name] = shape[0]
+                continue
+            mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
+        _raise_mismatch(folder, "language model", missing, mismatched)
+        values = {}
+        name_of = {key: name for name, key in source.items()}
+        for key in checkpoint.in_shard_order(source.values()):
+            name = name_of[key]
+            if name in grow:
+                values[name] = grow_rows(checkpoint.tensor(key), shapes[name][0], dtype)
+                report.note(
+                    f"{name} grown from {grow[name]} to {shapes[name][0]} rows (new rows = mean of the checkpoint rows)"
+                )
+            else:
+                values[name] = checkpoint.tensor(key, dtype)
+    _assign(model, values)
+    report.loaded = sorted(values)
+    _note_unexpected(report)
+    return report
+
+
+# --------------------------------------------------------------------------------------- lean build
+
+
+def materialize(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Give every tensor of `model` still on the meta device real CPU storage and initialise it with
+    the model's own `_init_weights` (each sub-model's); tensors already assigned are marked and left
+    alone. Parameters are initialised in float32 and then cast to `dtype`; buffers keep the dtype the
+    model gave them. Returns the names of the parameters initialised here.
+
+    Raises `RuntimeError` if the model's init leaves a materialised tensor unwritten.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta:
+            tensor._is_hf_initialized = True
+    fresh: list[str] = []
+    for group in _parameter_groups(model):
+        old = model.get_parameter(group[0])
+        if not old.is_meta:
+            continue
+        work_dtype = torch.float32 if old.is_floating_point() else old.dtype
+        new = nn.Parameter(_sentinel(old.shape, work_dtype), requires_grad=old.requires_grad)
+        for name in group:
+            _set_tensor(model, name, new)
+        fresh.append(group[0])
+    buffers = [name for name, buffer in model.named_buffers(remove_duplicate=False) if buffer.is_meta]
+    for name in buffers:
+        buffer = model.get_buffer(name)
+        _set_tensor(model, name, _sentinel(buffer.shape, buffer.dtype))
+    model.initialize_weights()
+    unwritten = [name for name in fresh if _is_sentinel(model.get_parameter(name))]
+    unwritten += [name for name in buffers if _is_sentinel(model.get_buffer(name))]
+    if unwritten:
+        raise RuntimeError(f"the model's _init_weights left {len(unwritten)} tensors unwritten: {_first(unwritten)}")
+    for name in fresh:
+        param = model.get_parameter(name)
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return fresh
+
+
+def _sentinel(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor whose every element marks 'never written': NaN, or the smallest integer."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.full(shape, float("nan"), dtype=dtype)
+    if dtype == torch.bool:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype)
+
+
+def _is_sentinel(tensor: torch.Tensor) -> bool:
+    if tensor.numel() == 0 or tensor.dtype == torch.bool:
+        return False
+    if tensor.is_floating_point() or tensor.is_complex():
+        return bool(torch.isnan(tensor).any())
+    return bool((tensor == torch.iinfo(tensor.dtype).min).any())
+
+
+def build_pretrained(
+    config: CosConfig,
+    vision_path: str | Path | None = None,
+    text_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    vocab_size: int | None = None,
+    seed: int | None = None,
+) -> tuple[CosForConditionalGeneration, dict[str, LoadReport]]:
+    """The Chain-of-Sight model, built lean: on the meta device, then the ViT from `vision_path` and
+    the LLM from `text_path` (checkpoint tensors cast to `dtype`, never copied twice), and the bridge
+    (resampler + projector) plus any part without a path initialised once with the model's own init
+    (after `torch.manual_seed(seed)` when `seed` is given); non-persistent buffers recomputed.
+
+    The LLM vocabulary is `max(text_config.vocab_size, checkpoint rows, vocab_size)`: pass
+    `len(tokenizer)` as `vocab_size`; it never shrinks. The returned model's config records the final
+    size. Returns `(model, reports)`, `reports` mapping "vision_tower" / "language_model" to the
+    `LoadReport` of each loaded part.
+
+    Raises `CheckpointMismatchError` when a checkpoint does not fit (see `load_vision_tower`,
+    `load_language_model`).
+    """
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        model = CosForConditionalGeneration(config)
+    rows = config.text_config.vocab_size
+    if text_path is not None:
+        rows = max(rows, checkpoint_vocab_size(text_path, model.language_model))
+    if vocab_size is not None:
+        rows = max(rows, vocab_size)
+    if rows != config.text_config.vocab_size:
+        config.text_config.vocab_size = rows
+        with torch.device("meta"):
+            model = CosForConditionalGeneration(config)
+    reports = {}
+    if vision_path is not None:
+        reports["vision_tower"] = load_vision_tower(model.vision_tower, vision_path, dtype)
+    if text_path is not None:
+        reports["language_model"] = load_language_model(model.language_model, text_path, dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    materialize(model, dtype)
+    return model, reports
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "LoadReport",
+    "build_pretrained",
+    "build_vision_tower",
+    "checkpoint_vocab_size",
+    "grow_rows",
+    "load_language_model",
+    "load_vision_tower",
+    "materialize",
+    "read_checkpoint",
+]
