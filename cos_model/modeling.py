@@ -125,6 +125,10 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # Loaded through transformers' Auto classes, the model has a `generation_config` of its own
+        # (generation_config.json, edited by users): it, not the LLM's default, is the one to honour.
+        if getattr(self, "generation_config", None) is not None:
+            generate_kwargs.setdefault("generation_config", self.generation_config)
         out = self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
