@@ -7,7 +7,8 @@ An adapter is merged into its base (`merge_and_unload`); a model folder's weight
 The folder then gets:
 
     config.json             CosConfig + `auto_map` (AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor)
-    model.safetensors       (+ generation_config.json when the model has non-default generation settings)
+    model.safetensors
+    generation_config.json  the tokenizer's bos/eos/pad ids
     <module>.py             the cos_model modules the config, model and processor import (remote code)
     processor_config.json   CosProcessor: visual tokens per image, image size, CLIP mean/std
     chat_template.jinja     the training chat template
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 from transformers.utils import PROCESSOR_NAME
 
 import cos_model
@@ -56,7 +58,10 @@ def export_merged(source: str, out: Path) -> dict:
         summary = _write_weights(source, out, Path(scratch))
     config = CosConfig.from_pretrained(out)
     code = _write_code(out)
-    _write_processor(out, config, load_tokenizer(out))
+    tokenizer = load_tokenizer(out)
+    _write_processor(out, config, tokenizer)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     _make_world_readable(out)
     return {**summary, "out": str(out), "visual_tokens": config.num_visual_tokens,
             "image_size": config.image_size, "code": code}

@@ -63,6 +63,8 @@ prompts = [processor.apply_chat_template(
     for q in questions]
 inputs = processor(images=[Image.open(p) for p in images], text=prompts, return_tensors="pt")
 generated = model.generate(**inputs, max_new_tokens=8)
+model.generation_config.max_new_tokens = 3  # users set defaults on the model's generation config
+defaulted = model.generate(**inputs)
 with torch.no_grad():
     logits = bare(**inputs).logits
 torch.save({"pixel_values": inputs["pixel_values"], "logits": logits}, out / "tensors.pt")
@@ -71,10 +73,12 @@ torch.save({"pixel_values": inputs["pixel_values"], "logits": logits}, out / "te
                 {"config": config, "processor": processor, "image_processor": processor.image_processor,
                  "model": model, "bare": bare}.items()},
     "num_visual_tokens": config.num_visual_tokens,
+    "generation_config": model.generation_config.to_diff_dict(),
     "prompts": prompts,
     "input_ids": inputs["input_ids"].tolist(),
     "attention_mask": inputs["attention_mask"].tolist(),
     "generated": generated.tolist(),
+    "defaulted": defaulted.tolist(),
     "text": processor.batch_decode(generated, skip_special_tokens=True),
     "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("cos_model", "cosctl")),
 }))
@@ -165,7 +169,7 @@ def test_export_ships_exactly_the_imported_modules(built):
 
     folder = _folder(built, "finetune")
     shipped = {p.name for p in folder.glob("*.py")}
-    roots = {"configuration.py", "modeling.py", "processing.py"}
+    roots = {f"{ref.split('.')[0]}.py" for ref in json.loads((folder / "config.json").read_text())["auto_map"].values()}
     needed = roots | {Path(f).name for root in roots for f in get_relative_import_files(folder / root)}
     assert shipped == needed
     assert not shipped & {"inflate.py", "__main__.py", "__init__.py"}
@@ -212,6 +216,15 @@ def test_transformers_alone_loads_the_export(fresh):
     assert report["num_visual_tokens"] == 32
 
 
+def test_export_generation_config_holds_the_tokenizer_ids(built, fresh):
+    """generation_config.json carries the tokenizer's bos/eos/pad ids and transformers loads it."""
+    tokenizer = built["tokenizer"]
+    expected = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}
+    saved = json.loads((_folder(built, "finetune") / "generation_config.json").read_text())
+    assert expected.items() <= saved.items() and expected.items() <= fresh["report"]["generation_config"].items()
+
+
 def test_fresh_processor_inputs_equal_training_inputs(built, fresh):
     """Chat template + processor give the training prompt ids, left-padded, and load_image's pixels."""
     report, tokenizer = fresh["report"], built["tokenizer"]
@@ -230,12 +243,14 @@ def test_fresh_generation_equals_project_generation(built, fresh):
     model = CosForConditionalGeneration.from_pretrained(_folder(built, "finetune")).eval()
     inputs = {"input_ids": torch.tensor(report["input_ids"]), "attention_mask": torch.tensor(report["attention_mask"]),
               "pixel_values": torch.stack([load_image(path, 64) for path in _images(built)])}
-    expected = model.generate(**inputs, max_new_tokens=8)
+    # Loaded by the project's own class, the model generates with its LLM's defaults + the folder's pad id.
+    expected = model.generate(**inputs, max_new_tokens=8, pad_token_id=built["tokenizer"].pad_token_id)
     assert report["generated"] == expected.tolist()
     assert expected.shape[1] > inputs["input_ids"].shape[1]  # prompt + new tokens
     with torch.no_grad():
         assert torch.equal(fresh["logits"], model(**inputs).logits)
     assert report["text"] == built["tokenizer"].batch_decode(expected, skip_special_tokens=True)
+    assert report["defaulted"] == expected[:, : inputs["input_ids"].shape[1] + 3].tolist()  # honours its config
 
 
 def test_merged_export_equals_the_adapter_on_its_base(built):
