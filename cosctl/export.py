@@ -53,6 +53,7 @@ def class_reference(cls: type) -> str:
 
 
 def export_merged(source: str, out: Path) -> dict:
+    """Write the self-contained folder for `source` (see the module docstring) and summarise it."""
     out = Path(out)
     with tempfile.TemporaryDirectory() as scratch:
         summary = _write_weights(source, out, Path(scratch))
