@@ -119,13 +119,23 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """Greedy/sampled decoding from a (left-padded) prompt; returns only the new tokens."""
+        """Greedy/sampled decoding from a (left-padded) prompt with the LLM's `generate` (any of its
+        kwargs). Like transformers' decoder-only models, returns the prompt followed by the new tokens
+        (`[:, input_ids.shape[1]:]` are the new ones), also as `.sequences` of a dict output."""
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(
+        # Loaded through transformers' Auto classes, the model has a `generation_config` of its own
+        # (generation_config.json, edited by users): it, not the LLM's default, is the one to honour.
+        if getattr(self, "generation_config", None) is not None:
+            generate_kwargs.setdefault("generation_config", self.generation_config)
+        out = self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences], dim=1)
+        return out
 
 
 def expand_image_tokens(token_ids: list[int], image_token_id: int, num_visual_tokens: int) -> list[int]:

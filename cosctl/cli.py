@@ -138,14 +138,16 @@ def inflate(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, outpu
 
 
 @app.command()
-def export(source: Annotated[str, typer.Argument(help="Finetune output URI (holds adapter/ or model/).")],
-           out: Annotated[Path, typer.Option(help="Folder for the merged HF model.")]) -> None:
-    """Merge LoRA into the base and write one HF folder that loads with from_pretrained."""
+def export(source: Annotated[str, typer.Argument(help="Run output URI (holds adapter/ or model/) or a model folder.")],
+           out: Annotated[Path, typer.Option(help="Folder for the self-contained HF model.")]) -> None:
+    """Merge LoRA into the base and write one HF folder (model, processor, code) that transformers
+    alone loads: Auto*.from_pretrained(OUT, trust_remote_code=True)."""
     from .export import export_merged
+    from .remote_code import RemoteCodeError
 
     try:
         typer.echo(json.dumps(export_merged(source, out), indent=1))
-    except UserError as err:
+    except (UserError, RemoteCodeError) as err:
         fail(str(err))
 
 

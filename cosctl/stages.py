@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
 
-from .checkpoint import NotPublished, fetch_published, publish
+from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
 from .data import IMAGE_TOKEN, load_tokenizer
 from .dist import Dist, barrier, broadcast
 from .engine import build_finetune_model, build_pretrain_model
@@ -56,6 +56,36 @@ def fetch_model(source: str, settings: StoreSettings | None, local_dir: Path) ->
     if "://" not in source.removeprefix("file://") and (plain / "config.json").is_file():
         return plain
     raise StorageError(f"{source}: neither a published model folder (with manifest.json) nor a local model folder")
+
+
+def local_model_folder(source: str) -> Path | None:
+    """The absolute folder `fetch_model` reads for a local `source`, None for a remote or missing one."""
+    if "://" in source.removeprefix("file://"):
+        return None
+    root = Path(source.removeprefix("file://")).expanduser().resolve()
+    for folder, marker in ((root / "model", MANIFEST), (root, MANIFEST), (root, "config.json")):
+        if (folder / marker).is_file():
+            return folder
+    return None
+
+
+def absolute_source(source: str) -> str:
+    """A model URI that means the same from any working directory: local paths made absolute."""
+    if "://" in source.removeprefix("file://"):
+        return source
+    return str(Path(source.removeprefix("file://")).expanduser().resolve())
+
+
+def save_adapter(peft_model, state: dict, tokenizer, base_source: str, out_dir: Path) -> None:
+    """A finetune's adapter folder: peft weights (`state`), the tokenizer and the base model as an
+    absolute reference, both in `SOURCE_RECORD` (for `cosctl export`) and in `adapter_config.json`'s
+    `base_model_name_or_path` (the base's local folder, for peft's `AutoPeftModel`)."""
+    base_folder = local_model_folder(base_source)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = str(base_folder) if base_folder else absolute_source(base_source)
+    peft_model.save_pretrained(out_dir, state_dict=state)
+    tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps({"base_model": absolute_source(base_source)}))
 
 
 def _gathered(engine, params):
@@ -147,9 +177,7 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
             if dist.get_rank() == 0:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()
                          if "lora_" in k or "modules_to_save" in k}
-                engine.module.save_pretrained(local_dir, state_dict=state)
-                tokenizer.save_pretrained(local_dir)
-                (local_dir / SOURCE_RECORD).write_text(json.dumps({"base_model": spec.model.source}))
+                save_adapter(engine.module, state, tokenizer, spec.model.source, local_dir)
 
     def write_trainable(engine, local_dir: Path) -> None:
         if uses_lora:

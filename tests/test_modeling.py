@@ -64,12 +64,19 @@ def test_save_and_load_give_identical_logits(model, config, tmp_path):
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
-def test_generate_returns_new_tokens(model, config):
-    """generate() with an image returns max_new_tokens valid token ids per prompt."""
+def test_generate_returns_prompt_then_new_tokens(model, config):
+    """generate() with an image returns each prompt followed by up to max_new_tokens valid token ids,
+    as a tensor and as `.sequences` of a dict output (transformers' decoder-only contract)."""
     inputs = tiny_inputs(config, num_images=2)
+    prompt_length = inputs["input_ids"].shape[1]
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert out.shape[0] == 2 and 1 <= out.shape[1] <= 4
-    assert ((out >= 0) & (out < config.text_config.vocab_size)).all()
+    assert out.shape[0] == 2 and prompt_length + 1 <= out.shape[1] <= prompt_length + 4
+    assert torch.equal(out[:, :prompt_length], inputs["input_ids"])
+    new = out[:, prompt_length:]
+    assert ((new >= 0) & (new < config.text_config.vocab_size)).all()
+    scored = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(scored.sequences, out) and len(scored.scores) == new.shape[1]
 
 
 def test_expand_image_tokens():

@@ -135,5 +135,8 @@ def test_export_merges_and_generates(pipeline, tmp_path):
     ok(cosctl("export", str(pipeline["out"]["finetune"]), "--out", str(out)))
     model = CosForConditionalGeneration.from_pretrained(out).eval()
     assert model.config.num_visual_tokens == 528
-    tokens = model.generate(**probe_inputs(model.config), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert tokens.shape[0] == 2 and 1 <= tokens.shape[1] <= 3
+    inputs = probe_inputs(model.config)
+    prompt_length = inputs["input_ids"].shape[1]
+    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert tokens.shape[0] == 2 and prompt_length + 1 <= tokens.shape[1] <= prompt_length + 3
+    assert torch.equal(tokens[:, :prompt_length], inputs["input_ids"])
