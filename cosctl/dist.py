@@ -37,6 +37,11 @@ class Dist:
     def local_world_size(self) -> int:
         return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
+    @property
+    def node(self) -> int:
+        """This node's index among the job's nodes (torchrun's GROUP_RANK; 0 without a launcher)."""
+        return int(os.environ.get("GROUP_RANK", "0"))
+
 
 def comm_backend(device_type: str) -> str:
     """The torch.distributed backend for a device type: NCCL on CUDA, gloo everywhere else."""
@@ -108,3 +113,10 @@ def on_main(compute: Callable[[], T]) -> T:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def on_node_main(value: T, dist_info: Dist) -> T:
+    """Each rank gets the `value` of its node's local rank 0 (collective over all ranks)."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, (dist_info.node, dist_info.local_rank, value))
+    return next(v for node, local_rank, v in values if node == dist_info.node and local_rank == 0)

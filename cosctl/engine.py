@@ -13,10 +13,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from cos_model import CosForConditionalGeneration
-from cos_model.vision import CosVisionTower
+from cos_model.loading import CheckpointMismatchError, build_pretrained
 
-from .deepspeed_config import load_template, resolve_deepspeed
+from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .dist import Dist
+from .errors import CheckpointError
+from .log import log
 from .spec import MODULES, FinetuneSpec, PretrainSpec, TrainingSpec
 from .spec_sections import LoraSpec
 
@@ -37,22 +39,53 @@ def set_trainable(model: nn.Module, modules: list[str]) -> None:
         param.requires_grad = name.split(".")[0] in modules
 
 
-def build_pretrain_model(spec: PretrainSpec, vocab_size: int, image_token_id: int) -> CosForConditionalGeneration:
-    """A fresh Chain-of-Sight model: random bridge; ViT and LLM from local folders or random."""
-    config = spec.model.to_config(vocab_size=vocab_size, image_token_id=image_token_id)
-    torch.manual_seed(spec.run.seed)
-    model = CosForConditionalGeneration(config)
-    if spec.model.vision.path:
-        tower = CosVisionTower.from_pretrained(spec.model.vision.path, num_blocks=model.vision_tower.num_blocks)
-        model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
-    if spec.model.text.path:
-        from transformers import AutoModelForCausalLM
+def run_dtype(spec: TrainingSpec, device_type: str) -> torch.dtype:
+    """The dtype weights are built in: bf16 when the run trains in bf16 (GPU by default), else fp32."""
+    return torch.bfloat16 if use_bf16(spec.deepspeed.precision, device_type) else torch.float32
 
-        model.language_model = AutoModelForCausalLM.from_pretrained(spec.model.text.path, dtype=torch.float32)
+
+def build_pretrain_model(spec: PretrainSpec, vocab_size: int, image_token_id: int,
+                         dtype: torch.dtype = torch.float32) -> CosForConditionalGeneration:
+    """A fresh Chain-of-Sight model, built lean (`cos_model.loading.build_pretrained`): ViT and LLM
+    loaded exactly from their local folders straight into `dtype`, random where a component has no
+    folder, the bridge initialised once; the vocabulary grows to the tokenizer's (`vocab_size`)."""
+    config = spec.model.to_config(vocab_size=vocab_size, image_token_id=image_token_id)
+    try:
+        model, reports = build_pretrained(config, spec.model.vision.path, spec.model.text.path, dtype,
+                                          vocab_size=vocab_size, seed=spec.run.seed)
+    except CheckpointMismatchError as err:
+        raise CheckpointError(str(err)) from None
+    for part, report in reports.items():
+        for message in report.messages:
+            log.info(f"{part}: {message}")
     set_trainable(model, list(spec.model.trainable))
     if spec.model.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable()
     return model
+
+
+def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32) -> CosForConditionalGeneration:
+    """A Chain-of-Sight model folder (the inflate stage's output), every tensor loaded or an error
+    naming the first keys: transformers only logs missing keys and initialises them at random."""
+    model, info = CosForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"
+                           + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") for kind, keys in problems.items())
+        raise CheckpointError(f"{model_dir}: does not hold this model's weights ({detail})")
+    return model
+
+
+def build_finetune_model(spec: FinetuneSpec, model_dir: str, dtype: torch.dtype = torch.float32):
+    """The inflated model from a local folder, with LoRA (or full LLM training) as the spec says."""
+    model = load_model_folder(model_dir, dtype)
+    if spec.model.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    if spec.lora is None:
+        set_trainable(model, list(spec.model.trainable))
+        return model
+    return apply_lora(model, spec.lora, list(spec.model.trainable), spec.run.seed)
 
 
 def apply_lora(model: CosForConditionalGeneration, lora: LoraSpec, trainable: list[str], seed: int):
@@ -73,17 +106,6 @@ def apply_lora(model: CosForConditionalGeneration, lora: LoraSpec, trainable: li
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
         raise ValueError(f"lora.target_modules: {lora.target_modules} match no module of the language model")
     return peft_model
-
-
-def build_finetune_model(spec: FinetuneSpec, model_dir: str):
-    """The inflated model from a local folder, with LoRA (or full LLM training) as the spec says."""
-    model = CosForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    if spec.model.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
-    if spec.lora is None:
-        set_trainable(model, list(spec.model.trainable))
-        return model
-    return apply_lora(model, spec.lora, list(spec.model.trainable), spec.run.seed)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

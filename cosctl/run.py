@@ -6,6 +6,7 @@ in its DeepSpeed engine and makes the checkpointer; `Run` holds the result for t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,7 @@ from .autobatch import probe_micro_batch
 from .batching import MicroBatch, MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
 from .checkpointer import Checkpointer, Restored
 from .data import Example, LengthStats, length_stats, load_examples
-from .dist import Dist, init_distributed
+from .dist import Dist, all_reduce, init_distributed
 from .engine import build_engine, expected_trainable_groups, trainable_summary
 from .log import log, setup_logging
 from .spec import TrainingSpec
@@ -81,7 +82,9 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     setup_logging(dist_info.rank, spec.stage)
     run_dir = Path(run_dir)
     store = open_store(output, spec.storage.to_settings())
+    started, before = time.monotonic(), host_rss_gib()
     stage = prepare_stage(spec, store, run_dir / "staging", dist_info)
+    _log_build(time.monotonic() - started, before, dist_info)
     train_examples = _load_split(spec, stage, spec.data.train, spec.data.max_bad_fraction)
     evaluated = spec.data.eval is not None and spec.eval.every_steps
     eval_examples = _load_split(spec, stage, spec.data.eval, 1.0) if evaluated else None
@@ -105,6 +108,22 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
                               max_tokens=spec.batch.max_tokens_per_micro_batch, device=run.dist.device)
     log.info(probe.summary())
     return Budget(max(probe.tokens_per_micro_batch, lengths.max_tokens), "probe")
+
+
+def host_rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), in GiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _log_build(seconds: float, before_gib: float, dist_info: Dist) -> None:
+    """How long building the model took and the highest host memory any rank reached doing it
+    (collective): the figure that says whether a node's ranks fit in its memory."""
+    slowest, before, peak = all_reduce([seconds, before_gib, host_rss_gib("VmHWM")], dist_info.device, op="max")
+    log.info(f"model built in {slowest:.1f} s; host memory per rank {before:.2f} GiB before, peak "
+             f"{peak:.2f} GiB (highest of {dist_info.world_size} ranks)")
 
 
 def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> list[Example]:

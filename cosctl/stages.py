@@ -22,11 +22,12 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
+from cos_model.loading import materialize
 
 from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
 from .data import IMAGE_TOKEN, load_tokenizer
-from .dist import Dist, barrier, broadcast
-from .engine import build_finetune_model, build_pretrain_model
+from .dist import Dist, barrier, on_node_main
+from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
 from .log import log
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
@@ -133,13 +134,14 @@ def prepare_stage(spec: TrainingSpec, store: ObjectStore, staging: Path, dist_in
     """The stage's tokenizer and model (not yet in an engine) and how it writes weights to `store`;
     `write_final` returns the published artefact's key in the store (`model` or `adapter`)."""
     if isinstance(spec, PretrainSpec):
-        return _pretrain_stage(spec, store, staging)
+        return _pretrain_stage(spec, store, staging, dist_info)
     return _finetune_stage(spec, store, staging, dist_info)
 
 
-def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path) -> Stage:
+def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
     tokenizer = load_tokenizer(spec.model.tokenizer)
-    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                 run_dtype(spec, dist_info.device.type))
 
     def write_trainable(engine, local_dir: Path) -> None:
         state = _trainable_state(engine)
@@ -159,14 +161,16 @@ def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path) -> St
 
 
 def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
-    # One download per node (local rank 0); the other ranks of the node read the same folder.
+    # One download per node (its local rank 0) into that node's own folder: a run dir on a shared
+    # filesystem would otherwise have every node delete and rewrite the same files at once.
+    node_folder = staging / f"node_{dist_info.node:04d}" / "source"
     found = None
     if dist_info.local_rank == 0:
-        found = str(fetch_model(spec.model.source, spec.storage.to_settings(), staging / "source"))
+        found = str(fetch_model(spec.model.source, spec.storage.to_settings(), node_folder))
     barrier()
-    model_dir = Path(broadcast(found))
+    model_dir = Path(on_node_main(found, dist_info))
     tokenizer = load_tokenizer(model_dir)
-    model = build_finetune_model(spec, str(model_dir))
+    model = build_finetune_model(spec, str(model_dir), run_dtype(spec, dist_info.device.type))
     cos_config = CosConfig.from_pretrained(model_dir)
     uses_lora = spec.lora is not None
 
@@ -204,17 +208,21 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
 
 
 def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
-    """Load the pretrained model (full weights, one process), inflate it, publish the new folder."""
+    """Load the pretrained model (full weights, one process, in its stored dtype), inflate it into a
+    destination built on the meta device (no random init of weights that inflation provides), publish."""
     started = time.monotonic()
     run_dir = Path(run_dir)
     settings = spec.storage.to_settings()
     source_dir = fetch_model(spec.source, settings, run_dir / "staging" / "source")
     src_config = CosConfig.from_pretrained(source_dir)
     dst_config = inflate_config(src_config, spec.plan_arg())
-    source = CosForConditionalGeneration.from_pretrained(source_dir, dtype=torch.float32)
+    source = load_model_folder(str(source_dir), dtype="auto")
     state = inflate_state_dict(source.state_dict(), src_config, dst_config)
-    model = CosForConditionalGeneration(dst_config)
-    model.load_state_dict(state, strict=True)
+    del source
+    with torch.device("meta"):
+        model = CosForConditionalGeneration(dst_config)
+    model.load_state_dict(state, strict=True, assign=True)
+    materialize(model, dtype=next(iter(state.values())).dtype)  # the non-persistent buffers (rotary, ids)
     local = run_dir / "staging" / "model"
     shutil.rmtree(local, ignore_errors=True)
     model.save_pretrained(local)
