@@ -14,7 +14,7 @@
 # These are throwaway test credentials, kept in DIR/s3.env (mode 600) so `env` can print them.
 set -euo pipefail
 
-CMD=${1:?usage: $0 init|start|stop|status|env [DIR]}
+CMD=${1:?usage: $0 init|start|stop|stop-rgw|start-rgw|status|env [DIR]}
 D=$(realpath -m "${2:-${CEPH_S3_DIR:?set CEPH_S3_DIR or pass DIR}}")
 C=(-c "$D/ceph.conf")
 DAEMONS=(mon.a osd.0 client.rgw)   # start order; stop runs it backwards
@@ -165,6 +165,10 @@ case "$CMD" in
   stop)
     [ -f "$D/ceph.conf" ] || exit 0
     stop_all ;;
+  stop-rgw)  # an outage of the S3 endpoint alone (the cluster keeps its data)
+    stop_daemon client.rgw ;;
+  start-rgw)
+    start_daemon client.rgw ;;
   status)
     for n in "${DAEMONS[@]}"; do pid_of "$n" >/dev/null || { log "$n is not running"; exit 1; }; done
     rgw_answers || { log "radosgw does not answer on port $(rgw_port)"; exit 1; }
@@ -176,5 +180,5 @@ case "$CMD" in
     printf 'export AWS_ENDPOINT_URL_S3=%q\n' "http://127.0.0.1:$(rgw_port)"
     printf 'export AWS_ACCESS_KEY_ID=%q\nexport AWS_SECRET_ACCESS_KEY=%q\n' "$AK" "$SK"
     printf 'export AWS_DEFAULT_REGION=us-east-1\n' ;;
-  *) echo "usage: $0 init|start|stop|status|env [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 init|start|stop|stop-rgw|start-rgw|status|env [DIR]" >&2; exit 2 ;;
 esac

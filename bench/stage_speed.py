@@ -328,7 +328,8 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
         ready = time.perf_counter()
         if budget == "auto":
             probe = probe_micro_batch(engine, config, args.text_tokens, memory_fraction=spec.batch.memory_fraction,
-                                      max_tokens=spec.batch.max_tokens_per_micro_batch, device=device)
+                                      max_tokens=spec.batch.max_tokens_per_micro_batch, max_samples=1 << 20,
+                                      device=device)
             print(f"[stage_speed] {num_tokens} tokens: {probe.summary()}", flush=True)
             micro = probe.num_samples
             reset_peak_memory(device)

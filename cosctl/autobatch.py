@@ -8,12 +8,13 @@ kernels, ZeRO stage and precision. The probe:
        example's text, so a budget holds the most images it ever can);
     2. runs forward + backward with 1 and 4 samples, reads each peak, and fits
        peak(n) = fixed + per_sample * n (activations grow linearly in the number of samples);
-    3. solves for the n that fills `memory_fraction` of this rank's memory, capped by the spec's
-       `max_tokens_per_micro_batch`, and runs that n; the line is refitted through the new, farther
-       point and the next n run until the answer settles (a few passes at most: memory is not quite
-       linear, e.g. allocator rounding, and the first two points are close together); a pass that
-       runs out of memory bounds n from above, and the next try goes halfway below it;
-    4. takes the largest n measured to fit.
+    3. solves for the n that fills 90% of `memory_fraction` of this rank's memory (the margin), capped
+       by the spec's `max_tokens_per_micro_batch` and by the rank's share of a step, and confirms that
+       n with one pass; a confirming pass that reads over the capacity is refitted through and a
+       smaller n confirmed once more, else the largest n measured to fit is taken. Nothing is ever
+       probed upwards into an out-of-memory error: inside ZeRO-3's collectives one rank running out
+       would leave the others waiting;
+    4. a flat reading (CPU) has a floor on the per-sample slope, and the cap bounds the answer.
 
 Every reading is the highest over all ranks (and the usable memory the lowest), so all ranks take the
 same steps and reach the same budget; the data plan is global and must be. The probe runs before the
@@ -37,11 +38,16 @@ import torch.distributed as dist
 
 from cos_model import IGNORE_INDEX, CosConfig
 
+from .errors import UserError
+
 PROBE_SAMPLES = (1, 4)
-MAX_CHECKS = 4  # passes at the chosen size, each refitting with what the last one measured
+MARGIN = 0.9  # the count run to confirm aims at 90% of the capacity: a pass must never run out of memory
 ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq
 FOREACH_TEMP_BYTES = 4  # torch's foreach AdamW materialises an fp32 intermediate per parameter
-REFIT_GAIN = 0.05  # stop refitting once the next count is within 5% of one measured to fit
+
+
+class ProbeError(UserError):
+    """The probe cannot find a budget (one sample does not fit, or a pass failed on some rank)."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +94,18 @@ def synthetic_micro_batch(config: CosConfig, num_samples: int, num_text_tokens: 
     }
 
 
-def solve_num_samples(peaks: dict[int, float], capacity: float, max_samples: int | None) -> tuple[float, float, int]:
+def solve_num_samples(peaks: dict[int, float], capacity: float, max_samples: int,
+                      min_per_sample: float = 0.0) -> tuple[float, float, int]:
     """(fixed, per-sample, n) from peak memory at several sample counts: the largest n with
     fixed + per_sample * n <= capacity, at least 1 and at most `max_samples`. The line goes through the
     smallest and the largest count measured (the farther apart, the less a reading's noise is
-    magnified). Pure; units as given."""
+    magnified); its slope is at least `min_per_sample`, so a flat or noisy reading (CPU allocators can
+    hide growth) cannot ask for an absurd count. Pure; units as given."""
     (n1, p1), (n2, p2) = min(peaks.items()), max(peaks.items())
-    per_sample = max((p2 - p1) / (n2 - n1), 1e-9)  # a flat or noisy (CPU) reading must not divide by 0
+    per_sample = max((p2 - p1) / (n2 - n1) if n2 > n1 else 0.0, min_per_sample, 1e-9)
     fixed = p1 - per_sample * n1
     num = max(1, int((capacity - fixed) / per_sample))
-    return fixed, per_sample, min(num, max_samples) if max_samples else num
+    return fixed, per_sample, min(num, max_samples)
 
 
 class MemoryMeter:
@@ -142,62 +150,61 @@ def optimizer_state_gib(engine, device: torch.device) -> float:
 
 
 def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory_fraction: float,
-                      max_tokens: int | None, device: torch.device) -> Probe:
-    """The token budget that fills `memory_fraction` of memory (collective: every rank calls it)."""
+                      max_tokens: int | None, max_samples: int, device: torch.device) -> Probe:
+    """The token budget that fills `memory_fraction` of memory (collective: every rank calls it).
+    `max_samples` is a hard cap: more samples than a rank's share of a step never help."""
     meter = MemoryMeter(device)
     num_text_tokens = max(2, num_text_tokens)  # at least one labelled token, so the loss is a number
     sample_tokens = config.num_visual_tokens + num_text_tokens
-    max_samples = max(1, max_tokens // sample_tokens) if max_tokens else None
+    cap = max(1, min(max_samples, max_tokens // sample_tokens if max_tokens else max_samples))
     # The optimizer's state does not exist until the first step, which comes after the probe.
     capacity = -_max_over_ranks(optimizer_state_gib(engine, device) - meter.capacity_gib(memory_fraction), device)
+    # A sample's activations hold at least its token embeddings at the LLM's width, in fp32.
+    min_per_sample = sample_tokens * config.text_config.hidden_size * 4 / 2**30
 
-    def measure(num: int) -> float | None:
-        """Peak GiB of a pass of `num` samples, the highest over all ranks; None when any rank ran out
-        of memory. Agreed readings make every rank take the same next step and the same answer."""
+    def measure(num: int) -> float:
+        """Peak GiB of a pass of `num` samples, the highest over all ranks. Any failure on any rank is
+        agreed before anything else runs, and ends the probe with one line."""
         try:
-            peak = _peak_of_pass(engine, config, num, num_text_tokens, meter)
-        except torch.OutOfMemoryError:  # the pass has already released what it held
-            peak = math.inf
+            peak, problem = _peak_of_pass(engine, config, num, num_text_tokens, meter), None
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # the pass has released what it held
+            peak, problem = math.inf, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         peak = _max_over_ranks(peak, device)
-        return None if math.isinf(peak) else peak
+        if math.isinf(peak):
+            raise ProbeError(f"batch.tokens_per_micro_batch auto: a pass of {num} samples of {sample_tokens} tokens "
+                             f"failed on a rank ({problem or 'on another rank'}); set a fixed budget")
+        return peak
 
     _release(engine, device)  # so the first reading does not count blocks cached while building
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        first = measure(PROBE_SAMPLES[0])
-        if first is None:
-            raise torch.OutOfMemoryError(f"tokens_per_micro_batch auto: one sample of {sample_tokens} tokens "
-                                         "does not fit in memory")
-        peaks = {PROBE_SAMPLES[0]: first}
-        num = _fit_and_check(peaks, capacity, max_samples, measure)
-    fixed, per_sample, _ = solve_num_samples(peaks, capacity, max_samples) if len(peaks) > 1 else (first, 0.0, 1)
-    checked = peaks.get(num) if num not in PROBE_SAMPLES else None
-    return Probe(sample_tokens, capacity, fixed, per_sample, num, checked)
+        peaks = {1: measure(1)}
+        if peaks[1] > capacity:
+            raise ProbeError(f"batch.tokens_per_micro_batch auto: one sample of {sample_tokens} tokens needs "
+                             f"{peaks[1]:.2f} GiB, more than the {capacity:.2f} GiB usable (batch.memory_fraction "
+                             f"{memory_fraction}); enable model.gradient_checkpointing or use more ranks")
+        num = _extrapolate_and_confirm(peaks, capacity, cap, min_per_sample, measure)
+    fixed, per_sample, _ = solve_num_samples(peaks, capacity, cap, min_per_sample) if len(peaks) > 1 \
+        else (peaks[1], 0.0, 1)
+    return Probe(sample_tokens, capacity, fixed, per_sample, num, peaks.get(num) if num > PROBE_SAMPLES[1] else None)
 
 
-def _fit_and_check(peaks: dict[int, float], capacity: float, max_samples: int | None, measure) -> int:
-    """From one measured count: measure the second probe count, then repeatedly fit a line through the
-    smallest and the largest count measured, and run the count it solves for. Each run is a point
-    farther out, so the next line is better; it stops once the answer moves by less than `REFIT_GAIN`.
-    A count that runs out of memory becomes an upper bound, halfway to which the next try goes.
-    `peaks` gains every count measured."""
-    out_of_memory: int | None = None
-    candidates = [PROBE_SAMPLES[1]]
-    for _ in range(MAX_CHECKS + 1):
-        largest_fit = _largest_fit(peaks, capacity)
-        num = candidates.pop() if candidates else solve_num_samples(peaks, capacity, max_samples)[2]
-        if out_of_memory is not None:
-            num = min(num, (largest_fit + out_of_memory) // 2)
-        if num <= largest_fit:  # a larger count was measured to fit, so this one does
-            return num
-        if len(peaks) > 1 and num <= largest_fit * (1 + REFIT_GAIN):
-            return largest_fit  # close enough: another pass would gain little
-        if num in peaks:  # measured and over capacity: the fit cannot improve
+def _extrapolate_and_confirm(peaks: dict[int, float], capacity: float, cap: int, min_per_sample: float,
+                             measure) -> int:
+    """From small passes (1 and 4 samples), extrapolate the count that fills `MARGIN` of the capacity,
+    and confirm it with one pass; if that pass reads over the capacity, refit through it and confirm
+    one smaller count; else fall back to the largest count measured to fit. Counts are only ever run
+    below a line's prediction with the margin, never probed upwards into an out-of-memory error, which
+    inside ZeRO-3's collectives would leave the other ranks waiting. `peaks` gains every count run."""
+    if cap > 1:
+        small = min(PROBE_SAMPLES[1], cap)
+        peaks[small] = measure(small)
+    for _ in range(2):
+        num = solve_num_samples(peaks, MARGIN * capacity, cap, min_per_sample)[2]
+        if num in peaks or num <= max(peaks):
             break
-        peak = measure(num)
-        if peak is None:
-            out_of_memory = num
-        else:
-            peaks[num] = peak
+        peaks[num] = measure(num)
+        if peaks[num] <= capacity:
+            return num
     return max(1, _largest_fit(peaks, capacity))
 
 

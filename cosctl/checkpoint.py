@@ -10,7 +10,9 @@ Layout under the run's output URI (every key is built by `checkpoint_key`):
     checkpoints/step_00000100/spec.json          the resolved run spec
     checkpoints/step_00000100/parts/...          per-rank upload receipts (until the commit)
     checkpoints/step_00000100/manifest.json      size + sha256 of every file above, step, world size
+    checkpoints/step_00000100/latest             "zero": DeepSpeed's own tag file (zero_to_fp32.py reads it)
     checkpoints/latest                           name of the newest committed checkpoint
+    abandoned/<when>_from_step_N/checkpoints/... checkpoints of a branch abandoned by a rollback to step N
     model/ or adapter/ + manifest.json           the stage's published artefact
 
 Commit order: every rank writes and uploads its files -> rank 0 verifies every object's size ->
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -100,13 +103,34 @@ def owned_by_rank(relative: str, rank: int) -> bool:
     return owner == rank or (owner is None and rank == 0)
 
 
+def owned_files(local_dir: Path, rank: int) -> list[Path]:
+    """The files under `local_dir` that `rank` uploads, sorted. The walk tolerates folders that other
+    ranks empty and remove meanwhile (a staging folder on a shared filesystem)."""
+    found = []
+    for folder, _, names in os.walk(local_dir):  # os.walk skips what vanishes under it
+        for name in names:
+            path = Path(folder) / name
+            if owned_by_rank(path.relative_to(local_dir).as_posix(), rank):
+                found.append(path)
+    return sorted(found)
+
+
+def remove_owned(local_dir: Path, rank: int) -> None:
+    """Delete the staged files `rank` owns, then every folder left empty (no rank deletes another's)."""
+    for path in owned_files(local_dir, rank):
+        path.unlink(missing_ok=True)
+    for folder, _, _ in sorted(os.walk(local_dir), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty yet: another rank's files
+            pass
+
+
 def upload_tree(store: ObjectStore, local_dir: Path, prefix: str, rank: int) -> dict[str, dict]:
     """Upload the files this rank owns; return {relative path: {size, sha256}} for them."""
     entries = {}
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+    for path in owned_files(local_dir, rank):
         relative = path.relative_to(local_dir).as_posix()
-        if not owned_by_rank(relative, rank):
-            continue
         entry = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         store.put_file(path, f"{prefix}/{relative}")
         if store.size(f"{prefix}/{relative}") != entry["size"]:
@@ -231,9 +255,17 @@ def verify(store: ObjectStore, committed: Committed, scratch: Path) -> list[str]
     return bad
 
 
+def delete_checkpoint(store: ObjectStore, name: str) -> None:
+    """Uncommit a checkpoint (its manifest goes first, so a kill midway leaves no manifest whose files
+    are gone), then delete its files in batches."""
+    store.delete(checkpoint_key(name, MANIFEST))
+    store.delete_many(store.list(checkpoint_key(name) + "/"))
+
+
 def apply_retention(store: ObjectStore, keep_last: int) -> list[str]:
-    """Delete committed checkpoints beyond the newest `keep_last`, and uncommitted leftovers older
-    than the newest commit. Never touches anything newer than the newest commit."""
+    """Delete committed checkpoints of the current line beyond the newest `keep_last`, and uncommitted
+    leftovers older than the newest commit. Never touches anything newer than the newest commit, nor
+    checkpoints moved aside by a rollback (they are no longer under `checkpoints/`)."""
     committed = list_committed(store)
     if not committed:
         return []
@@ -243,12 +275,50 @@ def apply_retention(store: ObjectStore, keep_last: int) -> list[str]:
     for name in checkpoint_names(store):
         if name in keep or step_of(name) >= newest:
             continue
-        for key in store.list(checkpoint_key(name) + "/"):
-            if not key.endswith(MANIFEST):
-                store.delete(key)
-        store.delete(checkpoint_key(name, MANIFEST))  # last: a half-deleted checkpoint is uncommitted
+        delete_checkpoint(store, name)
         removed.append(name)
     return removed
+
+
+ABANDONED = "abandoned"
+
+
+def move_aside(store: ObjectStore, newer: list[Committed], resumed: Committed) -> str:
+    """Roll back to `resumed`: move the committed checkpoints of the abandoned branch (`newer`) under
+    `abandoned/<when>_from_<resumed>/checkpoints/`, each manifest first (so a kill midway leaves it
+    uncommitted in the current line, never half-moved and still committed), and point `latest` at
+    `resumed`. Returns the prefix they went to."""
+    when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = f"{ABANDONED}/{when}_from_{resumed.name}"
+    for checkpoint in newer:
+        store.move(checkpoint_key(checkpoint.name, MANIFEST), f"{aside}/{checkpoint_key(checkpoint.name, MANIFEST)}")
+        for key in store.list(checkpoint_key(checkpoint.name) + "/"):
+            store.move(key, f"{aside}/{key}")
+    store.put_bytes(resumed.name.encode(), LATEST)
+    return aside
+
+
+def list_abandoned(store: ObjectStore) -> list[tuple[str, Committed]]:
+    """(prefix, checkpoint) for every committed checkpoint moved aside by a rollback, oldest first."""
+    prefixes = sorted({key.split("/")[1] for key in store.list(ABANDONED + "/") if key.count("/") >= 2})
+    found = []
+    for prefix in prefixes:
+        sub = _Prefixed(store, f"{ABANDONED}/{prefix}")
+        found += [(f"{ABANDONED}/{prefix}", committed) for committed in list_committed(sub)]
+    return found
+
+
+class _Prefixed:
+    """A read-only view of a store under a key prefix (for listing an abandoned branch)."""
+
+    def __init__(self, store: ObjectStore, prefix: str):
+        self.store, self.prefix, self.uri = store, prefix, f"{store.uri}/{prefix}"
+
+    def list(self, prefix: str = "") -> list[str]:
+        return [key[len(self.prefix) + 1:] for key in self.store.list(f"{self.prefix}/{prefix}")]
+
+    def get_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self.store.get_bytes(f"{self.prefix}/{key}", start, end)
 
 
 def publish(store: ObjectStore, local_dir: Path, prefix: str) -> dict:

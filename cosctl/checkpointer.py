@@ -1,17 +1,28 @@
-"""The checkpointer of a running job (docs/design.md §6, §7): when to save, saving (stage locally, upload and commit in the
-background), restoring, and what a resume point holds. Collective: every rank calls it.
+"""The checkpointer of a running job (docs/design.md §6, §7): when to save, saving (stage locally;
+`cosctl.committer` uploads and commits in the background), restoring, and what a resume point holds.
+Collective: every rank calls every method, in the same order.
 
 A resume point is the DeepSpeed ZeRO state (trainable weights, optimizer, LR scheduler), every rank's
 RNG states and data-loader position, the step, the resolved spec and the gathered trainable weights.
 `--resume auto` continues from the newest committed checkpoint so that N steps == N/2 + resume + N/2.
+
+    restore: rank 0 resolves the checkpoint (auto / URI / never) and moves a newer, abandoned branch
+             aside -> every rank verifies the same manifest (by its sha256) and its own files ->
+             same world size: DeepSpeed's shards; another world size: the universal form (`reshard`)
+    save:    every rank checks its staging disk -> writes its files -> all agree it worked -> queued
+             for upload (one upload in flight; newer saves wait in the queue, training goes on)
+    stop:    `stop_reason()` when the store has failed past the outage limit or staging ran out of disk
+
 The layout and the commit protocol are `cosctl.checkpoint`'s; this module only calls them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import random
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,31 +30,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from . import reshard
 from .checkpoint import (
     MANIFEST,
-    PARTS,
     PREFIX,
     ZERO_TAG,
     CheckpointError,
     Committed,
-    apply_retention,
-    checkpoint_key,
     checkpoint_name,
     checkpoint_uri,
-    commit,
     fetch,
-    find_latest,
-    owned_by_rank,
+    list_committed,
+    move_aside,
+    read_manifest,
+    remove_owned,
     resolve_checkpoint,
     split_checkpoint_uri,
-    upload_tree,
 )
-from .dist import Dist, all_reduce
+from .committer import Committer, Staged
+from .dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
 from .log import log
 from .spec import spec_hash, spec_to_dict
-from .storage import ObjectStore, StorageError
+from .storage import ObjectStore, open_store
 # Spec sections that may change across a resume; anything else changes the model or the data order.
 RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "run.output", "optim.num_steps")
 
@@ -108,113 +117,198 @@ class Restored:
 
 
 class Checkpointer:
-    """Saves and restores full resume points of one run in its output store (collective: every rank
-    calls every method, in the same order). Files are staged under `staging`, uploaded and committed
-    in the background by `BackgroundCommit`; `restore` continues from the newest committed one."""
+    """Saves and restores full resume points of one run in its output store."""
 
     def __init__(self, spec, store: ObjectStore, staging: Path, dist_info: Dist, write_trainable):
         self.spec, self.store, self.dist = spec, store, dist_info
         self.staging = Path(staging) / PREFIX
         self.write_trainable = write_trainable
         self.last_saved_step: int | None = None
-        self.committer = BackgroundCommit(store, dist_info.rank, dist_info.world_size, spec.checkpoint.keep_last)
+        self.resumed_from: str | None = None  # the checkpoint of the output store this run continues
+        self.staged_bytes = 0  # what this rank's last save wrote: the next one needs about as much disk
+        self._staging_failure: str | None = None
+        if dist_info.is_main:  # an earlier attempt's leftovers (killed runs leave staged files)
+            shutil.rmtree(self.staging, ignore_errors=True)
+        barrier()
+        self.committer = Committer(store, dist_info.rank, dist_info.world_size, spec.checkpoint.keep_last,
+                                   max_outage_s=60 * spec.storage.max_outage_minutes)
 
-    def save(self, engine, loader_state: dict, step: int, wait: bool = False) -> None:
-        """Write a full resume point locally (collective), then upload and commit it in the background;
-        with `wait`, return only once it is committed (final save, preemption)."""
+    # --- saving ----------------------------------------------------------------------------------
+
+    def save(self, engine, loader_state: dict, step: int, wait: bool = False) -> bool:
+        """Write a full resume point locally (collective) and queue it for upload and commit: uploads
+        go one at a time, a newer save waits in the queue while the store is slow or down; with
+        `wait`, return once everything queued is committed (final save, preemption). Returns whether
+        the checkpoint was staged (False: staging failed; `stop_reason()` says why)."""
         if self.last_saved_step == step:
-            if wait:
-                self._wait_committed(step)
-            return
+            return self._wait_committed(step) if wait else True
         started = time.monotonic()
-        self.committer.wait()  # at most one upload in flight; also frees its staging folder
         name = checkpoint_name(step)
         local = self.staging / name
-        if self.dist.is_main:
-            shutil.rmtree(local, ignore_errors=True)
-            self._clear_uncommitted(name)
-        dist.barrier()
-        engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-        local.mkdir(parents=True, exist_ok=True)
-        rank_file = {"rank": self.dist.rank, "rng": rng_state(), "loader": loader_state}
-        (local / f"rank_{self.dist.rank:05d}.json").write_text(json.dumps(rank_file))
-        self.write_trainable(engine, local / "trainable")
-        if self.dist.is_main:
-            (local / "spec.json").write_text(json.dumps(spec_to_dict(self.spec), indent=1))
-        dist.barrier()
-        meta = {"step": step, "world_size": self.dist.world_size, "spec_hash": spec_hash(self.spec),
-                "stage": self.spec.stage, "created": time.time(), "versions": _versions()}
-        self.committer.submit(local, name, meta, blocked_s=time.monotonic() - started)
+        problem = self._stage(engine, loader_state, step, local)
+        problems = [p for p in gather(problem) if p]
+        if problems:
+            remove_owned(local, self.dist.rank)
+            self._staging_failure = problems[0]
+            log.warning(f"checkpoint {name} not saved: {problems[0]}")
+            return False
+        meta = {"step": step, "world_size": self.dist.world_size, "num_nodes": _num_nodes(self.dist),
+                "spec_hash": spec_hash(self.spec), "stage": self.spec.stage, "created": time.time(),
+                "versions": _versions()}
+        save_id = broadcast(secrets.token_hex(8))
+        self.committer.submit(Staged(name, local, meta, save_id, blocked_s=time.monotonic() - started))
         self.last_saved_step = step
-        if wait:
-            self._wait_committed(step)
+        return self._wait_committed(step) if wait else True
 
-    def _clear_uncommitted(self, name: str) -> None:
-        """Remove what an interrupted earlier attempt left under this checkpoint's name (stale parts
-        would otherwise be committed with the new files)."""
-        keys = self.store.list(checkpoint_key(name) + "/")
-        manifest = checkpoint_key(name, MANIFEST)
-        if manifest in keys:  # resuming from an older checkpoint over a newer one: uncommit it first
-            self.store.delete(manifest)
-        for key in keys:
-            self.store.delete(key)
+    def _stage(self, engine, loader_state: dict, step: int, local: Path) -> str | None:
+        """This rank's files of the checkpoint (collective); the reason it could not, or None."""
+        need = max(self.staged_bytes, _partition_bytes(engine)) * 1.2
+        free = _free_bytes(self.staging)
+        # Checked up front, agreed by all: a rank that ran out of disk inside DeepSpeed's collective
+        # save would leave the others waiting in it.
+        short = any_rank([free < need], self.dist.device)[0]
+        if short:
+            return f"no space left on {self.staging} for a checkpoint (about {need / 2**30:.2f} GiB per rank)"
+        try:
+            if self.dist.is_main:
+                shutil.rmtree(local, ignore_errors=True)
+            barrier()
+            engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=True,
+                                   exclude_frozen_parameters=True)
+            rank_file = {"rank": self.dist.rank, "rng": rng_state(), "loader": loader_state}
+            (local / f"rank_{self.dist.rank:05d}.json").write_text(json.dumps(rank_file))
+            self.write_trainable(engine, local / "trainable")
+            if self.dist.is_main:
+                (local / "spec.json").write_text(json.dumps(spec_to_dict(self.spec), indent=1))
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                return f"no space left on {self.staging}"
+            return f"cannot write {local}: {err}"
+        self.staged_bytes = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+        return None
 
-    def _wait_committed(self, step: int) -> None:
-        """Collective: return once rank 0 has committed (or every rank raises). Without it a rank
-        could exit (and its launcher kill rank 0) or clean the shared staging folder mid-commit."""
-        ok = self.committer.wait()
+    def _wait_committed(self, step: int) -> bool:
+        """Collective: return once rank 0 has committed everything queued (or raise on every rank).
+        Without it a rank could exit (and its launcher kill rank 0) mid-commit."""
+        ok = self.committer.drain()
         if not all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0]:
-            reason = self.committer.failures[-1] if self.committer.failures else "another rank failed"
+            reason = self.stop_reason() or "a rank could not upload its part"
             raise CheckpointError(f"checkpoint {checkpoint_name(step)} could not be committed: {reason}")
+        return True
 
-    def _choose(self, resume: str, overwrite: bool) -> tuple[ObjectStore, Committed | None]:
-        latest = find_latest(self.store)
-        if resume == "never":
-            if latest is not None and not overwrite:
-                raise CheckpointError(
-                    f"{self.store.uri} already has checkpoints (newest: step {latest.step}); "
-                    "use --resume auto to continue or --overwrite to start over")
-            if latest is not None and self.dist.is_main:
-                for key in self.store.list(PREFIX + "/"):
-                    self.store.delete(key)
-            dist.barrier()
-            return self.store, None
-        if resume == "auto":
-            return self.store, latest
-        if split_checkpoint_uri(resume)[1] is None:
-            raise CheckpointError(f"--resume {resume}: expected auto, never or RUN/checkpoints/step_NNNNNNNN")
-        return resolve_checkpoint(resume, self.spec.storage.to_settings())
+    def last_committed(self) -> str:
+        """Rank 0: the newest committed checkpoint of this run's line, as a URI (or "none")."""
+        name = self.committer.last_committed or self.resumed_from
+        return checkpoint_uri(self.store.uri, name) if name else "none"
+
+    def stop_reason(self) -> str | None:
+        """Why this rank can no longer checkpoint (store down past the limit, staging disk full)."""
+        return self._staging_failure or self.committer.failure()
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop uploading (after the queue, or at once) and remove this run's staging (collective)."""
+        self.committer.close(abandon=abandon)
+        barrier()
+        remove_owned(self.staging, self.dist.rank)
+        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    # --- restoring -------------------------------------------------------------------------------
 
     def restore(self, engine, resume: str, overwrite: bool) -> Restored | None:
-        """Restore the engine and this rank's RNG from the chosen checkpoint; None when starting fresh."""
-        store, committed = self._choose(resume, overwrite)
-        if committed is None:
+        """Restore the engine and this rank's RNG from the chosen checkpoint; None when starting fresh.
+        Rank 0 chooses; every rank checks the manifest it reads is the one rank 0 chose."""
+        chosen = on_main(lambda: self._choose(resume, overwrite))
+        if chosen is None:
             log.info(f"starting fresh (no committed checkpoint in {self.store.uri})")
             return None
+        run_uri, name, sha256 = chosen
+        store = self.store if run_uri == self.store.uri else open_store(run_uri, self.spec.storage.to_settings())
+        committed = agreed(lambda: self._read_chosen(store, name, sha256))
         self._check_compatible(committed)
-        local = self.staging / f"restore_rank{self.dist.rank}"
-        fetch(store, committed, local, rank=self.dist.rank)
+        resharded = committed.manifest["world_size"] != self.dist.world_size
+        local = self._fetch(store, committed, resharded)
         self._show_diff(local / "spec.json")
         # Hashes were verified by fetch(); load the shards without executing pickled code.
         engine.checkpoint_engine.load = _weights_only_load
-        engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
-        rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
-        set_rng_state(rank_file["rng"])
-        shutil.rmtree(local, ignore_errors=True)
+        if resharded:
+            log.info(f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
+                     f"{self.dist.world_size} (universal checkpoint)")
+            reshard.load_universal(engine, local, _weights_only_load)
+            rank_file = json.loads((local / "rank_00000.json").read_text())
+            torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
+        else:
+            engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
+            rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
+            set_rng_state(rank_file["rng"])
+        barrier()
+        if not resharded or self.dist.local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
         self.last_saved_step = committed.step
+        self.resumed_from = committed.name if store is self.store else None
         uri = checkpoint_uri(store.uri, committed.name)
         log.info(f"resuming from {uri} at step {committed.step} (manifest sha256 {committed.manifest_sha256})")
         return Restored(committed.step, uri, rank_file["loader"])
 
+    def _choose(self, resume: str, overwrite: bool) -> tuple[str, str, str] | None:
+        """Rank 0: (run URI, checkpoint name, manifest sha256) to resume from, or None; rolls a newer
+        branch of the output store aside when resuming from an older checkpoint."""
+        committed_here = list_committed(self.store)
+        if resume == "never":
+            if committed_here and not overwrite:
+                raise CheckpointError(
+                    f"{self.store.uri} already has checkpoints (newest: step {committed_here[-1].step}); "
+                    "use --resume auto to continue or --overwrite to start over")
+            if committed_here:
+                keys = self.store.list(PREFIX + "/")
+                self.store.delete_many([k for k in keys if k.endswith(MANIFEST)])  # uncommit first
+                self.store.delete_many(keys)
+            return None
+        if resume == "auto":
+            store, chosen = self.store, (committed_here[-1] if committed_here else None)
+        elif split_checkpoint_uri(resume)[1] is None:
+            raise CheckpointError(f"--resume {resume}: expected auto, never or RUN/checkpoints/step_NNNNNNNN")
+        else:
+            store, chosen = resolve_checkpoint(resume, self.spec.storage.to_settings())
+        if chosen is None:
+            return None
+        newer = [c for c in committed_here if c.step > chosen.step]
+        if newer:
+            aside = move_aside(self.store, newer, chosen)
+            log.info(f"rolled back to step {chosen.step}: moved {', '.join(c.name for c in newer)} aside to "
+                     f"{self.store.uri}/{aside} (that branch is kept, no longer resumed or retained)")
+        return store.uri, chosen.name, chosen.manifest_sha256
+
+    def _read_chosen(self, store: ObjectStore, name: str, sha256: str) -> Committed:
+        committed = read_manifest(store, name)
+        if committed is None or committed.manifest_sha256 != sha256:
+            raise CheckpointError(f"{checkpoint_uri(store.uri, name)}: the manifest this rank reads is not the one "
+                                  "rank 0 chose (changed or removed meanwhile)")
+        return committed
+
+    def _fetch(self, store: ObjectStore, committed: Committed, resharded: bool) -> Path:
+        """This rank's files (same world size), or, on the node's first rank, every file converted to
+        the universal form (another world size); verified against the manifest on the way."""
+        if not resharded:
+            local = self.staging / f"restore_rank{self.dist.rank}"
+            agreed(lambda: fetch(store, committed, local, rank=self.dist.rank))
+            return local
+        local = self.staging / f"restore_node{self.dist.node}"
+
+        def fetch_and_convert() -> None:
+            if self.dist.local_rank == 0:
+                fetch(store, committed, local)
+                reshard.convert_to_universal(local / ZERO_TAG, local)
+
+        agreed(fetch_and_convert)
+        return local
+
     def _check_compatible(self, committed: Committed) -> None:
         manifest = committed.manifest
         if manifest.get("stage") != self.spec.stage:
-            raise CheckpointError(f"checkpoint {committed.name} is from stage {manifest.get('stage')!r}, not {self.spec.stage!r}")
-        if manifest.get("world_size") != self.dist.world_size:
-            raise CheckpointError(
-                f"checkpoint {committed.name} was written by {manifest.get('world_size')} ranks; this run has "
-                f"{self.dist.world_size} (ZeRO shards cannot be re-partitioned on resume)")
+            raise CheckpointError(f"checkpoint {committed.name} is from stage {manifest.get('stage')!r}, "
+                                  f"not {self.spec.stage!r}")
 
     def _show_diff(self, saved_spec: Path) -> None:
         diff = spec_diff(json.loads(saved_spec.read_text()), spec_to_dict(self.spec))
@@ -228,107 +322,21 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume with changed {', '.join(blocking)}: they change the model, "
                                   "the optimisation or the data order; start a new run instead")
 
-    def close(self) -> None:
-        self.committer.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+
+def _num_nodes(dist_info: Dist) -> int:
+    return max(1, dist_info.world_size // max(1, dist_info.local_world_size))
 
 
-class BackgroundCommit:
-    """Uploads this rank's staged checkpoint off the training thread and, on rank 0, commits it once
-    every rank's part has arrived. At most one upload is in flight: `submit` first waits for the
-    previous one. Failures are retried, then reported; they never commit a partial checkpoint.
-
-    Each rank announces its finished upload with `parts/rank_NNNNN.json` (its files' sizes and
-    hashes) or `parts/rank_NNNNN.failed`; rank 0 waits for all parts, checks every object's size,
-    writes `manifest.json`, moves `latest` and applies retention.
-    """
-
-    def __init__(self, store: ObjectStore, rank: int, world_size: int, keep_last: int,
-                 num_attempts: int = 4, part_timeout_s: float = 1800.0):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.store, self.rank, self.world_size, self.keep_last = store, rank, world_size, keep_last
-        self.num_attempts, self.part_timeout_s = num_attempts, part_timeout_s
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
-        self.pending = None
-        self.failures: list[str] = []
-
-    def submit(self, local_dir: Path, name: str, meta: dict, blocked_s: float) -> None:
-        self.wait()
-        self.pending = self.pool.submit(self._run, Path(local_dir), name, meta, blocked_s)
-
-    def wait(self) -> bool:
-        """Block until the in-flight upload (if any) is done; False if it failed (already reported)."""
-        if self.pending is None:
-            return True
-        outcome, self.pending = self.pending.result(), None
-        return outcome
-
-    def close(self) -> None:
-        self.wait()
-        self.pool.shutdown()
-
-    def _run(self, local_dir: Path, name: str, meta: dict, blocked_s: float) -> bool:
-        started = time.monotonic()
-        prefix = checkpoint_key(name)
-        try:
-            files = self._upload_with_retries(local_dir, prefix)
-            self.store.put_bytes(json.dumps(files).encode(), checkpoint_key(name, PARTS, f"rank_{self.rank:05d}.json"))
-            if self.rank == 0:
-                committed = commit(self.store, name, self._await_parts(name), meta)
-                removed = apply_retention(self.store, self.keep_last)
-                size_mb = sum(f["size"] for f in committed.manifest["files"].values()) / 2**20
-                log.info(f"checkpoint {name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
-                         f"{blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
-                         f"{committed.manifest_sha256[:12]})" + (f"; removed {', '.join(removed)}" if removed else ""))
-            return True
-        except Exception as err:  # noqa: BLE001 - reported and recorded; training goes on
-            if self.rank != 0:
-                try:
-                    self.store.put_bytes(str(err).encode(), checkpoint_key(name, PARTS, f"rank_{self.rank:05d}.failed"))
-                except StorageError:
-                    pass
-            self.failures.append(f"{name}: {err}")
-            log.warning(f"checkpoint {name} was NOT committed: {err}")
-            return False
-        finally:
-            shutil.rmtree(local_dir, ignore_errors=True) if self.rank == 0 else _remove_owned(local_dir, self.rank)
-
-    def _upload_with_retries(self, local_dir: Path, prefix: str) -> dict[str, dict]:
-        for attempt in range(1, self.num_attempts + 1):
-            try:
-                return upload_tree(self.store, local_dir, prefix, self.rank)
-            except StorageError as err:
-                if attempt == self.num_attempts:
-                    raise
-                log.warning(f"upload to {self.store.uri}/{prefix} failed (attempt {attempt}/{self.num_attempts}): "
-                         f"{err}; retrying")
-                time.sleep(min(30.0, 2.0**attempt))
-        raise AssertionError("unreachable")
-
-    def _await_parts(self, name: str) -> dict[str, dict]:
-        prefix = checkpoint_key(name)
-        deadline = time.monotonic() + self.part_timeout_s
-        while True:
-            keys = set(self.store.list(checkpoint_key(name, PARTS) + "/"))
-            failed = sorted(k for k in keys if k.endswith(".failed"))
-            if failed:
-                raise CheckpointError(f"other ranks failed to upload: {', '.join(failed)}")
-            parts = [checkpoint_key(name, PARTS, f"rank_{r:05d}.json") for r in range(self.world_size)]
-            if all(p in keys for p in parts):
-                files: dict[str, dict] = {}
-                for part in parts:
-                    files.update(json.loads(self.store.get_bytes(part)))
-                return files
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"{self.store.uri}/{prefix}: not every rank uploaded within {self.part_timeout_s:.0f} s")
-            time.sleep(0.2)
+def _free_bytes(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
 
 
-def _remove_owned(local_dir: Path, rank: int) -> None:
-    for path in list(Path(local_dir).rglob("*")):
-        if path.is_file() and owned_by_rank(path.relative_to(local_dir).as_posix(), rank):
-            path.unlink(missing_ok=True)
+def _partition_bytes(engine) -> int:
+    """About what this rank's first checkpoint writes: its partition of the trainable weights, in fp32
+    with two AdamW moments, and the same again in the module state."""
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    return int(numel / torch.distributed.get_world_size() * (4 * 3 + 4)) + (1 << 20)
 
 
 class SaveClock:

@@ -35,6 +35,7 @@ RunDirOpt = Annotated[Optional[Path], typer.Option(help="Local working folder (l
 OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and artefacts go (overrides run.output).")]
 ResumeOpt = Annotated[str, typer.Option(help="auto (newest committed checkpoint), never, or a checkpoint URI.")]
 NprocOpt = Annotated[int, typer.Option(help="Local ranks to launch through torchrun (1 = in this process).")]
+SaveOnStopOpt = Annotated[bool, typer.Option(help="Commit a checkpoint when SIGTERM or Ctrl-C stops the run.")]
 
 
 def fail(message: str) -> None:
@@ -51,8 +52,8 @@ def _load(spec_path: Path, overrides: list[str] | None, stage: str | None = None
     return spec
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Re-run this very command under `torchrun --standalone` with `nproc` local ranks."""
+def _argv_without_nproc() -> list[str]:
+    """This command's arguments, for the ranks: everything but --nproc."""
     argv, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -61,26 +62,36 @@ def _relaunch_with_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "cosctl", *argv]
-    os.execvp(command[0], command)
+    return argv
 
 
-def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc) -> None:
-    from .train import Preempted, run_training
+def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc, save_on_stop) -> None:
+    from .launch import STOP_CODES, launch_local_ranks, report
 
     try:
         spec = _load(spec_path, overrides, stage)
-        if nproc > 1 and "RANK" not in os.environ:
-            _relaunch_with_torchrun(nproc)
+        if "RANK" not in os.environ:
+            from .preflight import preflight
 
-        summary = run_training(spec, run_dir=run_dir or Path("runs") / spec.run.name,
-                               output=output or spec.run.output, resume=resume, overwrite=overwrite)
+            preflight(spec, output or spec.run.output, resume)
     except UserError as err:
         fail(str(err))
-    except Preempted as stop:
-        typer.echo(f"[{stage}] {stop}", err=True)
-        raise typer.Exit(Preempted.exit_code) from None
+    if nproc > 1 and "RANK" not in os.environ:
+        raise typer.Exit(launch_local_ranks(nproc, _argv_without_nproc(), sys.argv[1:]))
+
+    from .train import Stopped, run_training
+
+    try:
+        summary = run_training(spec, run_dir=run_dir or Path("runs") / spec.run.name,
+                               output=output or spec.run.output, resume=resume, overwrite=overwrite,
+                               save_on_stop=save_on_stop)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0 or "COSCTL_REPORT_DIR" in os.environ:
+            report(1, f"error: {err}")
+        raise typer.Exit(1) from None
+    except Stopped as stop:
+        report(stop.exit_code, f"[{stage}] {stop}", continue_hint=stop.exit_code in STOP_CODES)
+        raise typer.Exit(stop.exit_code) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(summary, indent=1))
 
@@ -111,16 +122,18 @@ def plan(spec: SpecArg, set_: SetOpt = None, as_json: Annotated[bool, typer.Opti
 
 @app.command()
 def pretrain(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1) -> None:
+             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1,
+             save_on_stop: SaveOnStopOpt = False) -> None:
     """Pre-train the bridge with the few-token chain (32 visual tokens by default)."""
-    _train("pretrain", spec, set_, run_dir, output, resume, overwrite, nproc)
+    _train("pretrain", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
 
 
 @app.command()
 def finetune(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1) -> None:
+             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1,
+             save_on_stop: SaveOnStopOpt = False) -> None:
     """Fine-tune the inflated model (528 tokens) with LoRA on the LLM."""
-    _train("finetune", spec, set_, run_dir, output, resume, overwrite, nproc)
+    _train("finetune", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
 
 
 @app.command()
@@ -186,35 +199,61 @@ def data_synth(out: Annotated[Path, typer.Option(help="Output folder.")],
     typer.echo(json.dumps(synthesize(out, num_samples=num_samples, seed=seed, image_size=image_size), indent=1))
 
 
-@ckpt_app.command("ls")
-def ckpt_ls(uri: Annotated[str, typer.Argument(help="Run output URI.")]) -> None:
-    """List committed checkpoints with step, time and size."""
-    import datetime
+TimeoutOpt = Annotated[float, typer.Option("--timeout-s", help="Give up on an s3:// endpoint that does not answer "
+                                                            "after this many seconds.")]
 
-    from .checkpoint import list_committed
+
+def _store_settings(timeout_s: float):
+    from .storage import StoreSettings
+
+    return StoreSettings(timeout_s=timeout_s)
+
+
+def _open_existing(uri: str, timeout_s: float):
+    """The store at `uri`; a local path that does not exist is an error, not an empty listing."""
+    from .errors import StorageError
     from .storage import open_store
 
+    if "://" not in uri.removeprefix("file://") and not Path(uri.removeprefix("file://")).exists():
+        raise StorageError(f"{uri}: no such folder")
+    return open_store(uri, _store_settings(timeout_s))
+
+
+@ckpt_app.command("ls")
+def ckpt_ls(uri: Annotated[str, typer.Argument(help="Run output URI.")], timeout_s: TimeoutOpt = 120.0) -> None:
+    """List committed checkpoints with step, time and size, and those a rollback moved aside."""
+    import datetime
+
+    from .checkpoint import list_abandoned, list_committed
+
+    def line(c, note: str = "") -> str:
+        size = sum(f["size"] for f in c.manifest["files"].values()) / 2**20
+        when = datetime.datetime.fromtimestamp(c.manifest.get("created", 0)).isoformat(timespec="seconds")
+        return f"{c.name}  step {c.step:>8}  {when}  {size:9.1f} MiB  {len(c.manifest['files'])} files{note}"
+
     try:
-        committed = list_committed(open_store(uri))
+        store = _open_existing(uri, timeout_s)
+        committed, abandoned = list_committed(store), list_abandoned(store)
     except UserError as err:
         fail(str(err))
     for c in committed:
-        size = sum(f["size"] for f in c.manifest["files"].values()) / 2**20
-        when = datetime.datetime.fromtimestamp(c.manifest.get("created", 0)).isoformat(timespec="seconds")
-        typer.echo(f"{c.name}  step {c.step:>8}  {when}  {size:9.1f} MiB  {len(c.manifest['files'])} files")
+        typer.echo(line(c))
     if not committed:
         typer.echo(f"no committed checkpoints under {uri}")
+    for prefix, c in abandoned:
+        typer.echo(line(c, f"  abandoned ({prefix})"))
 
 
 @ckpt_app.command("verify")
-def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../checkpoints/step_N) or run output (newest).")]) -> None:
+def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../checkpoints/step_N) or run output (newest).")],
+                timeout_s: TimeoutOpt = 120.0) -> None:
     """Re-hash every file of a checkpoint against its manifest; exit 1 naming any bad file."""
     import tempfile
 
     from .checkpoint import resolve_checkpoint, verify
 
     try:
-        store, committed = resolve_checkpoint(uri)
+        store, committed = resolve_checkpoint(uri, _store_settings(timeout_s))
         with tempfile.TemporaryDirectory() as scratch:
             bad = verify(store, committed, Path(scratch))
     except UserError as err:
@@ -224,15 +263,15 @@ def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../che
     typer.echo(f"OK: {committed.name} (step {committed.step}), {len(committed.manifest['files'])} files verified")
 
 
-def _copy(source: str, destination: str) -> None:
+def _copy(source: str, destination: str, timeout_s: float) -> None:
     import tempfile
 
     from .checkpoint import copy_checkpoint, resolve_checkpoint
     from .storage import open_store
 
     try:
-        src, committed = resolve_checkpoint(source)
-        dst = open_store(destination)
+        src, committed = resolve_checkpoint(source, _store_settings(timeout_s))
+        dst = open_store(destination, _store_settings(timeout_s))
         with tempfile.TemporaryDirectory() as scratch:
             copied = copy_checkpoint(src, committed, dst, Path(scratch))
     except UserError as err:
@@ -243,16 +282,18 @@ def _copy(source: str, destination: str) -> None:
 
 @ckpt_app.command("pull")
 def ckpt_pull(source: Annotated[str, typer.Argument(help="Checkpoint or run URI (newest) to copy from, e.g. s3://b/run.")],
-              to: Annotated[Path, typer.Option(help="Local run folder to copy into.")]) -> None:
+              to: Annotated[Path, typer.Option(help="Local run folder to copy into.")],
+              timeout_s: TimeoutOpt = 120.0) -> None:
     """Copy a committed checkpoint from a store (e.g. a bucket) into a local run folder, verified."""
-    _copy(source, str(to))
+    _copy(source, str(to), timeout_s)
 
 
 @ckpt_app.command("push")
 def ckpt_push(source: Annotated[str, typer.Argument(help="Local checkpoint or run folder (newest).")],
-              to: Annotated[str, typer.Option(help="Run URI to copy into, e.g. s3://bucket/run.")]) -> None:
+              to: Annotated[str, typer.Option(help="Run URI to copy into, e.g. s3://bucket/run.")],
+              timeout_s: TimeoutOpt = 120.0) -> None:
     """Copy a committed checkpoint from a local run folder to a store (e.g. a bucket), verified."""
-    _copy(source, to)
+    _copy(source, to, timeout_s)
 
 
 def main() -> None:

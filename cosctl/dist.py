@@ -17,6 +17,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from . import errors
+
 T = TypeVar("T")
 
 
@@ -103,7 +105,7 @@ def on_main(compute: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             outcome = (True, compute())
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+        except Exception as err:  # re-raised below on every rank
             outcome = (False, err)
     ok, value = broadcast(outcome)
     if not ok:
@@ -113,6 +115,32 @@ def on_main(compute: Callable[[], T]) -> T:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def agreed(action: Callable[[], T]) -> T:
+    """Run `action` on every rank; if it raises a user error or an OSError on any rank, raise the
+    first rank's error on all of them (same kind, same message). A rank that failed alone would
+    otherwise leave the others waiting in the next collective."""
+    try:
+        result, problem = action(), None
+    except (errors.UserError, OSError) as err:
+        result, problem = None, err
+    failures = [f for f in gather(None if problem is None else (type(problem).__name__, str(problem))) if f]
+    if not failures:
+        return result
+    kind, message = failures[0]
+    if problem is not None and (type(problem).__name__, str(problem)) == failures[0]:
+        raise problem
+    error_class = getattr(errors, kind, None)
+    raise (error_class if isinstance(error_class, type) and issubclass(error_class, errors.UserError)
+           else errors.CheckpointError)(message)
 
 
 def on_node_main(value: T, dist_info: Dist) -> T:

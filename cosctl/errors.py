@@ -10,7 +10,8 @@ prints it once and exits 1. Anything else is a bug and keeps its traceback.
       CheckpointError       a checkpoint missing, incomplete, corrupt or incompatible (names the file)
         NotPublished        a folder without the manifest of a published artefact (model/, adapter/)
       StorageError          a store operation failed for good (names the object URI)
-        ObjectNotFound      the object or bucket does not exist: the only error that means "absent"
+        ObjectNotFound      the object does not exist: the only error that means "absent"
+        BucketNotFound      the bucket does not exist (a setup mistake, not an empty run)
         TransientStorageError  safe to retry: timeouts, 5xx, throttling, connection trouble
           StoreUnavailable  the endpoint does not answer at all (down, silent, unreachable)
       SlurmError            sbatch is missing or refused the job
@@ -44,7 +45,12 @@ class StorageError(UserError, RuntimeError):
 
 
 class ObjectNotFound(StorageError):
-    """The object (or its bucket) does not exist. Nothing else may be read as "absent"."""
+    """The object does not exist. Nothing else may be read as "absent"."""
+
+
+class BucketNotFound(StorageError):
+    """The bucket does not exist: the endpoint or the URI is wrong, which must never read as "no
+    checkpoint yet"."""
 
 
 class TransientStorageError(StorageError):

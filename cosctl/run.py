@@ -103,9 +103,11 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
     if spec.batch.tokens_per_micro_batch != "auto":
         return Budget(spec.batch.tokens_per_micro_batch, "spec")
     lengths = run.lengths
+    share = -(-spec.batch.samples_per_step // run.dist.world_size)  # a rank's samples in a step
     probe = probe_micro_batch(run.engine, run.stage.cos_config, lengths.min_text_tokens,
                               memory_fraction=spec.batch.memory_fraction,
-                              max_tokens=spec.batch.max_tokens_per_micro_batch, device=run.dist.device)
+                              max_tokens=spec.batch.max_tokens_per_micro_batch, max_samples=share,
+                              device=run.dist.device)
     log.info(probe.summary())
     return Budget(max(probe.tokens_per_micro_batch, lengths.max_tokens), "probe")
 

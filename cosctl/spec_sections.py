@@ -164,10 +164,15 @@ class StorageSpec(Section):
     path_style: bool = Field(False, description="Path-style addressing (most MinIO/Ceph setups).")
     max_concurrency: int = Field(8, gt=0, le=64, description="Parallel part uploads/downloads.")
     multipart_chunk_mb: int = Field(16, ge=5, le=5120, description="Multipart part size in MiB (S3 minimum 5).")
+    timeout_s: float = Field(120.0, gt=0.0, description="A request that gets no answer (all its retries) fails "
+                             "within this many seconds, saying the endpoint does not answer.")
+    max_outage_minutes: float = Field(30.0, gt=0.0, description="How long checkpoint uploads may keep failing "
+                                      "while training goes on; past it the run stops at a step boundary with exit "
+                                      "75 so the scheduler requeues it.")
 
     def to_settings(self) -> StoreSettings:
         """The plain settings the storage package takes (it never sees the spec)."""
-        return StoreSettings(**self.model_dump())
+        return StoreSettings(**self.model_dump(exclude={"max_outage_minutes"}))
 
 
 class SlurmSpec(Section):

@@ -10,8 +10,10 @@
                       by the step's label tokens over all ranks); engine.step() after the last one
         log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
         if eval due: mean eval loss over a fixed set of held-out micro-batches
-        if save due (every N steps / M minutes) or SIGUSR1 seen, agreed by all ranks: commit a checkpoint
-        if SIGUSR1 seen: stop with exit code 75 so the scheduler requeues the job
+        stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
+               (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
+        if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
+        if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
     final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
 """
 
@@ -30,7 +32,7 @@ from cos_model import IGNORE_INDEX
 
 from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
-from .dist import all_reduce, any_rank
+from .dist import all_reduce, any_rank, gather
 from .log import log
 from .metrics import MetricsSink, flops_per_sample, peak_tflops
 from .run import Run, choose_budget, setup_run
@@ -39,8 +41,9 @@ from .storage import join_uri
 
 
 def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str = "auto",
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, save_on_stop: bool = False) -> dict:
     """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary."""
+    signals = StopRequest()
     run = setup_run(spec, run_dir=Path(run_dir), output=output)
     restored = run.checkpointer.restore(run.engine, resume, overwrite)
     budget = choose_budget(run, restored)
@@ -49,9 +52,11 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
              f"{budget.tokens} tokens per micro-batch (from the {budget.origin})")
     step = restored.step if restored else 0
     evaluate = Evaluator(run, budget)
+    if run.dist.is_main:
+        trim_metrics(run.run_dir / "metrics.jsonl", step)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
     meter = StepMeter(run, flops_per_sample(run.stage.cos_config, run.lengths.mean_text_tokens))
-    clock, stop = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes), StopRequest()
+    clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else None
     if sink and first_eval is not None:
         sink.log({"step": 0, "eval_loss": first_eval})
@@ -65,13 +70,16 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
             record["eval_loss"] = evaluate()
         if sink:
             sink.log(record)
-        save_due, stop_requested = any_rank([clock.due(step), stop.requested], run.dist.device)
-        if step < spec.optim.num_steps and (save_due or stop_requested):
-            run.checkpointer.save(run.engine, loader.state_dict(), step, wait=stop_requested)
-            clock.saved()
-        if stop_requested and step < spec.optim.num_steps:
-            _close(run, sink)
-            raise Preempted(step)
+        if step == spec.optim.num_steps:
+            break  # the final save below
+        save_due, stop = at_boundary(run, clock.due(step), signals, save_on_stop)
+        if (save_due and stop is None) or (stop is not None and stop.save):
+            if run.checkpointer.save(run.engine, loader.state_dict(), step, wait=stop is not None):
+                clock.saved()
+        if stop is not None:
+            last = run.checkpointer.last_committed() if run.dist.is_main else ""
+            _close(run, sink, abandon=not stop.save)
+            raise Stopped(step, stop, last)
     final_eval = evaluate()
     run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True)
     artefact = join_uri(output, run.stage.write_final(run.engine))
@@ -177,7 +185,8 @@ class StepMeter:
         tflops = stats.num_samples * self.sample_flops / elapsed / 1e12
         norm = self.engine.get_global_grad_norm()
         return {
-            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
+            "step": step, "time": time.time(), "loss": stats.loss, "lr": lr,
+            "grad_norm": float(norm) if norm is not None else None,
             "samples": stats.num_samples, "tokens": stats.num_tokens, "label_tokens": stats.num_label_tokens,
             "micro_batches": stats.num_micro_batches, "step_time_s": elapsed,
             "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
@@ -203,29 +212,70 @@ class StepMeter:
         return sum(t for _, t in self.timings)
 
 
-class Preempted(RuntimeError):
-    """The run stopped early on request (SLURM's warning signal) after committing a checkpoint."""
+REQUEUE = 75  # EX_TEMPFAIL: the batch script (or the user) requeues the job
 
-    exit_code = 75  # EX_TEMPFAIL: the batch script requeues the job
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped at step {step} on request; checkpoint committed, resume with --resume auto")
-        self.step = step
+@dataclass(frozen=True)
+class Stop:
+    """Why the run stops early, with which exit code, and whether it commits a checkpoint first."""
+
+    reason: str
+    exit_code: int
+    save: bool
+
+
+class Stopped(Exception):
+    """The run stopped at a step boundary before its last step (see `Stop`)."""
+
+    def __init__(self, step: int, stop: Stop, last_committed: str):
+        super().__init__(f"stopped at step {step}: {stop.reason}; last committed checkpoint: {last_committed}")
+        self.step, self.exit_code = step, stop.exit_code
 
 
 class StopRequest:
-    """Set by SIGUSR1 (sent ahead of a time limit or preemption); ranks act on it together."""
+    """Records the signals that ask a run to stop: SIGUSR1 (SLURM's warning ahead of a time limit or
+    preemption), SIGTERM and SIGINT (Ctrl-C). Ranks act on them together, at a step boundary."""
+
+    SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
     def __init__(self):
-        self.requested = False
+        self.seen: set[str] = set()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._handle)
+            for number in self.SIGNALS:
+                signal.signal(number, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.seen.add(self.SIGNALS[signum])
 
 
-def _close(run: Run, sink: MetricsSink | None) -> None:
-    run.checkpointer.close()
+def at_boundary(run: Run, save_due: bool, signals: StopRequest, save_on_stop: bool) -> tuple[bool, Stop | None]:
+    """(save due, stop) as all ranks agree at a step boundary (collective): a time-based save or a
+    signal seen by one rank only would otherwise leave the others waiting in the save's collectives.
+    A store or staging failure anywhere stops first, then a signal; None goes on."""
+    failure = run.checkpointer.stop_reason()
+    seen = [name in signals.seen for name in ("SIGUSR1", "SIGTERM", "SIGINT")]
+    due, failed, usr1, term, interrupt = any_rank([save_due, failure is not None, *seen], run.dist.device)
+    if failed:
+        return due, Stop(next(r for r in gather(failure) if r), REQUEUE, save=False)
+    if usr1:
+        return due, Stop("SIGUSR1 (the scheduler's warning); the job requeues", REQUEUE, save=True)
+    if term or interrupt:
+        return due, Stop("SIGTERM" if term else "SIGINT (Ctrl-C)", 143 if term else 130, save=save_on_stop or due)
+    return due, None
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records past `step` from a resumed run's metrics.jsonl, so each step appears once
+    (the steps after the checkpoint are trained again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _close(run: Run, sink: MetricsSink | None, abandon: bool = False) -> None:
+    run.checkpointer.close(abandon=abandon)
     if sink:
         sink.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,16 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_data") / "data"
     ok(cosctl("data", "synth", "--out", str(out), "--num-samples", "96", "--image-size", "64"))
     return out
+
+
+@pytest.fixture
+def in_process():
+    """Run the training loop in this process (one rank), without leaking the launcher variables it
+    sets into later subprocesses: `in_process(spec, run_dir, resume="auto", **options) -> summary`."""
+    from cosctl.train import run_training
+
+    saved = dict(os.environ)
+    yield lambda spec, run_dir, resume="auto", **options: run_training(
+        spec, run_dir=run_dir, output=spec.run.output, resume=resume, **options)
+    os.environ.clear()
+    os.environ.update(saved)

@@ -84,3 +84,13 @@ def kill_when(cmd: list[str], tmp: Path, ready, **extra_env: str) -> None:
     proc.wait()
 
 
+
+
+def tiny_spec(data: Path, output, num_steps: int, *extra: str):
+    """The tiny pretrain recipe on the synthetic set at `data`, saving after every step."""
+    from cosctl.spec import load_spec
+
+    return load_spec(RECIPES / "tiny" / "pretrain.yaml", [
+        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={output}",
+        f"optim.num_steps={num_steps}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+        "eval.every_steps=null", "batch.tokens_per_micro_batch=1024", *extra])

@@ -10,26 +10,34 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl.autobatch import MemoryMeter, _fit_and_check, optimizer_state_gib, solve_num_samples, synthetic_micro_batch
+from cosctl.autobatch import (
+    MemoryMeter,
+    _extrapolate_and_confirm,
+    optimizer_state_gib,
+    solve_num_samples,
+    synthetic_micro_batch,
+)
 from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config
 
 
 def test_fit_fills_the_capacity_exactly():
     """2 GiB fixed + 0.5 GiB per sample fills 10 GiB with 16 samples."""
-    fixed, per_sample, num = solve_num_samples({1: 2.5, 2: 3.0}, capacity=10.0, max_samples=None)
+    fixed, per_sample, num = solve_num_samples({1: 2.5, 2: 3.0}, capacity=10.0, max_samples=1000)
     assert (fixed, per_sample, num) == (2.0, 0.5, 16)
 
 
 def test_fit_respects_the_cap_and_never_goes_below_one_sample():
-    """The spec's maximum wins over memory; a model that barely fits still gets one sample."""
+    """The cap wins over memory; a model that barely fits still gets one sample."""
     assert solve_num_samples({1: 2.5, 2: 3.0}, capacity=10.0, max_samples=5)[2] == 5
-    assert solve_num_samples({1: 9.5, 2: 10.5}, capacity=10.0, max_samples=None)[2] == 1
+    assert solve_num_samples({1: 9.5, 2: 10.5}, capacity=10.0, max_samples=1000)[2] == 1
 
 
-def test_flat_reading_does_not_divide_by_zero():
-    """Equal peaks (CPU allocators can hide growth) give the cap, not a crash."""
-    assert solve_num_samples({1: 1.0, 2: 1.0}, capacity=4.0, max_samples=64)[2] == 64
+def test_flat_reading_is_held_by_the_slope_floor_and_the_cap():
+    """Equal peaks (CPU allocators can hide growth) neither divide by zero nor ask for billions of
+    samples: the slope floor bounds the count, and the cap bounds it further."""
+    assert solve_num_samples({1: 1.0, 4: 1.0}, capacity=4.0, max_samples=10**9, min_per_sample=0.001)[2] == 3001
+    assert solve_num_samples({1: 1.0, 4: 1.0}, capacity=4.0, max_samples=64)[2] == 64
 
 
 def test_synthetic_batch_has_the_stage_layout():
@@ -81,59 +89,42 @@ def test_auto_budget_trains_like_the_probed_number(tiny_data, tmp_path):
     assert [auto_steps[s]["samples"] for s in range(1, 5)] == [fixed_steps[s]["samples"] for s in range(1, 5)]
 
 
-def _fake_memory(fixed: float, per_sample: float, oom_above: float | None = None):
-    """A `measure` for _fit_and_check: linear peak memory, None (out of memory) above `oom_above` GiB;
-    records the counts it was asked for."""
+def _fake_memory(fixed: float, per_sample: float):
+    """A `measure` for _extrapolate_and_confirm: linear peak memory; records the counts it ran."""
     asked = []
 
-    def measure(num: int) -> float | None:
+    def measure(num: int) -> float:
         asked.append(num)
-        peak = fixed + per_sample * num
-        return None if oom_above is not None and peak > oom_above else peak
+        return fixed + per_sample * num
 
     return measure, asked
 
 
-def test_check_pass_accepts_a_count_that_fits():
-    """With linear memory the first fit is right: one check pass at the solved count, and it is kept."""
+def test_extrapolation_keeps_a_margin_and_confirms_once():
+    """Linear memory: passes of 1 and 4 samples, then one confirming pass at the count that fills 90%
+    of the capacity (14 of the 16 that would fill it), which is kept."""
     measure, asked = _fake_memory(2.0, 0.5)
-    assert _fit_and_check({1: measure(1)}, 10.0, None, measure) == 16
-    assert asked == [1, 4, 16]
+    assert _extrapolate_and_confirm({1: measure(1)}, 10.0, 1000, 0.0, measure) == 14
+    assert asked == [1, 4, 14]
 
 
-def test_overshoot_is_refitted_through_the_farther_point():
-    """Memory that grows faster beyond the probe points (here: a jump after 8 samples) overshoots the
-    first guess; the refit through the measured point lands on a count that fits."""
+def test_a_confirming_pass_over_capacity_is_refitted_below_it():
+    """Memory that grows faster beyond the small passes reads over the capacity at the first guess; the
+    refit through that reading confirms a smaller count that fits, and nothing larger is ever run."""
     def measure(num: int) -> float:
-        return 2.0 + 0.5 * num + (0.4 * (num - 8) if num > 8 else 0.0)
+        asked.append(num)
+        return 2.0 + 0.5 * num + (0.6 * (num - 8) if num > 8 else 0.0)
 
-    num = _fit_and_check({1: measure(1)}, 10.0, None, measure)
-    assert measure(num) <= 10.0 and num >= 10
-
-
-def test_out_of_memory_check_falls_back_below_it():
-    """A pass that runs out of memory bounds the count; the tries after it bisect below the bound, and
-    the answer is one that was measured to fit."""
-    measure, asked = _fake_memory(2.0, 0.5, oom_above=8.0)  # real limit 12 samples, capacity says 16
-    num = _fit_and_check({1: measure(1)}, 10.0, None, measure)
-    assert asked[:4] == [1, 4, 16, 10] and all(n < 16 for n in asked[4:])
-    assert 10 <= num <= 12 and num in asked
-
-
-def test_undershoot_is_refitted_upwards():
-    """A first line that is too steep (memory at 4 samples inflated by a one-off buffer) undershoots;
-    refitting through the measured, farther point moves up to a count near the capacity."""
-    def measure(num: int) -> float:
-        return 2.0 + 0.1 * num + (1.0 if num == 4 else 0.0)
-
-    num = _fit_and_check({1: measure(1)}, 10.0, None, measure)
-    assert 76 <= num <= 80 and measure(num) <= 10.0
+    asked: list[int] = []
+    num = _extrapolate_and_confirm({1: measure(1)}, 10.0, 1000, 0.0, measure)
+    assert measure(num) <= 10.0 and asked[:3] == [1, 4, 14] and max(asked) == 14 and num < 14
 
 
 def test_cap_below_the_probe_counts_is_kept():
-    """A spec cap of 2 samples is the answer even though 4 were measured to fit."""
-    measure, _ = _fake_memory(2.0, 0.5)
-    assert _fit_and_check({1: measure(1)}, 10.0, 2, measure) == 2
+    """A cap of 2 samples (a rank's share of a small step) is the answer; no pass runs more."""
+    measure, asked = _fake_memory(2.0, 0.5)
+    assert _extrapolate_and_confirm({1: measure(1)}, 10.0, 2, 0.0, measure) == 2
+    assert max(asked) == 2
 
 
 def test_optimizer_state_is_kept_free():
@@ -144,3 +135,17 @@ def test_optimizer_state_is_kept_free():
     engine = SimpleNamespace(module=model)
     assert optimizer_state_gib(engine, torch.device("cpu")) == pytest.approx(1_001_000 * 8 / 2**30)
     assert optimizer_state_gib(engine, torch.device("cuda")) == pytest.approx(1_001_000 * 12 / 2**30)
+
+
+def test_one_sample_that_does_not_fit_is_one_clear_line(monkeypatch):
+    """When a single sample's pass already reads over the usable memory, the probe ends with one line
+    naming the setting and what to change, before any larger pass."""
+    from cosctl import autobatch
+
+    monkeypatch.setattr(autobatch, "_peak_of_pass", lambda *args: 100.0)
+    monkeypatch.setattr(autobatch, "_release", lambda *args: None)
+    monkeypatch.setattr(autobatch.MemoryMeter, "capacity_gib", lambda self, fraction: 8.0)
+    engine = SimpleNamespace(module=torch.nn.Linear(4, 4))
+    with pytest.raises(autobatch.ProbeError, match=r"auto: one sample of \d+ tokens needs 100.00 GiB, more than"):
+        autobatch.probe_micro_batch(engine, tiny_config(), 20, memory_fraction=0.85, max_tokens=None,
+                                    max_samples=64, device=torch.device("cpu"))

@@ -1,17 +1,22 @@
-"""Checkpoints in a bucket (moto behind the fault proxy): exact resume from the bucket, kill -9 during
-an upload, a training run through 20+ injected faults, and credentials that never leak."""
+"""Checkpoints in a bucket, on moto and on the real Ceph radosgw: exact resume from the bucket, kill -9
+during an upload, a corrupted byte, a rollback, a training run through 20+ injected faults, an endpoint
+outage survived (Ceph's radosgw stopped mid-run and started again), and credentials that never leak."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from cosctl.checkpoint import find_latest, list_committed, verify
+from cosctl.checkpoint import find_latest, list_abandoned, list_committed, verify
+from cosctl.spec_sections import StorageSpec
 from cosctl.storage.s3 import S3Store
-
-from tests.conftest_s3 import create_bucket
-from tests.harness import kill_when, run, steps, train_command
+from tests.conftest_s3 import CEPH_SCRIPT, _ceph_dir, create_bucket
+from tests.faultproxy import FaultProxy
+from tests.harness import REPO, env, kill_when, run, steps, train_command
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.multiproc]
 
@@ -25,91 +30,188 @@ def s3_env(server, endpoint: str) -> dict[str, str]:
 
 
 def bucket_store(bucket: str, endpoint: str) -> S3Store:
-    from cosctl.spec_sections import StorageSpec
+    return S3Store.from_uri(f"s3://{bucket}/run", StorageSpec(endpoint_url=endpoint, path_style=True).to_settings())
 
-    return S3Store.from_uri(f"s3://{bucket}/run", StorageSpec(endpoint_url=endpoint, path_style=True))
+
+@pytest.fixture(params=["moto", "ceph"])
+def server(request, monkeypatch):
+    """The S3 server the test runs against: moto in this process, or the real Ceph radosgw."""
+    from tests.conftest_s3 import use_credentials
+
+    found = request.getfixturevalue("moto_server" if request.param == "moto" else "ceph_s3")
+    use_credentials(monkeypatch, found)
+    return found
 
 
 @pytest.fixture
-def bucket(moto_server, s3_env):
-    return create_bucket(moto_server)
+def bucket(server):
+    return create_bucket(server)
 
 
-def test_exact_resume_from_the_bucket(tiny_data, tmp_path, moto_server, bucket):
+@pytest.fixture
+def proxy(server):
+    """A fault proxy in front of the test's server."""
+    found = FaultProxy(*server.host_port)
+    found.start()
+    yield found
+    found.stop()
+
+
+def test_exact_resume_from_the_bucket(tiny_data, tmp_path, server, bucket):
     """2 ranks: 8 steps straight == 4 steps into the bucket + kill -9 + resume from the bucket + 4 steps."""
-    env = s3_env(moto_server, moto_server.endpoint)
     full = tmp_path / "full"
     run(train_command(tiny_data, full / "work", full / "out", 8, 4), tmp_path)
-    store = bucket_store(bucket, moto_server.endpoint)
+    store = bucket_store(bucket, server.endpoint)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 8, 4, "storage.path_style=true")
 
     def committed_step_4() -> bool:
         latest = find_latest(store)
         return latest is not None and latest.step == 4
 
-    kill_when(cmd, tmp_path, committed_step_4, **env)
-    resumed = run(cmd, tmp_path, **env)
+    kill_when(cmd, tmp_path, committed_step_4, **s3_env(server, server.endpoint))
+    resumed = run(cmd, tmp_path, **s3_env(server, server.endpoint))
     assert f"resuming from s3://{bucket}/run/checkpoints/step_00000004 at step 4" in resumed.stdout
     expected, got = steps(full / "work"), steps(tmp_path / "work")
     assert [got[s]["loss"] for s in range(5, 9)] == [expected[s]["loss"] for s in range(5, 9)]
     assert [got[s]["lr"] for s in range(5, 9)] == [expected[s]["lr"] for s in range(5, 9)]
 
 
-def test_kill_during_an_upload_never_commits_a_partial_checkpoint(tiny_data, tmp_path, moto_server, bucket,
-                                                                 fault_proxy):
+def test_kill_during_an_upload_never_commits_a_partial_checkpoint(tiny_data, tmp_path, server, bucket, proxy):
     """kill -9 while step 2's shards are stuck uploading: step 1 stays the newest committed checkpoint,
     verifies, and the run resumes from it to the end."""
-    env = s3_env(moto_server, fault_proxy.endpoint)
-    fault_proxy.stall(30.0, method="PUT", contains="step_00000002/zero", times=4)
-    store = bucket_store(bucket, moto_server.endpoint)
+    env_vars = s3_env(server, proxy.endpoint)
+    proxy.stall(30.0, method="PUT", contains="step_00000002/zero", times=4)
+    store = bucket_store(bucket, server.endpoint)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true")
-    kill_when(cmd, tmp_path, lambda: fault_proxy.injected >= 1, **env)
+    kill_when(cmd, tmp_path, lambda: proxy.injected >= 1, **env_vars)
     latest = find_latest(store)
     assert latest is not None and latest.step == 1
     assert verify(store, latest, tmp_path / "scratch") == []
     assert not store.list("checkpoints/step_00000002/manifest.json")
-    fault_proxy.clear()
-    result = run(cmd, tmp_path, **env)
+    proxy.clear()
+    result = run(cmd, tmp_path, **env_vars)
     assert "at step 1" in result.stdout
     final = find_latest(store)
     assert final.step == 6 and verify(store, final, tmp_path / "scratch") == []
 
 
-def test_training_finishes_through_twenty_faults(tiny_data, tmp_path, moto_server, bucket, fault_proxy, capsys):
-    """503s, 500s, connection resets mid-upload, truncated downloads and stalls (≥ 20 in one run):
+def test_a_corrupted_byte_in_the_bucket_stops_the_resume_naming_the_file(tiny_data, tmp_path, server, bucket):
+    """One flipped byte in a committed shard, rewritten by another S3 client: resuming stops with one
+    line naming the file, on both ranks, without a hang."""
+    import boto3
+    from botocore.config import Config
+
+    env_vars = s3_env(server, server.endpoint)
+    run(train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 2, 1, "storage.path_style=true"),
+        tmp_path, **env_vars)
+    client = boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
+                          aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
+                          config=Config(s3={"addressing_style": "path"}))
+    key = next(k["Key"] for k in client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/step_00000002/zero/")
+               ["Contents"] if "rank_1" in k["Key"] and "optim_states" in k["Key"])
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    longer = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 4, 1, "storage.path_style=true")
+    result = subprocess.run(longer, cwd=REPO, env=env(tmp_path, **env_vars), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1
+    assert f"{key.rsplit('/', 1)[1]}: content does not match its manifest" in result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_rollback_in_the_bucket_keeps_the_abandoned_branch(tiny_data, tmp_path, server, bucket):
+    """Resuming a bucket run from step 2 after it reached step 4 moves steps 3-4 aside in the bucket;
+    the new line commits step 3 with `latest` on it."""
+    env_vars = s3_env(server, server.endpoint)
+    cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 4, 1, "storage.path_style=true")
+    run(cmd, tmp_path, **env_vars)
+    back = train_command(tiny_data, tmp_path / "work2", f"s3://{bucket}/run", 3, 1, "storage.path_style=true")
+    result = run(back + ["--resume", f"s3://{bucket}/run/checkpoints/step_00000002"], tmp_path, **env_vars)
+    assert "rolled back to step 2: moved step_00000003, step_00000004 aside" in result.stdout
+    store = bucket_store(bucket, server.endpoint)
+    assert [c.step for c in list_committed(store)] == [1, 2, 3]
+    assert [c.step for _, c in list_abandoned(store)] == [3, 4]
+    assert store.get_bytes("checkpoints/latest") == b"step_00000003"
+
+
+def test_training_finishes_through_twenty_faults(tiny_data, tmp_path, server, bucket, proxy, capsys):
+    """503s, 500s, connection resets mid-upload, truncated downloads and stalls (>= 20 in one run):
     training finishes, every committed checkpoint verifies, none is lost."""
-    env = s3_env(moto_server, fault_proxy.endpoint)
-    fault_proxy.status(503, method="PUT", times=6)
-    fault_proxy.status(500, method="PUT", skip=3, times=5)
-    fault_proxy.reset_mid_request(after_bytes=4096, method="PUT", contains="optim_states", times=4)
-    fault_proxy.truncate_response(after_bytes=64, method="GET", contains="parts", times=4)
-    fault_proxy.status(503, method="GET", times=3)
-    fault_proxy.stall(1.0, method="PUT", times=2)
+    env_vars = s3_env(server, proxy.endpoint)
+    proxy.status(503, method="PUT", times=6)
+    proxy.status(500, method="PUT", skip=3, times=5)
+    proxy.reset_mid_request(after_bytes=4096, method="PUT", contains="optim_states", times=4)
+    proxy.truncate_response(after_bytes=64, method="GET", contains="parts", times=4)
+    proxy.status(503, method="GET", times=3)
+    proxy.stall(1.0, method="PUT", times=2)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true",
                         "checkpoint.keep_last=10")
-    result = run(cmd, tmp_path, **env)
-    store = bucket_store(bucket, moto_server.endpoint)
+    result = run(cmd, tmp_path, **env_vars)
+    store = bucket_store(bucket, server.endpoint)
     committed = list_committed(store)
     assert [c.step for c in committed] == [1, 2, 3, 4, 5, 6]
     assert all(verify(store, c, tmp_path / "scratch") == [] for c in committed)
-    assert "NOT committed" not in result.stdout
-    assert fault_proxy.injected >= 20
+    assert "NOT committed" not in result.stdout + result.stderr
+    assert proxy.injected >= 20
     with capsys.disabled():
-        print(f"\nfault run: {fault_proxy.injected} faults injected over {fault_proxy.requests} requests, "
-              f"{result.stdout.count('retrying')} checkpoint-level retries, {len(committed)} checkpoints "
-              f"committed, 0 lost")
+        print(f"\nfault run ({type(server).__name__} {server.endpoint}): {proxy.injected} faults injected over "
+              f"{proxy.requests} requests, {result.stderr.count('retrying in')} checkpoint-level retries, "
+              f"{len(committed)} checkpoints committed, 0 lost")
 
 
-def test_credentials_never_appear_in_logs_specs_or_the_bucket(tiny_data, tmp_path, moto_server, bucket):
+def ceph(command: str) -> None:
+    result = subprocess.run(["bash", str(CEPH_SCRIPT), command, str(_ceph_dir())], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_training_survives_the_endpoint_going_down_and_back(tiny_data, tmp_path, ceph_s3, capsys):
+    """radosgw stopped mid-run for about 20 s, then started again: steps keep training meanwhile,
+    uploads retry in the background, every checkpoint commits afterwards and verifies; none is lost."""
+    bucket = create_bucket(ceph_s3)
+    env_vars = s3_env(ceph_s3, ceph_s3.endpoint)
+    store = bucket_store(bucket, ceph_s3.endpoint)
+    cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 60, 5, "storage.path_style=true",
+                        "checkpoint.keep_last=20", "storage.timeout_s=10")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path, **env_vars), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while find_latest(store) is None:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        ceph("stop-rgw")
+        down_at = time.time()
+        time.sleep(20)
+        ceph("start-rgw")
+        up_at = time.time()
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        ceph("start-rgw")
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    trained_while_down = [r["step"] for r in records if "loss" in r and down_at <= r["time"] <= up_at]
+    assert trained_while_down, "no step trained during the outage"
+    committed = list_committed(store)
+    assert [c.step for c in committed] == list(range(5, 61, 5))
+    assert all(verify(store, c, tmp_path / "scratch") == [] for c in committed)
+    with capsys.disabled():
+        print(f"\noutage: radosgw down {up_at - down_at:.0f} s, {len(trained_while_down)} steps trained meanwhile, "
+              f"{stderr.count('retrying in')} upload retries, {len(committed)} checkpoints committed, 0 lost")
+
+
+def test_credentials_never_appear_in_logs_specs_or_the_bucket(tiny_data, tmp_path, server, bucket):
     """After a run into the bucket, the secret key is in no output, local file or stored object."""
-    env = s3_env(moto_server, moto_server.endpoint)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 2, 1, "storage.path_style=true")
-    result = run(cmd, tmp_path, **env)
-    secret = moto_server.secret_key
+    result = run(cmd, tmp_path, **s3_env(server, server.endpoint))
+    secret = server.secret_key
     assert secret not in result.stdout + result.stderr
     for path in Path(tmp_path / "work").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
-    store = bucket_store(bucket, moto_server.endpoint)
+    store = bucket_store(bucket, server.endpoint)
     for key in store.list():
         assert secret.encode() not in store.get_bytes(key), key

@@ -179,12 +179,12 @@ def test_endpoint_from_environment(bucket: str, fault_proxy: FaultProxy, s3_env:
                                    monkeypatch: pytest.MonkeyPatch):
     """Without a spec endpoint AWS_ENDPOINT_URL_S3 is used; an explicit spec endpoint wins over it."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint)
-    from_env = S3Store.from_uri(f"s3://{bucket}/env", StorageSpec(path_style=True))
+    from_env = S3Store.from_uri(f"s3://{bucket}/env", StorageSpec(path_style=True).to_settings())
     from_env.put_bytes(b"via env", "k")
     assert from_env.get_bytes("k") == b"via env"
     seen = fault_proxy.requests
     assert seen >= 2
-    explicit = S3Store.from_uri(f"s3://{bucket}/env", StorageSpec(endpoint_url=s3_env, path_style=True))
+    explicit = S3Store.from_uri(f"s3://{bucket}/env", StorageSpec(endpoint_url=s3_env, path_style=True).to_settings())
     assert explicit.get_bytes("k") == b"via env"
     assert fault_proxy.requests == seen
 

@@ -48,7 +48,7 @@ def ceph_bucket(ceph_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def ceph_store(ceph_s3: S3Server, bucket: str, endpoint: str | None = None) -> S3Store:
     spec = StorageSpec(endpoint_url=endpoint or ceph_s3.endpoint, path_style=True, max_concurrency=4,
                        multipart_chunk_mb=16)
-    return S3Store.from_uri(f"s3://{bucket}/run", spec)
+    return S3Store.from_uri(f"s3://{bucket}/run", spec.to_settings())
 
 
 def write_random(path: Path, size: int, seed: int) -> Path:

@@ -4,34 +4,14 @@ its checkpointer and its resume; the multi-rank paths run through the CLI in the
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
 from cosctl.checkpoint import find_latest, verify
-from cosctl.spec import load_spec
 from cosctl.storage import LocalStore
-from cosctl.train import run_training
-from tests.harness import RECIPES
-
-
-def tiny_spec(data, output, num_steps: int, *extra: str):
-    return load_spec(RECIPES / "tiny" / "pretrain.yaml", [
-        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={output}",
-        f"optim.num_steps={num_steps}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
-        "eval.every_steps=null", "batch.tokens_per_micro_batch=1024", *extra])
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run the loop here without leaking the launcher variables it sets into later subprocesses."""
-    saved = dict(os.environ)
-    yield lambda spec, run_dir, resume="auto": run_training(spec, run_dir=run_dir, output=spec.run.output,
-                                                             resume=resume)
-    os.environ.clear()
-    os.environ.update(saved)
+from tests.harness import tiny_spec
 
 
 def losses(run_dir) -> dict[int, tuple[float, float]]:
@@ -148,7 +128,8 @@ def test_uneven_micro_batches_give_the_one_micro_batch_gradient(tiny_data, tmp_p
 GRADIENT_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from tests.test_train import engine_gradient, tiny_spec, two_uneven_micro_batches
+from tests.harness import tiny_spec
+from tests.test_train import engine_gradient, two_uneven_micro_batches
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = tiny_spec(data, out / "run", 1)
 a, b = two_uneven_micro_batches(data)

@@ -9,6 +9,7 @@ The protocol, the settings and the errors live in `base`; boto3 is imported only
 from __future__ import annotations
 
 from .base import (
+    BucketNotFound,
     ObjectNotFound,
     ObjectStore,
     StorageError,
@@ -22,7 +23,7 @@ from .base import (
 from .local import LocalStore
 
 __all__ = [
-    "LocalStore", "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable",
+    "BucketNotFound", "LocalStore", "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable",
     "TransientStorageError", "check_key", "join_uri", "open_store", "sha256_file",
 ]
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from ..errors import ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
+from ..errors import BucketNotFound, ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
 
 __all__ = [
-    "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable", "TransientStorageError",
+    "BucketNotFound", "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable", "TransientStorageError",
     "check_key", "join_uri", "sha256_file",
 ]
 
@@ -30,6 +30,7 @@ class StoreSettings:
     path_style: bool = False
     max_concurrency: int = 8
     multipart_chunk_mb: int = 16
+    timeout_s: float = 120.0  # a request (all its attempts) that gets no answer fails within this long
 
 
 class ObjectStore(Protocol):
@@ -43,6 +44,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
+    def move(self, key: str, new_key: str) -> None: ...
 
 
 def check_key(key: str) -> str:

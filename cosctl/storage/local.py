@@ -21,15 +21,18 @@ class LocalStore:
         return self.root / check_key(key)
 
     def _atomic_write(self, target: Path, write) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # e.g. its folder could not be made
+                pass
             raise StorageError(f"{self.uri}/{target.relative_to(self.root)}: write failed: {err}") from err
 
     def put_file(self, local_path: Path, key: str) -> None:
@@ -70,8 +73,31 @@ class LocalStore:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Delete one object (a missing one is no error) and the folders it leaves empty."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        self._remove_empty_parents(path.parent)
 
     def delete_many(self, keys: list[str]) -> None:
         for key in keys:
             self.delete(key)
+
+    def move(self, key: str, new_key: str) -> None:
+        """Rename an object (atomic on one filesystem); the target's folders are created."""
+        source, target = self._path(key), self._path(new_key)
+        if not source.is_file():
+            raise ObjectNotFound(f"{self.uri}/{key}: no such object")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except OSError as err:
+            raise StorageError(f"{self.uri}/{key}: cannot move to {new_key}: {err}") from err
+        self._remove_empty_parents(source.parent)
+
+    def _remove_empty_parents(self, folder: Path) -> None:
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): stop here
+                return
+            folder = folder.parent

@@ -46,6 +46,7 @@ from botocore.exceptions import (
 from s3transfer.utils import ChunksizeAdjuster
 
 from .base import (
+    BucketNotFound,
     ObjectNotFound,
     StorageError,
     StoreSettings,
@@ -71,19 +72,18 @@ Sink = Callable[[int, bytes], None]
 class S3Store:
     """Objects under `s3://BUCKET/PREFIX`; keys are relative to the prefix.
 
-    The timeouts and attempt counts are attributes so that tests can shorten them; they take effect
-    when the client is first built, i.e. on the first request.
+    `timeout_s` bounds a request that gets no answer: each of its `max_attempts` attempts waits at most
+    `connect_timeout` to connect and `read_timeout` for the server, so a silent endpoint fails within
+    it (as `StoreUnavailable`). The timeouts and attempt counts are attributes so that tests can
+    shorten them; they take effect when the client is first built, i.e. on the first request.
     """
 
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0  # a stalled response is abandoned (and retried) after this long
-    max_attempts: int = 10  # botocore attempts per request, the first one included
     max_resumes: int = 10  # cut-off bodies tolerated per download stream before giving up
     resume_backoff_s: float = 0.2  # first wait before resuming a cut-off body; doubles, at most 5 s
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, path_style: bool = False, max_concurrency: int = 8,
-                 chunk_bytes: int = 16 * MiB):
+                 chunk_bytes: int = 16 * MiB, timeout_s: float = 120.0):
         if not bucket or "/" in bucket:
             raise StorageError(f"s3://{bucket}: invalid bucket name")
         self.bucket = bucket
@@ -94,6 +94,11 @@ class S3Store:
         self.path_style = path_style
         self.max_concurrency = max_concurrency
         self.chunk_bytes = chunk_bytes
+        # Attempts x (connect + read) + botocore's worst-case backoff between them stays under timeout_s.
+        self.max_attempts = max(2, min(5, int(timeout_s // 20)))  # botocore's, the first one included
+        worst_backoff = sum(min(20.0, 2.0**n) for n in range(1, self.max_attempts))
+        self.connect_timeout = min(5.0, timeout_s / 8)
+        self.read_timeout = max(0.5, (timeout_s - worst_backoff) / self.max_attempts - self.connect_timeout)
         self._lock = threading.Lock()
         self._s3: Any = None
 
@@ -106,7 +111,7 @@ class S3Store:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         return cls(bucket, prefix, endpoint_url=settings.endpoint_url, region=settings.region,
                    path_style=settings.path_style, max_concurrency=settings.max_concurrency,
-                   chunk_bytes=settings.multipart_chunk_mb * MiB)
+                   chunk_bytes=settings.multipart_chunk_mb * MiB, timeout_s=settings.timeout_s)
 
     # --- client and errors -------------------------------------------------------------------------
 
@@ -155,7 +160,7 @@ class S3Store:
             code = str(info.get("Code") or "")
             status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code == "NoSuchBucket":
-                return ObjectNotFound(f"{where}: {action}: bucket {self.bucket!r} does not exist")
+                return BucketNotFound(f"{where}: {action}: bucket {self.bucket!r} does not exist at this endpoint")
             if code in MISSING_CODES:
                 return ObjectNotFound(f"{where}: no such object")
             text = f"{where}: {action} failed: {code or 'error'} (HTTP {status})"
@@ -165,7 +170,7 @@ class S3Store:
             return (TransientStorageError if transient else StorageError)(text)
         if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
             return StoreUnavailable(f"{where}: {action} failed: the endpoint does not answer "
-                                    f"({type(err).__name__}: {err})")
+                                    f"({type(err).__name__} after {self.max_attempts} attempts)")
         if isinstance(err, STREAM_ERRORS):
             return TransientStorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
         return StorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
@@ -398,6 +403,17 @@ class S3Store:
     def delete(self, key: str) -> None:
         """Delete one object; deleting a missing object is not an error (as in LocalStore)."""
         self._call("delete_object", key, Key=self._full(key))
+
+    def move(self, key: str, new_key: str) -> None:
+        """Server-side copy to `new_key` (multipart for large objects), then delete `key`."""
+        source = {"Bucket": self.bucket, "Key": self._full(key)}
+        config = TransferConfig(multipart_threshold=self.chunk_bytes, multipart_chunksize=self.chunk_bytes,
+                                max_concurrency=self.max_concurrency)
+        try:
+            self._client().copy(source, self.bucket, self._full(new_key), Config=config)
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, key, f"copy to {new_key}") from err
+        self.delete(key)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Delete objects in batches of at most 1000 keys per request."""

@@ -1,0 +1,181 @@
+"""Uploading and committing staged checkpoints off the training thread (docs/design.md §6).
+
+One `Committer` per rank. `submit` queues a staged checkpoint and returns at once; a worker thread
+takes them in order, one at a time:
+
+    every rank:  upload the files it owns            (retried with backoff while the store is down)
+                 write its receipt parts/<save id>/rank_NNNNN.json (sizes and hashes of those files)
+                 delete its staged files
+    rank 0:      wait for every rank's receipt -> check the objects' sizes -> manifest.json -> latest
+                 -> retention -> delete the receipts
+
+Training never waits on the store and never dies of it: failures are retried (`backoff_s`, doubling
+up to `max_backoff_s`) for as long as the store keeps failing for less than `max_outage_s`; past that,
+`failure()` says why, and the training loop stops at the next step boundary so the job is requeued.
+Receipts carry a save id drawn at save time, so receipts of an interrupted earlier attempt at the same
+step are never mistaken for this one's.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import (
+    PARTS,
+    CheckpointError,
+    apply_retention,
+    checkpoint_key,
+    commit,
+    remove_owned,
+    upload_tree,
+)
+from .log import log
+from .storage import ObjectStore, StorageError
+
+
+@dataclass
+class Staged:
+    """A checkpoint written locally by every rank, waiting to be uploaded and committed."""
+
+    name: str
+    local_dir: Path
+    meta: dict
+    save_id: str
+    blocked_s: float  # how long training was blocked writing it
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False  # this rank's part is in the store (rank 0: the checkpoint is committed)
+
+    def receipt(self, rank: int, suffix: str = "json") -> str:
+        return checkpoint_key(self.name, PARTS, self.save_id, f"rank_{rank:05d}.{suffix}")
+
+
+class GaveUp(Exception):
+    """The store kept failing past the outage limit, or the committer is closing."""
+
+
+class Committer:
+    def __init__(self, store: ObjectStore, rank: int, world_size: int, keep_last: int, *,
+                 max_outage_s: float = 1800.0, backoff_s: float = 1.0, max_backoff_s: float = 30.0):
+        self.store, self.rank, self.world_size, self.keep_last = store, rank, world_size, keep_last
+        self.max_outage_s, self.backoff_s, self.max_backoff_s = max_outage_s, backoff_s, max_backoff_s
+        self.queue: queue.Queue[Staged | None] = queue.Queue()
+        self.waiting: list[Staged] = []  # submitted, not finished
+        self.outage_since: float | None = None
+        self.last_committed: str | None = None  # rank 0: the newest checkpoint this run committed
+        self._failure: str | None = None
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self.worker = threading.Thread(target=self._work, name="ckpt-commit", daemon=True)
+        self.worker.start()
+
+    def submit(self, staged: Staged) -> None:
+        with self._lock:
+            self.waiting.append(staged)
+        self.queue.put(staged)
+
+    def failure(self) -> str | None:
+        """Why this rank gave up on the store (it failed for longer than the outage limit), or None."""
+        return self._failure
+
+    def drain(self) -> bool:
+        """Wait until everything submitted is done; True if every one succeeded on this rank."""
+        with self._lock:
+            pending = list(self.waiting)
+        for staged in pending:
+            staged.done.wait()
+        return all(staged.ok for staged in pending)
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop the worker: after the queue is done, or at once (`abandon`: uploads in flight are given
+        up, their staged files left for the caller to remove)."""
+        if abandon:
+            self._closing.set()
+        self.queue.put(None)
+        self.worker.join()
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (staged := self.queue.get()) is not None:
+            try:
+                if not self._closing.is_set() and self._failure is None:
+                    staged.ok = self._process(staged)
+            except GaveUp:
+                staged.ok = False
+            except Exception as err:  # a bug here must not kill the thread silently
+                log.warning(f"checkpoint {staged.name} was NOT committed: {type(err).__name__}: {err}")
+                staged.ok = False
+            finally:
+                remove_owned(staged.local_dir, self.rank)
+                with self._lock:
+                    self.waiting.remove(staged)
+                staged.done.set()
+        while not self.queue.empty():  # closing: release anyone waiting on what is left
+            leftover = self.queue.get_nowait()
+            if leftover is not None:
+                leftover.done.set()
+
+    def _process(self, staged: Staged) -> bool:
+        started = time.monotonic()
+        files = self._retrying(lambda: upload_tree(self.store, staged.local_dir, checkpoint_key(staged.name),
+                                                   self.rank), f"upload of {staged.name}")
+        self._retrying(lambda: self.store.put_bytes(json.dumps(files).encode(), staged.receipt(self.rank)),
+                       f"receipt of {staged.name}")
+        if self.rank != 0:
+            return True
+        parts = self._await_receipts(staged)
+        committed = self._retrying(lambda: commit(self.store, staged.name, parts, staged.meta),
+                                   f"commit of {staged.name}")
+        removed = self._retrying(lambda: apply_retention(self.store, self.keep_last), "retention")
+        self._retrying(lambda: self.store.delete_many(self.store.list(checkpoint_key(staged.name, PARTS) + "/")),
+                       f"receipts of {staged.name}")
+        self.last_committed = staged.name
+        size_mb = sum(f["size"] for f in committed.manifest["files"].values()) / 2**20
+        log.info(f"checkpoint {staged.name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
+                 f"{staged.blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
+                 f"{committed.manifest_sha256[:12]})" + (f"; removed {', '.join(removed)}" if removed else ""))
+        return True
+
+    def _await_receipts(self, staged: Staged) -> dict[str, dict]:
+        """Rank 0: every rank's receipt for this save, merged (waiting is not an outage)."""
+        expected = [staged.receipt(rank) for rank in range(self.world_size)]
+        while True:
+            keys = set(self._retrying(lambda: self.store.list(checkpoint_key(staged.name, PARTS, staged.save_id) + "/"),
+                                      f"receipts of {staged.name}"))
+            if all(key in keys for key in expected):
+                files: dict[str, dict] = {}
+                for key in expected:
+                    files.update(json.loads(self._retrying(lambda k=key: self.store.get_bytes(k), f"receipt {key}")))
+                return files
+            if self._closing.wait(0.2):
+                raise GaveUp()
+
+    def _retrying(self, action, what: str):
+        """`action()`, retried with backoff while the store fails; raises GaveUp past the outage limit
+        (or when closing)."""
+        delay = self.backoff_s
+        while True:
+            if self._closing.is_set():
+                raise GaveUp()
+            try:
+                result = action()
+                self.outage_since = None
+                return result
+            except (StorageError, CheckpointError, OSError) as err:
+                now = time.monotonic()
+                self.outage_since = self.outage_since or now
+                down_for = now - self.outage_since
+                if down_for >= self.max_outage_s:
+                    self._failure = (f"the store {self.store.uri} has been failing for {down_for / 60:.1f} minutes "
+                                     f"(storage.max_outage_minutes); last error: {err}")
+                    log.warning(f"{what} given up: {self._failure}")
+                    raise GaveUp() from err
+                log.warning(f"{what} failed ({err}); retrying in {delay:.0f} s, training goes on")
+                if self._closing.wait(min(delay, self.max_outage_s - down_for)):
+                    raise GaveUp() from err
+                delay = min(self.max_backoff_s, delay * 2)

@@ -1,0 +1,191 @@
+"""cosctl.checkpointer and cosctl.committer in one process on a local store: rollback, retention,
+what a committed checkpoint leaves behind, and a store or disk that fails while training goes on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cosctl import run as run_module
+from cosctl.checkpoint import (
+    ABANDONED,
+    MANIFEST,
+    delete_checkpoint,
+    find_latest,
+    list_abandoned,
+    list_committed,
+    read_manifest,
+    verify,
+)
+from cosctl.errors import StoreUnavailable
+from cosctl.storage import LocalStore
+from cosctl.train import Stopped
+from tests.harness import tiny_spec
+
+
+def steps_in(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_rollback_moves_the_newer_branch_aside_and_auto_continues_the_new_line(tiny_data, tmp_path, in_process):
+    """Resuming a 4-step run from step 2 moves steps 3-4 aside (kept, listed as abandoned), commits the
+    new step 3 with `latest` on it, and `--resume auto` then continues the new line, not the old one."""
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 4), tmp_path / "first")
+    store = LocalStore(out)
+    in_process(tiny_spec(tiny_data, out, 3), tmp_path / "rolled", resume=f"{out}/checkpoints/step_00000002")
+    assert [c.step for c in list_committed(store)] == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    abandoned = list_abandoned(store)
+    assert [c.step for _, c in abandoned] == [3, 4] and all(p.startswith(ABANDONED) for p, _ in abandoned)
+    resumed = in_process(tiny_spec(tiny_data, out, 5), tmp_path / "rolled")
+    assert resumed["steps"] == 5 and [c.step for c in list_committed(store)][-1] == 5
+    assert [c.step for _, c in list_abandoned(store)] == [3, 4]
+
+
+def test_retention_keeps_the_last_of_the_current_line_only(tiny_data, tmp_path, in_process):
+    """keep_last 1 after a rollback keeps only the new line's newest checkpoint; the abandoned branch
+    is untouched; no empty step folders are left on disk."""
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 4, "checkpoint.keep_last=10"), tmp_path / "first")
+    in_process(tiny_spec(tiny_data, out, 3, "checkpoint.keep_last=1"), tmp_path / "second",
+               resume=f"{out}/checkpoints/step_00000002")
+    store = LocalStore(out)
+    assert [c.step for c in list_committed(store)] == [3]
+    assert [c.step for _, c in list_abandoned(store)] == [3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
+def test_a_committed_checkpoint_has_no_receipts_and_runs_zero_to_fp32_as_shipped(tiny_data, tmp_path, in_process):
+    """Committed checkpoints keep no parts/ receipts, and DeepSpeed's own zero_to_fp32.py inside one
+    converts it without extra arguments (the folder carries DeepSpeed's `latest` tag file)."""
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert not (ckpt / "parts").exists()
+    assert (ckpt / "latest").read_text().strip() == "zero"
+    result = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "fp32")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any((tmp_path / "fp32").iterdir())
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tiny_data, tmp_path, in_process):
+    """A run resumed from step 2 after reaching step 3 trains step 3 again: metrics.jsonl lists 1, 2, 3
+    once each."""
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_data, out, 3)
+    in_process(spec, tmp_path / "work")
+    in_process(spec, tmp_path / "work", resume=f"{out}/checkpoints/step_00000002")
+    assert steps_in(tmp_path / "work") == [1, 2, 3]
+
+
+class FlakyStore(LocalStore):
+    """A local store whose writes fail (endpoint down) while `down` is set, or for `outage_s` seconds
+    from the first checkpoint write on."""
+
+    down = False
+    failures = 0
+    outage_s = 0.0
+    down_until: float | None = None
+
+    def put_file(self, local_path, key):
+        self._maybe_fail(key)
+        super().put_file(local_path, key)
+
+    def put_bytes(self, data, key):
+        self._maybe_fail(key)
+        super().put_bytes(data, key)
+
+    def _maybe_fail(self, key):
+        if FlakyStore.outage_s and FlakyStore.down_until is None and key.startswith("checkpoints/step_"):
+            FlakyStore.down_until = time.monotonic() + FlakyStore.outage_s
+        if FlakyStore.down or (FlakyStore.down_until or 0) > time.monotonic():
+            FlakyStore.failures += 1
+            raise StoreUnavailable(f"{self.uri}/{key}: put failed: the endpoint does not answer")
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    FlakyStore.down, FlakyStore.failures, FlakyStore.outage_s, FlakyStore.down_until = False, 0, 0.0, None
+    monkeypatch.setattr(run_module, "open_store", lambda uri, settings=None: FlakyStore(uri))
+    return FlakyStore
+
+
+def test_training_goes_on_through_an_outage_and_commits_afterwards(tiny_data, tmp_path, in_process, flaky,
+                                                                   monkeypatch):
+    """The store goes down during the run: steps keep training, uploads retry in the background, and
+    once it is back every checkpoint commits; none is lost and the run ends normally."""
+    from cosctl import committer
+
+    monkeypatch.setattr(committer.Committer, "__init__", _short_backoff(committer.Committer.__init__))
+    out = tmp_path / "out"
+    flaky.outage_s = 2.0
+    summary = in_process(tiny_spec(tiny_data, out, 6, "checkpoint.keep_last=10"), tmp_path / "work")
+    assert summary["steps"] == 6 and flaky.failures > 0
+    store = LocalStore(out)
+    committed = list_committed(store)
+    assert committed[-1].step == 6 and all(verify(store, c, tmp_path / "scratch") == [] for c in committed)
+
+
+def test_an_outage_past_the_limit_stops_at_a_step_boundary_for_requeue(tiny_data, tmp_path, in_process, flaky,
+                                                                       monkeypatch):
+    """A store that stays down past storage.max_outage_minutes stops the run at a step boundary with
+    exit code 75 (requeue) and a reason naming the store, without committing anything partial."""
+    from cosctl import committer
+
+    monkeypatch.setattr(committer.Committer, "__init__", _short_backoff(committer.Committer.__init__))
+    out = tmp_path / "out"
+    flaky.down = True
+    with pytest.raises(Stopped) as stopped:
+        in_process(tiny_spec(tiny_data, out, 400, "storage.max_outage_minutes=0.02"), tmp_path / "work")
+    assert stopped.value.exit_code == 75 and "has been failing" in str(stopped.value)
+    assert find_latest(LocalStore(out)) is None
+
+
+def test_a_full_staging_disk_stops_for_requeue_naming_the_path(tiny_data, tmp_path, in_process, monkeypatch):
+    """When the staging folder has no room for a checkpoint, every rank agrees before writing, and the
+    run stops with exit 75 and 'no space left on <path>'."""
+    import shutil
+
+    from cosctl import checkpointer
+
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(Stopped) as stopped:
+        in_process(tiny_spec(tiny_data, tmp_path / "out", 4), tmp_path / "work")
+    assert stopped.value.exit_code == 75 and f"no space left on {tmp_path / 'work'}" in str(stopped.value)
+
+
+def test_retention_uncommits_before_it_deletes(tmp_path):
+    """Deleting a checkpoint removes its manifest first, then its files in one batch."""
+    store = LocalStore(tmp_path)
+    for key in ("checkpoints/step_00000001/zero/a.pt", f"checkpoints/step_00000001/{MANIFEST}"):
+        store.put_bytes(b"{}", key)
+    order = []
+    store.delete = lambda key, _d=store.delete: (order.append(("one", key)), _d(key))
+    store.delete_many = lambda keys, _d=store.delete_many: (order.append(("batch", tuple(keys))), _d(keys))
+    delete_checkpoint(store, "step_00000001")
+    assert order[0] == ("one", f"checkpoints/step_00000001/{MANIFEST}") and order[1][0] == "batch"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_store_that_fails_is_not_an_empty_one(tmp_path):
+    """read_manifest returns None only for a missing manifest; a store error propagates as itself."""
+    class Down(LocalStore):
+        def get_bytes(self, key, start=None, end=None):
+            raise StoreUnavailable(f"{self.uri}/{key}: the endpoint does not answer")
+
+    assert read_manifest(LocalStore(tmp_path), "step_00000001") is None
+    with pytest.raises(StoreUnavailable):
+        read_manifest(Down(tmp_path), "step_00000001")
+
+
+def _short_backoff(init):
+    def patched(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "backoff_s": 0.05, "max_backoff_s": 0.2})
+    return patched

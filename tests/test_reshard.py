@@ -1,0 +1,39 @@
+"""Resuming on another number of ranks (ZeRO-3 through DeepSpeed's universal checkpoint): the global
+batch and the samples of every step stay the same, and the losses continue as if nothing changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness import run, steps, train_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+def one_rank(cmd: list[str]) -> list[str]:
+    """The same training command on one rank."""
+    index = cmd.index("--nproc")
+    return cmd[:index] + ["--nproc", "1"] + cmd[index + 2:]
+
+
+@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_on_another_world_size_continues_the_run(tiny_data, tmp_path, ranks):
+    """6 steps on W ranks == 3 steps on W ranks + 3 on W' ranks from the step-3 checkpoint: the same
+    samples per step, and losses within 1e-4 relative."""
+    first, second = ranks
+    base = train_command(tiny_data, tmp_path / "straight", tmp_path / "out", 6, 3)
+    run(base if first == 2 else one_rank(base), tmp_path)
+    resumed = train_command(tiny_data, tmp_path / "resumed", tmp_path / "out-resumed", 6, 3) + [
+        "--resume", f"{tmp_path / 'out'}/checkpoints/step_00000003"]
+    result = run(resumed if second == 2 else one_rank(resumed), tmp_path)
+    assert f"re-partitioning step_00000003 from {first} ranks to {second}" in result.stdout
+    expected, got = steps(tmp_path / "straight"), steps(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step]["samples"] == expected[step]["samples"]
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4)
+        assert got[step]["lr"] == pytest.approx(expected[step]["lr"], rel=1e-9)
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["world_size"] == second
