@@ -190,6 +190,22 @@ def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run 
 
 
 @app.command()
+def report(runs: Annotated[list[Path], typer.Argument(help="Run folders: the --run-dir of training stages "
+                                                             "(metrics.jsonl, summary.json; metrics.json of cosctl eval).",
+                                                        show_default=False)],
+           out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")] = Path("report")) -> None:
+    """Plots (loss against step and time, samples/s, LR, eval metrics) and report.md for runs, side by side."""
+    from .report import write_report
+
+    try:
+        written = write_report(runs, out)
+    except UserError as err:
+        fail(str(err))
+    typer.echo(f"wrote {written['report']} and {len(written['figures'])} plot(s): "
+               + ", ".join(Path(f).name for f in written["figures"]))
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
          num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""

@@ -27,7 +27,7 @@ from cosctl.cli import app
 from cosctl.data import IMAGE_TOKEN, encode_conversation, image_token_id, load_tokenizer
 from cosctl.engine import apply_lora
 from cosctl.errors import DataError
-from cosctl.evaluate.generation import generate_and_score, plan_batches, rank_batches
+from cosctl.evaluate.generation import generate_and_score, metrics_record, plan_batches, rank_batches
 from cosctl.evaluate.loading import load_for_eval
 from cosctl.evaluate.records import build_prompt, load_eval_records
 from cosctl.export import export_merged
@@ -191,6 +191,17 @@ def test_batches_are_the_same_whatever_the_number_of_ranks():
         assert len({len(share) for share in padded}) == 1
         assert [b.indices for share in padded for b in share if b.keep] == [b.indices for s in shares for b in s]
         assert all(b.indices == (4,) for share in padded for b in share if not b.keep)
+
+
+def test_metrics_record_flattens_task_aggregates_for_the_metrics_log():
+    """Scores become the `eval/<task>/<metric>` keys `cosctl report` plots; counts stay out."""
+    from cosctl.scoring import EvalItem, score
+
+    items = [EvalItem("1", "vqa", ("red",)), EvalItem("2", "vqa", ("blue",)),
+             EvalItem("3", "refcoco", ("[0, 0, 50, 50]",))]
+    scores = score(items, {"1": "red", "2": "green", "3": "[0, 0, 50, 50]"})
+    assert metrics_record(scores) == {"eval/vqa/accuracy": 0.5, "eval/refcoco/acc@0.5": 1.0,
+                                      "eval/refcoco/mean_iou": 1.0}
 
 
 def test_an_adapter_run_evaluates_as_its_merged_export(built):

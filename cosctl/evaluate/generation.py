@@ -125,6 +125,13 @@ def prediction_rows(records: list[dict], prompts: list[EvalPrompt], texts: dict[
     return rows
 
 
+def metrics_record(scores: Scores, prefix: str = "eval") -> dict[str, float]:
+    """Per-task aggregates as flat metrics-log keys: {"eval/<task>/<metric>": value} (counts left out),
+    the keys `cosctl report` plots against the step."""
+    return {f"{prefix}/{task}/{metric}": float(value) for task, values in scores.tasks.items()
+            for metric, value in values.items() if metric != "num"}
+
+
 def generate_and_score(model: nn.Module, tokenizer, records: list[dict], image_root, *, max_new_tokens: int,
                        batch_size: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
                        default_task: str = "unknown") -> tuple[list[dict], Scores]:
