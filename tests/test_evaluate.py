@@ -429,3 +429,35 @@ def test_a_source_without_a_model_is_one_error_line(built, tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path / "empty"), "--data", str(data), "--images", str(built["data"])])
     assert result.exit_code == 1
     assert result.output.strip().startswith(f"error: {tmp_path / 'empty'}") and "Traceback" not in result.output
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_eval_reads_runs_from_a_bucket(built, tmp_path, moto_server, s3_env, monkeypatch):
+    """A base run and a finetune run published to a bucket (the adapter naming its base by s3:// URI)
+    evaluate from there: `cosctl eval s3://...` gives the local run's predictions."""
+    from tests.conftest_s3 import create_bucket
+    from tests.test_checkpoint_s3 import s3_env as subprocess_env
+
+    bucket = create_bucket(moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env)  # as a user points cosctl at an S3-compatible store
+    store = lambda name: open_store(f"s3://{bucket}/{name}")
+    tokenizer = built["tokenizer"]
+    publish(store("base"), built["root"] / "staging" / "base", "model")
+    adapter = tmp_path / "adapter"
+    peft_model = load_for_eval(str(built["root"] / "base"), tmp_path / "scratch").model
+    peft_model = apply_lora(peft_model, LoraSpec(r=4, alpha=8, dropout=0.0), ["projector"], seed=0)
+    save_adapter(peft_model, {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or "modules_to" in k},
+                 tokenizer, f"s3://{bucket}/base", adapter)
+    publish(store("finetune"), adapter, "adapter")
+    data = eval_file(built, tmp_path / "eval.json", count=6)
+    extra = subprocess_env(moto_server, s3_env)
+    for source in (f"s3://{bucket}/base", f"s3://{bucket}/finetune"):
+        ok(cosctl("eval", source, "--data", str(data), "--images", str(built["data"]), "--out", str(tmp_path / "s3"),
+                  "--max-new-tokens", str(MAX_NEW_TOKENS), tmp=tmp_path, env_extra=extra))
+        assert json.loads((tmp_path / "s3" / "metrics.json").read_text())["model"] == source
+    local = load_for_eval(str(built["root"] / "base"), tmp_path / "scratch2")
+    rows, _ = generate_and_score(local.model, tokenizer, json.loads(data.read_text()), built["data"],
+                                 max_new_tokens=MAX_NEW_TOKENS, batch_size=8, device="cpu")
+    evaluated = [json.loads(line) for line in (tmp_path / "s3" / "predictions.jsonl").read_text().splitlines()]
+    assert predictions(evaluated) == predictions(rows)  # fresh LoRA B is zero: the finetune equals its base
