@@ -175,6 +175,13 @@ def test_batched_generation_equals_one_record_at_a_time_and_a_plain_loop(built):
         assert predictions(batched)[prompt.id] == greedy_without_cache(model, tokenizer, prompt, 64, MAX_NEW_TOKENS)
     assert [row["id"] for row in batched] == [r["id"] for r in records]
     assert set(scores.tasks) == {r["task"] for r in records}
+    # Decoding settings a model's generation config may carry do not change the greedy eval.
+    longer = dict(max_new_tokens=16, device="cpu", batch_size=6)
+    neutral, _ = generate_and_score(model, tokenizer, records, built["data"], **longer)
+    model.language_model.generation_config.update(do_sample=True, num_beams=3, repetition_penalty=3.0,
+                                                  no_repeat_ngram_size=1, min_new_tokens=16)
+    configured, _ = generate_and_score(model, tokenizer, records, built["data"], **longer)
+    assert predictions(configured) == predictions(neutral)
     assert all(row["score"] == scores.per_record[row["id"]] for row in batched)
 
 

@@ -104,11 +104,14 @@ def decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
 
 def generate_batch(module: nn.Module, tokenizer, prompts: list[EvalPrompt], *, image_size: int,
                    max_new_tokens: int, device: torch.device, synced: bool) -> list[str]:
-    """Greedy continuations of `prompts` (one batch) with the KV cache."""
+    """Greedy continuations of `prompts` (one batch) with the KV cache. Settings a model's generation
+    config may carry that would change greedy decoding (beams, sampling, repetition penalties, a
+    minimum length) are set to their neutral values, so every model is decoded the same way."""
     inputs = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id, image_size).items()}
     output = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             synced_gpus=synced)
     return decode_new_tokens(tokenizer, output[:, inputs["input_ids"].shape[1]:].cpu())
 
 
