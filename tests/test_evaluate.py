@@ -137,6 +137,8 @@ def test_bad_records_are_one_error_naming_them(built, tmp_path):
         assert reason in message
     assert "first: no-answer, lost-image, box, box" in message
     assert load_eval_records(path, built["data"], limit=3) == good
+    assert load_eval_records(path, built["data"], skip_bad=True) == good  # an id's second use is bad too
+    assert load_eval_records(path, built["data"], limit=2, skip_bad=True) == good[:2]
 
 
 # -------------------------------------------------------------------------------------- generation

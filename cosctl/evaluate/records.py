@@ -20,6 +20,7 @@ from cos_model import IGNORE_INDEX
 
 from ..data import conversation_problem, encode_conversation, image_problem, read_records, resolve_image_path
 from ..errors import DataError
+from ..log import log
 from ..scoring import TASK_FAMILIES, eval_items, parse_box
 
 MAX_REPORTED_IDS = 5
@@ -69,35 +70,49 @@ def _record_problem(record, seen: set[str], image_root: Path | None, images: dic
     return None
 
 
-def check_records(records: list, source: str, image_root: str | Path | None = None) -> list[dict]:
-    """`records` if every one can be evaluated (a mapping with an id, unique; a training-valid
-    conversation; `answers`, when present, a non-empty list of strings; a box in each reference of a
-    referring-expression task; an image, readable under `image_root` when one is given), else a
-    `DataError` naming the problems and the first bad ids."""
+def check_records(records: list, source: str, image_root: str | Path | None = None, *, skip_bad: bool = False,
+                  limit: int | None = None) -> list[dict]:
+    """The records that can be evaluated: a mapping with an id, unique; a training-valid conversation;
+    `answers`, when present, a non-empty list of strings; a box in each reference of a
+    referring-expression task; an image, readable under `image_root` when one is given.
+
+    A bad record raises a `DataError` naming the problems and the first bad ids, unless `skip_bad`:
+    then bad records are left out with a warning, and checking stops at `limit` good ones."""
+    good: list[dict] = []
     bad: Counter[str] = Counter()
     bad_ids: list[str] = []
     seen: set[str] = set()
     images: dict = {}
     root = None if image_root is None else Path(image_root)
     for index, record in enumerate(records):
+        if skip_bad and limit is not None and len(good) == limit:
+            break
         problem = _record_problem(record, seen, root, images)
-        if problem is not None:
-            bad[problem] += 1
-            if len(bad_ids) < MAX_REPORTED_IDS:
-                bad_ids.append(str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}")
+        if problem is None:
+            good.append(record)
+            continue
+        bad[problem] += 1
+        if len(bad_ids) < MAX_REPORTED_IDS:
+            bad_ids.append(str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}")
     if bad:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(bad.items()))
-        raise DataError(f"{source}: {sum(bad.values())} of {len(records)} records cannot be evaluated "
-                        f"({reasons}; first: {', '.join(bad_ids)})")
-    return records
+        checked = len(good) + sum(bad.values())
+        message = f"{source}: {sum(bad.values())} of {checked} records cannot be evaluated ({reasons}; first: " \
+                  f"{', '.join(bad_ids)})"
+        if not skip_bad:
+            raise DataError(message)
+        log.warning(f"{message}; they are left out")
+    return good
 
 
-def load_eval_records(path: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """The first `limit` (all when None) records of a LLaVA-format JSON file, checked by `check_records`."""
+def load_eval_records(path: str | Path, image_root: str | Path | None = None, limit: int | None = None, *,
+                      skip_bad: bool = False) -> list[dict]:
+    """The first `limit` (all when None) records of a LLaVA-format JSON file, checked by `check_records`;
+    with `skip_bad`, the first `limit` good ones (the training loop's held-out samples)."""
     records = read_records(Path(path))
-    if limit is not None:
+    if limit is not None and not skip_bad:
         records = records[:limit]
-    return check_records(records, str(path), image_root)
+    return check_records(records, str(path), image_root, skip_bad=skip_bad, limit=limit)
 
 
 def render_prompt(turns: list[dict], bos: str, eos: str) -> str:
