@@ -177,7 +177,7 @@ def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run 
 
             load_eval_records(data, images or data.parent, limit)
             if baseline_from is not None:
-                load_eval_records(baseline_from)
+                load_eval_records(baseline_from, skip_bad=True)
             check_source(model)
             _relaunch_with_torchrun(nproc)
         metrics = run_eval(model, data, images=images, out=out or Path("evals") / Path(model.rstrip("/")).name,

@@ -36,7 +36,7 @@ def _process_group():
     return 0, 1, device
 
 
-def _load_once_per_node(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
+def _load(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
     """Rank 0 fetches the artefact into a scratch folder (an error there is raised on every rank);
     every rank loads it from that folder, which is removed once all have."""
     from .loading import fetch_for_eval, load_fetched
@@ -48,11 +48,13 @@ def _load_once_per_node(model_uri: str, rank: int, world_size: int, dtype: torch
 
     # NOTE: one node (torchrun --standalone), so rank 0's local folder is every rank's.
     scratch = Path(tempfile.mkdtemp(prefix="cosctl-eval-")) if rank == 0 else None
-    fetched = on_main(lambda: fetch_for_eval(model_uri, scratch))
-    loaded = load_fetched(fetched, dtype)
-    barrier()
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        fetched = on_main(lambda: fetch_for_eval(model_uri, scratch))
+        loaded = load_fetched(fetched, dtype)
+        barrier()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return loaded
 
 
@@ -74,11 +76,11 @@ def run_eval(model_uri: str, data: Path, *, images: Path | None, out: Path, max_
     started = time.monotonic()
     image_root = Path(images) if images is not None else Path(data).parent
     records = load_eval_records(data, image_root, limit)
-    baseline_records = None if baseline_from is None else load_eval_records(baseline_from)
+    baseline_records = None if baseline_from is None else load_eval_records(baseline_from, skip_bad=True)
     rank, world_size, device = _process_group()
     setup_logging(rank, "eval")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = _load_once_per_node(model_uri, rank, world_size, dtype)
+    loaded = _load(model_uri, rank, world_size, dtype)
     loaded.model.to(device)
     loaded_at = time.monotonic()
     rows, scores = generate_and_score(loaded.model, loaded.tokenizer, records, image_root,
