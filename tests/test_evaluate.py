@@ -422,6 +422,7 @@ def test_bad_data_file_is_one_error_line(built, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), result.output
 
 
+@pytest.mark.slow
 def test_bad_data_before_relaunching_ranks_is_one_line(built, tmp_path):
     """With --nproc 2 the data is checked before torchrun starts: one line on stderr, no launcher trace."""
     path = tmp_path / "eval.json"
