@@ -164,6 +164,60 @@ def export(source: Annotated[str, typer.Argument(help="Run output URI (holds ada
         fail(str(err))
 
 
+@app.command("eval")
+def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run output (model/ or adapter/), "
+                                                      "local or s3://.", show_default=False)],
+          data: Annotated[Path, typer.Option(help="LLaVA-format eval records (JSON list); the last gpt turn is "
+                                                  "the reference.", show_default=False)],
+          images: Annotated[Optional[Path], typer.Option(help="Image root; default: the data file's folder.")] = None,
+          out: Annotated[Optional[Path], typer.Option(help="Output folder; default evals/<model name>.")] = None,
+          max_new_tokens: Annotated[int, typer.Option(min=1, help="Generated tokens per record at most.")] = 32,
+          batch_size: Annotated[int, typer.Option(min=1, help="Records generated together per rank.")] = 8,
+          nproc: NprocOpt = 1,
+          limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N records only.")] = None,
+          baseline_from: Annotated[Optional[Path], typer.Option(
+              help="Records (e.g. the training set) whose answers the image-free baseline counts; "
+                   "default: the eval records.")] = None) -> None:
+    """Greedy generation on eval records: predictions.jsonl, metrics.json and per-task metrics beside an
+    image-free baseline."""
+    from .evaluate.command import print_table, run_eval
+
+    try:
+        if nproc > 1 and "RANK" not in os.environ:
+            # Checked once here, so a mistake is one line rather than one per rank and a launcher trace.
+            from .evaluate.loading import check_source
+            from .evaluate.records import load_eval_records
+
+            load_eval_records(data, images or data.parent, limit)
+            if baseline_from is not None:
+                load_eval_records(baseline_from, skip_bad=True)
+            check_source(model)
+            _relaunch_with_torchrun(nproc)
+        metrics = run_eval(model, data, images=images, out=out or Path("evals") / Path(model.rstrip("/")).name,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                           baseline_from=baseline_from)
+    except UserError as err:
+        fail(str(err))
+    if metrics is not None:
+        print_table(metrics)
+
+
+@app.command()
+def report(runs: Annotated[list[Path], typer.Argument(help="Run folders: the --run-dir of training stages "
+                                                             "(metrics.jsonl, summary.json; metrics.json of cosctl eval).",
+                                                        show_default=False)],
+           out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")] = Path("report")) -> None:
+    """Plots (loss against step and time, samples/s, LR, eval metrics) and report.md for runs, side by side."""
+    from .report import write_report
+
+    try:
+        written = write_report(runs, out)
+    except UserError as err:
+        fail(str(err))
+    typer.echo(f"wrote {written['report']} and {len(written['figures'])} plot(s): "
+               + ", ".join(Path(f).name for f in written["figures"]))
+
+
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
          num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200) -> None:
