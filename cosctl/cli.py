@@ -65,6 +65,15 @@ def _argv_without_nproc() -> list[str]:
     return argv
 
 
+def _fail_in_rank(err: Exception) -> None:
+    """A user error inside a rank: said once (rank 0, or through the launcher), exit 1."""
+    from .launch import REPORT_DIR_ENV, report
+
+    if int(os.environ.get("RANK", "0")) == 0 or REPORT_DIR_ENV in os.environ:
+        report(1, f"error: {err}")
+    raise typer.Exit(1)
+
+
 def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc, save_on_stop) -> None:
     from .launch import STOP_CODES, launch_local_ranks, report
 
@@ -86,9 +95,7 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
                                output=output or spec.run.output, resume=resume, overwrite=overwrite,
                                save_on_stop=save_on_stop)
     except UserError as err:
-        if int(os.environ.get("RANK", "0")) == 0 or "COSCTL_REPORT_DIR" in os.environ:
-            report(1, f"error: {err}")
-        raise typer.Exit(1) from None
+        _fail_in_rank(err)
     except Stopped as stop:
         report(stop.exit_code, f"[{stage}] {stop}", continue_hint=stop.exit_code in STOP_CODES)
         raise typer.Exit(stop.exit_code) from None
@@ -192,12 +199,18 @@ def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run 
             if baseline_from is not None:
                 load_eval_records(baseline_from, skip_bad=True)
             check_source(model)
-            _relaunch_with_torchrun(nproc)
+    except UserError as err:
+        fail(str(err))
+    if nproc > 1 and "RANK" not in os.environ:
+        from .launch import launch_local_ranks
+
+        raise typer.Exit(launch_local_ranks(nproc, _argv_without_nproc(), sys.argv[1:]))
+    try:
         metrics = run_eval(model, data, images=images, out=out or Path("evals") / Path(model.rstrip("/")).name,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
                            baseline_from=baseline_from)
     except UserError as err:
-        fail(str(err))
+        _fail_in_rank(err)
     if metrics is not None:
         print_table(metrics)
 
