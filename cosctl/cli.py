@@ -86,13 +86,21 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
 
 
 @app.command()
-def validate(spec: SpecArg, set_: SetOpt = None) -> None:
-    """Check a run spec; print OK or every problem (exit 1)."""
+def validate(spec: SpecArg, set_: SetOpt = None,
+             skip_paths: Annotated[bool, typer.Option(
+                 "--skip-paths", help="Check the spec alone, not the data, tokenizer and model folders it names "
+                 "(for a spec written on a machine that does not have them).")] = False) -> None:
+    """Check a run spec and the local files it names; print OK or every problem (exit 1)."""
+    from .spec import check_paths
+
     try:
         loaded = _load(spec, set_)
     except SpecError as err:
         fail(str(err))
-    typer.echo(f"OK: {spec} is a valid {loaded.stage} spec")
+    problems = [] if skip_paths else check_paths(loaded)
+    if problems:
+        fail("\n".join(f"{spec}: {problem}" for problem in problems))
+    typer.echo(f"OK: {spec} is a valid {loaded.stage} spec" + (" (paths not checked)" if skip_paths else ""))
 
 
 @app.command()
@@ -255,10 +263,19 @@ def ckpt_push(source: Annotated[str, typer.Argument(help="Local checkpoint or ru
     _copy(source, to)
 
 
+def _quiet_progress_bars() -> None:
+    """No per-file "Loading weights" bars (our own progress is enough), without importing transformers
+    (and torch) for commands that never load weights: transformers reads the setting when it loads."""
+    if "transformers.utils.logging" in sys.modules or "huggingface_hub.constants" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
     # torch 2.13 deprecates collectives that DeepSpeed calls every step; the warnings bury real output.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own progress is enough
+    _quiet_progress_bars()
     app()

@@ -158,7 +158,7 @@ MALFORMED = [
     pytest.param(variant(PRETRAIN, {"model.trainable": ["resampler", "head"]}), "model.trainable[1]:",
                  id="unknown-trainable-module"),
     pytest.param(variant(PRETRAIN, {"model.trainable": []}), "model.trainable:", id="empty-trainable"),
-    pytest.param(variant(PRETRAIN, {"model.vision.config.hiden_size": 32}), "model.vision.config:",
+    pytest.param(variant(PRETRAIN, {"model.vision.config.hiden_size": 32}), "model.vision.config.hiden_size: unknown field",
                  id="unknown-vision-config-field"),
     pytest.param(variant(PRETRAIN, {"model.text.config.model_type": DELETE}), "model.text.config.model_type:",
                  id="random-text-without-model-type"),
