@@ -106,12 +106,26 @@ def validate(spec: SpecArg, set_: SetOpt = None,
 @app.command()
 def plan(spec: SpecArg, set_: SetOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
          world_size: Annotated[int, typer.Option(help="Ranks the run will use.")] = 1,
-         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu") -> None:
-    """Show tokens, scales, parameters, memory/FLOP estimates, DeepSpeed config and resume point."""
+         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+         peak_tflops: Annotated[Optional[float], typer.Option(
+             help="Per-rank dense peak for predictions (default: COSCTL_PEAK_TFLOPS, else this machine's GPU).",
+         )] = None,
+         bandwidth_gbps: Annotated[float, typer.Option(
+             help="Inter-node bandwidth per rank, Gb/s (100: one EDR/HDR100 InfiniBand link per GPU).")] = 100.0,
+         intra_node_gbps: Annotated[float, typer.Option(
+             help="Bandwidth between the ranks of one node, Gb/s (2400 = 300 GB/s, NVLink).")] = 2400.0,
+         ranks_per_node: Annotated[Optional[int], typer.Option(
+             help="Ranks per node (default: the spec's slurm section).")] = None,
+         gpu_memory_gib: Annotated[float, typer.Option(help="GPU memory per rank, for the ZeRO advice.")] = 80.0,
+         ) -> None:
+    """Show tokens, scales, parameters, FLOPs (model and hardware), step time, communication per step,
+    a ZeRO-2/ZeRO-3 recommendation, memory, DeepSpeed config and resume point."""
     from .plan import build_plan, format_plan
 
     try:
-        result = build_plan(_load(spec, set_), world_size=world_size, device_type=device)
+        result = build_plan(_load(spec, set_), world_size=world_size, device_type=device, peak=peak_tflops,
+                            bandwidth_gbps=bandwidth_gbps, intra_node_gbps=intra_node_gbps,
+                            ranks_per_node=ranks_per_node, gpu_memory_gib=gpu_memory_gib)
     except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
