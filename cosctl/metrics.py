@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 # The model-FLOPs utilisation every step-time prediction assumes (`cosctl plan`, bench/stage_speed.py).
-# Counted with the model above (a frozen LLM at 4·N), the single-H100/H200 ZeRO-3 runs of bench/RESULTS.md
-# reached 27-35% with the trained 1.1B LLM and 30-40% with the frozen 7B one; 0.35 sits at their top.
+# Counted with the model above (a frozen LLM at 4·N), the single-H100/H200 runs of bench/RESULTS.md reached
+# 19-35% with the trained 1.1B LLM and 31-43% with the frozen 7B one; 0.35 sits between the two.
 # Small models on CPU reach far less: there the prediction is a floor on the step time, not an estimate.
 ASSUMED_MFU = 0.35
 
