@@ -6,9 +6,10 @@ kinds it takes and its default. It is what `fields_of` reads from transformers 5
 `CLIPVisionConfig` and `LlamaConfig`, written down; `tests/test_spec_model.py` keeps the two equal. Any
 other `model_type` is looked up in transformers itself (the slow path, only for such specs).
 
-On top of the types, sizes must be positive, dropouts in [0, 1), epsilons positive, heads must divide
-the width and key/value heads the heads, and rotary models need an even head size: the mistakes that
-transformers either accepts (and the model then fails to build or run) or reports as a traceback.
+On top of the types, sizes must be positive, dropouts in [0, 1), epsilons positive, activations and
+rotary types ones transformers has, heads must divide the width and key/value heads the heads, and
+rotary models need an even head size: the mistakes that transformers either accepts (and the model then
+fails to build or run) or reports as a traceback.
 Every problem is one `key: what is wrong` line, the key relative to the spec's `model` section.
 """
 
@@ -86,6 +87,15 @@ POSITIVE_INTS = frozenset({
     "head_dim", "vocab_size", "max_position_embeddings", "patch_size", "image_size", "num_channels",
     "projection_dim",
 })
+
+# transformers.activations.ACT2CLS and the rotary types of transformers.modeling_rope_utils (+ "default"),
+# kept equal by tests/test_spec_model.py: a name outside them fails only when the model is built.
+ACTIVATIONS = frozenset({
+    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_python_tanh",
+    "gelu_pytorch_tanh", "hardswish", "laplace", "leaky_relu", "linear", "mish", "prelu", "quick_gelu", "relu",
+    "relu2", "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh", "xielu",
+})
+ROPE_TYPES = frozenset({"default", "dynamic", "linear", "llama3", "longrope", "proportional", "yarn"})
 
 _KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                "dict": "a mapping", "list": "a list", "null": "null"}
@@ -215,6 +225,12 @@ def _value_problem(field: str, value: Any, kinds: tuple[str, ...] | None) -> str
     if kinds is not None and not any(_is_kind(value, kind) for kind in kinds):
         expected = " or ".join(_KIND_NAMES.get(kind, kind) for kind in kinds)
         return f"expected {expected}, got {describe(value)}"
+    if field == "hidden_act" and isinstance(value, str) and value not in ACTIVATIONS:
+        return f"unknown activation {value!r}; transformers has {', '.join(sorted(ACTIVATIONS))}"
+    if field == "rope_parameters" and isinstance(value, Mapping):
+        rope_type = value.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            return f"rope_type: unknown rotary type {rope_type!r}; transformers has {', '.join(sorted(ROPE_TYPES))}"
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if number and field.endswith("dropout") and not 0 <= value < 1:
         return f"must be in [0, 1), got {value!r}"
@@ -281,6 +297,6 @@ def coerce_floats(config: Mapping, fields: Mapping | None) -> dict:
 
 
 __all__ = [
-    "KNOWN_FIELDS", "POSITIVE_INTS", "VISION_MODEL_TYPE", "coerce_floats", "describe", "field_problems",
-    "fields_for", "fields_of", "resolve", "shape_problems",
+    "ACTIVATIONS", "KNOWN_FIELDS", "POSITIVE_INTS", "ROPE_TYPES", "VISION_MODEL_TYPE", "coerce_floats", "describe",
+    "field_problems", "fields_for", "fields_of", "resolve", "shape_problems",
 ]

@@ -64,6 +64,8 @@ MALFORMED_MODEL = [
     (f"{T}.num_key_value_heads", 3, f"{T}.num_key_value_heads: 3 does not divide num_attention_heads 4"),
     (f"{T}.num_key_value_heads", 8, f"{T}.num_key_value_heads: 8 does not divide num_attention_heads 4"),
     (f"{T}.head_dim", 7, f"{T}.head_dim"),
+    (f"{T}.hidden_act", "nonsense", f"{T}.hidden_act: unknown activation 'nonsense'"),
+    (f"{T}.rope_parameters", {"rope_type": "bogus"}, f"{T}.rope_parameters: rope_type: unknown rotary type 'bogus'"),
     # text: unknown
     (f"{T}.hiden_size", 128, f"{T}.hiden_size: unknown field"),
     (f"{T}.model_type", "llamma", f"{T}.model_type: unknown model type 'llamma'"),
@@ -123,6 +125,17 @@ def test_known_fields_are_what_transformers_takes():
 
     assert KNOWN_FIELDS["clip_vision_model"] == fields_of(CLIPVisionConfig)
     assert KNOWN_FIELDS["llama"] == fields_of(LlamaConfig)
+
+
+def test_known_activations_and_rotary_types_are_what_transformers_has():
+    """The activation and rotary-type names accepted without transformers are exactly its own."""
+    from transformers.activations import ACT2CLS
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from cosctl.subconfigs import ACTIVATIONS, ROPE_TYPES
+
+    assert ACTIVATIONS == set(ACT2CLS)
+    assert ROPE_TYPES == set(ROPE_INIT_FUNCTIONS) | {"default"}
 
 
 @pytest.mark.parametrize(("key", "value"), [
