@@ -194,6 +194,10 @@ def _model_problems(model: PretrainModelSpec) -> list[str]:
 def _layout_problems(model: PretrainModelSpec, vision: Mapping) -> list[str]:
     """The geometry rule of `CosConfig` (resolution, feature blocks, scales, resampler heads) for a
     resolved vision config, as `key: problem` lines relative to `model`."""
+    for key in ("patch_size", "num_hidden_layers", "hidden_size"):
+        value = vision.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # possible in a folder's config.json
+            return [f"vision.config.{key}: must be a positive integer, got {describe(value)}"]
     try:
         check_layout(
             image_size=model.image_size, patch_size=vision["patch_size"], vision_layers=vision["num_hidden_layers"],
@@ -482,11 +486,13 @@ def _data_problems(data: DataSpec) -> list[str]:
 
 
 def _model_folder_problems(model: PretrainModelSpec) -> list[str]:
-    problems = []
     tokenizer = Path(model.tokenizer)
     if not tokenizer.is_dir():
-        problems.append(f"model.tokenizer: {model.tokenizer} "
-                        f"{'is not a folder' if tokenizer.exists() else 'does not exist'} (a local tokenizer folder)")
+        state = "is not a folder" if tokenizer.exists() else "does not exist"
+        found = [f"model.tokenizer: {model.tokenizer} {state} (a local tokenizer folder)"]
+    else:
+        found = []
+    problems: list[str] = []
     folders: dict[str, dict] = {}
     for name, component in (("vision", model.vision), ("text", model.text)):
         if component.path is None:
@@ -505,7 +511,7 @@ def _model_folder_problems(model: PretrainModelSpec) -> list[str]:
             del folders[name]
     if folders and not problems:
         problems += _folder_shape_problems(model, folders)
-    return problems
+    return found + problems
 
 
 def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -> list[str]:

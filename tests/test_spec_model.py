@@ -259,6 +259,14 @@ def test_model_folders_are_checked_with_their_config_json(tmp_path):
         "model.feature_layers: block 2 is outside the ViT's blocks 0..1"]
     unknown = _from_folders(tmp_path / "e", LLAMA_FILE, CLIP_FILE, {"text": {"hiden_size": 1}})
     assert check_paths(parse_spec(unknown)) == ["model.text.config.hiden_size: unknown field (check the spelling)"]
+    # transformers accepts a [h, w] patch in a CLIP config.json; the model needs a square one.
+    listed = {**CLIP_FILE, "vision_config": {**CLIP_FILE["vision_config"], "patch_size": [4, 4]}}
+    raw = _from_folders(tmp_path / "f", LLAMA_FILE, listed)
+    raw["model"]["tokenizer"] = str(tmp_path / "no-tokenizer")
+    assert check_paths(parse_spec(raw)) == [
+        f"model.tokenizer: {tmp_path / 'no-tokenizer'} does not exist (a local tokenizer folder)",
+        f"model.vision.path: {tmp_path / 'f' / 'vit'}/config.json: patch_size: must be a positive integer, "
+        "got a list [4, 4]"]
 
 
 def test_validate_reports_missing_files_one_line_each(tmp_path):
