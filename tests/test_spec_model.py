@@ -213,7 +213,7 @@ def test_check_paths_names_each_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize(("root", "ok"), [("s3://my-bucket/cos/data", True), ("s3://My_Bucket/x", False),
-                                          ("s3://ab/x", False), ("gs://bucket/x", False)])
+                                          ("s3://ab/x", False), ("s3://bucket..name/x", False)])
 def test_an_s3_data_root_is_checked_for_syntax_only(tmp_path, root, ok):
     """An s3:// data root is never contacted: only its bucket name is checked."""
     raw = _set(_with_data(TINY, _data(tmp_path)), "data.root", root)
