@@ -13,14 +13,19 @@ on the row's engine, as `cosctl pretrain` does. `--set KEY=VALUE` changes any ke
 data pipeline: one synthetic micro-batch (`cosctl.autobatch.synthetic_micro_batch`: random pixels and
 token ids, on the host as the loader hands it over) is built once and fed every step.
 
-Visual-token layouts (windows in patches; docs/design.md §3). The 32-token chain runs at the pre-training
-grid of 16x16 patches (224 px with ViT-L/14, 64 px for the tiny shape); 80/336/528 are the scale
-lists that `cos_model.inflate_config` makes from it at twice the resolution (32x32 patches):
+Rows are TOKENS/RESOLUTION (`--rows`, default 32/224,336/224,336/448,528/448): visual tokens, and the
+resolution named as ViT-L/14 has it (224 px = a 16x16 patch grid, 336 = 24x24, 448 = 32x32); the other
+shapes keep the grid at their own patch size (the tiny shape's 224 is 64 px). `--tokens 32,336` is
+short for each count at its default resolution (32 at 224, 576 at 336, the rest at 448). Layouts
+(windows in patches; docs/design.md §3): the 32-token chain runs at the pre-training grid of 16x16
+patches; 80/336/528 at 448 are the scale lists that `cos_model.inflate_config` makes from it at twice
+the resolution (32x32 patches); at 224 they are the same lists with every window halved, so the token
+count is the same at a quarter of the ViT's work:
 
     32   16x16  global 16 -> 1x16 + local 4 -> 16x1                      (the pre-training chain)
-    80   32x32  "32to80":  32 -> 1x16 + 4 -> 64x1
-    336  32x32  "32to336": 32 -> 1x16 + 16 -> 4x16 + 2 -> 256x1
-    528  32x32  "32to528": 32 -> 1x16 + 8 -> 16x16 + 2 -> 256x1
+    80   32x32  "32to80":  32 -> 1x16 + 4 -> 64x1                        (16x16: 16 -> 1x16 + 2 -> 64x1)
+    336  32x32  "32to336": 32 -> 1x16 + 16 -> 4x16 + 2 -> 256x1          (16x16: 16, 8, 1)
+    528  32x32  "32to528": 32 -> 1x16 + 8 -> 16x16 + 2 -> 256x1          (16x16: 16, 4, 1)
     576  24x24  one scale, window 1 -> 576x1 (336 px with ViT-L/14, 96 px tiny): one query per patch,
                 a plain LLaVA-like 576-token baseline
 
@@ -30,12 +35,13 @@ Shapes (random weights; the ViT is frozen everywhere):
     7b    CLIP ViT-L/14 + Vicuna-7B shape; LLM frozen, only the bridge trains (the paper's pre-training)
 
 Columns: s/step is the median of the timed steps (the JSON keeps each step and the mean); tokens/s
-counts visual + text tokens; TFLOP/s and MFU use the FLOP model of `cosctl.metrics.flops_per_sample`
-(LLM 6·N·tokens + attention, ViT forward, resampler; the definition of docs/design.md §8, so a frozen LLM still
-counts 6·N although its weight gradients are never computed); peak memory is the GPU's max allocated
-or, on CPU, the process's peak RSS during the row; "pred s/step" is the FLOP model over peak x
-`cosctl.metrics.ASSUMED_MFU` (the prediction `cosctl plan` prints); "x336" is the row's samples/s
-over the 336-token row's. The peak is `--peak-tflops`, else a measured matmul peak with
+counts visual + text tokens; TFLOP/s and MFU use the model FLOPs of `cosctl.metrics.sample_flops` (LLM
+6·N per token trained, 4·N frozen under the trained bridge, ViT forward, resampler 6·N, attention;
+docs/design.md §8), HFU the hardware FLOPs (+ the LLM forward recomputed under
+`--gradient-checkpointing`); peak memory is the GPU's max allocated or, on CPU, the process's peak RSS
+during the row; "pred s/step" is the model FLOPs over peak x `cosctl.metrics.ASSUMED_MFU` (the
+prediction `cosctl plan` prints); "x336" is the row's samples/s over the 336-token row's at 448 (or,
+without it, any 336-token row's). The peak is `--peak-tflops`, else a measured matmul peak with
 `--measure-peak`, else `cosctl.metrics.peak_tflops` (the card's datasheet bf16 peak; none on CPU).
 
 Models are built straight on the GPU in the training dtype (`--build-on device`), so the 7b shape does
@@ -70,7 +76,7 @@ from cosctl.batching import samples_per_micro_batch
 from cosctl.deepspeed_config import use_bf16
 from cosctl.dist import init_distributed
 from cosctl.engine import build_engine, build_pretrain_model, num_params, trainable_summary
-from cosctl.metrics import ASSUMED_MFU, flops_per_sample, peak_tflops, predict_step_seconds
+from cosctl.metrics import ASSUMED_MFU, peak_tflops, predict_step_seconds, sample_flops
 from cosctl.spec import PretrainSpec, apply_overrides, parse_spec
 from cosctl.train import train_step
 
@@ -82,6 +88,10 @@ INFLATE_PRESETS = {
     for name, preset in PRESETS.items() if preset.source_tokens == 32
 }
 LLAVA_TOKENS, LLAVA_GRID = 576, 24
+# Resolutions as ViT-L/14 has them -> patch grids (every shape keeps the grid at its own patch size).
+RESOLUTION_GRIDS = {224: 16, 336: 24, 448: 32}
+DEFAULT_ROWS = "32/224,336/224,336/448,528/448"
+SUPPORTED_ROWS = [(32, 224), *((t, r) for r in (224, 448) for t in INFLATE_PRESETS), (LLAVA_TOKENS, 336)]
 
 VIT_L14 = {k: v for k, v in VIT_L14_224.items() if k != "image_size"}  # the row sets the resolution
 
@@ -168,24 +178,36 @@ def spec_dict(shape: Shape, image_size: int, scales: list[dict], args: argparse.
     }
 
 
-def layout(shape: Shape, num_tokens: int, args: argparse.Namespace) -> tuple[int, list[dict]]:
-    """(image size in px, scale list) of a row; see the module docstring."""
+def default_grid(num_tokens: int) -> int:
+    """The patch grid a token count runs at when no resolution is given."""
+    return {32: BASE_GRID, LLAVA_TOKENS: LLAVA_GRID}.get(num_tokens, 2 * BASE_GRID)
+
+
+def layout(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None = None) -> tuple[int, list[dict]]:
+    """(image size in px, scale list) of a row at a patch grid (default: the token count's); see the
+    module docstring."""
     patch = shape.vision["patch_size"]
-    if num_tokens == LLAVA_TOKENS:
+    grid = default_grid(num_tokens) if grid is None else grid
+    if num_tokens == LLAVA_TOKENS and grid == LLAVA_GRID:
         return LLAVA_GRID * patch, [{"window": 1, "queries_per_window": 1}]
-    base_scales = [s.to_dict() for s in DEFAULT_SCALES]
-    if num_tokens == 32:
-        return BASE_GRID * patch, base_scales
-    if num_tokens not in INFLATE_PRESETS:
-        raise ValueError(f"--tokens: no layout for {num_tokens}; choose from {list(SUPPORTED_TOKENS)}")
-    base = row_spec(shape, 32, args).model.to_config(shape.vocab_size, shape.image_token_id)
-    inflated = inflate_config(base, INFLATE_PRESETS[num_tokens])
-    return inflated.image_size, [s.to_dict() for s in inflated.scales]
+    if num_tokens == 32 and grid == BASE_GRID:
+        return BASE_GRID * patch, [s.to_dict() for s in DEFAULT_SCALES]
+    if num_tokens in INFLATE_PRESETS and grid == 2 * BASE_GRID:
+        base = row_spec(shape, 32, args).model.to_config(shape.vocab_size, shape.image_token_id)
+        inflated = inflate_config(base, INFLATE_PRESETS[num_tokens])
+        return inflated.image_size, [s.to_dict() for s in inflated.scales]
+    if num_tokens in INFLATE_PRESETS and grid == BASE_GRID:  # the preset with every window halved
+        scales = PRESETS[INFLATE_PRESETS[num_tokens]].scales
+        return BASE_GRID * patch, [{"window": s.window // 2, "queries_per_window": s.queries_per_window}
+                                   for s in scales]
+    resolution = {g: r for r, g in RESOLUTION_GRIDS.items()}.get(grid, f"a {grid}x{grid} grid")
+    supported = ", ".join(f"{t}/{r}" for t, r in SUPPORTED_ROWS)
+    raise ValueError(f"--rows: no layout for {num_tokens} tokens at {resolution}; choose from {supported}")
 
 
-def row_spec(shape: Shape, num_tokens: int, args: argparse.Namespace) -> PretrainSpec:
-    image_size, scales = layout(shape, num_tokens, args)
-    name = f"stage-speed-{args.shape}-{num_tokens}"
+def row_spec(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None = None) -> PretrainSpec:
+    image_size, scales = layout(shape, num_tokens, args, grid)
+    name = f"stage-speed-{args.shape}-{num_tokens}-{image_size}px"
     raw = apply_overrides(spec_dict(shape, image_size, scales, args, name), args.overrides)
     return parse_spec(raw, source=f"<{name}>")
 
@@ -308,9 +330,10 @@ def print_profile(engine, loader: RepeatedMicroBatch, device: torch.device, num_
         print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
-def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, peak: float | None) -> dict:
-    """Build, wrap and time one token count; free everything before returning its measurements."""
-    spec = row_spec(shape, num_tokens, args)
+def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, peak: float | None,
+            grid: int | None = None) -> dict:
+    """Build, wrap and time one row; free everything before returning its measurements."""
+    spec = row_spec(shape, num_tokens, args, grid)
     config = spec.model.to_config(vocab_size=shape.vocab_size, image_token_id=shape.image_token_id)
     budget, device = spec.batch.tokens_per_micro_batch, dist_info.device
     micro = 1 if budget == "auto" else samples_per_micro_batch(config.num_visual_tokens, args.text_tokens, budget)
@@ -346,7 +369,7 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
         forget_module(model)
         del engine, model
         release_memory(device)
-    return row_metrics(config, micro, args.text_tokens, seconds, peak, peak_mem) | {
+    return row_metrics(config, micro, args.text_tokens, seconds, peak, peak_mem, spec) | {
         "trainable_params": trainable, "total_params": total, "first_loss": losses[0], "last_loss": losses[-1],
         "build_s": built - start, "engine_s": ready - built, "probe_s": probed - ready,
         "mem_after_row_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -354,12 +377,14 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
 
 
 def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[float], peak: float | None,
-                peak_mem: float) -> dict:
+                peak_mem: float, spec: PretrainSpec) -> dict:
     # The median, not the mean: a step slowed by another process on a shared machine should not count.
     step_s = statistics.median(seconds)
-    sample_flops = flops_per_sample(config, text_tokens)
-    tflops = micro * sample_flops / step_s / 1e12
-    predicted = predict_step_seconds(micro * sample_flops, peak)
+    flops = sample_flops(config, text_tokens, spec.model.trainable,
+                         gradient_checkpointing=spec.model.gradient_checkpointing)
+    tflops = micro * flops.model / step_s / 1e12
+    hardware_tflops = micro * flops.hardware / step_s / 1e12
+    predicted = predict_step_seconds(micro * flops.model, peak)
     return {
         "tokens": config.num_visual_tokens,
         "image_size": config.image_size,
@@ -371,9 +396,12 @@ def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[f
         "step_times_s": seconds,
         "samples_per_s": micro / step_s,
         "tokens_per_s": micro * (config.num_visual_tokens + text_tokens) / step_s,
-        "flops_per_sample": sample_flops,
+        "flops_per_sample": flops.model,
+        "hardware_flops_per_sample": flops.hardware,
         "tflops": tflops,
+        "hardware_tflops": hardware_tflops,
         "mfu": tflops / peak if peak else None,
+        "hfu": hardware_tflops / peak if peak else None,
         "peak_mem_gib": peak_mem,
         "predicted_s_per_step": predicted,
         "predicted_samples_per_s": micro / predicted if predicted else None,
@@ -387,14 +415,16 @@ def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[f
 def ratios(rows: list[dict]) -> tuple[float | None, float | None]:
     """Fill each row's samples/s relative to the 336 row; return (measured, FLOP-model) 32-vs-336."""
     rows = [row for row in rows if "error" not in row]
-    by_tokens = {row["tokens"]: row for row in rows}
-    reference = by_tokens.get(REFERENCE_TOKENS)
+    # The reference is the 336-token row at the highest resolution (448: the fine-tuning model's).
+    references = sorted((row for row in rows if row["tokens"] == REFERENCE_TOKENS), key=lambda r: r["image_size"])
+    reference = references[-1] if references else None
     for row in rows:
         row["ratio_vs_336"] = row["samples_per_s"] / reference["samples_per_s"] if reference else None
-    if reference is None or 32 not in by_tokens:
+    base = next((row for row in rows if row["tokens"] == 32), None)
+    if reference is None or base is None:
         return None, None
     # FLOP-model samples/s is peak x MFU / FLOPs per sample, so its ratio needs no peak.
-    return by_tokens[32]["ratio_vs_336"], reference["flops_per_sample"] / by_tokens[32]["flops_per_sample"]
+    return base["ratio_vs_336"], reference["flops_per_sample"] / base["flops_per_sample"]
 
 
 def _cell(value, spec: str) -> str:
@@ -403,17 +433,17 @@ def _cell(value, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| tokens | px | micro | s/step | samples/s | tokens/s | TFLOP/s | MFU | peak GiB | pred s/step | x336 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | px | micro | s/step | samples/s | tokens/s | TFLOP/s | MFU | HFU | peak GiB | pred s/step | x336 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tokens']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['tokens']} | {r.get('image_size', '-')} | {r['error']} |" + " |" * 9)
             continue
         lines.append(
             f"| {r['tokens']} | {r['image_size']} | {r['micro_batch']} | {r['s_per_step']:.4g} | "
             f"{r['samples_per_s']:.4g} | {r['tokens_per_s']:.4g} | {r['tflops']:.3g} | {_cell(r['mfu'], '.1%')} | "
-            f"{r['peak_mem_gib']:.2f} | {_cell(r['predicted_s_per_step'], '.3g')} | "
+            f"{_cell(r.get('hfu'), '.1%')} | {r['peak_mem_gib']:.2f} | {_cell(r['predicted_s_per_step'], '.3g')} | "
             f"{_cell(r.get('ratio_vs_336'), '.2f')} |"
         )
     return "\n".join(lines)
@@ -451,6 +481,17 @@ def token_list(text: str) -> list[int]:
     return tokens
 
 
+def row_list(text: str) -> list[tuple[int, int]]:
+    """TOKENS/RESOLUTION items -> (tokens, patch grid); a bare TOKENS takes its default resolution."""
+    rows = []
+    for part in (p.strip() for p in text.split(",")):
+        tokens, slash, resolution = part.partition("/")
+        if not tokens.isdigit() or (slash and not (resolution.isdigit() and int(resolution) in RESOLUTION_GRIDS)):
+            raise argparse.ArgumentTypeError(f"rows are TOKENS/RESOLUTION (resolution 224, 336 or 448), got {part!r}")
+        rows.append((int(tokens), RESOLUTION_GRIDS[int(resolution)] if slash else default_grid(int(tokens))))
+    return rows
+
+
 def budget_arg(text: str) -> int | str:
     if text == "auto":
         return text
@@ -462,8 +503,11 @@ def budget_arg(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--tokens", type=token_list, default=[32, 80, 336, 528, 576],
-                        help="visual-token counts, comma-separated, run in this order (default 32,80,336,528,576)")
+    parser.add_argument("--rows", type=row_list,
+                        help=f"TOKENS/RESOLUTION rows, comma-separated, run in this order (default {DEFAULT_ROWS})")
+    parser.add_argument("--tokens", type=token_list,
+                        help="visual-token counts at their default resolutions (32 at 224, 576 at 336, others at "
+                             "448), instead of --rows")
     parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (default 64)")
     parser.add_argument("--tokens-per-micro-batch", type=budget_arg,
                         help="token budget per micro-batch, or auto to probe the largest that fits "
@@ -496,6 +540,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, getattr(shape, name))
     if args.steps < 1 or args.warmup < 0 or args.text_tokens < 1:
         parser.error("--steps must be >= 1, --warmup >= 0 and --text-tokens >= 1")
+    if args.rows is not None and args.tokens is not None:
+        parser.error("give --rows or --tokens, not both")
+    if args.rows is None:
+        args.rows = ([(t, default_grid(t)) for t in args.tokens] if args.tokens is not None
+                     else row_list(DEFAULT_ROWS))
+    for tokens, grid in args.rows:
+        try:
+            layout(shape, tokens, args, grid)
+        except ValueError as err:
+            parser.error(str(err))
     return args
 
 
@@ -519,16 +573,18 @@ def quiet_logs() -> None:
 def run_rows(args: argparse.Namespace, dist_info, report: dict) -> None:
     """Every token count in order; an out-of-memory row is recorded and the next one still runs."""
     shape, device = SHAPES[args.shape], dist_info.device
-    for num_tokens in args.tokens:
+    for num_tokens, grid in args.rows:
+        size = layout(shape, num_tokens, args, grid)[0]
         try:
-            row = run_row(shape, num_tokens, args, dist_info, report["peak_tflops"])
+            row = run_row(shape, num_tokens, args, dist_info, report["peak_tflops"], grid)
         except torch.OutOfMemoryError as err:
-            row = {"tokens": num_tokens, "error": f"out of memory: {str(err).splitlines()[0]}"}
+            row = {"tokens": num_tokens, "image_size": size, "error": f"out of memory: {str(err).splitlines()[0]}"}
         if "error" in row:
             release_memory(device)  # after the except block, so its traceback no longer pins the engine
-            print(f"[stage_speed] {num_tokens} tokens: {row['error']}", flush=True)
+            print(f"[stage_speed] {num_tokens} tokens at {size} px: {row['error']}", flush=True)
         else:
-            print(f"[stage_speed] {num_tokens} tokens: micro {row['micro_batch']}, {row['s_per_step']:.4g} s/step, "
+            print(f"[stage_speed] {num_tokens} tokens at {size} px: micro {row['micro_batch']}, "
+                  f"{row['s_per_step']:.4g} s/step, "
                   f"{row['samples_per_s']:.4g} samples/s, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}, "
                   f"build {row['build_s']:.1f} s + engine {row['engine_s']:.1f} s", flush=True)
         report["rows"].append(row)

@@ -1,16 +1,33 @@
 """Chain-of-Sight multimodal LLM: model, token scaling and parameter inflation.
 
 Depends on torch, transformers and peft only; never imports `cosctl`.
+
+The names below load on first use (PEP 562): `from cos_model import Scale, PRESETS` reads only the plain
+Python `cos_model.scales`, so a run spec can be checked without importing torch or transformers;
+`CosConfig`, the model classes and inflation load them. The first of those to load also registers
+`CosConfig` with transformers' `AutoConfig` (model type "cos").
 """
 
-from transformers import AutoConfig
+from __future__ import annotations
 
-from .configuration import DEFAULT_SCALES, CosConfig, Scale
-from .inflate import PRESETS, Preset, inflate_config, inflate_state_dict
-from .modeling import IGNORE_INDEX, CosForConditionalGeneration, expand_image_tokens
-from .resampler import ResamplerChain, WindowedCrossAttnResampler
+import importlib
+from typing import TYPE_CHECKING
 
-AutoConfig.register(CosConfig.model_type, CosConfig, exist_ok=True)
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "DEFAULT_SCALES": "scales",
+    "PRESETS": "scales",
+    "Preset": "scales",
+    "Scale": "scales",
+    "CosConfig": "configuration",
+    "inflate_config": "inflate",
+    "inflate_state_dict": "inflate",
+    "IGNORE_INDEX": "modeling",
+    "CosForConditionalGeneration": "modeling",
+    "expand_image_tokens": "modeling",
+    "ResamplerChain": "resampler",
+    "WindowedCrossAttnResampler": "resampler",
+}
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -26,3 +43,41 @@ __all__ = [
     "inflate_config",
     "inflate_state_dict",
 ]
+
+if TYPE_CHECKING:
+    from .configuration import CosConfig
+    from .inflate import inflate_config, inflate_state_dict
+    from .modeling import IGNORE_INDEX, CosForConditionalGeneration, expand_image_tokens
+    from .resampler import ResamplerChain, WindowedCrossAttnResampler
+    from .scales import DEFAULT_SCALES, PRESETS, Preset, Scale
+
+
+def _register_auto_config() -> None:
+    from transformers import AutoConfig
+
+    from .configuration import CosConfig
+
+    AutoConfig.register(CosConfig.model_type, CosConfig, exist_ok=True)
+
+
+# Submodules that `import cos_model` used to load eagerly, reachable as attributes as before.
+_SUBMODULES = ("configuration", "inflate", "modeling", "resampler", "scales", "vision")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        if name != "scales":
+            _register_auto_config()
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    if _EXPORTS[name] != "scales":
+        _register_auto_config()
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

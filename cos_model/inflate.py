@@ -10,43 +10,22 @@ Compound scaling = resolution scaling x window scaling (Chain-of-Sight, section 
 
 `inflate_config(src, plan)` gives the destination config (each scale records its `parent`);
 `inflate_state_dict(state_dict, src, dst)` maps the weights. Neither does I/O or builds a model, and
-neither mutates its input; unchanged tensors are shared with the input, changed ones are new.
+neither mutates its input; unchanged tensors are shared with the input, changed ones are new. The
+preset table (`PRESETS`) is defined in `cos_model.scales`, which needs neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
+from .configuration import CosConfig
+from .scales import PRESET_SOURCE_GRID, PRESETS, Preset, Scale, check_scales
 
-from .configuration import CosConfig, Scale, check_scales
-from .vision import resize_position_embedding
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named inflation: from a `source_tokens`-token chain on a 16x16 grid to `scales` on the 32x32
-    grid of twice the resolution (224 -> 448 px for ViT-L/14)."""
-
-    source_tokens: int
-    scales: tuple[Scale, ...]
-
-
-def _preset(source_tokens: int, *scales: tuple[int, int, int]) -> Preset:
-    return Preset(source_tokens, tuple(Scale(window, queries, parent) for window, queries, parent in scales))
-
-
-# The token table: (window in patches of the 32x32 grid, queries per window, parent source scale).
-PRESETS: dict[str, Preset] = {
-    "32to80": _preset(32, (32, 16, 0), (4, 1, 1)),
-    "32to336": _preset(32, (32, 16, 0), (16, 16, 0), (2, 1, 1)),
-    "32to528": _preset(32, (32, 16, 0), (8, 16, 0), (2, 1, 1)),
-    "80to336": _preset(80, (32, 16, 0), (16, 16, 0), (4, 4, 1)),
-    "80to1296": _preset(80, (32, 16, 0), (8, 16, 0), (2, 4, 1)),
-}
-PRESET_SOURCE_GRID = 16
+if TYPE_CHECKING:
+    import torch
 
 POSITION_KEY = "vision_tower.embeddings.position_embedding.weight"
 SCALE_KEY = re.compile(r"^resampler\.scales\.(\d+)\.(.+)$")
@@ -88,7 +67,8 @@ def _resolve_plan(src: CosConfig, plan: str | dict) -> tuple[int, list[Scale]]:
     grid = image_size // patch
     scales = check_scales(list(plan["scales"]), grid, field="plan.scales")
     return image_size, [
-        scale if scale.parent is not None else replace(scale, parent=_infer_parent(src, scale, grid, f"plan.scales[{i}]"))
+        scale if scale.parent is not None
+        else replace(scale, parent=_infer_parent(src, scale, grid, f"plan.scales[{i}]"))
         for i, scale in enumerate(scales)
     ]
 
@@ -152,6 +132,8 @@ def inflate_state_dict(
     state_dict: dict[str, torch.Tensor], src: CosConfig, dst: CosConfig
 ) -> dict[str, torch.Tensor]:
     """Map a `src` model's weights onto the `dst` architecture (from `inflate_config`)."""
+    from .vision import resize_position_embedding  # torch and the CLIP model code: only to map weights
+
     _check_lineage(src, dst)
     sources, children = src.scales, dst.scales
     per_scale: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(sources))}

@@ -104,24 +104,46 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
 
 
 @app.command()
-def validate(spec: SpecArg, set_: SetOpt = None) -> None:
-    """Check a run spec; print OK or every problem (exit 1)."""
+def validate(spec: SpecArg, set_: SetOpt = None,
+             skip_paths: Annotated[bool, typer.Option(
+                 "--skip-paths", help="Check the spec alone, not the data, tokenizer and model folders it names "
+                 "(for a spec written on a machine that does not have them).")] = False) -> None:
+    """Check a run spec and the local files it names; print OK or every problem (exit 1)."""
+    from .spec import check_paths
+
     try:
         loaded = _load(spec, set_)
     except SpecError as err:
         fail(str(err))
-    typer.echo(f"OK: {spec} is a valid {loaded.stage} spec")
+    problems = [] if skip_paths else check_paths(loaded)
+    if problems:
+        fail("\n".join(f"{spec}: {problem}" for problem in problems))
+    typer.echo(f"OK: {spec} is a valid {loaded.stage} spec" + (" (paths not checked)" if skip_paths else ""))
 
 
 @app.command()
 def plan(spec: SpecArg, set_: SetOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
          world_size: Annotated[int, typer.Option(help="Ranks the run will use.")] = 1,
-         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu") -> None:
-    """Show tokens, scales, parameters, memory/FLOP estimates, DeepSpeed config and resume point."""
+         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+         peak_tflops: Annotated[Optional[float], typer.Option(
+             help="Per-rank dense peak for predictions (default: COSCTL_PEAK_TFLOPS, else this machine's GPU).",
+         )] = None,
+         bandwidth_gbps: Annotated[float, typer.Option(
+             help="Inter-node bandwidth per rank, Gb/s (100: one EDR/HDR100 InfiniBand link per GPU).")] = 100.0,
+         intra_node_gbps: Annotated[float, typer.Option(
+             help="Bandwidth between the ranks of one node, Gb/s (2400 = 300 GB/s, NVLink).")] = 2400.0,
+         ranks_per_node: Annotated[Optional[int], typer.Option(
+             help="Ranks per node (default: the spec's slurm section).")] = None,
+         gpu_memory_gib: Annotated[float, typer.Option(help="GPU memory per rank, for the ZeRO advice.")] = 80.0,
+         ) -> None:
+    """Show tokens, scales, parameters, FLOPs (model and hardware), step time, communication per step,
+    a ZeRO-2/ZeRO-3 recommendation, memory, DeepSpeed config and resume point."""
     from .plan import build_plan, format_plan
 
     try:
-        result = build_plan(_load(spec, set_), world_size=world_size, device_type=device)
+        result = build_plan(_load(spec, set_), world_size=world_size, device_type=device, peak=peak_tflops,
+                            bandwidth_gbps=bandwidth_gbps, intra_node_gbps=intra_node_gbps,
+                            ranks_per_node=ranks_per_node, gpu_memory_gib=gpu_memory_gib)
     except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
@@ -363,10 +385,19 @@ def ckpt_push(source: Annotated[str, typer.Argument(help="Local checkpoint or ru
     _copy(source, to, timeout_s)
 
 
+def _quiet_progress_bars() -> None:
+    """No per-file "Loading weights" bars (our own progress is enough), without importing transformers
+    (and torch) for commands that never load weights: transformers reads the setting when it loads."""
+    if "transformers.utils.logging" in sys.modules or "huggingface_hub.constants" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
     # torch 2.13 deprecates collectives that DeepSpeed calls every step; the warnings bury real output.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own progress is enough
+    _quiet_progress_bars()
     app()

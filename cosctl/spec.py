@@ -8,15 +8,21 @@ Secrets never live in specs (storage credentials come from the environment or an
 `PretrainModelSpec.to_config()` is the only bridge from a spec into `cos_model`. The sections that say
 how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, LoRA) live in
 `cosctl.spec_sections`; this module holds the model sections, the stage specs and the loading.
+
+Loading a spec never imports torch or transformers: the model sub-configs are checked by
+`cosctl.subconfigs` and the geometry by `cos_model.scales.check_layout`, both plain Python, so
+`cosctl validate` answers in a fraction of a second. `check_paths(spec)` is the separate pre-flight that
+looks at the files a spec names (data, tokenizer, model folders and their config.json).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -29,7 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, Scale
+from cos_model import DEFAULT_SCALES, PRESETS, Scale
+from cos_model.scales import check_layout
 
 from .errors import SpecError
 from .frozen import FrozenDict, thaw
@@ -47,6 +54,19 @@ from .spec_sections import (
     SlurmSpec,
     StorageSpec,
 )
+from .subconfigs import (
+    KNOWN_FIELDS,
+    VISION_MODEL_TYPE,
+    coerce_floats,
+    describe,
+    field_problems,
+    fields_for,
+    resolve,
+    shape_problems,
+)
+
+if TYPE_CHECKING:
+    from cos_model import CosConfig
 
 MODULES = ("vision_tower", "resampler", "projector", "language_model")
 Module = Literal["vision_tower", "resampler", "projector", "language_model"]
@@ -57,7 +77,8 @@ _STAGES = ("pretrain", "inflate", "finetune")
 
 
 class ComponentSpec(Section):
-    path: str | None = Field(None, description="Local folder of a pretrained checkpoint; null = random init from `config`.")
+    path: str | None = Field(
+        None, description="Local folder of a pretrained checkpoint; null = random init from `config`.")
     config: FreeMapping = Field(default_factory=FrozenDict, description="Config fields (random init) or overrides.")
 
 
@@ -88,40 +109,24 @@ class PretrainModelSpec(Section):
 
     @model_validator(mode="after")
     def _components_are_buildable(self) -> PretrainModelSpec:
-        from transformers import CLIPVisionConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if "image_size" in self.vision.config:
-            raise ValueError("vision.config.image_size: set the resolution with model.image_size instead")
-        if self.text.path is None and "model_type" not in self.text.config:
-            raise ValueError("text.config.model_type: required when text.path is null (e.g. llama)")
-        model_type = self.text.config.get("model_type")
-        if model_type is not None and model_type not in CONFIG_MAPPING:
-            raise ValueError(f"text.config.model_type: unknown model type {model_type!r}")
-        for name, component, config_class in (
-            ("vision", self.vision, CLIPVisionConfig),
-            ("text", self.text, CONFIG_MAPPING[model_type] if model_type else None),
-        ):
-            if config_class is None:
-                continue
-            known = {f.name for f in dataclasses.fields(config_class)} | {"model_type"}
-            unknown = sorted(set(component.config) - known)
-            if unknown:
-                raise ValueError(f"{name}.config: unknown fields {unknown} for {config_class.__name__}")
-        if not self.trainable:
-            raise ValueError("trainable: at least one module must train")
-        if self.vision.path is None:
-            self.to_config(vocab_size=self.text.config.get("vocab_size", 32000), image_token_id=0)
+        problems = _model_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def to_config(self, vocab_size: int, image_token_id: int) -> CosConfig:
         """The CosConfig this spec describes (reads config.json from local paths; builds no weights)."""
         from transformers import AutoConfig, CLIPVisionConfig
 
+        from cos_model import CosConfig
+
         vision = _local_config(CLIPVisionConfig, self.vision.path, "model.vision.path")
-        vision.update(thaw(self.vision.config), image_size=self.image_size, model_type="clip_vision_model")
+        vision.update(coerce_floats(thaw(self.vision.config), KNOWN_FIELDS[VISION_MODEL_TYPE]),
+                      image_size=self.image_size, model_type=VISION_MODEL_TYPE)
         text = _local_config(AutoConfig, self.text.path, "model.text.path")
-        text.update(thaw(self.text.config))
+        overrides = thaw(self.text.config)
+        model_type = overrides.get("model_type", text.get("model_type"))
+        text.update(coerce_floats(overrides, fields_for(model_type) if isinstance(model_type, str) else None))
         if self.text.path is None:
             text["vocab_size"] = vocab_size
         try:
@@ -133,10 +138,75 @@ class PretrainModelSpec(Section):
                 resampler_num_heads=self.resampler_num_heads,
                 image_token_id=image_token_id,
             )
-        except (ValueError, TypeError) as err:
-            # The resolution is model.image_size in the spec, not a vision config field.
-            message = str(err).replace("vision_config.image_size", "image_size")
-            raise ValueError(message.replace("vision_config.", "vision.config.")) from None
+        except Exception as err:  # transformers' strict configs raise their own error types
+            if not isinstance(err, (ValueError, TypeError)) and type(err).__module__.split(".")[0] != "huggingface_hub":
+                raise
+            raise ValueError(_config_error_message(err)) from None
+
+
+def _config_error_message(err: Exception) -> str:
+    """One line naming the spec key for an error of CosConfig or a transformers config class."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(err).__name__
+    if type(err).__module__.split(".")[0] == "huggingface_hub":
+        return f"model: {message}"
+    # The resolution is model.image_size in the spec, not a vision config field.
+    return message.replace("vision_config.image_size", "image_size").replace("vision_config.", "vision.config.")
+
+
+def _model_problems(model: PretrainModelSpec) -> list[str]:
+    """Every problem of the model section as `key: problem` lines (keys relative to `model`), checked
+    in plain Python: field names and value types first, then the shapes (heads, geometry) of whatever
+    the spec alone determines. Shapes that depend on a model folder's config.json are `check_paths`'s."""
+    if not model.trainable:
+        return ["trainable: at least one module must train"]
+    vision, text = model.vision.config, model.text.config
+    vision_fields = KNOWN_FIELDS[VISION_MODEL_TYPE]
+    problems = []
+    if "image_size" in vision:
+        problems.append("vision.config.image_size: set the resolution with model.image_size instead")
+    if vision.get("model_type", VISION_MODEL_TYPE) != VISION_MODEL_TYPE:
+        problems.append(f"vision.config.model_type: the vision tower is a CLIP ViT ({VISION_MODEL_TYPE}), "
+                        f"got {describe(vision['model_type'])}")
+    problems += field_problems({k: v for k, v in vision.items() if k != "image_size"}, vision_fields, "vision.config")
+    model_type, text_fields = text.get("model_type"), None
+    if model_type is None:
+        if model.text.path is None:
+            problems.append("text.config.model_type: required when text.path is null (e.g. llama)")
+    elif not isinstance(model_type, str):
+        problems.append(f"text.config.model_type: unknown model type {model_type!r}")
+    else:
+        text_fields = fields_for(model_type)
+        if text_fields is None:
+            problems.append(f"text.config.model_type: unknown model type {model_type!r}")
+    if model_type is None or text_fields is not None:
+        problems += field_problems(text, text_fields, "text.config")
+    if problems:
+        return problems
+    if model.text.path is None:
+        problems += shape_problems(resolve(text, text_fields), text_fields, "text.config")
+    if model.vision.path is None:
+        resolved = resolve(vision, vision_fields)
+        problems += shape_problems(resolved, vision_fields, "vision.config") or _layout_problems(model, resolved)
+    return problems
+
+
+def _layout_problems(model: PretrainModelSpec, vision: Mapping) -> list[str]:
+    """The geometry rule of `CosConfig` (resolution, feature blocks, scales, resampler heads) for a
+    resolved vision config, as `key: problem` lines relative to `model`."""
+    for key in ("patch_size", "num_hidden_layers", "hidden_size"):
+        value = vision.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # possible in a folder's config.json
+            return [f"vision.config.{key}: must be a positive integer, got {describe(value)}"]
+    try:
+        check_layout(
+            image_size=model.image_size, patch_size=vision["patch_size"], vision_layers=vision["num_hidden_layers"],
+            vision_width=vision["hidden_size"], feature_layers=model.feature_layers,
+            scales=[s.to_scale() for s in model.scales], resampler_num_heads=model.resampler_num_heads,
+        )
+    except ValueError as err:
+        return [_config_error_message(err)]
+    return []
 
 
 def _local_config(config_class, path: str | None, key: str) -> dict:
@@ -281,13 +351,24 @@ def _format_errors(source: str, err: ValidationError) -> str:
         elif e["type"] == "missing":
             message = "required key is missing" + MISSING_HINTS.get(_yaml_key(_yaml_loc(loc)), "")
         else:
-            # Cross-field checks name their own key relative to the section: "scales[0].window: ..."
+            # Cross-field checks name their own key relative to the section: "scales[0].window: ...",
+            # one problem per line.
+            parts = message.splitlines() if all(_has_key(part) for part in message.splitlines()) else [message]
+            for part in parts[:-1]:
+                inner, _, rest = part.partition(": ")
+                lines.append(f"{source}: {f'{key}.{inner}' if key else inner}: {rest}")
+            message = parts[-1]
             inner, sep, rest = message.partition(": ")
             if sep and " " not in inner:
                 key, message = (f"{key}.{inner}" if key else inner), rest
         message = " ".join(message.splitlines())
         lines.append(f"{source}: {key or '(top level)'}: {message}")
     return "\n".join(lines)
+
+
+def _has_key(line: str) -> bool:
+    inner, sep, _ = line.partition(": ")
+    return bool(sep and inner and " " not in inner)
 
 
 def _copy_tree(value: Any, path: frozenset = frozenset()) -> Any:
@@ -360,6 +441,115 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> PretrainSpec | Inf
         except SpecError as err:
             raise SpecError(f"{path}: {err}") from None
     return parse_spec(raw, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The files a spec names
+
+
+# S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending alphanumeric.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_paths(spec: PretrainSpec | InflateSpec | FinetuneSpec) -> list[str]:
+    """What is missing among the local files a valid spec names, as `key: problem` lines (empty when
+    nothing is): the data root and its train/eval JSON files (an `s3://` root only for its syntax), the
+    tokenizer folder, and the model folders with their config.json, whose shapes are then checked with
+    the spec's overrides as `cosctl validate` checks a random-init spec. Reads no weights, imports no
+    torch: the pre-flight of `cosctl validate`, for training commands to run before launching ranks."""
+    problems: list[str] = []
+    if isinstance(spec, TrainingSpec):
+        problems += _data_problems(spec.data)
+    if isinstance(spec, PretrainSpec):
+        problems += _model_folder_problems(spec.model)
+    return problems
+
+
+def _data_problems(data: DataSpec) -> list[str]:
+    root = data.root
+    if root.startswith("s3://"):
+        bucket = root[len("s3://"):].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            return [f"data.root: {root!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
+                    "dots and hyphens)"]
+        return []
+    if "://" in root and not root.startswith("file://"):
+        return [f"data.root: unsupported URI scheme in {root!r}; use a path, file:// or s3://"]
+    folder = Path(root.removeprefix("file://"))
+    if not folder.is_dir():
+        return [f"data.root: {root} {'is not a folder' if folder.exists() else 'does not exist'}"]
+    return [
+        f"data.{key}: {folder / name} {'is not a file' if (folder / name).exists() else 'does not exist'}"
+        for key, name in (("train", data.train), ("eval", data.eval))
+        if name is not None and not (folder / name).is_file()
+    ]
+
+
+def _model_folder_problems(model: PretrainModelSpec) -> list[str]:
+    tokenizer = Path(model.tokenizer)
+    if not tokenizer.is_dir():
+        state = "is not a folder" if tokenizer.exists() else "does not exist"
+        found = [f"model.tokenizer: {model.tokenizer} {state} (a local tokenizer folder)"]
+    else:
+        found = []
+    problems: list[str] = []
+    folders: dict[str, dict] = {}
+    for name, component in (("vision", model.vision), ("text", model.text)):
+        if component.path is None:
+            continue
+        config_file = Path(component.path) / "config.json"
+        if not config_file.is_file():
+            problems.append(f"model.{name}.path: {component.path} is not a local model folder with a config.json")
+            continue
+        try:
+            folders[name] = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problems.append(f"model.{name}.path: cannot read {config_file}: {err}")
+            continue
+        if not isinstance(folders[name], dict):
+            problems.append(f"model.{name}.path: {config_file} is not a JSON object")
+            del folders[name]
+    if folders and not problems:
+        problems += _folder_shape_problems(model, folders)
+    return found + problems
+
+
+def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -> list[str]:
+    """The shapes of components built from a folder's config.json plus the spec's overrides."""
+    problems = []
+    vision_fields = KNOWN_FIELDS[VISION_MODEL_TYPE]
+    if "vision" in folders:
+        stored = folders["vision"]
+        if stored.get("model_type") == "clip":  # a whole CLIP model's config: the tower's part
+            stored = stored.get("vision_config") or {}
+        vision = resolve({**{k: v for k, v in stored.items() if k in vision_fields}, **model.vision.config},
+                         vision_fields)
+        where = f"{model.vision.path}/config.json"
+        found = shape_problems(vision, vision_fields, "vision.config") or _layout_problems(model, vision)
+        problems += [_blame(line, model.vision.config, where, "vision") for line in found]
+    if "text" in folders:
+        model_type = model.text.config.get("model_type", folders["text"].get("model_type"))
+        text_fields = fields_for(model_type) if isinstance(model_type, str) else None
+        where = f"{model.text.path}/config.json"
+        if text_fields is None:
+            return problems + [f"model.text.path: {where}: unknown model_type {model_type!r}"]
+        overrides = {k: v for k, v in model.text.config.items() if k != "model_type"}
+        problems += [f"model.{line}" for line in field_problems(overrides, text_fields, "text.config")]
+        if not problems:
+            text = resolve({**folders["text"], **overrides}, text_fields)
+            problems += [_blame(line, model.text.config, where, "text")
+                         for line in shape_problems(text, text_fields, "text.config")]
+    return problems
+
+
+def _blame(line: str, overrides: Mapping, config_file: str, name: str) -> str:
+    """A shape problem found in `{name}.config.<field>: ...` named after the spec key when the spec sets
+    that field, else after the folder's config.json."""
+    key, _, message = line.partition(": ")
+    field = key.rsplit(".", 1)[-1]
+    if not key.startswith(f"{name}.config.") or field in overrides:
+        return f"model.{line}"
+    return f"model.{name}.path: {config_file}: {field}: {message}"
 
 
 def spec_to_dict(spec: BaseModel) -> dict:

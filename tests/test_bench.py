@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -40,6 +39,31 @@ def test_every_row_layout_gives_its_token_count(shape):
         assert config.num_visual_tokens == tokens
         expected_grid = {32: 16, 576: 24}.get(tokens, 32)
         assert spec.model.image_size == expected_grid * patch
+
+
+@pytest.mark.parametrize("shape", ["tiny", "1b", "7b"])
+def test_every_resolution_row_gives_its_tokens_at_its_resolution(shape):
+    """TOKENS/RESOLUTION rows: the same token count at 224 (16x16 patches, windows halved) and at 448
+    (32x32, the inflation presets); the default rows are 32/224, 336/224, 336/448 and 528/448."""
+    bench = _stage_speed()
+    args = bench.parse_args(["--shape", shape])
+    patch = bench.SHAPES[shape].vision["patch_size"]
+    assert args.rows == [(32, 16), (336, 16), (336, 32), (528, 32)]
+    for tokens, resolution in bench.SUPPORTED_ROWS:
+        grid = bench.RESOLUTION_GRIDS[resolution]
+        spec = bench.row_spec(bench.SHAPES[shape], tokens, args, grid)
+        config = spec.model.to_config(vocab_size=32000, image_token_id=0)
+        assert (config.num_visual_tokens, config.grid_size, config.image_size) == (tokens, grid, grid * patch)
+
+
+def test_rows_and_tokens_options():
+    """--tokens keeps each count at its default resolution; a row without a layout is an argument error."""
+    bench = _stage_speed()
+    assert bench.parse_args(["--tokens", "32,336,576"]).rows == [(32, 16), (336, 32), (576, 24)]
+    assert bench.parse_args(["--rows", "528/224,80"]).rows == [(528, 16), (80, 32)]
+    for bad in (["--rows", "32/448"], ["--rows", "336/300"], ["--rows", "x/224"], ["--rows", "32", "--tokens", "32"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
 
 
 def test_shape_defaults_follow_the_paper_settings():
@@ -90,14 +114,15 @@ def test_plan_with_an_auto_budget_still_predicts_the_step(tmp_path, monkeypatch)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
-    """A tiny CPU run at 32 and 528 tokens writes one JSON row each; 32 tokens pack more samples."""
+    """A tiny CPU run at 32 and 528 tokens writes one JSON row each, with resolution, MFU and HFU; 32
+    tokens pack more samples."""
     out = tmp_path / "speed.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     env.pop("RANK", None)
     result = subprocess.run(
-        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--tokens", "32,528", "--warmup", "1", "--steps", "1",
-         "--json", str(out)],
+        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--rows", "32/224,528/448", "--warmup", "1", "--steps",
+         "1", "--gradient-checkpointing", "--peak-tflops", "1", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -106,9 +131,38 @@ def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
     rows = {row["tokens"]: row for row in report["rows"]}
     assert sorted(rows) == [32, 528]
     for row in rows.values():
-        for key in ("micro_batch", "samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "s_per_step",
-                    "predicted_s_per_step"):
+        for key in ("micro_batch", "samples_per_s", "tokens_per_s", "tflops", "mfu", "hfu", "image_size",
+                    "peak_mem_gib", "s_per_step", "predicted_s_per_step"):
             assert key in row
         assert row["samples_per_s"] > 0 and row["peak_mem_gib"] > 0
+        # With gradient checkpointing the device also recomputes the LLM forward: HFU counts it, MFU does not.
+        assert row["hardware_flops_per_sample"] > row["flops_per_sample"]
     assert rows[32]["micro_batch"] > rows[528]["micro_batch"]
-    assert "ratio_32_vs_336" in report and "| 528 |" in result.stdout
+    assert (rows[32]["image_size"], rows[528]["image_size"]) == (64, 128)
+    assert "ratio_32_vs_336" in report and "| 528 | 128 |" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_the_communication_model_matches_what_deepspeed_moves(tmp_path):
+    """bench/comm_volume.py on 2 CPU ranks, one micro-batch per step: the bytes ZeRO-3 and ZeRO-2 all-gather,
+    reduce-scatter and all-reduce per step are what `cosctl.comm` predicts (the loss, counts and gradient
+    norm add a few bytes of all-reduce that the model leaves out)."""
+    out = tmp_path / "comm.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "comm_volume.py"), "--micro-batches", "1",
+                             "--warmup", "2", "--steps", "1", "--json", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["zero3-llm-trained", "zero3-llm-frozen", "zero2-llm-trained",
+                                                "zero2-llm-frozen"]
+    for row in rows:
+        measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
+        assert set(predicted) <= set(measured), row
+        for kind, want in predicted.items():
+            assert want <= measured[kind] <= want + 1024, (row["variant"], kind, measured[kind], want)

@@ -25,10 +25,11 @@ def test_there_are_recipes_for_every_stage():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.relative_to(REPO / "recipes").as_posix() for p in RECIPES])
 def test_every_recipe_validates(recipe):
-    """Each recipe parses as the stage its file name says, via the library and via `cosctl validate`."""
+    """Each recipe parses as the stage its file name says, via the library and via `cosctl validate`
+    (the spec alone: the recipes name data and model folders this machine does not have)."""
     spec = load_spec(recipe)
     assert spec.stage == recipe.stem
-    result = runner.invoke(app, ["validate", str(recipe)])
+    result = runner.invoke(app, ["validate", "--skip-paths", str(recipe)])
     assert result.exit_code == 0 and "OK" in result.output
 
 

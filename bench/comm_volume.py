@@ -1,0 +1,212 @@
+"""Communication volume: the bytes DeepSpeed actually moves per optimizer step, counted on the real engine,
+against what `cosctl.comm` (the model `cosctl plan` prints) predicts.
+
+Every collective of `torch.distributed` is wrapped before DeepSpeed starts (DeepSpeed's torch backend
+keeps references to the functions it finds at start, so they must be the counting ones), and each call
+adds the logical size of its tensor to its kind: the full gathered buffer of an all-gather, the full
+input of a reduce-scatter, the tensor of an all-reduce, reduce or broadcast. The model predicts the same
+logical sizes; a rank's traffic is (W-1)/W of them for all-gather and reduce-scatter in a ring.
+
+Each variant builds the tiny recipe's model with `cosctl.engine.build_pretrain_model`, wraps it with
+`cosctl.engine.build_engine` (the spec's DeepSpeed template: fp32 and gloo on CPU), runs warm-up steps
+(ZeRO-3 records its parameter trace in the first) and then counts `--steps` optimizer steps of
+`--micro-batches` micro-batches each (`cosctl.train.train_step`, synthetic batches). Variants: ZeRO-3 and
+ZeRO-2, with the LLM trained and frozen (only the bridge trains, so the LLM back-propagates without
+weight gradients).
+
+    python bench/comm_volume.py --json comm.json            # relaunches itself on 2 local ranks (CPU)
+    python bench/comm_volume.py --nproc 1                   # one rank: nothing should move
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "zero3-llm-trained": ("zero3", ["resampler", "projector", "language_model"]),
+    "zero3-llm-frozen": ("zero3", ["resampler", "projector"]),
+    "zero2-llm-trained": ("zero2", ["resampler", "projector", "language_model"]),
+    "zero2-llm-frozen": ("zero2", ["resampler", "projector"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counting collectives
+
+
+def _nbytes(tensors) -> int:
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    return sum(_nbytes(t) for t in tensors)
+
+
+# collective -> (kind it counts as, which argument holds the logical size)
+COUNTED = {
+    "all_gather_into_tensor": ("all_gather", lambda a, k: k.get("output_tensor", a[0] if a else None)),
+    "_all_gather_base": ("all_gather", lambda a, k: k.get("output_tensor", a[0] if a else None)),
+    "all_gather": ("all_gather", lambda a, k: k.get("tensor_list", a[0] if a else None)),
+    "reduce_scatter_tensor": ("reduce_scatter", lambda a, k: k.get("input", a[1] if len(a) > 1 else None)),
+    "_reduce_scatter_base": ("reduce_scatter", lambda a, k: k.get("input", a[1] if len(a) > 1 else None)),
+    "reduce_scatter": ("reduce_scatter", lambda a, k: k.get("input_list", a[1] if len(a) > 1 else None)),
+    "all_reduce": ("all_reduce", lambda a, k: k.get("tensor", a[0] if a else None)),
+    "all_reduce_coalesced": ("all_reduce", lambda a, k: k.get("tensors", a[0] if a else None)),
+    "reduce": ("reduce", lambda a, k: k.get("tensor", a[0] if a else None)),
+    "broadcast": ("broadcast", lambda a, k: k.get("tensor", a[0] if a else None)),
+}
+
+
+class Counter:
+    def __init__(self):
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.on = False
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def wrap(self, name: str, function):
+        kind, tensor_of = COUNTED[name]
+
+        @functools.wraps(function)
+        def counted(*args, **kwargs):
+            if self.on:
+                tensors = tensor_of(args, kwargs)
+                self.bytes[kind] += _nbytes(tensors) if tensors is not None else 0
+                self.calls[kind] += 1
+            return function(*args, **kwargs)
+
+        counted.counts_bytes = True
+        return counted
+
+
+def install(counter: Counter) -> None:
+    """Replace the collectives in `torch.distributed` and its `distributed_c10d` module by counting ones."""
+    c10d = dist.distributed_c10d
+    for name in COUNTED:
+        for module in (dist, c10d):
+            original = getattr(module, name, None)
+            if original is not None and not getattr(original, "counts_bytes", False):
+                setattr(module, name, counter.wrap(name, original))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One variant
+
+
+def variant_spec(template: str, trainable: list[str], samples_per_step: int, overrides: list[str]):
+    from cosctl.spec import load_spec
+
+    return load_spec(REPO / "recipes/tiny/pretrain.yaml", [
+        f"deepspeed.template={template}", f"model.trainable={json.dumps(trainable)}",
+        f"batch.samples_per_step={samples_per_step}", "batch.tokens_per_micro_batch=100000",
+        "model.gradient_checkpointing=false", *overrides,
+    ])
+
+
+def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
+    from cosctl.autobatch import synthetic_micro_batch
+    from cosctl.comm import param_counts, step_volume
+    from cosctl.engine import build_engine, build_pretrain_model
+    from cosctl.train import train_step
+
+    template, trainable = VARIANTS[name]
+    world = dist_info.world_size
+    spec = variant_spec(template, trainable, args.micro_batch * args.micro_batches * world, args.overrides)
+    vocab, image_token = 512, 511
+    config = spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
+    model = build_pretrain_model(spec, vocab, image_token)
+    engine, _, ds_config = build_engine(model, spec, dist_info, args.micro_batch)
+    zero = ds_config["zero_optimization"]
+    counts = param_counts(model.parameters(), zero.get("stage3_param_persistence_threshold", 0))
+    volume = step_volume(zero["stage"], counts, args.micro_batches, bytes_per_param=4)  # fp32 on CPU
+    predicted = {kind: getattr(volume, kind) for kind in ("all_gather", "reduce_scatter", "all_reduce")
+                 if getattr(volume, kind)}
+    batches = [{**synthetic_micro_batch(config, args.micro_batch, args.text_tokens, seed=dist_info.rank * 100 + i),
+                "num_samples": args.micro_batch} for i in range(args.micro_batches)]
+    for _ in range(args.warmup):
+        train_step(engine, batches, dist_info.device)
+    counter.reset()
+    counter.on = True
+    for _ in range(args.steps):
+        train_step(engine, batches, dist_info.device)
+    counter.on = False
+    measured = {kind: counter.bytes[kind] / args.steps for kind in sorted(counter.bytes)}
+    calls = {kind: counter.calls[kind] / args.steps for kind in sorted(counter.calls)}
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not model]
+    return {"variant": name, "template": template, "trainable": trainable, "world_size": world,
+            "micro_batches_per_step": args.micro_batches, "params": counts.__dict__,
+            "measured_bytes_per_step": measured, "calls_per_step": calls, "predicted_bytes_per_step": predicted}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
+    parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step per rank")
+    parser.add_argument("--micro-batch", type=int, default=2, help="samples per micro-batch")
+    parser.add_argument("--text-tokens", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every variant's spec, e.g. "
+                             "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=0")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ and args.nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   __file__, *(argv if argv is not None else sys.argv[1:])]
+        os.execvp(command[0], command)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    counter = Counter()
+    install(counter)
+    from cosctl.dist import init_distributed
+
+    dist_info = init_distributed()
+    import logging
+
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    rows = [run_variant(name, args, dist_info, counter) for name in args.variants.split(",")]
+    if dist_info.rank == 0:
+        print(format_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+def format_table(rows: list[dict]) -> str:
+    """Measured against predicted bytes per step, per collective kind (small all-reduces of the loss,
+    counts and gradient norm are measured but not predicted)."""
+    lines = ["| variant | ranks | micro-batches | collective | measured B/step | predicted B/step | "
+             "measured/predicted |", "|---|---:|---:|---|---:|---:|---:|"]
+    for row in rows:
+        measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
+        for kind in sorted(set(measured) | set(predicted)):
+            got, want = measured.get(kind, 0), predicted.get(kind, 0)
+            ratio = f"{got / want:.4f}" if want else "-"
+            lines.append(f"| {row['variant']} | {row['world_size']} | {row['micro_batches_per_step']} | {kind} | "
+                         f"{got:,.0f} | {want:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
