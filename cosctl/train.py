@@ -34,7 +34,7 @@ from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
 from .dist import all_reduce, any_rank, gather
 from .log import log
-from .metrics import MetricsSink, flops_per_sample, peak_tflops
+from .metrics import MetricsSink, SampleFlops, peak_tflops, sample_flops
 from .run import Run, choose_budget, setup_run
 from .spec import TrainingSpec
 from .storage import join_uri
@@ -55,7 +55,10 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
     if run.dist.is_main:
         trim_metrics(run.run_dir / "metrics.jsonl", step)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
-    meter = StepMeter(run, flops_per_sample(run.stage.cos_config, run.lengths.mean_text_tokens))
+    meter = StepMeter(run, sample_flops(run.stage.cos_config, run.lengths.mean_text_tokens,
+                                        trainable=[m for m in run.trainable if m != "lora"],
+                                        lora_params=run.trainable.get("lora", 0),
+                                        gradient_checkpointing=spec.model.gradient_checkpointing))
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else None
     if sink and first_eval is not None:
@@ -173,16 +176,17 @@ class Evaluator:
 class StepMeter:
     """Per-step records (throughput, FLOP rate, MFU) and the run's loss and speed summary."""
 
-    def __init__(self, run: Run, sample_flops: float):
+    def __init__(self, run: Run, flops: SampleFlops):
         self.engine, self.world_size = run.engine, run.dist.world_size
-        self.sample_flops, self.peak = sample_flops, peak_tflops(run.dist.device)
+        self.flops, self.peak = flops, peak_tflops(run.dist.device)
         self.losses: list[float] = []
         self.timings: list[tuple[int, float]] = []  # (samples, seconds) per step
 
     def record(self, step: int, stats: StepStats, lr: float, elapsed: float) -> dict:
         self.losses.append(stats.loss)
         self.timings.append((stats.num_samples, elapsed))
-        tflops = stats.num_samples * self.sample_flops / elapsed / 1e12
+        tflops = stats.num_samples * self.flops.model / elapsed / 1e12
+        hardware = stats.num_samples * self.flops.hardware / elapsed / 1e12
         norm = self.engine.get_global_grad_norm()
         return {
             "step": step, "time": time.time(), "loss": stats.loss, "lr": lr,
@@ -191,6 +195,7 @@ class StepMeter:
             "micro_batches": stats.num_micro_batches, "step_time_s": elapsed,
             "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
             "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
+            "hfu": hardware / (self.peak * self.world_size) if self.peak else None,
         }
 
     def loss_ends(self) -> dict:

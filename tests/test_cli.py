@@ -120,7 +120,8 @@ def test_spec_schema_names_every_stage():
 def test_missing_local_model_folder_exits_1(tmp_path, tiny_data):
     """A real-scale recipe whose model folders are absent: exit 1 naming the key, no traceback."""
     args = [str(REPO / "recipes/vicuna7b/pretrain.yaml"), "--set", f"run.output={tmp_path}",
-            "--set", f"model.tokenizer={tiny_data / 'tokenizer'}"]
+            "--set", f"model.tokenizer={tiny_data / 'tokenizer'}", "--set", f"data.root={tiny_data}",
+            "--set", "data.train=train.json", "--set", "data.eval=eval.json"]
     planned = runner.invoke(app, ["plan", *args])
     trained = cosctl("pretrain", *args, "--run-dir", str(tmp_path / "w"), tmp=tmp_path, timeout=300)
     for code, output in ((planned.exit_code, planned.output), (trained.returncode, trained.stderr)):
