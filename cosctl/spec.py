@@ -243,8 +243,9 @@ class TrainingSpec(Section):
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> TrainingSpec:
-        if self.eval.every_steps is not None and self.data.eval is None:
-            raise ValueError("eval.every_steps: is set, but data.eval names no held-out records")
+        for key in ("every_steps", "generate_every_steps"):
+            if getattr(self.eval, key) is not None and self.data.eval is None:
+                raise ValueError(f"eval.{key}: is set, but data.eval names no held-out records")
         return self
 
 

@@ -207,6 +207,12 @@ class SlurmSpec(Section):
 class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval).")
     num_batches: int = Field(4, gt=0, description="Held-out micro-batches averaged per eval.")
+    generate_every_steps: int | None = Field(
+        None, gt=0, description="Greedy generation on held-out records every N steps, scored per task as "
+        "`cosctl eval` scores them (VQA accuracy, exact match, acc@IoU 0.5, CIDEr); needs data.eval.")
+    generate_samples: int = Field(64, gt=0, description="Held-out records generated for at each such eval.")
+    generate_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per record at most.")
+    generate_batch_size: int = Field(8, gt=0, description="Records generated together per rank.")
 
 
 class LoraSpec(Section):

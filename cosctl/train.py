@@ -51,7 +51,7 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
     log.info(f"{spec.batch.samples_per_step} samples per step, {loader.steps_per_epoch} steps per epoch; "
              f"{budget.tokens} tokens per micro-batch (from the {budget.origin})")
     step = restored.step if restored else 0
-    evaluate = Evaluator(run, budget)
+    evaluate, generate = Evaluator(run, budget), GenerationEval(run)
     if run.dist.is_main:
         trim_metrics(run.run_dir / "metrics.jsonl", step)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
@@ -71,6 +71,8 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
         record = meter.record(step, stats, lr, time.monotonic() - started)
         if evaluate.due(step):
             record["eval_loss"] = evaluate()
+        if generate.due(step):
+            record.update(generate())
         if sink:
             sink.log(record)
         if step == spec.optim.num_steps:
@@ -171,6 +173,37 @@ class Evaluator:
             count += num_label_tokens(batch["labels"])
         self.engine.train()
         return total / max(count, 1)
+
+
+class GenerationEval:
+    """Every `eval.generate_every_steps` steps: greedy generation on the first `eval.generate_samples`
+    usable held-out records, scored per task like `cosctl eval` (collective; the same records on
+    every rank). Returns `eval/<task>/<metric>` entries for the step's record."""
+
+    def __init__(self, run: Run):
+        self.every = run.spec.eval.generate_every_steps
+        self.run = run
+        if self.every is None:
+            return
+        from .evaluate.records import load_eval_records
+
+        root = Path(run.spec.data.root)
+        self.records = load_eval_records(root / run.spec.data.eval, root, limit=run.spec.eval.generate_samples,
+                                         skip_bad=True)
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def __call__(self) -> dict[str, float]:
+        from .evaluate.generation import generate_and_score, metrics_record
+
+        run, spec = self.run, self.run.spec
+        _, scores = generate_and_score(
+            run.engine, run.stage.tokenizer, self.records, Path(spec.data.root),
+            max_new_tokens=spec.eval.generate_max_new_tokens, batch_size=spec.eval.generate_batch_size,
+            device=run.dist.device, rank=run.dist.rank, world_size=run.dist.world_size)
+        run.engine.train()
+        return metrics_record(scores)
 
 
 class StepMeter:

@@ -159,3 +159,15 @@ def test_uneven_ranks_give_the_one_micro_batch_gradient(tiny_data, tmp_path):
     a, b = two_uneven_micro_batches(tiny_data)
     expected = reference_gradient(tiny_data, tiny_spec(tiny_data, tmp_path / "run", 1), a, b)
     assert relative_difference(torch.load(tmp_path / "grads.pt"), expected) < 1e-5
+
+
+def test_generation_eval_during_training_logs_task_metrics(tiny_data, tmp_path, in_process):
+    """With eval.generate_every_steps, the step's metrics record gains per-task generation scores
+    (VQA accuracy, CIDEr, acc@0.5...) on the held-out records, as `cosctl eval` computes them."""
+    spec = tiny_spec(tiny_data, tmp_path / "out", 2, "eval.generate_every_steps=2", "eval.generate_samples=6",
+                     "eval.generate_max_new_tokens=4", "data.eval=eval.json")
+    in_process(spec, tmp_path / "work")
+    records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    step_two = next(r for r in records if r.get("step") == 2 and "loss" in r)
+    generated = {key for key in step_two if key.startswith("eval/")}
+    assert generated and all(isinstance(step_two[key], float) for key in generated)
