@@ -109,7 +109,7 @@ def validate(spec: SpecArg, set_: SetOpt = None,
                  "--skip-paths", help="Check the spec alone, not the data, tokenizer and model folders it names "
                  "(for a spec written on a machine that does not have them).")] = False) -> None:
     """Check a run spec and the local files it names; print OK or every problem (exit 1)."""
-    from .spec import check_paths
+    from .spec_checks import check_paths
 
     try:
         loaded = _load(spec, set_)

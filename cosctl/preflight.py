@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .checkpoint import PREFIX, split_checkpoint_uri
 from .errors import SpecError, StorageError, StoreUnavailable, TransientStorageError
-from .spec import TrainingSpec, check_paths
+from .spec import TrainingSpec
+from .spec_checks import check_paths
 from .storage import ObjectNotFound, open_store
 
 PROBE_PREFIX = ".cosctl-preflight"

@@ -35,7 +35,8 @@ def test_no_cos_model_source_mentions_cosctl_imports():
 
 
 def _internal_imports(package_root, package: str) -> dict[str, set[str]]:
-    """Module -> the modules of `package` it imports, at module level or lazily inside a function."""
+    """Module -> the modules of `package` it imports, at module level or lazily inside a function
+    (imports for type checkers only, under `if TYPE_CHECKING:`, never run and are left out)."""
     import ast
 
     graph: dict[str, set[str]] = {}
@@ -44,7 +45,12 @@ def _internal_imports(package_root, package: str) -> dict[str, set[str]]:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         is_package = path.name == "__init__.py"
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = name.split(".") if is_package else name.split(".")[:-1]

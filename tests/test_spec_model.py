@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cosctl.cli import app
-from cosctl.spec import SpecError, check_paths, load_spec, parse_spec
+from cosctl.spec import SpecError, load_spec, parse_spec
+from cosctl.spec_checks import check_paths
 from tests.harness import REPO
 
 runner = CliRunner()
