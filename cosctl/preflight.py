@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
 from .checkpoint import PREFIX, split_checkpoint_uri
 from .errors import SpecError, StorageError, StoreUnavailable, TransientStorageError

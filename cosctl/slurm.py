@@ -30,6 +30,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
+from .console import fail
 from .errors import SlurmError, SpecError
 from .spec import TrainingSpec, load_spec, spec_to_dict
 from .spec_sections import SlurmSpec
@@ -233,11 +234,6 @@ OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and ar
 ExtraArg = Annotated[Optional[list[str]], typer.Argument(help="Extra stage arguments, after `--`.", show_default=False)]
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 @slurm_app.command("render")
 def render_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
                extra: ExtraArg = None) -> None:
@@ -246,7 +242,7 @@ def render_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, ou
         loaded, argv, folder = _job(spec, set_, run_dir, output, extra)
         typer.echo(render_sbatch(loaded, argv, str(folder)), nl=False)
     except (SpecError, SlurmError) as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @slurm_app.command("submit")
@@ -263,4 +259,4 @@ def submit_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, ou
         write_spec_snapshot(loaded, folder)
         typer.echo(submit(script, folder))
     except (SpecError, SlurmError) as err:
-        _fail(str(err))
+        fail(str(err))

@@ -28,7 +28,6 @@ from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
 from .data import IMAGE_TOKEN, load_tokenizer
 from .dist import Dist, barrier, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
-from .log import log
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
 
