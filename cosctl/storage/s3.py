@@ -10,8 +10,8 @@ What this module owns beyond plain boto3 calls:
   stream here continues from the byte it reached (`Range: bytes=<offset>-`, or up to the end of its
   chunk) pinned by `If-Match: <etag>`, with bounded attempts and backoff. Large objects are fetched
   as parallel chunk-sized ranged GETs into a temp file, which is renamed into place when complete.
-* **Errors.** botocore/s3transfer failures become `StorageError`, or `TransientStorageError` when a
-  retry is safe (5xx, throttling, connection trouble), always naming the object URI.
+* **Errors.** botocore/s3transfer failures become the project's storage errors (`s3_errors`), always
+  naming the object URI.
 
 Credentials come only from boto3's default chain (environment, AWS profile, instance role), never from
 a spec, and never appear in a message or log line written here.
@@ -34,38 +34,17 @@ from typing import Any
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.exceptions import (
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
-from .base import (
-    BucketNotFound,
-    ObjectNotFound,
-    StorageError,
-    StoreSettings,
-    StoreUnavailable,
-    TransientStorageError,
-    check_key,
-    sha256_file,
-)
+from .base import ObjectNotFound, StorageError, StoreSettings, TransientStorageError, check_key, sha256_file
+from .s3_errors import MISSING_CODES, STREAM_ERRORS, storage_error
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 READ_BLOCK = 1 * MiB  # body read size: small enough that a cut-off loses little, large enough to be cheap
 DELETE_BATCH = 1000  # S3's per-request limit; Ceph enforces it, moto does not
-TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                   "RequestTimeout", "InternalError", "ServiceUnavailable"}
-MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
-# A body cut off, reset or stalled while being read: resumable with a ranged GET.
-STREAM_ERRORS = (HTTPClientError, BotoConnectionError, IncompleteReadError)
 Sink = Callable[[int, bytes], None]
 
 
@@ -149,31 +128,7 @@ class S3Store:
         return f"{self.uri}/{key}" if key else self.uri
 
     def _error(self, err: Exception, key: str | None, action: str) -> StorageError:
-        """The StorageError for a botocore failure. Messages carry the error code, HTTP status and the
-        server's message, none of which can hold a credential."""
-        where = self._where(key)
-        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-            return StorageError(f"{where}: {action}: no usable S3 credentials; set AWS_ACCESS_KEY_ID "
-                                "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
-        if isinstance(err, ClientError):
-            info = err.response.get("Error", {})
-            code = str(info.get("Code") or "")
-            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if code == "NoSuchBucket":
-                return BucketNotFound(f"{where}: {action}: bucket {self.bucket!r} does not exist at this endpoint")
-            if code in MISSING_CODES:
-                return ObjectNotFound(f"{where}: no such object")
-            text = f"{where}: {action} failed: {code or 'error'} (HTTP {status})"
-            if info.get("Message"):
-                text += f": {info['Message']}"
-            transient = status >= 500 or status == 429 or code in TRANSIENT_CODES
-            return (TransientStorageError if transient else StorageError)(text)
-        if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
-            return StoreUnavailable(f"{where}: {action} failed: the endpoint does not answer "
-                                    f"({type(err).__name__} after {self.max_attempts} attempts)")
-        if isinstance(err, STREAM_ERRORS):
-            return TransientStorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
-        return StorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
+        return storage_error(err, self._where(key), self.bucket, action, self.max_attempts)
 
     def _call(self, op: str, key: str | None, **kwargs: Any) -> dict:
         try:
