@@ -94,6 +94,9 @@ class Sample:
 class TokenStore:
     """A prepared split, memory-mapped read-only. Picklable: a copy reopens the files by path."""
 
+    reused: bool = True  # set by prepare_split: found (True) or prepared by this call
+    uri: str = ""  # where it is published (a folder or s3:// URI); `folder` is where it is mapped from
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         try:
@@ -116,7 +119,7 @@ class TokenStore:
         self.tasks: list[str] = list(self.meta["tasks"])
 
     def __getstate__(self) -> dict:
-        return {"folder": self.folder, "meta": self.meta}
+        return {"folder": self.folder, "meta": self.meta, "reused": self.reused, "uri": self.uri}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -347,7 +350,28 @@ def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0) -> TokenS
         _on_main(location.merge_parts)
         log.info(f"data: prepared {location.uri} in {time.monotonic() - started:.1f} s")
     _on_local_main(location.fetch)
-    return TokenStore(location.local)
+    store = TokenStore(location.local)
+    store.reused = found
+    store.uri = location.uri
+    return store
+
+
+def prepare_spec(spec, tokenizer, *, workers: int | None = None) -> list[dict]:
+    """`cosctl data prepare`: the train and eval splits of a training spec prepared (or found), with
+    what each holds. Bad records are reported, not refused: the run applies data.max_bad_fraction."""
+    settings = spec.storage.to_settings()
+    summary = []
+    for name in [spec.data.train] + ([spec.data.eval] if spec.data.eval else []):
+        store = prepare_split(split_source(spec.data, name, settings), tokenizer,
+                              workers=spec.data.num_workers if workers is None else workers)
+        report = store.report
+        summary.append({"split": name, "store": store.uri, "local": str(store.folder), "key": store.key,
+                        "reused": store.reused, "records": report.num_records, "ok": report.num_ok,
+                        "bad": report.bad, "first_bad_ids": report.bad_ids, "truncated": report.num_truncated,
+                        "text_only": report.num_text_only, "text_tokens": store.meta["num_tokens"],
+                        "bad_fraction": round(report.num_bad / max(report.num_records, 1), 6),
+                        "within_max_bad_fraction": report.num_bad <= spec.data.max_bad_fraction * report.num_records})
+    return summary
 
 
 def _split_key(source: SplitSource, tokenizer) -> tuple[str, Path]:

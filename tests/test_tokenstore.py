@@ -3,6 +3,7 @@ images that fail at run time; data under an s3:// root (moto, and Ceph when requ
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -278,3 +279,33 @@ def test_token_store_rejects_a_damaged_folder(llava_dir, tokenizer):
         handle.write(b"x")
     with pytest.raises(DataError, match="delete"):
         TokenStore(folder)
+
+
+def test_cosctl_data_prepare_writes_then_reuses(llava_dir, tmp_path):
+    """`cosctl data prepare SPEC` prepares the train and eval splits and says what they hold; a second
+    call finds both (reused) and the files keep their mtimes."""
+    from typer.testing import CliRunner
+
+    from cosctl.cli import app
+    from tests.harness import RECIPES
+
+    shutil.copy(llava_dir / "train.json", llava_dir / "eval.json")
+    args = ["data", "prepare", str(RECIPES / "tiny" / "pretrain.yaml"), "--set", f"data.root={llava_dir}",
+            "--set", f"model.tokenizer={llava_dir / 'tokenizer'}", "--set", "data.max_bad_fraction=0.1"]
+
+    def prepare() -> list[dict]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout[result.stdout.index("[\n"):])
+
+    first = prepare()
+    assert [split["split"] for split in first] == ["train.json", "eval.json"]
+    assert not first[0]["reused"] and first[0]["bad"] == {"unreadable_image": 1} and first[0]["text_only"] == 10
+    assert first[0]["within_max_bad_fraction"] and first[0]["truncated"] > 0
+    folder = Path(first[0]["local"])
+    mtimes = {path: path.stat().st_mtime_ns for path in folder.iterdir()}
+    second = prepare()
+    assert [split["reused"] for split in second] == [True, True] and second[0]["key"] == first[0]["key"]
+    assert {path: path.stat().st_mtime_ns for path in folder.iterdir()} == mtimes
+    bad = CliRunner().invoke(app, [*args, "--set", f"data.root={tmp_path / 'absent'}"])
+    assert bad.exit_code == 1 and "data file not found" in bad.output
