@@ -200,10 +200,23 @@ def conversation_pieces(turns: list[dict]) -> Pieces:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens, in one batched call; "" -> []."""
-    wanted = [text for text in texts if text]
-    encoded = iter(tokenizer(wanted, add_special_tokens=False)["input_ids"] if wanted else [])
-    return [next(encoded) if text else [] for text in texts]
+    """Token ids of each text without special tokens, in one batched call; "" -> [].
+
+    The ids are `tokenizer(texts, add_special_tokens=False)["input_ids"]`'s. When the Rust backend is
+    set up as that call leaves it (no truncation, no padding, special tokens kept whole) it is called
+    directly: transformers' conversion of every encoding to Python costs as much as tokenising."""
+    wanted = list(dict.fromkeys(text for text in texts if text))  # each distinct text once ("USER: " ...)
+    if not wanted:
+        return [[] for _ in texts]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == split_special):
+        ids = [encoding.ids for encoding in backend.encode_batch(wanted, add_special_tokens=False)]
+    else:  # also sets the backend up as above, for the next call
+        ids = tokenizer(wanted, add_special_tokens=False)["input_ids"]
+    encoded = dict(zip(wanted, ids, strict=True))
+    return [encoded[text] if text else [] for text in texts]
 
 
 def assemble(pieces: Pieces, piece_ids: list[list[int]], bos_id: int | None,

@@ -23,8 +23,9 @@ store and maps it; anything else prepares a new one next to it.
 Preparing is split over the ranks (each validates, tokenises and checks the images of a contiguous
 slice of the records, with `data.num_workers` processes) and merged by rank 0. `<prepared>` defaults
 to `<data.root>/prepared` and may be an `s3://` URI; a remote store is copied into the local cache
-before it is mapped. Host memory per rank for the data is a few arrays of one number per record (the
-lengths and offsets); tokens are read from the mapped files when a micro-batch is built.
+before it is read. Host memory per rank for the data is a few arrays of one number per record (the
+lengths, offsets and image positions, mapped); tokens and strings are read with pread, through the page
+cache that the ranks share, when a micro-batch is built, so they never stay in a rank's resident set.
 """
 
 from __future__ import annotations
@@ -112,10 +113,13 @@ class TokenStore:
         self._open()
 
     def _open(self) -> None:
+        # Per-record arrays are mapped; the per-token ones and the strings are read with pread: reading
+        # samples through a mapping would leave every page an epoch touched in this process's RSS.
         for name in ARRAYS:
-            setattr(self, name, np.load(self.folder / f"{name}.npy", mmap_mode="r"))
-        self.ids_blob = _map_bytes(self.folder / "ids.bin")
-        self.images_blob = _map_bytes(self.folder / "images.bin")
+            path = self.folder / f"{name}.npy"
+            setattr(self, name, Column(path) if name in ("tokens", "labels") else np.load(path, mmap_mode="r"))
+        self.ids_blob = Column(self.folder / "ids.bin", np.uint8)
+        self.images_blob = Column(self.folder / "images.bin", np.uint8)
         self.tasks: list[str] = list(self.meta["tasks"])
 
     def __getstate__(self) -> dict:
@@ -158,12 +162,57 @@ class TokenStore:
         return StoreRecords(self, num_visual_tokens, image_id, images)
 
 
-def _map_bytes(path: Path) -> np.ndarray:
-    return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+class Column:
+    """A flat array in a file (`.npy`, or raw bytes when `dtype` is given) whose slices are read with
+    `os.pread`: through the page cache, shared by every process, but never mapped, so reading a whole
+    epoch does not grow the reader's resident memory. Picklable by path; forked workers reopen it."""
+
+    def __init__(self, path: Path, dtype=None):
+        self.path = path
+        if dtype is None:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, header_dtype = read_header(handle)
+                self.start, self.dtype, self.size = handle.tell(), np.dtype(header_dtype), int(np.prod(shape))
+        else:
+            self.start, self.dtype = 0, np.dtype(dtype)
+            self.size = path.stat().st_size // self.dtype.itemsize
+        self._fd, self._pid = -1, -1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": -1, "_pid": -1}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _handle(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        lo, hi, _ = span.indices(self.size)
+        if hi <= lo:
+            return np.zeros(0, self.dtype)
+        width = self.dtype.itemsize
+        data = os.pread(self._handle(), (hi - lo) * width, self.start + lo * width)
+        if len(data) != (hi - lo) * width:
+            raise DataError(f"{self.path}: shorter than its index says; delete its folder to prepare it again")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[0:self.size]
+        return array if dtype is None else array.astype(dtype)
+
+    def __del__(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            os.close(self._fd)
 
 
-def _blob_string(blob: np.ndarray, offsets: np.ndarray, index: int) -> str:
-    return bytes(blob[int(offsets[index]):int(offsets[index + 1])]).decode("utf-8")
+def _blob_string(blob: Column, offsets: np.ndarray, index: int) -> str:
+    return blob[int(offsets[index]):int(offsets[index + 1])].tobytes().decode("utf-8")
 
 
 class StoreRecords:

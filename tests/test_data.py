@@ -286,3 +286,16 @@ def test_collate_text_only_and_packed(synth_dir, tokenizer):
     assert packed["input_ids"].tolist() == [[1, 5, 6, 1, 7, 8, 9]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
     assert packed["labels"].tolist() == [[IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 8, 9]]
+
+
+def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
+    """`tokenize` (the Rust backend called directly once it is set up) gives exactly what calling the
+    tokenizer gives, special tokens in the text included, also after truncation was switched on."""
+    from cosctl.data import tokenize
+
+    texts = ["USER: What colour is the square? ASSISTANT: ", "red</s> and <image> too", "", " 12, 40, 30, 62"]
+    expected = [tokenizer.encode(text, add_special_tokens=False) if text else [] for text in texts]
+    assert tokenize(tokenizer, texts) == expected
+    tokenizer(["a long text"], add_special_tokens=False, truncation=True, max_length=2)
+    assert tokenize(tokenizer, texts) == expected
+    assert tokenize(tokenizer, texts) == expected
