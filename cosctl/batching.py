@@ -223,18 +223,20 @@ class MicroBatchDataset(torch.utils.data.Dataset):
     def load(self, micro_batch: MicroBatch) -> tuple[dict, list[tuple[int, str]]]:
         """The collated micro-batch, and (index, reason) of each sample whose image failed (those
         samples are kept with a blank image and no labels)."""
-        samples, images, failed = [], [], []
-        for index in micro_batch.indices:
-            sample = self.records.sample(index)
-            if sample.image is not None:
-                try:
-                    images.append(self.records.images.load(sample.image, self.image_size))
-                except DataError as err:
-                    failed.append((index, str(err)))
-                    images.append(torch.zeros(3, self.image_size, self.image_size))
-                    sample = Sample(sample.record_id, sample.input_ids, np.full_like(sample.labels, IGNORE_INDEX),
-                                    sample.image)
-            samples.append(sample)
+        samples = [self.records.sample(index) for index in micro_batch.indices]
+        loaded = iter(self.records.images.load_many([s.image for s in samples if s.image is not None],
+                                                    self.image_size))
+        images, failed = [], []
+        for position, (index, sample) in enumerate(zip(micro_batch.indices, samples, strict=True)):
+            if sample.image is None:
+                continue
+            pixels = next(loaded)
+            if isinstance(pixels, DataError):
+                failed.append((index, str(pixels)))
+                pixels = torch.zeros(3, self.image_size, self.image_size)
+                samples[position] = Sample(sample.record_id, sample.input_ids,
+                                           np.full_like(sample.labels, IGNORE_INDEX), sample.image)
+            images.append(pixels)
         batch = collate(samples, images, self.pad_token_id, packing=self.packing, image_size=self.image_size)
         if micro_batch.filler:
             batch["labels"].fill_(IGNORE_INDEX)

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CACHE_BYTES = 2 << 30
+FETCH_THREADS = 8  # concurrent GETs per loading process for the images of one micro-batch
 
 
 def default_cache_dir() -> Path:
@@ -103,9 +105,10 @@ class ImageSource:
         return path if path.is_absolute() else Path(self.root.removeprefix("file://")) / path
 
     def _remote_store(self):
-        if self._store is None or self._pid != os.getpid():  # a forked worker opens its own client
-            self._store, self._pid = open_store(self.root, self.settings), os.getpid()
-        return self._store
+        with self._lock:
+            if self._store is None or self._pid != os.getpid():  # a forked worker opens its own client
+                self._store, self._pid = open_store(self.root, self.settings), os.getpid()
+            return self._store
 
     # --- bytes ---------------------------------------------------------------------------------------
 
@@ -199,6 +202,21 @@ class ImageSource:
             return decode_image(data, image_size)
         except Exception as err:  # PIL raises many types for damaged files
             raise DataError(f"{self.where(image)}: cannot decode image: {err}") from err
+
+    def load_many(self, images: list[str], image_size: int) -> list[torch.Tensor | DataError]:
+        """`load` of each image, or the DataError it raised; remote images are fetched concurrently
+        (one GET each costs a round trip, so a micro-batch's images are fetched together)."""
+
+        def one(image: str) -> torch.Tensor | DataError:
+            try:
+                return self.load(image, image_size)
+            except DataError as err:
+                return err
+
+        if not self.remote or len(images) < 2:
+            return [one(image) for image in images]
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(images)), "image-get") as pool:
+            return list(pool.map(one, images))
 
     def problem(self, image: str, decode: bool = True) -> str | None:
         """'missing_image', 'unreadable_image' or None. With `decode`, every pixel is decoded; without,
