@@ -387,8 +387,9 @@ def load_split(source: SplitSource, tokenizer, *, num_visual_tokens: int, max_ba
 def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0) -> TokenStore:
     """Find or build the split's token store and map it on this rank (collective; see `load_split`)."""
     started = time.monotonic()
-    key, json_path = _on_main(lambda: _split_key(source, tokenizer))
-    location = StoreLocation(source, key)
+    # The preparation's own id keeps the parts of two jobs preparing the same store at once apart.
+    key, json_path, attempt = _on_main(lambda: (*_split_key(source, tokenizer), uuid.uuid4().hex[:8]))
+    location = StoreLocation(source, key, attempt)
     found = _on_main(location.published)
     if found:
         log.info(f"data: using prepared {location.uri} (key {key[:16]})")
@@ -433,8 +434,8 @@ def _split_key(source: SplitSource, tokenizer) -> tuple[str, Path]:
 class StoreLocation:
     """Where a store with `key` lives (`uri`, any store) and is mapped from (`local`)."""
 
-    def __init__(self, source: SplitSource, key: str):
-        self.source, self.key = source, key
+    def __init__(self, source: SplitSource, key: str, attempt: str = ""):
+        self.source, self.key, self.attempt = source, key, attempt
         self.name = source.folder_name(key)
         self.uri = join_uri(source.prepared_uri, self.name)
         self.store: ObjectStore = open_store(source.prepared_uri, source.settings)
@@ -445,7 +446,7 @@ class StoreLocation:
             self.local = source.cache / "prepared" / where / self.name
 
     def parts_key(self, rank: int | None = None) -> str:
-        folder = f".parts-{self.key[:16]}"
+        folder = f".parts-{self.key[:16]}-{self.attempt}"
         return folder if rank is None else f"{folder}/part-{rank:05d}.npz"
 
     def _meta(self) -> dict | None:

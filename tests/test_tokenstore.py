@@ -85,6 +85,7 @@ def test_prepared_store_is_reused_after_a_restart(llava_dir, tokenizer, monkeypa
     first = load(source, tokenizer)
     folder = first.store.folder
     assert folder.parent == llava_dir / "prepared" and "preparing" in capsys.readouterr().out
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no parts or staging left
     mtimes = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
 
     def no_tokenising(*args, **kwargs):
