@@ -5,7 +5,9 @@ against the prepared, memory-mapped store (`cosctl.tokenstore`).
     python bench/data_scale.py --records 10000,100000,1000000 --ranks 2 --json data_scale.json
 
 For each size it writes a data set (records cycled from a small synthetic set, ids unique: a quarter
-text-only, a quarter multi-turn, a quarter long; 64 distinct JPEG images) and starts `--ranks`
+text-only, a quarter multi-turn, a quarter long; 64 distinct JPEG images; with `--unique-text` every
+record's first question is distinct too, since preparing tokenises each distinct text of a chunk of
+records once and repeated text would make it look cheaper than it is) and starts `--ranks`
 processes at once, as a job's ranks start on one machine. Each rank imports, loads the tokenizer,
 reads its resident memory (the baseline), then times: reading the split, building its `StepLoader` and
 loading its first step's micro-batches. It reports the wall time and the resident memory above the
@@ -104,10 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="Folder for data sets (default: a temp folder).")
     parser.add_argument("--timeout", type=int, default=1800, help="Seconds per measurement.")
     parser.add_argument("--json", type=Path, default=None, help="Write the rows here (rewritten after each).")
+    parser.add_argument("--unique-text", action="store_true",
+                        help="Make every record's text distinct (its id in the first question), so that preparing "
+                        "cannot reuse the tokens of a repeated text; for realistic preparation times.")
     return parser.parse_args(argv)
 
 
-def write_dataset(folder: Path, num_records: int) -> None:
+def write_dataset(folder: Path, num_records: int, unique_text: bool = False) -> None:
     """`num_records` LLaVA-shaped records under `folder` (see the module doc), with the tokenizer."""
     sys.path.insert(0, str(REPO))
     from PIL import Image
@@ -135,6 +140,9 @@ def write_dataset(folder: Path, num_records: int) -> None:
         for index in range(num_records):
             record = dict(base[index % len(base)])
             record["id"] = f"{index:08d}"
+            if unique_text:
+                first, *rest = record["conversations"]
+                record["conversations"] = [{**first, "value": f"{first['value']} (question {index})"}, *rest]
             if "image" in record:
                 record["image"] = images[index % len(images)]
             handle.write(("," if index else "") + json.dumps(record))
@@ -212,10 +220,10 @@ def main(argv=None) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for count in [int(n) for n in args.records.split(",")]:
-        data = scratch / f"n{count}" / "data"
+        data = scratch / f"n{count}{'-unique' if args.unique_text else ''}" / "data"
         started = time.monotonic()
         if not (data / "train.json").exists():
-            write_dataset(data, count)
+            write_dataset(data, count, args.unique_text)
         print(f"{count:,} records: data set in {time.monotonic() - started:.0f} s "
               f"({(data / 'train.json').stat().st_size / 2**20:.0f} MiB of JSON)", flush=True)
         shutil.rmtree(data / "prepared", ignore_errors=True)
