@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,8 @@ def run_variant(data: Path, work: Path, packing: bool, args) -> dict:
                  f"batch.samples_per_step={args.samples_per_step}", f"data.max_text_tokens={args.max_text_tokens}",
                  f"batch.packing={str(packing).lower()}", "data.max_bad_fraction=0.1"]
     name = "packed" if packing else "padded"
+    for folder in (work / name, work / f"{name}-out"):  # a fresh run each time
+        shutil.rmtree(folder, ignore_errors=True)
     spec = load_spec(REPO / "recipes" / "tiny" / "pretrain.yaml", overrides)
     saved = dict(os.environ)
     try:

@@ -396,8 +396,10 @@ def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0) -> TokenS
     else:
         rank, world = _world()
         log.info(f"data: preparing {source.json_uri()} into {location.uri} (key {key[:16]}) over {world} rank(s)")
-        _everyone(lambda: _prepare_part(source, tokenizer, location, json_path if rank == 0 else None, workers))
-        _on_main(location.merge_parts)
+        # In a forked child each: parsing a large JSON leaves memory the rank's allocator would keep.
+        _everyone(lambda: _in_child(_prepare_part, source, tokenizer, location, json_path if rank == 0 else None,
+                                    workers, rank, world))
+        _on_main(lambda: _in_child(location.merge_parts, world))
         log.info(f"data: prepared {location.uri} in {time.monotonic() - started:.1f} s")
     _on_local_main(location.fetch)
     store = TokenStore(location.local)
@@ -493,9 +495,8 @@ class StoreLocation:
             path.unlink(missing_ok=True)
         return part
 
-    def merge_parts(self) -> None:
+    def merge_parts(self, world: int) -> None:
         """Rank 0: every rank's part -> one store, published files first and meta.json last."""
-        _, world = _world()
         parts = [self._read_part(rank) for rank in range(world)]
         staging = self.source.cache / "staging" / f"{self.name}-{uuid.uuid4().hex[:8]}"
         if isinstance(self.store, LocalStore):
@@ -554,10 +555,39 @@ class StoreLocation:
 _JOB: dict[str, Any] = {}  # what pool workers read; set before they fork
 
 
+def _in_child(function: Callable[..., None], *args) -> None:
+    """`function(*args)` in a forked process, its error raised here: what it allocates goes back to the
+    system when it exits. It must not use the process group."""
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            function(*args)
+            outcome: tuple[bool, BaseException | None] = (True, None)
+        except BaseException as err:  # sent to the parent, which raises it
+            outcome = (False, err)
+        try:
+            writer.send(outcome)
+        except Exception:  # an error that does not pickle: its text
+            writer.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
+
+    process = context.Process(target=run, name="cosctl-prepare")
+    process.start()
+    writer.close()
+    try:
+        ok, error = reader.recv()
+    except EOFError:
+        ok, error = False, DataError(f"preparing the data failed: its process ended with exit code "
+                                     f"{process.join() or process.exitcode} (out of memory?)")
+    process.join()
+    if not ok:
+        raise error
+
+
 def _prepare_part(source: SplitSource, tokenizer, location: StoreLocation, json_path: Path | None,
-                  workers: int) -> None:
+                  workers: int, rank: int, world: int) -> None:
     """This rank's contiguous slice of the records: validated, tokenised, images checked -> a part."""
-    rank, world = _world()
     records = read_records(json_path or source.local_json())
     lo, hi = len(records) * rank // world, len(records) * (rank + 1) // world
     _JOB.update(records=records, tokenizer=tokenizer, max_text_tokens=source.max_text_tokens,
