@@ -12,8 +12,9 @@ processes at once, as a job's ranks start on one machine. Each rank imports, loa
 reads its resident memory (the baseline), then times: reading the split, building its `StepLoader` and
 loading its first step's micro-batches. It reports the wall time and the resident memory above the
 baseline: in all (RSS), in anonymous pages (RssAnon: Python objects and arrays) and in mapped files
-(RssFile: pages of the store that were touched, shared between ranks through the page cache), plus the
-peak (VmHWM above the baseline).
+(RssFile: pages of mapped files that were touched, shared between ranks through the page cache), plus
+the peak (VmHWM above the baseline) and, in the JSON, the peak of the forked processes that prepared
+the store (`children_peak_mb`, absolute: it includes the ~350 MB the fork shares with its rank).
 
     before     the code at `--before-ref` (default: the commit before token stores), extracted with
                `git archive` and put first on the ranks' PYTHONPATH: `load_examples` + `StepLoader`
@@ -85,7 +86,10 @@ loader = StepLoader(records, image_size=settings["size"], pad_token_id=tokenizer
 batches = loader.next_step()
 elapsed = time.monotonic() - started
 now = status()
+import resource
+children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # forked preparation, if any
 json.dump({"rank": rank, "records": len(records), "load_s": loaded, "startup_s": elapsed,
+           "children_peak_mb": children_peak,
            "micro_batches": len(batches), "base_rss_mb": base["VmRSS"],
            "rss_mb": now["VmRSS"] - base["VmRSS"], "anon_mb": now["RssAnon"] - base["RssAnon"],
            "file_mb": now["RssFile"] - base["RssFile"], "peak_mb": now["VmHWM"] - base["VmRSS"]},
@@ -188,7 +192,8 @@ def measure(path: str, data: Path, ranks: int, pythonpath: str, scratch: Path, t
     return {"ranks": reports, "startup_s": max(r["startup_s"] for r in reports),
             "rss_mb": max(r["rss_mb"] for r in reports), "anon_mb": max(r["anon_mb"] for r in reports),
             "file_mb": max(r["file_mb"] for r in reports), "peak_mb": max(r["peak_mb"] for r in reports),
-            "base_rss_mb": max(r["base_rss_mb"] for r in reports)}
+            "base_rss_mb": max(r["base_rss_mb"] for r in reports),
+            "children_peak_mb": max(r["children_peak_mb"] for r in reports)}
 
 
 def before_source(ref: str, scratch: Path) -> Path:
