@@ -42,7 +42,8 @@ from .images import CLIP_MEAN, CLIP_STD, ImageSource, decode_image
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DataError", "DataReport", "Example", "IGNORE_INDEX", "IMAGE_TOKEN", "LengthStats",
-    "check_bad_fraction", "collate", "encode_conversation", "image_token_id", "length_stats", "load_examples",
+    "check_bad_fraction", "collate", "encode_conversation", "image_problem", "image_token_id", "length_stats",
+    "load_examples",
     "load_image", "load_tokenizer", "resolve_image_path",
 ]
 
@@ -353,6 +354,14 @@ def resolve_image_path(image_root: str | Path, image: str) -> Path:
     """`image` relative to `image_root`; absolute paths are kept."""
     path = Path(image)
     return path if path.is_absolute() else Path(image_root) / path
+
+
+def image_problem(path: Path, cache: dict[Path, str | None]) -> str | None:
+    """'missing_image', 'unreadable_image' (every pixel decoded) or None; each file is read once per
+    `cache`."""
+    if path not in cache:
+        cache[path] = ImageSource("").problem(str(Path(path).resolve()))
+    return cache[path]
 
 
 def load_examples(

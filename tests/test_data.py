@@ -299,3 +299,14 @@ def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
     tokenizer(["a long text"], add_special_tokens=False, truncation=True, max_length=2)
     assert tokenize(tokenizer, texts) == expected
     assert tokenize(tokenizer, texts) == expected
+
+
+def test_image_problem_decodes_each_file_once(tmp_path, synth_dir):
+    """image_problem (used by eval records) tells missing from damaged, decoding every pixel."""
+    from cosctl.data import image_problem
+
+    truncated_jpeg(synth_dir / "images/synth-000000.png", tmp_path / "cut.jpg")
+    cache: dict = {}
+    assert image_problem(synth_dir / "images/synth-000000.png", cache) is None
+    assert image_problem(tmp_path / "cut.jpg", cache) == "unreadable_image"
+    assert image_problem(tmp_path / "absent.jpg", cache) == "missing_image" and len(cache) == 3
