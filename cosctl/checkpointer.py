@@ -54,7 +54,8 @@ from .log import log
 from .spec import spec_hash, spec_to_dict
 from .storage import ObjectStore, open_store
 # Spec sections that may change across a resume; anything else changes the model or the data order.
-RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "run.output", "optim.num_steps")
+RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "data.prepared", "data.cache_dir",
+                     "data.image_cache_mb", "run.output", "optim.num_steps")
 
 
 def _weights_only_load(path: str, map_location=None):

@@ -284,6 +284,40 @@ def data_synth(out: Annotated[Path, typer.Option(help="Output folder.")],
     typer.echo(json.dumps(synthesize(out, num_samples=num_samples, seed=seed, image_size=image_size), indent=1))
 
 
+@data_app.command("prepare")
+def data_prepare(spec: SpecArg, set_: SetOpt = None,
+                 tokenizer: Annotated[Optional[Path], typer.Option(
+                     help="Tokenizer folder; default: model.tokenizer (pretrain) or the local source model's.")] = None,
+                 workers: Annotated[Optional[int], typer.Option(
+                     min=0, help="Worker processes; default data.num_workers.")] = None) -> None:
+    """Validate, tokenise and decode-check a spec's train and eval records once, into token stores that
+    training maps on every rank (reused while the data file, tokenizer and data settings are unchanged)."""
+    from .data import load_tokenizer
+    from .tokenstore import prepare_spec
+
+    try:
+        loaded = _load(spec, set_)
+        if not hasattr(loaded, "data"):
+            raise SpecError(f"{spec}: stage {loaded.stage!r} reads no data")
+        folder = tokenizer or _spec_tokenizer(loaded)
+        typer.echo(json.dumps(prepare_spec(loaded, load_tokenizer(folder), workers=workers), indent=1))
+    except UserError as err:
+        fail(str(err))
+
+
+def _spec_tokenizer(spec) -> Path:
+    """The tokenizer folder a training stage would use, when it is on this machine."""
+    if spec.stage == "pretrain":
+        return Path(spec.model.tokenizer)
+    from .stages import local_model_folder
+
+    folder = local_model_folder(spec.model.source)
+    if folder is None:
+        raise SpecError(f"model.source: {spec.model.source} is not a local model folder; pass --tokenizer "
+                        "with the model's tokenizer folder")
+    return folder
+
+
 def _quiet_progress_bars() -> None:
     """No per-file "Loading weights" bars (our own progress is enough), without importing transformers
     (and torch) for commands that never load weights: transformers reads the setting when it loads."""

@@ -14,13 +14,14 @@ from typing import Literal
 from .autobatch import probe_micro_batch
 from .batching import MicroBatch, MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
 from .checkpointer import Checkpointer, Restored
-from .data import Example, LengthStats, length_stats, load_examples
+from .data import LengthStats, length_stats
 from .dist import Dist, all_reduce, init_distributed
 from .engine import build_engine, expected_trainable_groups, trainable_summary
 from .log import log, setup_logging
 from .spec import TrainingSpec
 from .stages import Stage, prepare_stage
 from .storage import ObjectStore, open_store
+from .tokenstore import StoreRecords, load_split, split_source
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class Run:
     engine: object  # deepspeed.DeepSpeedEngine
     scheduler: object
     checkpointer: Checkpointer
-    train_examples: list[Example]
-    eval_examples: list[Example] | None
+    train_examples: StoreRecords  # memory-mapped prepared records (cosctl.tokenstore)
+    eval_examples: StoreRecords | None
     trainable: dict[str, int]  # trainable parameters per top-level module
 
     @property
@@ -55,10 +56,11 @@ class Run:
     def train_loader(self, budget: Budget, position: dict | None = None) -> StepLoader:
         """This rank's stream of optimizer steps over the training examples, at `position` if resuming."""
         loader = StepLoader(
-            self.train_examples, image_root=Path(self.spec.data.root), image_size=self.stage.cos_config.image_size,
+            self.train_examples, image_size=self.stage.cos_config.image_size,
             pad_token_id=self.stage.tokenizer.pad_token_id, tokens_per_micro_batch=budget.tokens,
             samples_per_step=self.spec.batch.samples_per_step, seed=self.spec.run.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=self.spec.data.num_workers,
+            packing=self.spec.batch.packing, max_bad_fraction=self.spec.data.max_bad_fraction,
         )
         if position is not None:
             loader.load_state_dict(position)
@@ -69,7 +71,7 @@ class Run:
         may be smaller than one micro-batch per rank, and ZeRO-3 forwards are collective)."""
         if self.eval_examples is None:
             return []
-        dataset = MicroBatchDataset(self.eval_examples, Path(self.spec.data.root), self.stage.cos_config.image_size,
+        dataset = MicroBatchDataset(self.eval_examples, None, self.stage.cos_config.image_size,
                                     self.stage.tokenizer.pad_token_id)
         micro_batches: list[MicroBatch] = eval_micro_batches(self.eval_examples, budget.tokens,
                                                              self.spec.eval.num_batches)
@@ -128,12 +130,12 @@ def _log_build(seconds: float, before_gib: float, dist_info: Dist) -> None:
              f"{peak:.2f} GiB (highest of {dist_info.world_size} ranks)")
 
 
-def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> list[Example]:
-    root = Path(spec.data.root)
-    examples, report = load_examples(root / name, root, stage.tokenizer, stage.cos_config.num_visual_tokens,
-                                     spec.data.max_text_tokens, max_bad_fraction)
-    log.info(f"data: {report.summary()}")
-    return examples
+def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> StoreRecords:
+    """The split's prepared token store (prepared now, over all ranks, unless a run already did),
+    memory-mapped on every rank (docs/design.md §5)."""
+    source = split_source(spec.data, name, spec.storage.to_settings())
+    return load_split(source, stage.tokenizer, num_visual_tokens=stage.cos_config.num_visual_tokens,
+                      max_bad_fraction=max_bad_fraction, workers=spec.data.num_workers)
 
 
 def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats, dist_info: Dist):

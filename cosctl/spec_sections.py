@@ -78,12 +78,33 @@ class RunSection(Section):
 
 
 class DataSpec(Section):
-    root: str = Field(description="Folder holding the JSON files and the images they name.")
+    root: str = Field(description="Folder or s3://BUCKET/PREFIX holding the JSON files and the images they name.")
     train: str = Field("train.json", description="LLaVA-format training records, relative to root.")
     eval: str | None = Field(None, description="Held-out records for the periodic eval loss.")
-    max_text_tokens: int = Field(256, gt=0, description="Records with more text tokens count as bad.")
-    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Stop when more records are bad.")
-    num_workers: int = Field(0, ge=0, description="Image-loading worker processes per rank.")
+    max_text_tokens: int = Field(
+        256, gt=0, description="Longer records are cut to this many text tokens (visual tokens are never cut); "
+        "a record whose answers would all be cut counts as bad.")
+    max_bad_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Stop when more records are bad: at preparation, plus images that fail "
+        "to decode during training (those samples train nothing).")
+    num_workers: int = Field(0, ge=0, description="Image-loading (and data-preparing) worker processes per rank.")
+    prepared: str | None = Field(
+        None, description="Where prepared token stores go (a folder or s3:// URI); default <root>/prepared. A "
+        "store is reused while the data file, tokenizer and data settings are unchanged.")
+    cache_dir: str | None = Field(
+        None, description="Local cache for data from s3:// (prepared stores, JSON, images); default "
+        "$COSCTL_CACHE or ~/.cache/cosctl.")
+    image_cache_mb: int = Field(2048, ge=0, description="Bound on the local cache of images read from s3:// (MiB).")
+    image_check: Literal["decode", "exists", "none"] = Field(
+        "decode", description="What preparation checks of each image: that every pixel decodes, that it exists, "
+        "or nothing (images that fail later are skipped and counted then).")
+
+    @field_validator("root", "prepared")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith(("file://", "s3://")):
+            raise ValueError(f"unsupported URI scheme in {value!r}; use a path, file:// or s3://")
+        return value
 
 
 class OptimSpec(Section):
@@ -116,6 +137,9 @@ class BatchSpec(Section):
         "fits in memory_fraction of the device's memory.")
     memory_fraction: float = Field(0.85, gt=0.0, le=1.0, description="Share of memory that auto may fill.")
     max_tokens_per_micro_batch: int | None = Field(None, gt=0, description="Upper bound for auto.")
+    packing: bool = Field(
+        False, description="Pack several samples into one row of up to tokens_per_micro_batch tokens (each "
+        "attends only to itself) instead of padding one row per sample.")
 
     @model_validator(mode="before")
     @classmethod

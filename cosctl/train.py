@@ -135,14 +135,19 @@ def accumulate(engine, micro_batches: list[dict], device) -> StepStats:
     """
     world_size = torch.distributed.get_world_size()
     local = [sum(num_label_tokens(b["labels"]) for b in micro_batches), sum(b["num_samples"] for b in micro_batches),
-             sum(int(b["attention_mask"].sum()) for b in micro_batches)]
+             # A packed row (batch.packing) has no attention mask and no padding.
+             sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in micro_batches)]
     step_labels, num_samples, num_tokens = all_reduce(local, device)
     per_rank_items = torch.tensor(max(step_labels, 1.0) / world_size, device=device)
     loss_sum = 0.0
     for index, batch in enumerate(micro_batches):
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "num_samples"}
-        loss = engine(**inputs, num_items_in_batch=per_rank_items).loss
+        # Batches come pinned from the loader's workers on GPU: the copy overlaps the previous kernels.
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_samples"}
+        # No KV cache in training: with one, transformers ignores a packed row's position ids and lets
+        # its samples attend to each other (batch.packing).
+        loss = engine(**inputs, num_items_in_batch=per_rank_items, use_cache=False).loss
         engine.backward(loss)
         loss_sum += loss.item()
     total = all_reduce([loss_sum], device)[0] / world_size

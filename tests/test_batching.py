@@ -17,6 +17,7 @@ from cosctl.batching import (
     epoch_order,
     eval_micro_batches,
     fill_micro_batches,
+    legacy_epoch_order,
     samples_per_micro_batch,
     split_step,
 )
@@ -127,9 +128,21 @@ def test_another_world_size_sees_the_same_samples_per_step(synth_dir, tokenizer)
 
 
 def test_epochs_shuffle_differently_and_reproducibly():
-    """Each epoch's order is a permutation, fixed by (seed, epoch)."""
-    assert sorted(epoch_order(50, 1, 0)) == list(range(50))
-    assert epoch_order(50, 1, 0) == epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
+    """Each epoch's order is a permutation, fixed by (seed, epoch); so is the older list shuffle."""
+    for draw in (lambda *a: epoch_order(*a).tolist(), legacy_epoch_order):
+        assert sorted(draw(50, 1, 0)) == list(range(50))
+        assert draw(50, 1, 0) == draw(50, 1, 0) != draw(50, 1, 1)
+
+
+def test_a_checkpoint_without_an_order_resumes_in_the_list_shuffle_order(synth_dir, tokenizer):
+    """A loader state written before the order was a numpy permutation continues with the old order."""
+    examples = examples_at(synth_dir, tokenizer)
+    loader = make_loader(synth_dir, examples)
+    state = {k: v for k, v in loader.state_dict().items() if k not in ("order", "bad_samples")}
+    loader.load_state_dict(state)
+    chosen = {i for plan in loader.step_micro_batches(0, 0) for m in plan for i in m.indices}
+    assert chosen == set(legacy_epoch_order(len(examples), 7, 0)[:8])
+    assert loader.state_dict()["order"] == "legacy"
 
 
 def assert_same_steps(first: list[list[dict]], second: list[list[dict]]) -> None:

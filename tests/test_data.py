@@ -12,7 +12,6 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cosctl import data
 from cosctl.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,7 +25,9 @@ from cosctl.data import (
     load_image,
     load_tokenizer,
 )
+from cosctl.images import ImageSource
 from cosctl.synth import synthesize
+from tests.llava import truncated_jpeg, write_llava_set
 
 IMAGE_SIZE = 64
 
@@ -60,7 +61,7 @@ def test_chat_template_labels_only_answers(synth_dir, tokenizer):
         assert len(ids) == len(labels) == example.num_tokens
         assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
         assert ids.count(image_id) == 32
-        assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == image_id)
+        assert all(label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == image_id)
         labelled = [label for label in labels if label != IGNORE_INDEX]
         assert labelled == ids[len(ids) - len(labelled):]
         assert tokenizer.decode(labelled) == answer + "</s>"
@@ -106,20 +107,20 @@ def broken_records(root: Path, synth_dir: Path) -> list:
 
 
 def test_each_bad_record_is_counted_by_reason_and_skipped(tmp_path, synth_dir, tokenizer, monkeypatch):
-    """Every kind of broken record is skipped and counted under its reason; shared images open once."""
+    """Every kind of broken record is skipped and counted under its reason; shared images are read once."""
     (tmp_path / "mixed.json").write_text(json.dumps(broken_records(tmp_path, synth_dir)))
     opened = []
-    real_open = data.Image.open
-    monkeypatch.setattr(data.Image, "open", lambda path, *args: opened.append(path) or real_open(path, *args))
+    real_read = ImageSource.read_bytes
+    monkeypatch.setattr(ImageSource, "read_bytes", lambda self, image: opened.append(image) or real_read(self, image))
     examples, report = build(tmp_path, tokenizer, json_name="mixed.json", max_bad_fraction=0.6)
     assert report.bad == {
-        "missing_image": 2, "unreadable_image": 1, "no_image_token": 1, "extra_image_tokens": 1,
-        "empty_answer": 1, "bad_conversation": 2, "not_a_mapping": 1, "too_long": 1,
+        "missing_image": 1, "image_token_without_image": 1, "unreadable_image": 1, "no_image_token": 1,
+        "extra_image_tokens": 1, "empty_answer": 1, "bad_conversation": 2, "not_a_mapping": 1, "too_long": 1,
     }
     assert (report.num_records, report.num_ok, report.num_bad) == (18, 8, 10)
     assert report.bad_ids[:3] == ["missing_file", "no_image_key", "corrupt"] and "#16" in report.bad_ids
     assert [example.record_id for example in examples] == [f"synth-{index:06d}" for index in range(8)]
-    assert len(opened) == len(set(opened)) == 9
+    assert len(opened) == len(set(opened)) == 10  # 8 good, missing, corrupt
     assert "8 ok, 10 bad" in report.summary() and "too_long=1" in report.summary()
 
 
@@ -130,7 +131,8 @@ def test_too_many_bad_records_raise_with_counts(tmp_path, synth_dir, tokenizer):
         build(tmp_path, tokenizer, json_name="mixed.json", max_bad_fraction=0.5)
     message = str(error.value)
     assert "mixed.json" in message and "10 bad" in message
-    assert "missing_image=2" in message and "unreadable_image=1" in message and "missing_file" in message
+    assert "missing_image=1" in message and "unreadable_image=1" in message and "missing_file" in message
+    assert "data.max_bad_fraction" in message and "raise data.max_text_tokens" in message
 
 
 @pytest.mark.parametrize(
@@ -183,3 +185,128 @@ def test_collate_right_pads_tokens_labels_and_mask():
     assert batch["labels"].tolist() == [[ignore, 5, 6, ignore, ignore], [ignore, ignore, 8, 9, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["pixel_values"][1].sum() == 3 * 64
+
+
+# --- LLaVA-1.5 records as published: text-only, multi-turn, <image> anywhere, long, damaged images ------
+
+
+def test_text_only_records_train_without_visual_tokens(tmp_path, synth_dir, tokenizer):
+    """A ShareGPT-style record (no `image`, a `model` key) is a valid example with no image tokens;
+    `<image>` in a record without an image is a bad record."""
+    turns = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "Another?"}, {"from": "gpt", "value": "blue"}]
+    records = [{"id": "text", "model": "", "conversations": turns},
+               {"id": "stray", "conversations": [{"from": "human", "value": "<image> what?"}, turns[1]]}]
+    (tmp_path / "text.json").write_text(json.dumps(records))
+    (example,), report = build(tmp_path, tokenizer, json_name="text.json", max_bad_fraction=0.5)
+    assert example.image_path is None and image_token_id(tokenizer) not in example.input_ids
+    assert example.num_text_tokens == example.num_tokens
+    assert tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True)
+                             if label != IGNORE_INDEX]) == "red</s>blue</s>"
+    assert report.bad == {"image_token_without_image": 1} and report.num_text_only == 1
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_image_placeholder_anywhere_in_the_first_turn(tmp_path, synth_dir, tokenizer, where):
+    """`<image>` at the start, middle or end of the first human turn: the visual slots sit exactly
+    there, the text around them is unchanged; in a later turn it is a bad record."""
+    value = {"start": "<image>\nWhat colour?", "middle": "Look: <image> What colour?",
+             "end": "What colour?\n<image>"}[where]
+    image = str(synth_dir / "images/synth-000000.png")
+    records = [{"id": "x", "image": image, "conversations": [{"from": "human", "value": value},
+                                                              {"from": "gpt", "value": "red"}]},
+               {"id": "late", "image": image, "conversations": [
+                   {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"},
+                   {"from": "human", "value": "<image> and?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "x.json").write_text(json.dumps(records))
+    (example,), report = build(tmp_path, tokenizer, num_visual_tokens=4, json_name="x.json", max_bad_fraction=0.5)
+    ids = list(example.input_ids)
+    first = ids.index(image_token_id(tokenizer))
+    assert ids[first:first + 4] == [image_token_id(tokenizer)] * 4 and ids.count(image_token_id(tokenizer)) == 4
+    before, after = value.split("<image>")
+    assert tokenizer.decode(ids[:first]) == "<s>USER: " + before
+    assert tokenizer.decode(ids[first + 4:]).startswith(after + " ASSISTANT: red")
+    assert report.bad == {"misplaced_image_token": 1}
+
+
+def test_long_records_are_truncated_keeping_every_visual_token(tmp_path, synth_dir, tokenizer):
+    """A record over data.max_text_tokens is cut to that many text tokens, with all its visual tokens
+    and the answers that fit; one whose answers would all be cut is bad (too_long)."""
+    image = str(synth_dir / "images/synth-000000.png")
+    long_answer = "red square " * 100
+    records = [{"id": "long", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_answer},
+        {"from": "human", "value": "Short?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "long_prompt", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + "describe " * 100}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "long.json").write_text(json.dumps(records))
+    (example,), report = build(tmp_path, tokenizer, json_name="long.json", max_text_tokens=40, max_bad_fraction=0.5)
+    assert example.num_text_tokens == 40 and example.num_tokens == 40 + 32
+    assert list(example.input_ids).count(image_token_id(tokenizer)) == 32
+    full, _ = data_encode(records[0], tokenizer)
+    assert list(example.input_ids) == full[:72]
+    assert any(label != IGNORE_INDEX for label in example.labels)
+    assert report.num_truncated == 1 and report.bad == {"too_long": 1}
+    assert "truncated at data.max_text_tokens" in report.summary()
+
+
+def data_encode(record, tokenizer):
+    from cosctl.data import encode_conversation
+
+    return encode_conversation(record["conversations"], tokenizer, 32)
+
+
+def test_truncated_jpeg_passes_verify_but_is_a_bad_record(tmp_path, synth_dir, tokenizer):
+    """A JPEG written by PIL and cut short passes `Image.verify()`; preparation decodes every pixel,
+    so its record is counted as unreadable_image and skipped."""
+    records = write_llava_set(synth_dir, tmp_path, num_records=8, truncated=1)
+    examples, report = build(tmp_path, tokenizer, max_text_tokens=512, max_bad_fraction=0.2)
+    assert report.bad == {"unreadable_image": 1} and report.bad_ids == [records[0]["id"]]
+    assert len(examples) == 7 and report.num_text_only == 2
+    with pytest.raises(DataError, match="unreadable_image=1.*data.max_bad_fraction"):
+        build(tmp_path, tokenizer, max_text_tokens=512, max_bad_fraction=0.0)
+
+
+def test_truncated_jpeg_does_not_load(tmp_path, synth_dir):
+    """load_image names the damaged file."""
+    truncated_jpeg(synth_dir / "images/synth-000000.png", tmp_path / "cut.jpg")
+    with pytest.raises(DataError, match="cut.jpg"):
+        load_image(tmp_path / "cut.jpg", 32)
+
+
+def test_collate_text_only_and_packed(synth_dir, tokenizer):
+    """A micro-batch without images has an empty (0, 3, S, S) pixel tensor; a packed one is one row
+    with position ids restarting per example and no attention mask."""
+    short = Example("a", "t", None, (1, 5, 6), (IGNORE_INDEX, 5, 6), 3)
+    long = Example("b", "t", None, (1, 7, 8, 9), (IGNORE_INDEX, IGNORE_INDEX, 8, 9), 4)
+    batch = collate([short, long], [], pad_token_id=3, image_size=8)
+    assert batch["pixel_values"].shape == (0, 3, 8, 8) and batch["input_ids"].shape == (2, 4)
+    packed = collate([short, long], [], pad_token_id=3, packing=True, image_size=8)
+    assert "attention_mask" not in packed
+    assert packed["input_ids"].tolist() == [[1, 5, 6, 1, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 8, 9]]
+
+
+def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
+    """`tokenize` (the Rust backend called directly once it is set up) gives exactly what calling the
+    tokenizer gives, special tokens in the text included, also after truncation was switched on."""
+    from cosctl.data import tokenize
+
+    texts = ["USER: What colour is the square? ASSISTANT: ", "red</s> and <image> too", "", " 12, 40, 30, 62"]
+    expected = [tokenizer.encode(text, add_special_tokens=False) if text else [] for text in texts]
+    assert tokenize(tokenizer, texts) == expected
+    tokenizer(["a long text"], add_special_tokens=False, truncation=True, max_length=2)
+    assert tokenize(tokenizer, texts) == expected
+    assert tokenize(tokenizer, texts) == expected
+
+
+def test_image_problem_decodes_each_file_once(tmp_path, synth_dir):
+    """image_problem (used by eval records) tells missing from damaged, decoding every pixel."""
+    from cosctl.data import image_problem
+
+    truncated_jpeg(synth_dir / "images/synth-000000.png", tmp_path / "cut.jpg")
+    cache: dict = {}
+    assert image_problem(synth_dir / "images/synth-000000.png", cache) is None
+    assert image_problem(tmp_path / "cut.jpg", cache) == "unreadable_image"
+    assert image_problem(tmp_path / "absent.jpg", cache) == "missing_image" and len(cache) == 3
