@@ -166,9 +166,12 @@ def ceph(command: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_training_survives_the_endpoint_going_down_and_back(tiny_data, tmp_path, ceph_s3, capsys):
+def test_training_survives_the_endpoint_going_down_and_back(tiny_data, tmp_path, ceph_s3, capsys, monkeypatch):
     """radosgw stopped mid-run for about 20 s, then started again: steps keep training meanwhile,
     uploads retry in the background, every checkpoint commits afterwards and verifies; none is lost."""
+    from tests.conftest_s3 import use_credentials
+
+    use_credentials(monkeypatch, ceph_s3)
     bucket = create_bucket(ceph_s3)
     env_vars = s3_env(ceph_s3, ceph_s3.endpoint)
     store = bucket_store(bucket, ceph_s3.endpoint)
