@@ -63,10 +63,9 @@ def _argv_without_nproc() -> list[str]:
 
 def _fail_in_rank(err: Exception) -> None:
     """A user error inside a rank: said once (rank 0, or through the launcher), exit 1."""
-    from .launch import REPORT_DIR_ENV, report
+    from .launch import report
 
-    if int(os.environ.get("RANK", "0")) == 0 or REPORT_DIR_ENV in os.environ:
-        report(1, f"error: {err}")
+    report(1, f"error: {err}")
     raise typer.Exit(1)
 
 

@@ -25,12 +25,14 @@ STOP_CODES = (75, 130, 143)  # requeue, SIGINT, SIGTERM: the run can continue fr
 
 
 def report(code: int, message: str, continue_hint: bool = False) -> None:
-    """How this rank ends: printed here (single process), or left for the launcher to print once."""
+    """How this rank ends: left for our launcher to print once, or printed here by rank 0."""
     folder = os.environ.get(REPORT_DIR_ENV)
     if folder:
         rank = int(os.environ.get("RANK", "0"))
         Path(folder, f"rank_{rank:05d}.json").write_text(json.dumps({"code": code, "message": message,
                                                                         "continue": continue_hint}))
+        return
+    if int(os.environ.get("RANK", "0")) != 0:  # another launcher (SLURM's torchrun): rank 0 says it
         return
     print(message, file=sys.stderr, flush=True)
     if continue_hint:
