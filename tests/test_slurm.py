@@ -308,15 +308,11 @@ def watch_preemption(slurm, job_id: str, run_dir: Path, timeline: Timeline) -> d
 @pytest.fixture
 def preempt_output(tmp_path, monkeypatch) -> Iterator[str]:
     """The preempted job's output: a bucket on a moto server in this process, which the job reaches
-    over loopback with the credentials exported from this environment; a folder without S3 support."""
-    try:
-        import boto3
-        from moto.server import ThreadedMotoServer
+    over loopback with the credentials exported from this environment (moto is a test dependency: a
+    missing one fails the test rather than falling back to a folder)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
 
-        import cosctl.storage.s3  # noqa: F401
-    except ImportError:
-        yield f"file://{tmp_path}/out"
-        return
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = "http://{}:{}".format(*server.get_host_and_port())
