@@ -43,3 +43,21 @@ def in_process():
         spec, run_dir=run_dir, output=spec.run.output, resume=resume, **options)
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic set (48 samples, 64 px) written in this process, read-only for the tests."""
+    from cosctl.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, num_samples=48, seed=0, image_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synth_dir):
+    """The synthetic set's tokenizer, with `<image>` and a pad token."""
+    from cosctl.data import load_tokenizer
+
+    return load_tokenizer(synth_dir / "tokenizer")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,22 +20,13 @@ from cosctl.batching import (
     samples_per_micro_batch,
     split_step,
 )
-from cosctl.data import DataError, load_examples, load_tokenizer
-from cosctl.synth import synthesize
+from cosctl.data import DataError, load_examples
 
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("synth")
-    synthesize(out_dir, num_samples=48, seed=0, image_size=IMAGE_SIZE)
-    return out_dir
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synth_dir):
-    return load_tokenizer(synth_dir / "tokenizer")
 
 
 def examples_at(synth_dir, tokenizer, num_visual_tokens: int = 32):

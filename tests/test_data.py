@@ -26,22 +26,13 @@ from cosctl.data import (
     load_tokenizer,
 )
 from cosctl.images import ImageSource
-from cosctl.synth import synthesize
 from tests.llava import truncated_jpeg, write_llava_set
 
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("synth")
-    synthesize(out_dir, num_samples=40, seed=0, image_size=IMAGE_SIZE)
-    return out_dir
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synth_dir) -> PreTrainedTokenizerFast:
-    return load_tokenizer(synth_dir / "tokenizer")
 
 
 def build(synth_dir: Path, tokenizer, num_visual_tokens: int = 32, json_name: str = "train.json", **kwargs):
@@ -52,7 +43,8 @@ def build(synth_dir: Path, tokenizer, num_visual_tokens: int = 32, json_name: st
 def test_chat_template_labels_only_answers(synth_dir, tokenizer):
     """Sequence = <s>USER: <32 image ids>\\nQ ASSISTANT: A</s>; only A and </s> carry labels."""
     examples, report = build(synth_dir, tokenizer)
-    assert (report.num_records, report.num_ok, report.bad) == (36, 36, {})
+    num_train = len(json.loads((synth_dir / "train.json").read_text()))
+    assert (report.num_records, report.num_ok, report.bad) == (num_train, num_train, {}) and num_train >= 36
     records = {r["id"]: r for r in json.loads((synth_dir / "train.json").read_text())}
     image_id = image_token_id(tokenizer)
     for example in examples:

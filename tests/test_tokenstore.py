@@ -19,7 +19,6 @@ from cosctl.data import DataError, load_examples, load_tokenizer
 from cosctl.errors import StorageError
 from cosctl.log import setup_logging
 from cosctl.storage import StoreSettings
-from cosctl.synth import synthesize
 from cosctl.tokenstore import SplitSource, TokenStore, load_split, prepare_split
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.llava import truncated_jpeg, write_llava_set
@@ -28,16 +27,8 @@ IMAGE_SIZE = 64
 NUM_VISUAL = 32
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(out, num_samples=48, seed=0, image_size=IMAGE_SIZE)
-    return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synth_dir):
-    return load_tokenizer(synth_dir / "tokenizer")
 
 
 @pytest.fixture
