@@ -2,15 +2,21 @@
 # Stage-speed benchmark on one lent GPU (H100/H200), in one call of at most ~8 minutes:
 #   1. the GPU's name;  2. carried wheels -> /tmp/site (never over the image's torch);
 #   3. versions + every carried package's requirements checked;  4. bf16 matmul peak (8192^3);
-#   5. bench/stage_speed.py variants while time lasts (32/336/528 tokens each): the 1b shape with the
-#      engine as it was ("before"), as it is, with an auto budget and gradient checkpointing, then the 7b
-#      shape with an auto budget, then 1b auto without checkpointing, 1b on ZeRO-2 for reference, a
-#      profile of the 1b rows and ZeRO-2 with an auto budget. VARIANTS="a b" picks and orders.
+#   5. bench/stage_speed.py variants while time lasts. First the product path (each row a real
+#      `cosctl pretrain` run): the 1b shape side by side with the direct path (the gap), the direct path
+#      with the model built on the host, the 1b default rows, the 1b rows with DataLoader workers, the 7b
+#      default rows. Then the direct path's engine
+#      variants of earlier rounds (32/336/528 tokens each): the 1b engine as it was ("before"), as it is,
+#      with an auto budget and gradient checkpointing, the 7b shape with an auto budget, 1b auto without
+#      checkpointing, 1b on ZeRO-2, a profile of the 1b rows, ZeRO-2 with an auto budget.
+#      VARIANTS="a b" picks and orders.
 # Results land in $OUT: env.txt and <variant>.{json,txt} (the device tool returns at most 8 files: pick
 # at most 3 variants per call).
 #
 # The machine has python3 + torch (CUDA) + transformers but no deepspeed or pydantic and no network:
-# the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried).
+# the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried). The
+# product path also needs what `cosctl pretrain` imports (typer, yaml, PIL, tensorboard) and psutil:
+# checked below; without them the product variants are skipped.
 #   usage, from the repo root: bash bench/gpu.sh        (env: OUT, WHEELS, BUDGET_S, VARIANTS)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -81,6 +87,22 @@ import cos_model, cosctl.engine, deepspeed, transformers  # noqa: E401,F401  (im
 
 print(f"imports ok: deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
 EOF
+# What the product path (python -m cosctl pretrain, and the bench around it) imports beyond the above.
+PRODUCT_OK=1
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/env.txt" || PRODUCT_OK=0
+import importlib
+import sys
+
+missing = []
+for name in ("typer", "yaml", "PIL", "torch.utils.tensorboard", "psutil", "cosctl.cli", "cosctl.train"):
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        missing.append(f"{name} ({err})")
+if missing:
+    sys.exit("product path unavailable, missing: " + "; ".join(missing))
+print("product path imports ok")
+EOF
 
 echo "== bf16 matmul peak"
 PEAK=$(python3 - <<'EOF'
@@ -110,6 +132,10 @@ bench() {
     echo "== skip $name: ${limit}s left"
     return 0
   fi
+  if [[ " $* " == *" --path product "* || " $* " == *" --path both "* ]] && ((!PRODUCT_OK)); then
+    echo "== skip $name: the product path's imports are missing (env.txt)"
+    return 0
+  fi
   echo "== $name (limit ${limit}s, $(left)s left)"
   timeout -k 15 "$limit" python3 bench/stage_speed.py "$@" --peak-tflops "$PEAK" --json "$OUT/$name.json" \
     2>&1 | tee "$OUT/$name.txt" || rc=$?
@@ -123,7 +149,9 @@ bench() {
 # 528-token row peaks at 114 GiB), 128 where it has ~80 GiB.
 MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 BUDGET_1B=$((MEM_MIB > 100000 ? 18432 : 12288))
-ROWS=(--tokens 32,336,528 --warmup 2 --steps 6)
+ROWS=(--path direct --tokens 32,336,528 --warmup 2 --steps 6)
+# Product rows: the default rows (32/224, 336/224, 336/448, 528/448), each a `cosctl pretrain` run.
+PRODUCT=(--path product --warmup 2 --steps 6)
 # "before": the engine as it was before block fetching and the block-sized prefetch bucket.
 BEFORE=(--set deepspeed.zero3_fetch=module
         --set deepspeed.overrides.zero_optimization.stage3_prefetch_bucket_size=3774873)
@@ -136,6 +164,17 @@ variant() {
 }
 run_variant() {
   case $1 in
+    # The gap: each row as a product run, then a direct row matched to it (same vocab, text, samples).
+    1b-paths) variant 10 240 "$1" --shape 1b --path both --rows 32/224,336/448 --warmup 2 --steps 6 \
+      --tokens-per-micro-batch "$BUDGET_1B" ;;
+    # The direct path with the model built on the host, as the product builds it (round 1: 3x slower steps).
+    1b-build-cpu) variant 10 150 "$1" --shape 1b --path direct --build-on cpu --rows 32/224,336/448 --warmup 2 \
+      --steps 6 --tokens-per-micro-batch "$BUDGET_1B" ;;
+    1b-product) variant 10 300 "$1" --shape 1b "${PRODUCT[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
+    # Image loading in DataLoader workers instead of inside the step (the spec's default is 0 workers).
+    1b-product-workers) variant 10 240 "$1" --shape 1b "${PRODUCT[@]}" --rows 32/224,336/448 \
+      --tokens-per-micro-batch "$BUDGET_1B" --set data.num_workers=8 ;;
+    7b-product) variant 10 400 "$1" --shape 7b "${PRODUCT[@]}" --tokens-per-micro-batch auto ;;
     1b-before) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" "${BEFORE[@]}" ;;
     1b-block) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
     1b-auto-ckpt) variant 10 150 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --gradient-checkpointing ;;
@@ -148,7 +187,8 @@ run_variant() {
     *) echo "unknown variant $1"; exit 1 ;;
   esac
 }
-VARIANTS=${VARIANTS:-1b-before 1b-block 1b-auto-ckpt 7b-auto 1b-auto 1b-zero2 1b-auto-profile 1b-zero2-auto}
+VARIANTS=${VARIANTS:-1b-paths 1b-build-cpu 1b-product 1b-product-workers 7b-product 1b-before 1b-block 1b-auto-ckpt
+7b-auto 1b-auto 1b-zero2 1b-auto-profile 1b-zero2-auto}
 for name in $VARIANTS; do
   run_variant "$name"
 done

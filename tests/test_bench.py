@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cosctl.metrics import ASSUMED_MFU
 from cosctl.plan import build_plan, format_plan
@@ -86,6 +89,68 @@ def test_set_and_auto_reach_every_row_spec():
         bench.parse_args(["--tokens-per-micro-batch", "lots"])
 
 
+def test_product_rows_write_a_pretrain_spec_that_times_one_micro_batch_per_rank(tmp_path):
+    """A product row's spec: the direct rows' model section with the synthetic set's tokenizer and data,
+    a step of what the budget holds at --text-tokens on each rank (256 per rank with auto), steps past
+    the timed ones so the run is stopped before its final save, no periodic save, no eval, --set last."""
+    bench = _stage_speed()
+    shape = bench.SHAPES["tiny"]
+    args = bench.parse_args(["--nproc", "2", "--warmup", "1", "--steps", "2", "--set", "data.num_workers=2"])
+    chain = [{"window": 16, "queries_per_window": 16}, {"window": 4, "queries_per_window": 1}]
+    spec = bench.parse_spec(bench.product_spec(shape, 64, chain, args, "row", tmp_path, "DATA", "TOK", 7))
+    assert (spec.model.tokenizer, spec.data.root, spec.data.eval, spec.data.num_workers) == ("TOK", "DATA", None, 2)
+    assert spec.batch.samples_per_step == 7 and spec.optim.num_steps == 1 + 2 + bench.STOP_MARGIN
+    assert spec.checkpoint.every_steps is None and spec.checkpoint.every_minutes is None
+    assert spec.eval.every_steps is None and spec.eval.generate_every_steps is None
+    assert spec.run.output == str(tmp_path / "output")
+    assert bench.default_samples_per_step(args, spec, 32) == 2 * (2048 // (32 + 64))
+    auto = bench.parse_args(["--tokens-per-micro-batch", "auto"])
+    auto_spec = bench.parse_spec(bench.product_spec(shape, 64, chain, auto, "row", tmp_path, "DATA", "TOK", 1))
+    assert bench.default_samples_per_step(auto, auto_spec, 16) == bench.AUTO_SAMPLES_PER_RANK
+    finished = bench.parse_args(["--run-to-end", "--warmup", "1", "--steps", "2"])
+    assert bench.parse_spec(bench.product_spec(shape, 64, chain, finished, "row", tmp_path, "DATA", "TOK", 1)
+                            ).optim.num_steps == 3
+    assert bench.parse_args([]).path == "product"
+
+
+def test_timed_figures_are_the_medians_of_the_products_step_records():
+    """The figures of a product row: medians over steps warmup+1 .. warmup+steps of metrics.jsonl's
+    records; the loop time is the spacing of consecutive records; missing steps are an error."""
+    _stage_speed()
+    records = [{"step": s, "time": 100.0 + 2 * s, "loss": 5.0 - s, "step_time_s": t, "samples": 8, "tokens": 400,
+                "micro_batches": 1, "samples_per_s": 8 / t, "tokens_per_s": 400 / t, "tflops": 1 / t,
+                "mfu": 0.1 / t, "hfu": 0.2 / t} for s, t in [(1, 9.0), (2, 1.0), (3, 3.0), (4, 2.0)]]
+    figures = sys.modules["product_path"].timed_figures(records, warmup=1, steps=3)
+    assert figures["s_per_step"] == 2.0 and figures["step_times_s"] == [1.0, 3.0, 2.0]
+    assert figures["samples_per_s"] == 4.0 and figures["mfu"] == pytest.approx(0.05)
+    assert figures["loop_s_per_step"] == 2.0 and figures["samples_per_step"] == 8
+    assert (figures["first_loss"], figures["last_loss"]) == (4.0, 1.0)
+    with pytest.raises(ValueError, match="lacks steps"):
+        sys.modules["product_path"].timed_figures(records, warmup=2, steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_product_data_pads_the_tokenizer_to_the_shapes_vocabulary(tmp_path):
+    """The synthetic set is made once per resolution (again only when too small); a tokenizer smaller
+    than the LLM's vocabulary is padded with unused added tokens, and every record encodes as before."""
+    _stage_speed()
+    product_path = sys.modules["product_path"]
+    from cosctl.data import load_examples, load_tokenizer
+
+    data = product_path.prepare_data(tmp_path, 64, 40, 1000)
+    assert data.num_train >= 40 and data.vocab_size == 1000 and data.tokenizer_vocab_size < 1000
+    assert len(load_tokenizer(data.tokenizer)) == 1000
+    stamp = (data.root / "train.json").stat().st_mtime_ns
+    assert product_path.prepare_data(tmp_path, 64, 30, 1000) == data
+    assert (data.root / "train.json").stat().st_mtime_ns == stamp
+    padded, plain = load_tokenizer(data.tokenizer), load_tokenizer(data.root / "tokenizer")
+    ids = [[e.input_ids for e in load_examples(data.root / "train.json", data.root, tok, 32, 256, 0.0)[0]]
+           for tok in (padded, plain)]
+    assert ids[0] == ids[1]
+    assert product_path.prepare_data(tmp_path, 64, 30, 100).tokenizer == data.root / "tokenizer"
+
+
 def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
     """With a device peak, plan's predicted step time is FLOPs per step over peak x the assumed MFU."""
     spec = load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"])
@@ -121,8 +186,8 @@ def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     env.pop("RANK", None)
     result = subprocess.run(
-        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--rows", "32/224,528/448", "--warmup", "1", "--steps",
-         "1", "--gradient-checkpointing", "--peak-tflops", "1", "--json", str(out)],
+        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--path", "direct", "--rows", "32/224,528/448",
+         "--warmup", "1", "--steps", "1", "--gradient-checkpointing", "--peak-tflops", "1", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -139,7 +204,61 @@ def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
         assert row["hardware_flops_per_sample"] > row["flops_per_sample"]
     assert rows[32]["micro_batch"] > rows[528]["micro_batch"]
     assert (rows[32]["image_size"], rows[528]["image_size"]) == (64, 128)
-    assert "ratio_32_vs_336" in report and "| 528 | 128 |" in result.stdout
+    assert {row["path"] for row in rows.values()} == {"direct"}
+    assert "ratio_32_vs_336" in report and "| direct | 528 | 128 |" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_product_rows_come_from_the_products_own_metrics(tmp_path):
+    """--path both on CPU: each product row is a `cosctl pretrain` run, and its figures are the medians
+    of the timed steps of that run's own metrics.jsonl (MFU and HFU from the peak passed on); the run
+    is stopped after the last timed step and saves nothing; the direct row after it is matched to it."""
+    out, work = tmp_path / "speed.json", tmp_path / "work"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "PYTHONWARNINGS": "ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "COSCTL_PEAK_TFLOPS"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--path", "both", "--rows", "32/224,528/448",
+         "--warmup", "1", "--steps", "2", "--gradient-checkpointing", "--peak-tflops", "1", "--work", str(work),
+         "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=580,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["path"] == "both"
+    assert [(row["path"], row["tokens"]) for row in report["rows"]] == [
+        ("product", 32), ("direct", 32), ("product", 528), ("direct", 528)]
+    product = {row["tokens"]: row for row in report["rows"] if row["path"] == "product"}
+    direct = {row["tokens"]: row for row in report["rows"] if row["path"] == "direct"}
+    for tokens, row in product.items():
+        for key in ("image_size", "resolution", "mfu", "hfu", "tflops", "samples_per_s", "tokens_per_s", "s_per_step",
+                    "loop_s_per_step", "samples_per_step", "micro_batches", "text_tokens", "peak_mem_gib",
+                    "data_s_per_step", "vocab_size"):
+            assert row[key] is not None, key
+        records = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        timed = [record for record in records if record["step"] in (2, 3)]
+        assert len(timed) == 2
+        for key in ("step_time_s", "samples_per_s", "tokens_per_s", "tflops", "mfu", "hfu"):
+            assert row[key if key != "step_time_s" else "s_per_step"] == pytest.approx(
+                statistics.median(record[key] for record in timed)), key
+        # The peak reached the product: MFU is its TFLOP/s over 1; checkpointing makes HFU count more.
+        assert row["mfu"] == pytest.approx(row["tflops"]) and row["hfu"] > row["mfu"]
+        assert row["returncode"] == 143 and row["stopped"] and max(r["step"] for r in records) < 6
+        assert not list((Path(row["run_dir"]).parent / "output").rglob("manifest.json"))  # nothing saved
+        spec = yaml.safe_load(Path(row["spec"]).read_text())
+        assert spec["model"]["image_size"] == row["image_size"] and "checkpoint" not in spec
+        assert row["vocab_size"] == 512 and row["micro_batches"] == 1
+        # The direct row computes what the product row did, per sample.
+        matched = direct[tokens]
+        assert matched["matched"] and matched["vocab_size"] == row["vocab_size"]
+        assert matched["text_tokens"] == round(row["text_tokens"]) and matched["micro_batch"] == row["samples_per_step"]
+    assert (product[32]["image_size"], product[528]["image_size"]) == (64, 128)
+    assert product[32]["samples_per_step"] == 2048 // (32 + 64)
+    assert product[528]["samples_per_step"] == 2048 // (528 + 64)
+    assert set(report["product_vs_direct"]) == {"32/224", "528/448"}
+    assert "| product | 528 | 128 |" in result.stdout and "| direct (matched) | 32 | 64 |" in result.stdout
 
 
 @pytest.mark.slow
