@@ -99,18 +99,19 @@ def broadcast(value: T, src: int = 0) -> T:
 
 def on_main(compute: Callable[[], T]) -> T:
     """Run `compute` on rank 0 only and give every rank its result. An exception on rank 0 is raised
-    on every rank (same type, same message), so all ranks stop together instead of some waiting in a
-    later collective for a rank that already left."""
+    on every rank (rank 0's own; elsewhere the same user-error kind with the same message), so all
+    ranks stop together instead of some waiting in a later collective for a rank that already left."""
     outcome: tuple[bool, object] = (True, None)
+    problem: Exception | None = None
     if dist.get_rank() == 0:
         try:
             outcome = (True, compute())
         except Exception as err:  # re-raised below on every rank
-            outcome = (False, err)
+            problem, outcome = err, (False, _describe(err))
     ok, value = broadcast(outcome)
-    if not ok:
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[return-value]
+    if ok:
+        return value  # type: ignore[return-value]
+    raise problem if problem is not None else _rebuild(*value)  # type: ignore[misc]
 
 
 def barrier() -> None:
@@ -125,26 +126,34 @@ def gather(value: T) -> list[T]:
 
 
 def agreed(action: Callable[[], T]) -> T:
-    """Run `action` on every rank; if it raises a user error or an OSError on any rank, raise the
-    first rank's error on all of them (same kind, same message). A rank that failed alone would
-    otherwise leave the others waiting in the next collective."""
+    """Run `action` on every rank; if it raises on any rank, raise the first failing rank's error on all
+    of them (the same kind for user errors, the same message). A rank that failed alone would otherwise
+    leave the others waiting in the next collective."""
     try:
         result, problem = action(), None
-    except (errors.UserError, OSError) as err:
+    except Exception as err:
         result, problem = None, err
-    failures = [f for f in gather(None if problem is None else (type(problem).__name__, str(problem))) if f]
+    failures = [f for f in gather(None if problem is None else _describe(problem)) if f]
     if not failures:
         return result
-    kind, message = failures[0]
-    if problem is not None and (type(problem).__name__, str(problem)) == failures[0]:
+    if problem is not None and _describe(problem) == failures[0]:
         raise problem
+    raise _rebuild(*failures[0])
+
+
+def _describe(err: Exception) -> tuple[str, str]:
+    return type(err).__name__, str(err) or type(err).__name__
+
+
+def _rebuild(kind: str, message: str) -> Exception:
+    """Another rank's error here: its user-error kind when it has one, else a CheckpointError."""
     error_class = getattr(errors, kind, None)
-    raise (error_class if isinstance(error_class, type) and issubclass(error_class, errors.UserError)
-           else errors.CheckpointError)(message)
+    if isinstance(error_class, type) and issubclass(error_class, errors.UserError):
+        return error_class(message)
+    return errors.CheckpointError(f"{kind}: {message}" if kind not in message else message)
 
 
 def on_node_main(value: T, dist_info: Dist) -> T:
     """Each rank gets the `value` of its node's local rank 0 (collective over all ranks)."""
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, (dist_info.node, dist_info.local_rank, value))
+    values = gather((dist_info.node, dist_info.local_rank, value))
     return next(v for node, local_rank, v in values if node == dist_info.node and local_rank == 0)
