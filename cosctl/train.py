@@ -31,6 +31,7 @@ import torch
 from cos_model import IGNORE_INDEX
 
 from .checkpoint import checkpoint_name, checkpoint_uri
+from .autobatch import MemoryMeter
 from .checkpointer import SaveClock
 from .dist import agreed, all_reduce, any_rank, gather
 from .errors import StorageError, UserError
@@ -69,8 +70,9 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
         step += 1
         lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
         micro_batches, problem = _next_step(loader)
+        data_time = time.monotonic() - started
         stats = train_step(run.engine, micro_batches, run.dist.device, problem)
-        record = meter.record(step, stats, lr, time.monotonic() - started)
+        record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
         if evaluate.due(step):
             record["eval_loss"] = evaluate()
         if generate.due(step):
@@ -231,10 +233,13 @@ class StepMeter:
     def __init__(self, run: Run, flops: SampleFlops):
         self.engine, self.world_size = run.engine, run.dist.world_size
         self.flops, self.peak = flops, peak_tflops(run.dist.device)
+        self.memory = MemoryMeter(run.dist.device)
         self.losses: list[float] = []
         self.timings: list[tuple[int, float]] = []  # (samples, seconds) per step
 
-    def record(self, step: int, stats: StepStats, lr: float, elapsed: float) -> dict:
+    def record(self, step: int, stats: StepStats, lr: float, elapsed: float, data_time: float) -> dict:
+        """`elapsed`: the whole step, loading included; `data_time`: the part spent waiting for this
+        rank's micro-batches (images decoded in the step when `data.num_workers` is 0)."""
         self.losses.append(stats.loss)
         self.timings.append((stats.num_samples, elapsed))
         tflops = stats.num_samples * self.flops.model / elapsed / 1e12
@@ -244,7 +249,8 @@ class StepMeter:
             "step": step, "time": time.time(), "loss": stats.loss, "lr": lr,
             "grad_norm": float(norm) if norm is not None else None,
             "samples": stats.num_samples, "tokens": stats.num_tokens, "label_tokens": stats.num_label_tokens,
-            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed,
+            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed, "data_time_s": data_time,
+            "peak_mem_gib": self.memory.peak_gib(),  # the process's running peak (reserved on GPU)
             "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
             "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
             "hfu": hardware / (self.peak * self.world_size) if self.peak else None,
