@@ -298,7 +298,7 @@ def data_prepare(spec: SpecArg, set_: SetOpt = None,
     """Validate, tokenise and decode-check a spec's train and eval records once, into token stores that
     training maps on every rank (reused while the data file, tokenizer and data settings are unchanged)."""
     from .data import load_tokenizer
-    from .tokenstore import prepare_spec
+    from .prepare import prepare_spec
 
     try:
         loaded = _load(spec, set_)

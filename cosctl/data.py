@@ -2,7 +2,7 @@
 
 Owns reading conversation JSON (`[{"id", "image"?, "conversations": [{"from": "human"|"gpt",
 "value"}...]}]`), rejecting and counting bad records, the chat template and its labels, truncation,
-and collating. Preparing whole splits into memory-mapped token stores is `cosctl.tokenstore`'s; image
+and collating. Preparing whole splits into memory-mapped token stores is `cosctl.prepare`'s; image
 bytes and pixels are `cosctl.images`'; grouping examples into steps and micro-batches is
 `cosctl.batching`'s.
 

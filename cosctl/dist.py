@@ -1,7 +1,7 @@
 """The process group: joining it, who this rank is, and the few collectives the trainer agrees with.
 
 Ranks come from torchrun's (or SLURM's) environment; a process started without a launcher becomes a
-one-rank group on its own. CPU runs use gloo, GPU runs nccl. Every function here is collective unless
+one-rank group on its own, and the object collectives also work with no group at all (one process). CPU runs use gloo, GPU runs nccl. Every function here is collective unless
 it says otherwise: all ranks call it, in the same order.
 """
 
@@ -90,8 +90,18 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [value > 0 for value in all_reduce([float(f) for f in flags], device, op="max")]
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks; (0, 1) when no process group is up (a command such
+    as `cosctl data prepare` run alone), where the collectives below act on this process only."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def broadcast(value: T, src: int = 0) -> T:
     """Rank `src`'s `value` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
@@ -103,7 +113,7 @@ def on_main(compute: Callable[[], T]) -> T:
     ranks stop together instead of some waiting in a later collective for a rank that already left."""
     outcome: tuple[bool, object] = (True, None)
     problem: Exception | None = None
-    if dist.get_rank() == 0:
+    if rank_and_world()[0] == 0:
         try:
             outcome = (True, compute())
         except Exception as err:  # re-raised below on every rank
@@ -120,6 +130,8 @@ def barrier() -> None:
 
 def gather(value: T) -> list[T]:
     """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
     values: list = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
