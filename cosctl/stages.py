@@ -22,11 +22,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
-from cos_model.loading import materialize
+from cos_model.building import materialize
 
 from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
-from .data import IMAGE_TOKEN, load_tokenizer
 from .committer import retrying
+from .data import IMAGE_TOKEN, load_tokenizer
 from .dist import Dist, barrier, on_main, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec

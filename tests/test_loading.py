@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from cos_model.building import build_pretrained, build_vision_tower
 from cos_model.loading import (
     Checkpoint,
     CheckpointMismatchError,
-    build_pretrained,
-    build_vision_tower,
     grow_rows,
     load_language_model,
     read_checkpoint,
