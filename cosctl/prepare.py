@@ -27,11 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (
-    check_bad_fraction,
-    image_token_id,
-    tokenizer_fingerprint,
-)
+from .conversation import image_token_id
+from .data import check_bad_fraction, tokenizer_fingerprint
 from .dist import agreed, on_main, rank_and_world
 from .errors import DataError, ObjectNotFound, StorageError
 from .images import DEFAULT_CACHE_BYTES, ImageSource, default_cache_dir

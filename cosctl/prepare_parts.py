@@ -17,12 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import (
-    MAX_REPORTED_BAD_IDS,
-    DataReport,
-    encode_records,
-    read_records,
-)
+from .conversation import encode_records
+from .data import MAX_REPORTED_BAD_IDS, DataReport, read_records
 from .errors import DataError
 from .tokenstore import FORMAT, META
 

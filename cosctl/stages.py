@@ -26,7 +26,8 @@ from cos_model.building import materialize
 
 from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
 from .committer import retrying
-from .data import IMAGE_TOKEN, load_tokenizer
+from .conversation import IMAGE_TOKEN
+from .data import load_tokenizer
 from .dist import Dist, barrier, on_main, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec

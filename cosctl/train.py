@@ -30,8 +30,8 @@ import torch
 
 from cos_model import IGNORE_INDEX
 
-from .checkpoint import checkpoint_name, checkpoint_uri
 from .autobatch import MemoryMeter
+from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
 from .dist import agreed, all_reduce, any_rank, gather
 from .errors import StorageError, UserError

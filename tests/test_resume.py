@@ -12,7 +12,6 @@ import pytest
 
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
-
 from tests.harness import REPO, env, kill_when, run, steps, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]

@@ -13,9 +13,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from cosctl.storage.s3 import MiB, S3Store, file_etag
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
+from cosctl.storage.s3 import MiB, S3Store, file_etag
 from tests.conftest_s3 import TEST_SECRET, S3Server, create_bucket
 from tests.faultproxy import FaultProxy
 
