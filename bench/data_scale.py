@@ -1,6 +1,6 @@
 """Start-up time and host memory per rank for the data, at 10K, 100K and 1M LLaVA-shaped records:
 the path before prepared token stores (every rank parses the JSON and holds an `Example` per record)
-against the prepared, memory-mapped store (`cosctl.tokenstore`).
+against the prepared, memory-mapped store (`cosctl.prepare`, `cosctl.tokenstore`).
 
     python bench/data_scale.py --records 10000,100000,1000000 --ranks 2 --json data_scale.json
 
@@ -75,7 +75,7 @@ if path == "before":
                                settings["text"], 1.0)
     options = {"image_root": root}
 else:
-    from cosctl.tokenstore import SplitSource, load_split
+    from cosctl.prepare import SplitSource, load_split
     source = SplitSource(root=root, name="train.json", max_text_tokens=settings["text"], image_check="decode")
     records = load_split(source, tokenizer, num_visual_tokens=settings["visual"], max_bad_fraction=1.0)
     options = {}

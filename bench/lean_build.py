@@ -94,7 +94,7 @@ def child(mode: str, dtype_name: str, vision: Path, text: Path) -> dict:
         model.language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
         model.to(dtype)
     else:
-        from cos_model.loading import build_pretrained
+        from cos_model.building import build_pretrained
 
         model, _ = build_pretrained(config, vision, text, dtype=dtype, seed=0)
     seconds = time.perf_counter() - start

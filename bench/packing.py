@@ -73,7 +73,7 @@ def padding(data: Path, spec, args) -> dict:
     """Padding share over the steps the run took (the loader's plans are a pure function)."""
     from cosctl.batching import StepLoader, padding_fraction
     from cosctl.data import load_tokenizer
-    from cosctl.tokenstore import load_split, split_source
+    from cosctl.prepare import load_split, split_source
 
     tokenizer = load_tokenizer(data / "tokenizer")
     records = load_split(split_source(spec.data, spec.data.train, None), tokenizer, num_visual_tokens=32,

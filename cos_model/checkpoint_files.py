@@ -25,7 +25,7 @@ class CheckpointMismatchError(ValueError):
     the folder and the first offending keys."""
 
 
-def _first(keys: Iterable[str], n: int = NUM_KEYS_SHOWN) -> str:
+def first_keys(keys: Iterable[str], n: int = NUM_KEYS_SHOWN) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:n])
     return f"{shown} (+{len(keys) - n} more)" if len(keys) > n else shown
@@ -167,7 +167,7 @@ def _index_folder(folder: Path) -> tuple[str, dict[str, Path], dict[Path, object
             files = {name: folder / name for name in set(weight_map.values())}
             absent = sorted(name for name, path in files.items() if not path.is_file())
             if absent:
-                raise CheckpointMismatchError(f"{folder}: {index} names missing shards {_first(absent)}")
+                raise CheckpointMismatchError(f"{folder}: {index} names missing shards {first_keys(absent)}")
             return fmt, {key: files[name] for key, name in weight_map.items()}, {}
         if (folder / single).is_file():
             path = folder / single

@@ -1,4 +1,4 @@
-"""Pretrained weights into the Chain-of-Sight model, exactly or not at all, and the lean build.
+"""Pretrained weights into the Chain-of-Sight model, exactly or not at all.
 
 transformers 5 renames checkpoint keys through conversion mappings looked up by model class name:
 `CLIPVisionModel` strips the `vision_model.` prefix of a CLIP checkpoint, a subclass such as
@@ -6,12 +6,6 @@ transformers 5 renames checkpoint keys through conversion mappings looked up by 
 module does not rely on any such mapping. It reads a local Hugging Face folder tensor by tensor
 (`cos_model.checkpoint_files.Checkpoint`), maps the keys itself, checks every required key and shape, and raises
 `CheckpointMismatchError` naming the folder and the first offending keys when anything does not fit.
-
-`build_pretrained` builds the whole model on the meta device and materialises each part once: the ViT
-and the LLM as the checkpoint tensors themselves (cast to the run dtype), everything without a
-checkpoint with the model's own `_init_weights`, the non-persistent buffers (rotary `inv_freq`, CLIP
-`position_ids`) recomputed. No weight is initialised and then overwritten, and host memory peaks at
-about one copy of the model.
 
 Vocabulary rule: the LLM's embedding (and untied output head) has `max(checkpoint rows, vocab_size)`
 rows, where `vocab_size` is `len(tokenizer)` after `<image>` was added: it grows, never shrinks. The
@@ -21,7 +15,6 @@ float64), as LLaVA initialises the embeddings of the tokens it adds.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from dataclasses import dataclass, field
@@ -31,9 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedModel
 
-from .checkpoint_files import Checkpoint, CheckpointMismatchError, _first, read_checkpoint
-from .configuration import CosConfig
-from .modeling import CosForConditionalGeneration
+from .checkpoint_files import Checkpoint, CheckpointMismatchError, first_keys, read_checkpoint
 from .vision import CosVisionTower, resize_position_embedding
 
 logger = logging.getLogger(__name__)
@@ -75,7 +66,7 @@ class LoadReport:
 # ----------------------------------------------------------------------------------- module surgery
 
 
-def _parameter_groups(module: nn.Module) -> list[list[str]]:
+def parameter_groups(module: nn.Module) -> list[list[str]]:
     """Parameter names grouped by tensor (tied weights share one group), in registration order."""
     groups: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -83,7 +74,7 @@ def _parameter_groups(module: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if leaf in owner._parameters:
@@ -97,22 +88,22 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def _assign(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Make `values` the module's tensors (no copy); tied parameters get the same new parameter.
     `values` holds one name per tied group; every tensor is marked as initialised."""
-    group_of = {name: group for group in _parameter_groups(module) for name in group}
+    group_of = {name: group for group in parameter_groups(module) for name in group}
     for name, tensor in values.items():
         if name in group_of:
             new = nn.Parameter(tensor, requires_grad=module.get_parameter(name).requires_grad)
             new._is_hf_initialized = True
             for alias in group_of[name]:
-                _set_tensor(module, alias, new)
+                set_tensor(module, alias, new)
         else:
             tensor._is_hf_initialized = True
-            _set_tensor(module, name, tensor)
+            set_tensor(module, name, tensor)
 
 
 def _expected(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, list[str]]]:
     """Shapes of the persistent state (one name per tied group), and each name's tied aliases."""
     state = module.state_dict(keep_vars=True)
-    groups = {name: group for group in _parameter_groups(module) for name in group}
+    groups = {name: group for group in parameter_groups(module) for name in group}
     shapes, aliases = {}, {}
     for name, tensor in state.items():
         group = groups.get(name, [name])
@@ -130,15 +121,15 @@ def _check_architecture(folder: Path, source: object, target: object, fields: tu
         if hasattr(source, name) and hasattr(target, name) and getattr(source, name) != getattr(target, name)
     ]
     if differing:
-        raise CheckpointMismatchError(f"{folder}: the {what} checkpoint's config differs: {_first(differing)}")
+        raise CheckpointMismatchError(f"{folder}: the {what} checkpoint's config differs: {first_keys(differing)}")
 
 
 def _raise_mismatch(folder: Path, what: str, missing: list[str], mismatched: list[str]) -> None:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys: {_first(missing)}")
+        parts.append(f"{len(missing)} missing keys: {first_keys(missing)}")
     if mismatched:
-        parts.append(f"{len(mismatched)} shape mismatches: {_first(mismatched)}")
+        parts.append(f"{len(mismatched)} shape mismatches: {first_keys(mismatched)}")
     if parts:
         raise CheckpointMismatchError(f"{folder}: cannot load the {what} exactly: " + "; ".join(parts))
 
@@ -224,7 +215,7 @@ def load_vision_tower(tower: CosVisionTower, folder: str | Path, dtype: torch.dt
 
 def _note_unexpected(report: LoadReport) -> None:
     if report.unexpected:
-        message = f"{len(report.unexpected)} unexpected keys not loaded: {_first(report.unexpected)}"
+        message = f"{len(report.unexpected)} unexpected keys not loaded: {first_keys(report.unexpected)}"
         report.messages.append(message)
         logger.warning("%s: %s", report.folder, message)
 
@@ -235,28 +226,6 @@ def _square_table(shape: torch.Size) -> int | None:
         return None
     grid = int(round((shape[0] - 1) ** 0.5))
     return grid if grid >= 1 and grid * grid + 1 == shape[0] else None
-
-
-def build_vision_tower(
-    folder: str | Path,
-    num_blocks: int | None = None,
-    *,
-    config: CLIPVisionConfig | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[CosVisionTower, LoadReport]:
-    """A `CosVisionTower` with `num_blocks` blocks (default: all of `config`), built on the meta device
-    and loaded from `folder` with `load_vision_tower`; `config` defaults to the folder's vision config.
-    Raises `CheckpointMismatchError`."""
-    folder = Path(folder)
-    if config is None:
-        if not (folder / "config.json").is_file():
-            raise CheckpointMismatchError(f"{folder}: no config.json to build the vision tower from")
-        config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
-        tower = CosVisionTower(config, num_blocks=num_blocks)
-    report = load_vision_tower(tower, folder, dtype)
-    materialize(tower, dtype or torch.float32)
-    return tower.eval(), report
 
 
 # ------------------------------------------------------------------------------------ language model
@@ -351,118 +320,13 @@ def load_language_model(model: PreTrainedModel, folder: str | Path, dtype: torch
     return report
 
 
-# --------------------------------------------------------------------------------------- lean build
-
-
-def materialize(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Give every tensor of `model` still on the meta device real CPU storage and initialise it with
-    the model's own `_init_weights` (each sub-model's); tensors already assigned are marked and left
-    alone. Parameters are initialised in float32 and then cast to `dtype`; buffers keep the dtype the
-    model gave them. Returns the names of the parameters initialised here.
-
-    Raises `RuntimeError` if the model's init leaves a materialised tensor unwritten.
-    """
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if not tensor.is_meta:
-            tensor._is_hf_initialized = True
-    fresh: list[str] = []
-    for group in _parameter_groups(model):
-        old = model.get_parameter(group[0])
-        if not old.is_meta:
-            continue
-        work_dtype = torch.float32 if old.is_floating_point() else old.dtype
-        new = nn.Parameter(_sentinel(old.shape, work_dtype), requires_grad=old.requires_grad)
-        for name in group:
-            _set_tensor(model, name, new)
-        fresh.append(group[0])
-    buffers = [name for name, buffer in model.named_buffers(remove_duplicate=False) if buffer.is_meta]
-    for name in buffers:
-        buffer = model.get_buffer(name)
-        _set_tensor(model, name, _sentinel(buffer.shape, buffer.dtype))
-    model.initialize_weights()
-    unwritten = [name for name in fresh if _is_sentinel(model.get_parameter(name))]
-    unwritten += [name for name in buffers if _is_sentinel(model.get_buffer(name))]
-    if unwritten:
-        raise RuntimeError(f"the model's _init_weights left {len(unwritten)} tensors unwritten: {_first(unwritten)}")
-    for name in fresh:
-        param = model.get_parameter(name)
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-    return fresh
-
-
-def _sentinel(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor whose every element marks 'never written': NaN, or the smallest integer."""
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.full(shape, float("nan"), dtype=dtype)
-    if dtype == torch.bool:
-        return torch.zeros(shape, dtype=dtype)
-    return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype)
-
-
-def _is_sentinel(tensor: torch.Tensor) -> bool:
-    if tensor.numel() == 0 or tensor.dtype == torch.bool:
-        return False
-    if tensor.is_floating_point() or tensor.is_complex():
-        return bool(torch.isnan(tensor).any())
-    return bool((tensor == torch.iinfo(tensor.dtype).min).any())
-
-
-def build_pretrained(
-    config: CosConfig,
-    vision_path: str | Path | None = None,
-    text_path: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-    *,
-    vocab_size: int | None = None,
-    seed: int | None = None,
-) -> tuple[CosForConditionalGeneration, dict[str, LoadReport]]:
-    """The Chain-of-Sight model, built lean: on the meta device, then the ViT from `vision_path` and
-    the LLM from `text_path` (checkpoint tensors cast to `dtype`, never copied twice), and the bridge
-    (resampler + projector) plus any part without a path initialised once with the model's own init
-    (after `torch.manual_seed(seed)` when `seed` is given); non-persistent buffers recomputed.
-
-    The LLM vocabulary is `max(text_config.vocab_size, checkpoint rows, vocab_size)`: pass
-    `len(tokenizer)` as `vocab_size`; it never shrinks. The returned model's config records the final
-    size. Returns `(model, reports)`, `reports` mapping "vision_tower" / "language_model" to the
-    `LoadReport` of each loaded part.
-
-    Raises `CheckpointMismatchError` when a checkpoint does not fit (see `load_vision_tower`,
-    `load_language_model`).
-    """
-    config = copy.deepcopy(config)
-    with torch.device("meta"):
-        model = CosForConditionalGeneration(config)
-    rows = config.text_config.vocab_size
-    if text_path is not None:
-        rows = max(rows, checkpoint_vocab_size(text_path, model.language_model))
-    if vocab_size is not None:
-        rows = max(rows, vocab_size)
-    if rows != config.text_config.vocab_size:
-        config.text_config.vocab_size = rows
-        with torch.device("meta"):
-            model = CosForConditionalGeneration(config)
-    reports = {}
-    if vision_path is not None:
-        reports["vision_tower"] = load_vision_tower(model.vision_tower, vision_path, dtype)
-    if text_path is not None:
-        reports["language_model"] = load_language_model(model.language_model, text_path, dtype)
-    if seed is not None:
-        torch.manual_seed(seed)
-    materialize(model, dtype)
-    return model, reports
-
-
 __all__ = [
     "Checkpoint",
     "CheckpointMismatchError",
     "LoadReport",
-    "build_pretrained",
-    "build_vision_tower",
     "checkpoint_vocab_size",
     "grow_rows",
     "load_language_model",
     "load_vision_tower",
-    "materialize",
     "read_checkpoint",
 ]

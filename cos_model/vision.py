@@ -49,7 +49,7 @@ class CosVisionTower(CLIPVisionModel):
         Raises `CheckpointMismatchError` (a `ValueError`) for a missing key, a shape mismatch or an
         incompatible architecture; `TypeError` for transformers loading options it does not support.
         """
-        from .loading import build_vision_tower
+        from .building import build_vision_tower
 
         if kwargs:
             raise TypeError(f"CosVisionTower.from_pretrained: unsupported options {sorted(kwargs)}")

@@ -85,12 +85,14 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str | None]:
 
 
 def file_rank(relative: str) -> int | None:
-    """The rank a checkpoint file belongs to (DeepSpeed's per-rank shards, our rank files), or None
-    for shared files."""
+    """The rank a checkpoint file belongs to, or None for shared files. Per-rank files are DeepSpeed's
+    ZeRO partitions (`zero_pp_rank_N_...`) and our `rank_NNNNN.json`; DeepSpeed's
+    `mp_rank_00_model_states.pt` (ZeRO-2's module state, whose number is the tensor-parallel rank) is
+    shared, as every other file is."""
     name = relative.rsplit("/", 1)[-1]
     for marker in ("zero_pp_rank_", "rank_"):
-        if marker in name:
-            digits = name.split(marker, 1)[1].split("_", 1)[0].split(".", 1)[0]
+        if name.startswith(marker):
+            digits = name[len(marker):].split("_", 1)[0].split(".", 1)[0]
             if digits.isdigit():
                 return int(digits)
     return None
@@ -126,10 +128,13 @@ def remove_owned(local_dir: Path, rank: int) -> None:
             pass
 
 
-def upload_tree(store: ObjectStore, local_dir: Path, prefix: str, rank: int) -> dict[str, dict]:
-    """Upload the files this rank owns; return {relative path: {size, sha256}} for them."""
+def upload_tree(store: ObjectStore, local_dir: Path, prefix: str, rank: int, stop=None) -> dict[str, dict]:
+    """Upload the files this rank owns; return {relative path: {size, sha256}} for them. `stop()`, when
+    given, is asked between files (a closing committer gives up without finishing a large tree)."""
     entries = {}
     for path in owned_files(local_dir, rank):
+        if stop is not None and stop():
+            raise InterruptedError(f"upload of {local_dir} stopped")
         relative = path.relative_to(local_dir).as_posix()
         entry = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         store.put_file(path, f"{prefix}/{relative}")
@@ -283,18 +288,26 @@ def apply_retention(store: ObjectStore, keep_last: int) -> list[str]:
 ABANDONED = "abandoned"
 
 
-def move_aside(store: ObjectStore, newer: list[Committed], resumed: Committed) -> str:
-    """Roll back to `resumed`: move the committed checkpoints of the abandoned branch (`newer`) under
-    `abandoned/<when>_from_<resumed>/checkpoints/`, each manifest first (so a kill midway leaves it
-    uncommitted in the current line, never half-moved and still committed), and point `latest` at
-    `resumed`. Returns the prefix they went to."""
+def move_aside(store: ObjectStore, newer: list[Committed], resumed: str | None) -> str:
+    """Roll the store back: move the committed checkpoints of an abandoned branch (`newer`) under
+    `abandoned/<when>/checkpoints/`. Every manifest goes first (copied aside, then all deleted in one
+    batch), so a kill midway never leaves part of the branch committed in the current line; then
+    `latest` names the checkpoint resumed from (when it is in this store, else the newest one left),
+    then the files follow. Returns the prefix they went to."""
     when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = f"{ABANDONED}/{when}_from_{resumed.name}"
+    aside = f"{ABANDONED}/{when}_from_{resumed or 'another_run'}"
+    manifests = [checkpoint_key(c.name, MANIFEST) for c in newer]
+    for key in manifests:
+        store.put_bytes(store.get_bytes(key), f"{aside}/{key}")
+    store.delete_many(manifests)
+    remaining = list_committed(store)
+    if resumed is not None or remaining:
+        store.put_bytes((resumed or remaining[-1].name).encode(), LATEST)
+    else:
+        store.delete(LATEST)
     for checkpoint in newer:
-        store.move(checkpoint_key(checkpoint.name, MANIFEST), f"{aside}/{checkpoint_key(checkpoint.name, MANIFEST)}")
         for key in store.list(checkpoint_key(checkpoint.name) + "/"):
             store.move(key, f"{aside}/{key}")
-    store.put_bytes(resumed.name.encode(), LATEST)
     return aside
 
 

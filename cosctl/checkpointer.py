@@ -18,7 +18,6 @@ The layout and the commit protocol are `cosctl.checkpoint`'s; this module only c
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import random
@@ -49,10 +48,12 @@ from .checkpoint import (
     split_checkpoint_uri,
 )
 from .committer import Committer, Staged
-from .dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
+from .dist import Dist, agreed, all_reduce, barrier, broadcast, gather, on_main
 from .log import log
 from .spec import spec_hash, spec_to_dict
+from .staging import RecordingWriter, filesystem_group, free_bytes, partition_bytes, write_problem
 from .storage import ObjectStore, open_store
+
 # Spec sections that may change across a resume; anything else changes the model or the data order.
 RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "data.prepared", "data.cache_dir",
                      "data.image_cache_mb", "run.output", "optim.num_steps")
@@ -63,9 +64,10 @@ def _weights_only_load(path: str, map_location=None):
     few DeepSpeed types its state holds (its own loader uses weights_only=False)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2's partition bookkeeping
 
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint): {str(err)[:300]}") from None
@@ -136,13 +138,18 @@ class Checkpointer:
 
     # --- saving ----------------------------------------------------------------------------------
 
-    def save(self, engine, loader_state: dict, step: int, wait: bool = False) -> bool:
+    def save(self, engine, loader_state: dict, step: int, wait: bool = False,
+             timeout_s: float | None = None) -> bool:
         """Write a full resume point locally (collective) and queue it for upload and commit: uploads
-        go one at a time, a newer save waits in the queue while the store is slow or down; with
-        `wait`, return once everything queued is committed (final save, preemption). Returns whether
-        the checkpoint was staged (False: staging failed; `stop_reason()` says why)."""
-        if self.last_saved_step == step:
-            return self._wait_committed(step) if wait else True
+        go one at a time, a newer save waits in the queue while the store is slow or down. With
+        `wait`, return once everything queued is committed, or after `timeout_s` (final save,
+        preemption). Returns whether it worked; if not, `stop_reason()` says why."""
+        if self.last_saved_step != step:
+            if not self._stage_and_queue(engine, loader_state, step):
+                return False
+        return self._wait_committed(step, timeout_s) if wait else True
+
+    def _stage_and_queue(self, engine, loader_state: dict, step: int) -> bool:
         started = time.monotonic()
         name = checkpoint_name(step)
         local = self.staging / name
@@ -159,43 +166,69 @@ class Checkpointer:
         save_id = broadcast(secrets.token_hex(8))
         self.committer.submit(Staged(name, local, meta, save_id, blocked_s=time.monotonic() - started))
         self.last_saved_step = step
-        return self._wait_committed(step) if wait else True
+        return True
 
     def _stage(self, engine, loader_state: dict, step: int, local: Path) -> str | None:
         """This rank's files of the checkpoint (collective); the reason it could not, or None."""
-        need = max(self.staged_bytes, _partition_bytes(engine)) * 1.2
-        free = _free_bytes(self.staging)
-        # Checked up front, agreed by all: a rank that ran out of disk inside DeepSpeed's collective
-        # save would leave the others waiting in it.
-        short = any_rank([free < need], self.dist.device)[0]
+        short = self._short_of_disk(engine)
         if short:
-            return f"no space left on {self.staging} for a checkpoint (about {need / 2**30:.2f} GiB per rank)"
+            return short
+        rank_file = {"rank": self.dist.rank, "rng": rng_state(), "loader": loader_state}
+        problem = None
         try:
             if self.dist.is_main:
                 shutil.rmtree(local, ignore_errors=True)
             barrier()
-            engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=True,
-                                   exclude_frozen_parameters=True)
-            rank_file = {"rank": self.dist.rank, "rng": rng_state(), "loader": loader_state}
+            local.mkdir(parents=True, exist_ok=True)
             (local / f"rank_{self.dist.rank:05d}.json").write_text(json.dumps(rank_file))
-            self.write_trainable(engine, local / "trainable")
             if self.dist.is_main:
                 (local / "spec.json").write_text(json.dumps(spec_to_dict(self.spec), indent=1))
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                return f"no space left on {self.staging}"
-            return f"cannot write {local}: {err}"
-        self.staged_bytes = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
-        return None
+        except Exception as err:  # written before the collective writes: a failure here strands no rank
+            problem = write_problem(err, self.staging, local)
+        # DeepSpeed's save ends in a barrier: a rank whose write fails must still reach it, so its
+        # writer records the failure instead of raising (and every rank learns of it right after).
+        writer = RecordingWriter(engine.checkpoint_engine)
+        try:
+            engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=True,
+                                   exclude_frozen_parameters=True)
+        finally:
+            writer.restore()
+        problem = problem or (writer.error and write_problem(writer.error, self.staging, local))
+        try:
+            self.write_trainable(engine, local / "trainable")  # collective gather; rank 0 writes
+        except Exception as err:
+            problem = problem or write_problem(err, self.staging, local)
+        if problem is None:
+            self.staged_bytes = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+        return problem
 
-    def _wait_committed(self, step: int) -> bool:
-        """Collective: return once rank 0 has committed everything queued (or raise on every rank).
-        Without it a rank could exit (and its launcher kill rank 0) mid-commit."""
-        ok = self.committer.drain()
-        if not all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0]:
-            reason = self.stop_reason() or "a rank could not upload its part"
-            raise CheckpointError(f"checkpoint {checkpoint_name(step)} could not be committed: {reason}")
-        return True
+    def _short_of_disk(self, engine) -> str | None:
+        """Whether the staging disk lacks room for this save, as agreed by all ranks before anything is
+        written: the ranks sharing a filesystem (one node's local disk, or a network filesystem every
+        node mounts) need room for all of their files together."""
+        need = max(self.staged_bytes, partition_bytes(engine)) * 1.2
+        mine = (filesystem_group(self.staging), need, free_bytes(self.staging))
+        needs: dict[str, float] = {}
+        free: dict[str, int] = {}
+        for group, group_need, group_free in gather(mine):
+            needs[group] = needs.get(group, 0.0) + group_need
+            free[group] = min(free.get(group, group_free), group_free)
+        short = [group for group in needs if free[group] < needs[group]]
+        if not short:
+            return None
+        return (f"no space left on {self.staging} for a checkpoint (about {needs[short[0]] / 2**30:.2f} GiB for the "
+                f"ranks sharing that disk, {free[short[0]] / 2**30:.2f} GiB free)")
+
+    def _wait_committed(self, step: int, timeout_s: float | None = None) -> bool:
+        """Collective: whether rank 0 committed everything queued (within `timeout_s`). Without it a rank
+        could exit (and its launcher kill rank 0) mid-commit."""
+        ok = self.committer.drain(timeout_s)
+        if all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0]:
+            return True
+        if not self.stop_reason():
+            self._staging_failure = (f"checkpoint {checkpoint_name(step)} was not committed"
+                                     + (f" within {timeout_s:.0f} s" if timeout_s is not None else ""))
+        return False
 
     def last_committed(self) -> str:
         """Rank 0: the newest committed checkpoint of this run's line, as a URI (or "none")."""
@@ -219,7 +252,8 @@ class Checkpointer:
 
     def restore(self, engine, resume: str, overwrite: bool) -> Restored | None:
         """Restore the engine and this rank's RNG from the chosen checkpoint; None when starting fresh.
-        Rank 0 chooses; every rank checks the manifest it reads is the one rank 0 chose."""
+        Rank 0 chooses; every rank checks the manifest it reads is the one rank 0 chose; a failure on
+        any rank stops all of them with its message. Only then is a newer branch rolled aside."""
         chosen = on_main(lambda: self._choose(resume, overwrite))
         if chosen is None:
             log.info(f"starting fresh (no committed checkpoint in {self.store.uri})")
@@ -230,31 +264,35 @@ class Checkpointer:
         self._check_compatible(committed)
         resharded = committed.manifest["world_size"] != self.dist.world_size
         local = self._fetch(store, committed, resharded)
-        self._show_diff(local / "spec.json")
+        agreed(lambda: self._show_diff(local / "spec.json"))
         # Hashes were verified by fetch(); load the shards without executing pickled code.
         engine.checkpoint_engine.load = _weights_only_load
-        if resharded:
-            log.info(f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
-                     f"{self.dist.world_size} (universal checkpoint)")
-            reshard.load_universal(engine, local, _weights_only_load)
-            rank_file = json.loads((local / "rank_00000.json").read_text())
-            torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
-        else:
-            engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
-            rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
-            set_rng_state(rank_file["rng"])
+        rank_file = agreed(lambda: self._load(engine, local, committed, resharded))
         barrier()
         if not resharded or self.dist.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
         self.last_saved_step = committed.step
         self.resumed_from = committed.name if store is self.store else None
+        on_main(lambda: self._roll_back(committed, store is self.store))
         uri = checkpoint_uri(store.uri, committed.name)
         log.info(f"resuming from {uri} at step {committed.step} (manifest sha256 {committed.manifest_sha256})")
         return Restored(committed.step, uri, rank_file["loader"])
 
+    def _load(self, engine, local: Path, committed: Committed, resharded: bool) -> dict:
+        """Load the engine's state and this rank's RNG; returns this rank's file (loader position)."""
+        if resharded:
+            log.info(f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
+                     f"{self.dist.world_size} (universal checkpoint)")
+            reshard.load_universal(engine, local, _weights_only_load)
+            torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
+            return json.loads((local / "rank_00000.json").read_text())
+        engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
+        rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
+        set_rng_state(rank_file["rng"])
+        return rank_file
+
     def _choose(self, resume: str, overwrite: bool) -> tuple[str, str, str] | None:
-        """Rank 0: (run URI, checkpoint name, manifest sha256) to resume from, or None; rolls a newer
-        branch of the output store aside when resuming from an older checkpoint."""
+        """Rank 0: (run URI, checkpoint name, manifest sha256) to resume from, or None."""
         committed_here = list_committed(self.store)
         if resume == "never":
             if committed_here and not overwrite:
@@ -272,14 +310,16 @@ class Checkpointer:
             raise CheckpointError(f"--resume {resume}: expected auto, never or RUN/checkpoints/step_NNNNNNNN")
         else:
             store, chosen = resolve_checkpoint(resume, self.spec.storage.to_settings())
-        if chosen is None:
-            return None
-        newer = [c for c in committed_here if c.step > chosen.step]
+        return None if chosen is None else (store.uri, chosen.name, chosen.manifest_sha256)
+
+    def _roll_back(self, resumed: Committed, in_output: bool) -> None:
+        """Rank 0, after every rank restored `resumed`: move the output store's committed checkpoints
+        newer than it aside (a new line starts from it; the old branch is kept, listed as abandoned)."""
+        newer = [c for c in list_committed(self.store) if c.step > resumed.step]
         if newer:
-            aside = move_aside(self.store, newer, chosen)
-            log.info(f"rolled back to step {chosen.step}: moved {', '.join(c.name for c in newer)} aside to "
+            aside = move_aside(self.store, newer, resumed.name if in_output else None)
+            log.info(f"rolled back to step {resumed.step}: moved {', '.join(c.name for c in newer)} aside to "
                      f"{self.store.uri}/{aside} (that branch is kept, no longer resumed or retained)")
-        return store.uri, chosen.name, chosen.manifest_sha256
 
     def _read_chosen(self, store: ObjectStore, name: str, sha256: str) -> Committed:
         committed = read_manifest(store, name)
@@ -326,18 +366,6 @@ class Checkpointer:
 
 def _num_nodes(dist_info: Dist) -> int:
     return max(1, dist_info.world_size // max(1, dist_info.local_world_size))
-
-
-def _free_bytes(folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(folder).free
-
-
-def _partition_bytes(engine) -> int:
-    """About what this rank's first checkpoint writes: its partition of the trainable weights, in fp32
-    with two AdamW moments, and the same again in the module state."""
-    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
-    return int(numel / torch.distributed.get_world_size() * (4 * 3 + 4)) + (1 << 20)
 
 
 class SaveClock:

@@ -74,12 +74,12 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
 
     try:
         spec = _load(spec_path, overrides, stage)
-        if "RANK" not in os.environ:
+        if "RANK" not in os.environ or int(os.environ["RANK"]) == 0:  # under SLURM's torchrun: rank 0
             from .preflight import preflight
 
             preflight(spec, output or spec.run.output, resume)
     except UserError as err:
-        fail(str(err))
+        _fail_in_rank(err)
     if nproc > 1 and "RANK" not in os.environ:
         raise typer.Exit(launch_local_ranks(nproc, _argv_without_nproc(), sys.argv[1:]))
 
@@ -92,6 +92,12 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
     except UserError as err:
         _fail_in_rank(err)
     except Stopped as stop:
+        if stop.exit_code == 75 and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("RANK", "0")) == 0:
+            from .slurm import REQUEUE_MARKER
+
+            marker = Path(run_dir or Path("runs") / spec.run.name) / REQUEUE_MARKER
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"[{stage}] {stop}")
         report(stop.exit_code, f"[{stage}] {stop}", continue_hint=stop.exit_code in STOP_CODES)
         raise typer.Exit(stop.exit_code) from None
     if int(os.environ.get("RANK", "0")) == 0:
@@ -292,7 +298,7 @@ def data_prepare(spec: SpecArg, set_: SetOpt = None,
     """Validate, tokenise and decode-check a spec's train and eval records once, into token stores that
     training maps on every rank (reused while the data file, tokenizer and data settings are unchanged)."""
     from .data import load_tokenizer
-    from .tokenstore import prepare_spec
+    from .prepare import prepare_spec
 
     try:
         loaded = _load(spec, set_)

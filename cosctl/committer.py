@@ -58,6 +58,22 @@ class GaveUp(Exception):
     """The store kept failing past the outage limit, or the committer is closing."""
 
 
+def retrying(action, what: str, max_outage_s: float, backoff_s: float = 1.0, max_backoff_s: float = 30.0):
+    """`action()`, retried with backoff while the store fails, for at most `max_outage_s`; then its last
+    error is raised. For one-off uploads outside the committer (the stage's published artefact)."""
+    started, delay = time.monotonic(), backoff_s
+    while True:
+        try:
+            return action()
+        except (StorageError, OSError) as err:
+            waited = time.monotonic() - started
+            if waited >= max_outage_s:
+                raise
+            log.warning(f"{what} failed ({err}); retrying in {delay:.0f} s")
+            time.sleep(min(delay, max_outage_s - waited))
+            delay = min(max_backoff_s, delay * 2)
+
+
 class Committer:
     def __init__(self, store: ObjectStore, rank: int, world_size: int, keep_last: int, *,
                  max_outage_s: float = 1800.0, backoff_s: float = 1.0, max_backoff_s: float = 30.0):
@@ -82,17 +98,20 @@ class Committer:
         """Why this rank gave up on the store (it failed for longer than the outage limit), or None."""
         return self._failure
 
-    def drain(self) -> bool:
-        """Wait until everything submitted is done; True if every one succeeded on this rank."""
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything submitted is done (at most `timeout_s`); True if every one succeeded
+        on this rank within the time."""
         with self._lock:
             pending = list(self.waiting)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for staged in pending:
-            staged.done.wait()
+            if not staged.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return False
         return all(staged.ok for staged in pending)
 
     def close(self, abandon: bool = False) -> None:
-        """Stop the worker: after the queue is done, or at once (`abandon`: uploads in flight are given
-        up, their staged files left for the caller to remove)."""
+        """Stop the worker: after the queue is done, or at once (`abandon`: an upload in flight stops at
+        its next file, a request in flight at its timeout)."""
         if abandon:
             self._closing.set()
         self.queue.put(None)
@@ -107,9 +126,12 @@ class Committer:
                     staged.ok = self._process(staged)
             except GaveUp:
                 staged.ok = False
-            except Exception as err:  # a bug here must not kill the thread silently
+                self._give_up(staged)
+            except Exception as err:  # anything else: this rank can no longer checkpoint, and says so
+                self._failure = self._failure or f"checkpoint {staged.name} failed: {type(err).__name__}: {err}"
                 log.warning(f"checkpoint {staged.name} was NOT committed: {type(err).__name__}: {err}")
                 staged.ok = False
+                self._give_up(staged)
             finally:
                 remove_owned(staged.local_dir, self.rank)
                 with self._lock:
@@ -120,10 +142,19 @@ class Committer:
             if leftover is not None:
                 leftover.done.set()
 
+    def _give_up(self, staged: Staged) -> None:
+        """Leave a `.failed` receipt (best effort) so rank 0 stops waiting for this rank's part."""
+        if self.rank == 0:
+            return
+        try:
+            self.store.put_bytes(b"gave up", staged.receipt(self.rank, "failed"))
+        except (StorageError, OSError):
+            pass
+
     def _process(self, staged: Staged) -> bool:
         started = time.monotonic()
         files = self._retrying(lambda: upload_tree(self.store, staged.local_dir, checkpoint_key(staged.name),
-                                                   self.rank), f"upload of {staged.name}")
+                                                   self.rank, stop=self._closing.is_set), f"upload of {staged.name}")
         self._retrying(lambda: self.store.put_bytes(json.dumps(files).encode(), staged.receipt(self.rank)),
                        f"receipt of {staged.name}")
         if self.rank != 0:
@@ -131,10 +162,13 @@ class Committer:
         parts = self._await_receipts(staged)
         committed = self._retrying(lambda: commit(self.store, staged.name, parts, staged.meta),
                                    f"commit of {staged.name}")
-        removed = self._retrying(lambda: apply_retention(self.store, self.keep_last), "retention")
-        self._retrying(lambda: self.store.delete_many(self.store.list(checkpoint_key(staged.name, PARTS) + "/")),
-                       f"receipts of {staged.name}")
         self.last_committed = staged.name
+        try:  # the checkpoint is committed: housekeeping that fails is only worth a warning
+            removed = apply_retention(self.store, self.keep_last)
+            self.store.delete_many(self.store.list(checkpoint_key(staged.name, PARTS) + "/"))
+        except (StorageError, CheckpointError, OSError) as err:
+            removed = []
+            log.warning(f"checkpoint {staged.name} committed, but retention or receipt clean-up failed: {err}")
         size_mb = sum(f["size"] for f in committed.manifest["files"].values()) / 2**20
         log.info(f"checkpoint {staged.name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
                  f"{staged.blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
@@ -147,6 +181,9 @@ class Committer:
         while True:
             keys = set(self._retrying(lambda: self.store.list(checkpoint_key(staged.name, PARTS, staged.save_id) + "/"),
                                       f"receipts of {staged.name}"))
+            failed = sorted(key for key in keys if key.endswith(".failed"))
+            if failed:
+                raise GaveUp(f"ranks gave up on {staged.name}: {', '.join(failed)}")
             if all(key in keys for key in expected):
                 files: dict[str, dict] = {}
                 for key in expected:
@@ -167,6 +204,8 @@ class Committer:
                 self.outage_since = None
                 return result
             except (StorageError, CheckpointError, OSError) as err:
+                if isinstance(err, InterruptedError):  # closing mid-upload
+                    raise GaveUp() from err
                 now = time.monotonic()
                 self.outage_since = self.outage_since or now
                 down_for = now - self.outage_since

@@ -1,7 +1,7 @@
 """The process group: joining it, who this rank is, and the few collectives the trainer agrees with.
 
 Ranks come from torchrun's (or SLURM's) environment; a process started without a launcher becomes a
-one-rank group on its own. CPU runs use gloo, GPU runs nccl. Every function here is collective unless
+one-rank group on its own, and the object collectives also work with no group at all (one process). CPU runs use gloo, GPU runs nccl. Every function here is collective unless
 it says otherwise: all ranks call it, in the same order.
 """
 
@@ -90,8 +90,18 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [value > 0 for value in all_reduce([float(f) for f in flags], device, op="max")]
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks; (0, 1) when no process group is up (a command such
+    as `cosctl data prepare` run alone), where the collectives below act on this process only."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def broadcast(value: T, src: int = 0) -> T:
     """Rank `src`'s `value` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
@@ -99,18 +109,19 @@ def broadcast(value: T, src: int = 0) -> T:
 
 def on_main(compute: Callable[[], T]) -> T:
     """Run `compute` on rank 0 only and give every rank its result. An exception on rank 0 is raised
-    on every rank (same type, same message), so all ranks stop together instead of some waiting in a
-    later collective for a rank that already left."""
+    on every rank (rank 0's own; elsewhere the same user-error kind with the same message), so all
+    ranks stop together instead of some waiting in a later collective for a rank that already left."""
     outcome: tuple[bool, object] = (True, None)
-    if dist.get_rank() == 0:
+    problem: Exception | None = None
+    if rank_and_world()[0] == 0:
         try:
             outcome = (True, compute())
         except Exception as err:  # re-raised below on every rank
-            outcome = (False, err)
+            problem, outcome = err, (False, _describe(err))
     ok, value = broadcast(outcome)
-    if not ok:
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[return-value]
+    if ok:
+        return value  # type: ignore[return-value]
+    raise problem if problem is not None else _rebuild(*value)  # type: ignore[misc]
 
 
 def barrier() -> None:
@@ -119,32 +130,42 @@ def barrier() -> None:
 
 def gather(value: T) -> list[T]:
     """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
     values: list = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
 
 
 def agreed(action: Callable[[], T]) -> T:
-    """Run `action` on every rank; if it raises a user error or an OSError on any rank, raise the
-    first rank's error on all of them (same kind, same message). A rank that failed alone would
-    otherwise leave the others waiting in the next collective."""
+    """Run `action` on every rank; if it raises on any rank, raise the first failing rank's error on all
+    of them (the same kind for user errors, the same message). A rank that failed alone would otherwise
+    leave the others waiting in the next collective."""
     try:
         result, problem = action(), None
-    except (errors.UserError, OSError) as err:
+    except Exception as err:
         result, problem = None, err
-    failures = [f for f in gather(None if problem is None else (type(problem).__name__, str(problem))) if f]
+    failures = [f for f in gather(None if problem is None else _describe(problem)) if f]
     if not failures:
         return result
-    kind, message = failures[0]
-    if problem is not None and (type(problem).__name__, str(problem)) == failures[0]:
+    if problem is not None and _describe(problem) == failures[0]:
         raise problem
+    raise _rebuild(*failures[0])
+
+
+def _describe(err: Exception) -> tuple[str, str]:
+    return type(err).__name__, str(err) or type(err).__name__
+
+
+def _rebuild(kind: str, message: str) -> Exception:
+    """Another rank's error here: its user-error kind when it has one, else a CheckpointError."""
     error_class = getattr(errors, kind, None)
-    raise (error_class if isinstance(error_class, type) and issubclass(error_class, errors.UserError)
-           else errors.CheckpointError)(message)
+    if isinstance(error_class, type) and issubclass(error_class, errors.UserError):
+        return error_class(message)
+    return errors.CheckpointError(f"{kind}: {message}" if kind not in message else message)
 
 
 def on_node_main(value: T, dist_info: Dist) -> T:
     """Each rank gets the `value` of its node's local rank 0 (collective over all ranks)."""
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, (dist_info.node, dist_info.local_rank, value))
+    values = gather((dist_info.node, dist_info.local_rank, value))
     return next(v for node, local_rank, v in values if node == dist_info.node and local_rank == 0)

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from cos_model import CosForConditionalGeneration
-from cos_model.loading import CheckpointMismatchError, build_pretrained
+from cos_model.building import build_pretrained
+from cos_model.loading import CheckpointMismatchError
 
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .dist import Dist
@@ -46,7 +47,7 @@ def run_dtype(spec: TrainingSpec, device_type: str) -> torch.dtype:
 
 def build_pretrain_model(spec: PretrainSpec, vocab_size: int, image_token_id: int,
                          dtype: torch.dtype = torch.float32) -> CosForConditionalGeneration:
-    """A fresh Chain-of-Sight model, built lean (`cos_model.loading.build_pretrained`): ViT and LLM
+    """A fresh Chain-of-Sight model, built lean (`cos_model.building.build_pretrained`): ViT and LLM
     loaded exactly from their local folders straight into `dtype`, random where a component has no
     folder, the bridge initialised once; the vocabulary grows to the tokenizer's (`vocab_size`)."""
     config = spec.model.to_config(vocab_size=vocab_size, image_token_id=image_token_id)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPORT_DIR_ENV = "COSCTL_REPORT_DIR"
 STOP_CODES = (75, 130, 143)  # requeue, SIGINT, SIGTERM: the run can continue from its checkpoint
+SHUTDOWN_TIMEOUT_S = 600  # a step + a stop save (train.STOP_SAVE_TIMEOUT_S) fit in it
 
 
 def report(code: int, message: str, continue_hint: bool = False) -> None:
@@ -74,6 +75,9 @@ def launch_local_ranks(nproc: int, argv: list[str], user_argv: list[str]) -> int
         os.environ[REPORT_DIR_ENV] = folder
         args = get_args_parser().parse_args([
             "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            # Ranks stop on SIGTERM / Ctrl-C at a step boundary and may commit a checkpoint first: the
+            # launcher must not kill them 30 s after forwarding the signal (its default).
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
             f"--rdzv-endpoint=127.0.0.1:{_free_loopback_port()}", f"--rdzv-id={uuid.uuid4()}",
             "--module", "cosctl", *argv])
         code = 0

@@ -31,7 +31,8 @@ from .comm import (
     param_counts,
     step_volume,
 )
-from .data import IMAGE_TOKEN, load_tokenizer
+from .conversation import IMAGE_TOKEN
+from .data import load_tokenizer
 from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from .engine import largest_block_numel, set_trainable
 from .errors import DataError

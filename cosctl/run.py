@@ -18,10 +18,11 @@ from .data import LengthStats, length_stats
 from .dist import Dist, all_reduce, init_distributed
 from .engine import build_engine, expected_trainable_groups, trainable_summary
 from .log import log, setup_logging
+from .prepare import load_split, split_source
 from .spec import TrainingSpec
 from .stages import Stage, prepare_stage
 from .storage import ObjectStore, open_store
-from .tokenstore import StoreRecords, load_split, split_source
+from .tokenstore import StoreRecords
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ rendezvousing on the first node. The script's real work is the warning/requeue p
       -> the rerun (SLURM_RESTART_COUNT=1, 2, ...) resumes from the newest committed checkpoint,
          because `--resume auto` is the stages' default.
 
+A run that stops for a requeue on its own (the store down past storage.max_outage_minutes, the staging
+disk full: exit 75 with no warning) leaves `<run dir>/slurm/requeue` from rank 0; the script requeues
+on it the same way.
+
 SIGTERM (scancel, time limit, SLURM's own preemption) is forwarded the same way but never requeues
 from the script: SLURM is ending the job on purpose, and requeueing would undo a user's `scancel`.
 """
@@ -37,6 +41,7 @@ from .spec_sections import SlurmSpec
 
 TRAIN_STAGES = ("pretrain", "finetune")
 JOB_SCRIPT = "job.sbatch"
+REQUEUE_MARKER = "slurm/requeue"  # under the run dir: a run that stopped with exit 75 asks for a requeue
 SPEC_SNAPSHOT = "spec.yaml"
 
 
@@ -96,8 +101,10 @@ finish() {  # finish RC: done, requeue after a warning, or report the failure
         "(if this was the time limit, raise slurm.signal_lead_s so the checkpoint fits before it)"
     exit "$1"
   fi
-  if [ -n "$warned" ]; then
-    log "training stopped (exit $1) after the warning; requeueing job $SLURM_JOB_ID"
+  asked=""  # rank 0 leaves this file when it stopped for a requeue on its own (a store outage, a full disk)
+  if [ -f "$requeue_marker" ]; then asked=1; log "$(cat "$requeue_marker")"; rm -f "$requeue_marker"; fi
+  if [ -n "$warned" ] || [ -n "$asked" ]; then
+    log "training stopped (exit $1) for a requeue; requeueing job $SLURM_JOB_ID"
     trap '' TERM USR1  # the requeue SIGTERMs this shell and scontrol itself
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     log "scontrol requeue failed; resubmit the job to resume from the newest committed checkpoint"
@@ -140,7 +147,9 @@ def _sbatch_options(slurm: SlurmSpec, name: str, run_dir: str) -> list[str]:
 def _launch(slurm: SlurmSpec, argv: list[str], run_dir: str) -> str:
     port = str(slurm.rendezvous_port) if slurm.rendezvous_port else "$((20000 + SLURM_JOB_ID % 20000))"
     stage_cmd = " ".join(shlex.quote(arg) for arg in [*argv, "--run-dir", run_dir])
-    return f"""head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    return f"""requeue_marker={shlex.quote(run_dir + "/" + REQUEUE_MARKER)}
+rm -f "$requeue_marker"
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # Without slurm.rendezvous_port the port comes from the job id, so jobs sharing a node do not collide.
 port={port}
 log "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}} (SLURM_RESTART_COUNT), $SLURM_NNODES node(s), rendezvous $head:$port"

@@ -22,11 +22,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cos_model import CosConfig, CosForConditionalGeneration, inflate_config, inflate_state_dict
-from cos_model.loading import materialize
+from cos_model.building import materialize
 
 from .checkpoint import MANIFEST, NotPublished, fetch_published, publish
-from .data import IMAGE_TOKEN, load_tokenizer
-from .dist import Dist, barrier, on_node_main
+from .committer import retrying
+from .conversation import IMAGE_TOKEN
+from .data import load_tokenizer
+from .dist import Dist, barrier, on_main, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
@@ -121,11 +123,10 @@ def _save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path)
     tokenizer.save_pretrained(out_dir)
 
 
-def _publish_on_main(store: ObjectStore, local_dir: Path, prefix: str) -> str:
-    """Rank 0 publishes `local_dir` as `prefix` in the output store; returns the artefact's key."""
-    if dist.get_rank() == 0:
-        publish(store, local_dir, prefix)
-    barrier()
+def _publish_on_main(store: ObjectStore, local_dir: Path, prefix: str, max_outage_s: float) -> str:
+    """Rank 0 publishes `local_dir` as `prefix` in the output store, retrying while the store fails
+    (up to `storage.max_outage_minutes`); every rank gets the outcome. Returns the artefact's key."""
+    on_main(lambda: retrying(lambda: publish(store, local_dir, prefix), f"publishing {prefix}", max_outage_s))
     return prefix
 
 
@@ -154,7 +155,7 @@ def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path, dist_
         if state is not None:
             shutil.rmtree(local, ignore_errors=True)
             _save_model_folder(engine.module.config, state, tokenizer, local)
-        return _publish_on_main(store, local, "model")
+        return _publish_on_main(store, local, "model", 60 * spec.storage.max_outage_minutes)
 
     return Stage(tokenizer, model, model.config, write_trainable, write_final)
 
@@ -201,7 +202,7 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
             state = _full_state(engine)
             if state is not None:
                 _save_model_folder(cos_config, state, tokenizer, local)
-        return _publish_on_main(store, local, local.name)
+        return _publish_on_main(store, local, local.name, 60 * spec.storage.max_outage_minutes)
 
     return Stage(tokenizer, model, cos_config, write_trainable, write_final)
 

@@ -30,9 +30,11 @@ import torch
 
 from cos_model import IGNORE_INDEX
 
+from .autobatch import MemoryMeter
 from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
-from .dist import all_reduce, any_rank, gather
+from .dist import agreed, all_reduce, any_rank, gather
+from .errors import StorageError, UserError
 from .log import log
 from .metrics import MetricsSink, SampleFlops, peak_tflops, sample_flops
 from .run import Run, choose_budget, setup_run
@@ -67,8 +69,10 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
     while step < spec.optim.num_steps:
         step += 1
         lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
-        stats = train_step(run.engine, loader.next_step(), run.dist.device)
-        record = meter.record(step, stats, lr, time.monotonic() - started)
+        micro_batches, problem = _next_step(loader)
+        data_time = time.monotonic() - started
+        stats = train_step(run.engine, micro_batches, run.dist.device, problem)
+        record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
         if evaluate.due(step):
             record["eval_loss"] = evaluate()
         if generate.due(step):
@@ -78,16 +82,17 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
         if step == spec.optim.num_steps:
             break  # the final save below
         save_due, stop = at_boundary(run, clock.due(step), signals, save_on_stop)
-        if (save_due and stop is None) or (stop is not None and stop.save):
-            if run.checkpointer.save(run.engine, loader.state_dict(), step, wait=stop is not None):
-                clock.saved()
         if stop is not None:
-            last = run.checkpointer.last_committed() if run.dist.is_main else ""
-            _close(run, sink, abandon=not stop.save)
-            raise Stopped(step, stop, last)
+            raise stop_run(run, sink, loader, step, stop)
+        if save_due and run.checkpointer.save(run.engine, loader.state_dict(), step):
+            clock.saved()
     final_eval = evaluate()
-    run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True)
-    artefact = join_uri(output, run.stage.write_final(run.engine))
+    if not run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True):
+        raise stop_run(run, sink, loader, step, Stop(run.checkpointer.stop_reason(), REQUEUE, save=False))
+    try:
+        artefact = join_uri(output, run.stage.write_final(run.engine))
+    except StorageError as err:  # the store stayed down past its limit: requeue and publish then
+        raise stop_run(run, sink, loader, step, Stop(str(err), REQUEUE, save=False)) from None
     _close(run, sink)
     summary = {
         "stage": spec.stage, "visual_tokens": run.stage.cos_config.num_visual_tokens,
@@ -118,14 +123,23 @@ def num_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def train_step(engine, micro_batches: list[dict], device) -> StepStats:
-    """One optimizer step over this rank's micro-batches of the step (`accumulate`, then the update)."""
-    stats = accumulate(engine, micro_batches, device)
+def train_step(engine, micro_batches: list[dict], device, problem: Exception | None = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches of the step (`accumulate`, then the update);
+    `problem`: this rank's loader failed (every rank then raises it, before any forward)."""
+    stats = accumulate(engine, micro_batches, device, problem)
     engine.step()
     return stats
 
 
-def accumulate(engine, micro_batches: list[dict], device) -> StepStats:
+def _next_step(loader) -> tuple[list[dict], Exception | None]:
+    """The loader's next step, or the user error it raised (agreed over ranks in `accumulate`)."""
+    try:
+        return loader.next_step(), None
+    except UserError as err:
+        return [], err
+
+
+def accumulate(engine, micro_batches: list[dict], device, problem: Exception | None = None) -> StepStats:
     """Forward and backward over this rank's micro-batches of a step, leaving the step's gradient.
 
     Every token of the step weighs the same, whichever micro-batch or rank it is in: each micro-batch's
@@ -137,8 +151,10 @@ def accumulate(engine, micro_batches: list[dict], device) -> StepStats:
     local = [sum(num_label_tokens(b["labels"]) for b in micro_batches), sum(b["num_samples"] for b in micro_batches),
              # A packed row (batch.packing) has no attention mask and no padding.
              sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in micro_batches)]
-    step_labels, num_samples, num_tokens = all_reduce(local, device)
+                 for b in micro_batches), float(problem is not None)]
+    step_labels, num_samples, num_tokens, failed = all_reduce(local, device)
+    if failed:  # a rank's data failed: all stop here, before the forwards (collective under ZeRO-3)
+        agreed(lambda: _raise(problem))
     per_rank_items = torch.tensor(max(step_labels, 1.0) / world_size, device=device)
     loss_sum = 0.0
     for index, batch in enumerate(micro_batches):
@@ -217,10 +233,13 @@ class StepMeter:
     def __init__(self, run: Run, flops: SampleFlops):
         self.engine, self.world_size = run.engine, run.dist.world_size
         self.flops, self.peak = flops, peak_tflops(run.dist.device)
+        self.memory = MemoryMeter(run.dist.device)
         self.losses: list[float] = []
         self.timings: list[tuple[int, float]] = []  # (samples, seconds) per step
 
-    def record(self, step: int, stats: StepStats, lr: float, elapsed: float) -> dict:
+    def record(self, step: int, stats: StepStats, lr: float, elapsed: float, data_time: float) -> dict:
+        """`elapsed`: the whole step, loading included; `data_time`: the part spent waiting for this
+        rank's micro-batches (images decoded in the step when `data.num_workers` is 0)."""
         self.losses.append(stats.loss)
         self.timings.append((stats.num_samples, elapsed))
         tflops = stats.num_samples * self.flops.model / elapsed / 1e12
@@ -230,7 +249,8 @@ class StepMeter:
             "step": step, "time": time.time(), "loss": stats.loss, "lr": lr,
             "grad_norm": float(norm) if norm is not None else None,
             "samples": stats.num_samples, "tokens": stats.num_tokens, "label_tokens": stats.num_label_tokens,
-            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed,
+            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed, "data_time_s": data_time,
+            "peak_mem_gib": self.memory.peak_gib(),  # the process's running peak (reserved on GPU)
             "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
             "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
             "hfu": hardware / (self.peak * self.world_size) if self.peak else None,
@@ -256,15 +276,18 @@ class StepMeter:
 
 
 REQUEUE = 75  # EX_TEMPFAIL: the batch script (or the user) requeues the job
+STOP_SAVE_TIMEOUT_S = 300.0  # a save on SIGTERM / Ctrl-C commits within this, or the run exits without it
 
 
 @dataclass(frozen=True)
 class Stop:
-    """Why the run stops early, with which exit code, and whether it commits a checkpoint first."""
+    """Why the run stops early, with which exit code, and whether it commits a checkpoint first (within
+    `timeout_s`: a scheduler's warning leaves only so much time before the job is killed)."""
 
     reason: str
     exit_code: int
     save: bool
+    timeout_s: float | None = None
 
 
 class Stopped(Exception):
@@ -301,10 +324,30 @@ def at_boundary(run: Run, save_due: bool, signals: StopRequest, save_on_stop: bo
     if failed:
         return due, Stop(next(r for r in gather(failure) if r), REQUEUE, save=False)
     if usr1:
-        return due, Stop("SIGUSR1 (the scheduler's warning); the job requeues", REQUEUE, save=True)
+        # SLURM kills the job signal_lead_s after its warning: commit within that, with a margin.
+        lead = max(60.0, run.spec.slurm.signal_lead_s - 60.0)
+        return due, Stop("SIGUSR1 (the scheduler's warning); the job requeues", REQUEUE, save=True, timeout_s=lead)
     if term or interrupt:
-        return due, Stop("SIGTERM" if term else "SIGINT (Ctrl-C)", 143 if term else 130, save=save_on_stop or due)
+        return due, Stop("SIGTERM" if term else "SIGINT (Ctrl-C)", 143 if term else 130, save=save_on_stop or due,
+                         timeout_s=STOP_SAVE_TIMEOUT_S)
     return due, None
+
+
+def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) -> Stopped:
+    """End the run at this boundary: commit first when the stop asks for it (within its time), then
+    stop uploading; the exception says why, with the last committed checkpoint."""
+    if stop.save and not run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True,
+                                               timeout_s=stop.timeout_s):
+        stop = Stop(f"{stop.reason}; its checkpoint was not committed ({run.checkpointer.stop_reason()})",
+                    stop.exit_code, save=False)
+    last = run.checkpointer.last_committed() if run.dist.is_main else ""
+    _close(run, sink, abandon=True)
+    return Stopped(step, stop, last)
+
+
+def _raise(problem: Exception | None) -> None:
+    if problem is not None:
+        raise problem
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -9,8 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from cosctl.checkpoint import (
-    CheckpointError, apply_retention, commit, fetch, find_latest, list_committed, owned_by_rank,
-    read_manifest, upload_tree, verify,
+    CheckpointError,
+    apply_retention,
+    commit,
+    fetch,
+    find_latest,
+    list_committed,
+    owned_by_rank,
+    read_manifest,
+    upload_tree,
+    verify,
 )
 from cosctl.cli import app
 from cosctl.storage import LocalStore, StorageError, check_key

@@ -189,3 +189,86 @@ def _short_backoff(init):
     def patched(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "backoff_s": 0.05, "max_backoff_s": 0.2})
     return patched
+
+
+def test_a_write_that_fails_inside_deepspeeds_save_stops_for_requeue(tiny_data, tmp_path, in_process, monkeypatch):
+    """torch.save failing for lack of space (it raises RuntimeError, not OSError) inside DeepSpeed's
+    collective save: the rank still reaches DeepSpeed's barrier, and the run stops with exit 75 and
+    'no space left on <path>' instead of a traceback or a hang."""
+    import torch
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "optim_states" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos: No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(Stopped) as stopped:
+        in_process(tiny_spec(tiny_data, tmp_path / "out", 4), tmp_path / "work")
+    assert stopped.value.exit_code == 75 and f"no space left on {tmp_path / 'work'}" in str(stopped.value)
+
+
+def test_a_rank_that_fails_unexpectedly_stops_rank_0_waiting(tmp_path):
+    """Rank 1's upload fails with an error the retries do not cover: it says it gave up, rank 0 stops
+    waiting for its receipt at once, and both know they can no longer checkpoint."""
+    from cosctl.committer import Committer, Staged
+
+    store = LocalStore(tmp_path / "store")
+    ranks = [Committer(store, rank, 2, keep_last=2, backoff_s=0.01) for rank in (0, 1)]
+    for rank, committer in enumerate(ranks):
+        local = tmp_path / f"stage{rank}"
+        (local / "zero").mkdir(parents=True)
+        (local / "zero" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+        if rank == 1:
+            committer.store = type("Broken", (LocalStore,), {"put_file": lambda self, *a: (_ for _ in ()).throw(
+                ValueError("unexpected"))})(tmp_path / "store")
+        committer.submit(Staged("step_00000001", local, {"step": 1, "world_size": 2}, "id", blocked_s=0.0))
+    started = time.monotonic()
+    assert ranks[1].drain(10) is False and "unexpected" in ranks[1].failure()
+    assert ranks[0].drain(10) is False and time.monotonic() - started < 10
+    assert find_latest(store) is None
+    for committer in ranks:
+        committer.close()
+
+
+def test_a_failed_resume_leaves_the_newer_branch_committed(tiny_data, tmp_path, in_process):
+    """Resuming from step 2 with a changed learning rate is refused, and steps 3-4 stay committed:
+    nothing is rolled aside before every rank has restored the checkpoint."""
+    from cosctl.errors import CheckpointError
+
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 4), tmp_path / "work")
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        in_process(tiny_spec(tiny_data, out, 4, "optim.lr=0.5"), tmp_path / "work",
+                   resume=f"{out}/checkpoints/step_00000002")
+    assert [c.step for c in list_committed(LocalStore(out))][-2:] == [3, 4]
+    assert list_abandoned(LocalStore(out)) == []
+
+
+def test_rollback_uncommits_the_whole_branch_before_moving_files(tmp_path):
+    """move_aside takes every newer manifest out of the current line before it moves any file: a move
+    that fails midway leaves no part of the abandoned branch committed there."""
+    from cosctl.checkpoint import Committed, move_aside
+
+    class FailingMove(LocalStore):
+        moves = 0
+
+        def move(self, key, new_key):
+            FailingMove.moves += 1
+            if FailingMove.moves > 1:
+                raise StoreUnavailable(f"{self.uri}/{key}: the endpoint does not answer")
+            super().move(key, new_key)
+
+    store = FailingMove(tmp_path)
+    for step in (1, 2, 3):
+        store.put_bytes(b"x", f"checkpoints/step_0000000{step}/zero/a.pt")
+        store.put_bytes(json.dumps({"step": step, "files": {}}).encode(), f"checkpoints/step_0000000{step}/{MANIFEST}")
+    newer = [c for c in list_committed(store) if c.step > 1]
+    with pytest.raises(StoreUnavailable):
+        move_aside(store, newer, "step_00000001")
+    assert [c.step for c in list_committed(store)] == [1]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert [c.step for _, c in list_abandoned(store)] == [2, 3]
+    assert isinstance(newer[0], Committed)

@@ -12,15 +12,14 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from cosctl.conversation import IMAGE_TOKEN, image_token_id
 from cosctl.data import (
     CLIP_MEAN,
     CLIP_STD,
     IGNORE_INDEX,
-    IMAGE_TOKEN,
     DataError,
     Example,
     collate,
-    image_token_id,
     load_examples,
     load_image,
     load_tokenizer,
@@ -243,7 +242,7 @@ def test_long_records_are_truncated_keeping_every_visual_token(tmp_path, synth_d
 
 
 def data_encode(record, tokenizer):
-    from cosctl.data import encode_conversation
+    from cosctl.conversation import encode_conversation
 
     return encode_conversation(record["conversations"], tokenizer, 32)
 
@@ -283,7 +282,7 @@ def test_collate_text_only_and_packed(synth_dir, tokenizer):
 def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
     """`tokenize` (the Rust backend called directly once it is set up) gives exactly what calling the
     tokenizer gives, special tokens in the text included, also after truncation was switched on."""
-    from cosctl.data import tokenize
+    from cosctl.conversation import tokenize
 
     texts = ["USER: What colour is the square? ASSISTANT: ", "red</s> and <image> too", "", " 12, 40, 30, 62"]
     expected = [tokenizer.encode(text, add_special_tokens=False) if text else [] for text in texts]

@@ -59,7 +59,7 @@ def test_training_on_llava_records_reuses_its_prepared_store(llava_data, tmp_pat
     """Two packed steps over text-only, multi-turn and truncated records (one damaged JPEG skipped at
     preparation), then a restart that resumes: the second start maps the same store without
     tokenising again (its files keep their mtimes) and logs that it does."""
-    from cosctl import tokenstore
+    from cosctl import prepare_parts
     from cosctl.train import run_training
 
     out = tmp_path / "out"
@@ -78,7 +78,7 @@ def test_training_on_llava_records_reuses_its_prepared_store(llava_data, tmp_pat
         def no_tokenising(*args, **kwargs):
             raise AssertionError("re-tokenised a prepared split")
 
-        monkeypatch.setattr(tokenstore, "encode_records", no_tokenising)
+        monkeypatch.setattr(prepare_parts, "encode_records", no_tokenising)
         second = run_training(tiny_spec(llava_data, out, 3, *overrides), run_dir=tmp_path / "b", output=str(out))
         logged = capsys.readouterr().out
     finally:

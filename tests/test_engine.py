@@ -37,12 +37,12 @@ def test_largest_block_is_the_biggest_layer_of_any_kind():
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_block_fetch_trains_like_module_fetch(tiny_data, tmp_path):
-    """2-rank ZeRO-3 runs with per-block and per-module fetching give the same losses. The first steps
-    are bit-identical; later ones may differ in the last bits, because the two modes fill DeepSpeed's
-    gradient buckets in another order and a token-weighted loss rounds differently per bucket."""
+    """2-rank ZeRO-3 runs with per-block and per-module fetching give the same losses. The first step
+    (same weights) is bit-identical; later ones may differ in the last bits, because the two modes fill
+    DeepSpeed's gradient buckets in another order and a token-weighted loss rounds differently per bucket."""
     for fetch in ("block", "module"):
         run(train_command(tiny_data, tmp_path / fetch, tmp_path / f"out-{fetch}", 3, 3,
                           f"deepspeed.zero3_fetch={fetch}"), tmp_path)
     block, module = steps(tmp_path / "block"), steps(tmp_path / "module")
-    assert [block[s]["loss"] for s in (1, 2)] == [module[s]["loss"] for s in (1, 2)]
-    assert block[3]["loss"] == pytest.approx(module[3]["loss"], rel=1e-6)
+    assert block[1]["loss"] == module[1]["loss"]
+    assert [block[s]["loss"] for s in (2, 3)] == pytest.approx([module[s]["loss"] for s in (2, 3)], rel=1e-6)

@@ -24,7 +24,8 @@ from cos_model import CosForConditionalGeneration
 from cos_model.processing import CosImageProcessor, CosProcessor
 from cosctl.checkpoint import publish
 from cosctl.cli import app
-from cosctl.data import IMAGE_TOKEN, encode_conversation, image_token_id, load_tokenizer
+from cosctl.conversation import IMAGE_TOKEN, encode_conversation, image_token_id
+from cosctl.data import load_tokenizer
 from cosctl.engine import apply_lora
 from cosctl.errors import DataError
 from cosctl.evaluate.generation import generate_and_score, metrics_record, plan_batches, rank_batches
@@ -289,7 +290,8 @@ from cosctl.evaluate.generation import generate_and_score
 from tests.test_evaluate import eos_that_ends_ranks_apart, tiny_spec, zero3_engine
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = tiny_spec(data, out / "run")
-from cosctl.data import load_tokenizer, image_token_id
+from cosctl.data import load_tokenizer
+from cosctl.conversation import image_token_id
 tokenizer = load_tokenizer(data / "tokenizer")
 records = json.loads((data / "train.json").read_text())[:11]
 plain = build_pretrain_model(spec, len(tokenizer), image_token_id(tokenizer))

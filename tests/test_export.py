@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from cos_model import IGNORE_INDEX, CosForConditionalGeneration
 from cos_model.processing import CosImageProcessor, CosProcessor
 from cosctl.checkpoint import publish
-from cosctl.data import encode_conversation, image_token_id, load_image, load_tokenizer
+from cosctl.conversation import encode_conversation, image_token_id
+from cosctl.data import load_image, load_tokenizer
 from cosctl.engine import apply_lora
 from cosctl.export import export_merged
 from cosctl.remote_code import RemoteCodeError, module_sources

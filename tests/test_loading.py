@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from cos_model.building import build_pretrained, build_vision_tower
 from cos_model.loading import (
     Checkpoint,
     CheckpointMismatchError,
-    build_pretrained,
-    build_vision_tower,
     grow_rows,
     load_language_model,
     read_checkpoint,
@@ -326,7 +325,8 @@ def tokenizer_folder(path):
 
 def test_embeddings_grow_to_the_tokenizer_with_image_token(tmp_path, llama_folders):
     """Adding <image> grows embed_tokens and lm_head to len(tokenizer): source rows untouched, new row = mean."""
-    from cosctl.data import IMAGE_TOKEN, load_tokenizer
+    from cosctl.conversation import IMAGE_TOKEN
+    from cosctl.data import load_tokenizer
 
     llm, sharded, _ = llama_folders
     tokenizer = load_tokenizer(tokenizer_folder(tmp_path / "tok"))

@@ -6,6 +6,7 @@ import ast
 import importlib.metadata as metadata
 import re
 import sys
+
 import tomllib
 
 from tests.harness import REPO

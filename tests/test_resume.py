@@ -12,7 +12,6 @@ import pytest
 
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
-
 from tests.harness import REPO, env, kill_when, run, steps, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -67,3 +66,15 @@ def test_resume_refuses_a_corrupt_checkpoint(tiny_data, tmp_path):
     result = subprocess.run(longer, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert f"{shard.name}: content does not match its manifest" in result.stderr
+
+
+def test_a_zero2_run_resumes_on_two_ranks(tiny_data, tmp_path):
+    """ZeRO-2 writes one shared module-state file (mp_rank_00_model_states.pt) that every rank must
+    read: 2 ranks resume a zero2 checkpoint and continue exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(train_command(tiny_data, full / "work", full / "out", 4, 2, "deepspeed.template=zero2"), tmp_path)
+    resumed = run(train_command(tiny_data, part / "work", part / "out", 4, 2, "deepspeed.template=zero2")
+                  + ["--resume", f"{full / 'out'}/checkpoints/step_00000002"], tmp_path)
+    assert "at step 2" in resumed.stdout
+    expected, got = steps(full / "work"), steps(part / "work")
+    assert [got[s]["loss"] for s in (3, 4)] == [expected[s]["loss"] for s in (3, 4)]

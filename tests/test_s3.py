@@ -13,9 +13,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from cosctl.storage.s3 import MiB, S3Store, file_etag
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
+from cosctl.storage.s3 import MiB, S3Store, file_etag
 from tests.conftest_s3 import TEST_SECRET, S3Server, create_bucket
 from tests.faultproxy import FaultProxy
 
@@ -390,3 +390,12 @@ def test_twenty_faults_across_a_checkpoint_sequence(proxied: S3Store, fault_prox
         assert sha256_file(tmp_path / "restore" / key) == sha256_file(source)
     assert proxied.get_bytes("step_3/manifest.json") == b'{"step": 3}'
     assert fault_proxy.injected >= 20 and fault_proxy.pending() == 0
+
+
+def test_a_missing_bucket_is_not_a_missing_object(moto_server, s3_env):
+    """A HEAD on a key of a bucket that does not exist says the bucket is missing, not the object."""
+    from cosctl.errors import BucketNotFound
+
+    store = S3Store("no-such-bucket-here", "run", endpoint_url=moto_server.endpoint, path_style=True)
+    with pytest.raises(BucketNotFound, match="bucket 'no-such-bucket-here' does not exist"):
+        store.size("checkpoints/latest")

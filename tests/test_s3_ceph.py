@@ -15,9 +15,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from cosctl.storage.s3 import MiB, S3Store, file_etag
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import StorageError, TransientStorageError, sha256_file
+from cosctl.storage.s3 import MiB, S3Store, file_etag
 from tests.conftest_s3 import S3Server, create_bucket, use_credentials
 from tests.faultproxy import FaultProxy
 

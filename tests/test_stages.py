@@ -10,7 +10,8 @@ import pytest
 
 from cos_model import CosConfig, CosForConditionalGeneration
 from cosctl.checkpoint import publish
-from cosctl.data import IMAGE_TOKEN, load_tokenizer
+from cosctl.conversation import IMAGE_TOKEN
+from cosctl.data import load_tokenizer
 from cosctl.storage import LocalStore
 from tests.harness import RECIPES, REPO, env
 

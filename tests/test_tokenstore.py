@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl import tokenstore
+from cosctl import prepare, prepare_parts, tokenstore
 from cosctl.batching import StepLoader
 from cosctl.data import DataError, load_examples, load_tokenizer
 from cosctl.errors import StorageError
 from cosctl.log import setup_logging
+from cosctl.prepare import SplitSource, load_split, prepare_split
 from cosctl.storage import StoreSettings
-from cosctl.tokenstore import SplitSource, TokenStore, load_split, prepare_split
+from cosctl.tokenstore import TokenStore
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.llava import truncated_jpeg, write_llava_set
 
@@ -82,7 +83,7 @@ def test_prepared_store_is_reused_after_a_restart(llava_dir, tokenizer, monkeypa
     def no_tokenising(*args, **kwargs):
         raise AssertionError("re-tokenised a prepared split")
 
-    monkeypatch.setattr(tokenstore, "encode_records", no_tokenising)
+    monkeypatch.setattr(prepare_parts, "encode_records", no_tokenising)
     second = load(source, tokenizer)
     assert second.store.folder == folder
     logged = capsys.readouterr().out
@@ -96,17 +97,17 @@ def test_the_key_follows_content_tokenizer_and_settings(llava_dir, tokenizer, tm
     tokenizer files in another folder: the same key."""
     source = source_for(llava_dir)
     path = llava_dir / "train.json"
-    key = tokenstore._split_key(source, tokenizer)[0]
+    key = prepare._split_key(source, tokenizer)[0]
     text, stat = path.read_text(), path.stat()
     path.write_text(text.replace("Are you sure?", "Are you SURE?", 1))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    assert tokenstore._split_key(source, tokenizer)[0] != key
+    assert prepare._split_key(source, tokenizer)[0] != key
     path.write_text(text)
-    assert tokenstore._split_key(source, tokenizer)[0] == key
-    assert tokenstore._split_key(source_for(llava_dir, max_text_tokens=64), tokenizer)[0] != key
+    assert prepare._split_key(source, tokenizer)[0] == key
+    assert prepare._split_key(source_for(llava_dir, max_text_tokens=64), tokenizer)[0] != key
     shutil.copytree(llava_dir / "tokenizer", tmp_path / "elsewhere")
-    assert tokenstore._split_key(source, load_tokenizer(tmp_path / "elsewhere"))[0] == key
+    assert prepare._split_key(source, load_tokenizer(tmp_path / "elsewhere"))[0] == key
 
 
 def test_worker_processes_prepare_the_same_store(llava_dir, tokenizer, tmp_path):

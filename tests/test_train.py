@@ -21,7 +21,8 @@ def losses(run_dir) -> dict[int, tuple[float, float]]:
 
 
 def test_two_steps_commit_checkpoints_and_publish_the_model(tiny_data, tmp_path, in_process):
-    """Two steps on one rank commit a verified checkpoint per step and publish model/ with a manifest."""
+    """Two steps on one rank commit a verified checkpoint per step, publish model/ with a manifest and log
+    each step's data wait and peak memory."""
     out = tmp_path / "out"
     summary = in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
     assert summary["steps"] == 2 and summary["world_size"] == 1 and summary["budget_origin"] == "spec"
@@ -30,6 +31,9 @@ def test_two_steps_commit_checkpoints_and_publish_the_model(tiny_data, tmp_path,
     assert latest.step == 2 and verify(store, latest, tmp_path / "scratch") == []
     assert (out / "model" / "manifest.json").is_file() and (out / "model" / "config.json").is_file()
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(0 <= r["data_time_s"] <= r["step_time_s"] and r["peak_mem_gib"] > 0.1 for r in steps)
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path, in_process):

@@ -2,7 +2,7 @@
 
 A record is a training record whose last `gpt` turn is the reference (`{"id", "image", "task"?,
 "answers"?, "conversations": [human, gpt, ..., human, gpt]}`). Its prompt is the conversation up to and
-including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.data.encode_conversation`
+including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.conversation.encode_conversation`
 itself: the prompt ids are exactly the ids training produced for the same conversation, cut where the
 last answer's labels start.
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from cos_model import IGNORE_INDEX
 
-from ..data import conversation_problem, encode_conversation, image_problem, read_records, resolve_image_path
+from ..conversation import conversation_problem, encode_conversation
+from ..data import image_problem, read_records, resolve_image_path
 from ..errors import DataError
 from ..log import log
 from ..scoring import TASK_FAMILIES, eval_items, parse_box

@@ -37,7 +37,15 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
-from .base import ObjectNotFound, StorageError, StoreSettings, TransientStorageError, check_key, sha256_file
+from .base import (
+    BucketNotFound,
+    ObjectNotFound,
+    StorageError,
+    StoreSettings,
+    TransientStorageError,
+    check_key,
+    sha256_file,
+)
 from .s3_errors import MISSING_CODES, STREAM_ERRORS, storage_error
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,7 @@ class S3Store:
         self.read_timeout = max(0.5, (timeout_s - worst_backoff) / self.max_attempts - self.connect_timeout)
         self._lock = threading.Lock()
         self._s3: Any = None
+        self._bucket_exists = False
 
     @classmethod
     def from_uri(cls, uri: str, settings: StoreSettings | None = None) -> S3Store:
@@ -136,6 +145,20 @@ class S3Store:
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, key, op) from err
 
+    def _check_bucket(self) -> None:
+        """Raise BucketNotFound when the bucket does not exist (checked once per store)."""
+        if self._bucket_exists:
+            return
+        try:
+            self._client().head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in MISSING_CODES | {"NoSuchBucket"}:
+                raise BucketNotFound(f"{self.uri}: bucket {self.bucket!r} does not exist at this endpoint") from err
+            raise self._error(err, None, "head_bucket") from err
+        except BotoCoreError as err:
+            raise self._error(err, None, "head_bucket") from err
+        self._bucket_exists = True
+
     def _full(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -145,6 +168,7 @@ class S3Store:
             return self._client().head_object(Bucket=self.bucket, Key=self._full(key))
         except ClientError as err:
             if str(err.response.get("Error", {}).get("Code")) in MISSING_CODES:
+                self._check_bucket()  # a HEAD's 404 has no body: it cannot say which of the two is missing
                 return None
             raise self._error(err, key, "head_object") from err
         except BotoCoreError as err:

@@ -1,0 +1,30 @@
+"""The object collectives of cosctl.dist in one process with no process group (how `cosctl data
+prepare` runs them); their multi-rank behaviour runs in every `--nproc 2` test."""
+
+from __future__ import annotations
+
+import pytest
+
+from cosctl.dist import agreed, gather, on_main, rank_and_world
+from cosctl.errors import DataError
+
+
+def test_without_a_group_this_process_is_rank_0_of_1():
+    """No process group: rank 0 of 1, and gather returns this process's value alone."""
+    assert rank_and_world() == (0, 1)
+    assert gather({"a": 1}) == [{"a": 1}]
+
+
+def test_on_main_and_agreed_return_results_and_raise_the_callers_error():
+    """on_main and agreed return the computed value, and re-raise the very exception they caught."""
+    assert on_main(lambda: 41 + 1) == 42
+    assert agreed(lambda: "ok") == "ok"
+    problem = DataError("data.json: 3 of 4 records are bad")
+
+    def fail():
+        raise problem
+
+    for collective in (on_main, agreed):
+        with pytest.raises(DataError) as caught:
+            collective(fail)
+        assert caught.value is problem
