@@ -500,7 +500,8 @@ def default_samples_per_step(args: argparse.Namespace, spec: PretrainSpec, num_v
 def run_product_row(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None, peak: float | None,
                     cuda: bool) -> dict:
     """One `cosctl pretrain` run for the row (bench/product_path.py) and its figures."""
-    from cosctl.data import IMAGE_TOKEN, length_stats, load_examples, load_tokenizer
+    from cosctl.conversation import IMAGE_TOKEN
+    from cosctl.data import length_stats, load_examples, load_tokenizer
 
     image_size, scales = layout(shape, num_tokens, args, grid)
     name = f"stage-speed-{args.shape}-{num_tokens}-{image_size}px"
