@@ -2,4 +2,6 @@
 
 from .cli import main
 
-main()
+# Guarded: a spawned child process (data preparation) imports this module again under another name.
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,14 @@ from .dist import agreed, on_main, rank_and_world
 from .errors import DataError, ObjectNotFound, StorageError
 from .images import DEFAULT_CACHE_BYTES, ImageSource, default_cache_dir
 from .log import log
-from .prepare_parts import in_child, prepare_part, write_store
+from .prepare_parts import in_child, in_this_process, prepare_part, write_store
 from .storage import LocalStore, ObjectStore, StoreSettings, join_uri, open_store, sha256_file
 from .tokenstore import FORMAT, META, StoreRecords, TokenStore
+
+
+# Data files this large are prepared in a child process per rank (parsing a 500 MB JSON leaves ~2.5 GB
+# the rank's allocator would otherwise keep); smaller ones in the rank, without a child's start-up.
+CHILD_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,11 @@ def load_split(source: SplitSource, tokenizer, *, num_visual_tokens: int, max_ba
     return store.records(num_visual_tokens, image_token_id(tokenizer), source.images())
 
 
-def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0) -> TokenStore:
-    """Find or build the split's token store and map it on this rank (collective; see `load_split`)."""
+def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0,
+                  child_min_bytes: int = CHILD_MIN_BYTES) -> TokenStore:
+    """Find or build the split's token store and map it on this rank (collective; see `load_split`).
+    The preparation runs in a spawned process per rank when `workers` > 0 or the data file has at least
+    `child_min_bytes`, else in the rank itself."""
     started = time.monotonic()
     # The preparation's own id keeps the parts of two jobs preparing the same store at once apart.
     key, json_path, attempt = on_main(lambda: (*_split_key(source, tokenizer), uuid.uuid4().hex[:8]))
@@ -128,10 +136,12 @@ def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0) -> TokenS
     else:
         rank, world = rank_and_world()
         log.info(f"data: preparing {source.json_uri()} into {location.uri} (key {key[:16]}) over {world} rank(s)")
-        # In a forked child each: parsing a large JSON leaves memory the rank's allocator would keep.
-        agreed(lambda: in_child(prepare_part, source, tokenizer, location, json_path if rank == 0 else None,
-                                    workers, rank, world))
-        on_main(lambda: in_child(location.merge_parts, world))
+        # Parsing a large JSON leaves memory the rank's allocator would keep: a child process frees it.
+        isolate = workers > 0 or on_main(lambda: json_path.stat().st_size) >= child_min_bytes
+        run = in_child if isolate else in_this_process
+        agreed(lambda: run(prepare_part, source, tokenizer, location, json_path if rank == 0 else None,
+                           workers, rank, world))
+        on_main(lambda: run(location.merge_parts, world))
         log.info(f"data: prepared {location.uri} in {time.monotonic() - started:.1f} s")
     agreed(lambda: location.fetch() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None)
     store = TokenStore(location.local)
@@ -166,7 +176,11 @@ def _split_key(source: SplitSource, tokenizer) -> tuple[str, Path]:
 
 
 class StoreLocation:
-    """Where a store with `key` lives (`uri`, any store) and is mapped from (`local`)."""
+    """Where a store with `key` lives (`uri`, any store) and is mapped from (`local`). Pickles as its
+    inputs (a preparing child process opens its own store client)."""
+
+    def __reduce__(self):
+        return StoreLocation, (self.source, self.key, self.attempt)
 
     def __init__(self, source: SplitSource, key: str, attempt: str = ""):
         self.source, self.key, self.attempt = source, key, attempt

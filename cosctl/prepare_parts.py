@@ -31,33 +31,45 @@ _JOB: dict[str, Any] = {}  # what pool workers read; set before they fork
 
 
 def in_child(function: Callable[..., None], *args) -> None:
-    """`function(*args)` in a forked process, its error raised here: what it allocates goes back to the
-    system when it exits. It must not use the process group."""
-    context = multiprocessing.get_context("fork")
+    """`function(*args)` in a fresh (spawned) Python process, its error raised here: what it allocates
+    goes back to the system when it exits. `function` and `args` must pickle; it must not use the
+    process group.
+
+    Spawned, not forked: a rank runs gloo/NCCL threads, and CPython 3.11 forked while one of them holds
+    the interpreter's thread-state lock leaves the child blocked forever in `os.fork()` (seen here: a
+    two-rank run hung in `_PyThreadState_DeleteExcept`). A spawned child has no such threads, so the
+    worker pool it forks is safe."""
+    context = multiprocessing.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
-
-    def run() -> None:
-        try:
-            function(*args)
-            outcome: tuple[bool, BaseException | None] = (True, None)
-        except BaseException as err:  # sent to the parent, which raises it
-            outcome = (False, err)
-        try:
-            writer.send(outcome)
-        except Exception:  # an error that does not pickle: its text
-            writer.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
-
-    process = context.Process(target=run, name="cosctl-prepare")
+    process = context.Process(target=_child_main, args=(writer, function, args), name="cosctl-prepare")
     process.start()
     writer.close()
     try:
         ok, error = reader.recv()
     except EOFError:
+        process.join()
         ok, error = False, DataError(f"preparing the data failed: its process ended with exit code "
-                                     f"{process.join() or process.exitcode} (out of memory?)")
+                                     f"{process.exitcode} (out of memory?)")
     process.join()
     if not ok:
         raise error
+
+
+def in_this_process(function: Callable[..., None], *args) -> None:
+    """`function(*args)` here: for data files small enough that the memory parsing leaves is no concern."""
+    function(*args)
+
+
+def _child_main(writer, function: Callable[..., None], args: tuple) -> None:
+    try:
+        function(*args)
+        outcome: tuple[bool, BaseException | None] = (True, None)
+    except BaseException as err:  # sent to the parent, which raises it
+        outcome = (False, err)
+    try:
+        writer.send(outcome)
+    except Exception:  # an error that does not pickle: its text
+        writer.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
 
 
 def prepare_part(source: SplitSource, tokenizer, location: StoreLocation, json_path: Path | None,

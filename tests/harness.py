@@ -39,8 +39,21 @@ def env(tmp: Path | None = None, **extra: str) -> dict:
 def cosctl(*args: str, tmp: Path | None = None, timeout: int = 600, env_extra: dict | None = None,
            cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python -m cosctl ARGS` in a subprocess, output captured; the exit code is the caller's to check."""
-    return subprocess.run([sys.executable, "-m", "cosctl", *args], cwd=cwd, env=env(tmp, **(env_extra or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    return _run_tree([sys.executable, "-m", "cosctl", *args], cwd, env(tmp, **(env_extra or {})), timeout)
+
+
+def _run_tree(cmd: list[str], cwd: Path, environment: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd)` with output captured, except that on a timeout the ranks and any process
+    they started are killed too (killing the launcher alone leaves them running, and holding ports)."""
+    with subprocess.Popen(cmd, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -51,7 +64,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def run(cmd: list[str], tmp: Path, **extra_env: str) -> subprocess.CompletedProcess:
     """Run a full command line (from `train_command`) and require exit 0."""
-    return ok(subprocess.run(cmd, cwd=REPO, env=env(tmp, **extra_env), capture_output=True, text=True, timeout=600))
+    return ok(_run_tree(cmd, REPO, env(tmp, **extra_env), 600))
 
 
 def steps(run_dir: Path) -> dict[int, dict]:

@@ -110,13 +110,17 @@ def test_the_key_follows_content_tokenizer_and_settings(llava_dir, tokenizer, tm
     assert prepare._split_key(source, load_tokenizer(tmp_path / "elsewhere"))[0] == key
 
 
-def test_worker_processes_prepare_the_same_store(llava_dir, tokenizer, tmp_path):
-    """Preparing with two worker processes writes the same arrays as preparing in-process."""
+def test_child_and_worker_processes_prepare_the_same_store(llava_dir, tokenizer, tmp_path):
+    """Preparing in a spawned child (large files), and there with two worker processes, writes the same
+    arrays as preparing in the calling process."""
     inline = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "a")), tokenizer, workers=0)
-    pooled = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "b")), tokenizer, workers=2)
-    for name in tokenstore.ARRAYS:
-        assert np.array_equal(getattr(inline, name), getattr(pooled, name)), name
-    assert inline.meta["report"] == pooled.meta["report"] and inline.key == pooled.key
+    child = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "b")), tokenizer, workers=0,
+                          child_min_bytes=0)
+    pooled = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "c")), tokenizer, workers=2)
+    for other in (child, pooled):
+        for name in tokenstore.ARRAYS:
+            assert np.array_equal(getattr(inline, name), getattr(other, name)), name
+        assert inline.meta["report"] == other.meta["report"] and inline.key == other.key
 
 
 def test_too_many_bad_records_name_the_settings(llava_dir, tokenizer):
