@@ -270,7 +270,7 @@ def watch_preemption(slurm, job_id: str, run_dir: Path, timeline: Timeline) -> d
     """Follow the job: warn it after a few steps, record each event until it ends."""
     patterns = {
         "batch shell trapped USR1": r"cosctl-slurm: got SIGUSR1",
-        "ranks stopped: 'stopped at step K'": r"stopped at step \d+ on request",
+        "ranks stopped: 'stopped at step K'": r"stopped at step \d+: SIGUSR1",
         "checkpoint committed": r"checkpoint step_\d+ committed",
         "batch shell requeues the job": r"requeueing job",
         "rerun started (SLURM_RESTART_COUNT=1)": r"restart 1 \(SLURM_RESTART_COUNT\)",
@@ -341,7 +341,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tiny_data, un
 
     resumed = [(uri, int(name), int(step)) for uri, name, step in
                re.findall(r"resuming from (\S+)/checkpoints/step_(\d+) at step (\d+)", log)]
-    stopped = re.findall(r"stopped at step (\d+) on request", log)
+    stopped = re.findall(r"stopped at step (\d+): SIGUSR1", log)
     store = open_store(preempt_output, load_spec(run_dir / "slurm" / "spec.yaml").storage.to_settings())
     manifests = {c.step: c.manifest for c in list_committed(store)}
     for step, manifest in manifests.items():
