@@ -23,7 +23,8 @@ def imported_top_level_modules() -> set[str]:
                     found |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - FIRST_PARTY
+    bench_scripts = {path.stem for path in (REPO / "bench").glob("*.py")}  # run as scripts: siblings import
+    return found - set(sys.stdlib_module_names) - FIRST_PARTY - bench_scripts
 
 
 def declared_distributions() -> set[str]:
