@@ -109,11 +109,17 @@ def install(counter: Counter) -> None:
 def variant_spec(template: str, trainable: list[str], samples_per_step: int, overrides: list[str]):
     from cosctl.spec import load_spec
 
-    return load_spec(REPO / "recipes/tiny/pretrain.yaml", [
-        f"deepspeed.template={template}", f"model.trainable={json.dumps(trainable)}",
-        f"batch.samples_per_step={samples_per_step}", "batch.tokens_per_micro_batch=100000",
-        "model.gradient_checkpointing=false", *overrides,
-    ])
+    return load_spec(
+        REPO / "recipes/tiny/pretrain.yaml",
+        [
+            f"deepspeed.template={template}",
+            f"model.trainable={json.dumps(trainable)}",
+            f"batch.samples_per_step={samples_per_step}",
+            "batch.tokens_per_micro_batch=100000",
+            "model.gradient_checkpointing=false",
+            *overrides,
+        ],
+    )
 
 
 def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
@@ -132,10 +138,16 @@ def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     zero = ds_config["zero_optimization"]
     counts = param_counts(model.parameters(), zero.get("stage3_param_persistence_threshold", 0))
     volume = step_volume(zero["stage"], counts, args.micro_batches, bytes_per_param=4)  # fp32 on CPU
-    predicted = {kind: getattr(volume, kind) for kind in ("all_gather", "reduce_scatter", "all_reduce")
-                 if getattr(volume, kind)}
-    batches = [{**synthetic_micro_batch(config, args.micro_batch, args.text_tokens, seed=dist_info.rank * 100 + i),
-                "num_samples": args.micro_batch} for i in range(args.micro_batches)]
+    predicted = {
+        kind: getattr(volume, kind) for kind in ("all_gather", "reduce_scatter", "all_reduce") if getattr(volume, kind)
+    }
+    batches = [
+        {
+            **synthetic_micro_batch(config, args.micro_batch, args.text_tokens, seed=dist_info.rank * 100 + i),
+            "num_samples": args.micro_batch,
+        }
+        for i in range(args.micro_batches)
+    ]
     for _ in range(args.warmup):
         train_step(engine, batches, dist_info.device)
     counter.reset()
@@ -149,9 +161,17 @@ def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     from deepspeed.runtime.zero import parameter_offload
 
     parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not model]
-    return {"variant": name, "template": template, "trainable": trainable, "world_size": world,
-            "micro_batches_per_step": args.micro_batches, "params": counts.__dict__,
-            "measured_bytes_per_step": measured, "calls_per_step": calls, "predicted_bytes_per_step": predicted}
+    return {
+        "variant": name,
+        "template": template,
+        "trainable": trainable,
+        "world_size": world,
+        "micro_batches_per_step": args.micro_batches,
+        "params": counts.__dict__,
+        "measured_bytes_per_step": measured,
+        "calls_per_step": calls,
+        "predicted_bytes_per_step": predicted,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,14 +183,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every variant's spec, e.g. "
-                             "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=0")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every variant's spec, e.g. "
+        "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=0",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if "RANK" not in os.environ and args.nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   __file__, *(argv if argv is not None else sys.argv[1:])]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            __file__,
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         os.execvp(command[0], command)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import warnings
@@ -196,15 +229,19 @@ def main(argv: list[str] | None = None) -> None:
 def format_table(rows: list[dict]) -> str:
     """Measured against predicted bytes per step, per collective kind (small all-reduces of the loss,
     counts and gradient norm are measured but not predicted)."""
-    lines = ["| variant | ranks | micro-batches | collective | measured B/step | predicted B/step | "
-             "measured/predicted |", "|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| variant | ranks | micro-batches | collective | measured B/step | predicted B/step | measured/predicted |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
     for row in rows:
         measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
         for kind in sorted(set(measured) | set(predicted)):
             got, want = measured.get(kind, 0), predicted.get(kind, 0)
             ratio = f"{got / want:.4f}" if want else "-"
-            lines.append(f"| {row['variant']} | {row['world_size']} | {row['micro_batches_per_step']} | {kind} | "
-                         f"{got:,.0f} | {want:,.0f} | {ratio} |")
+            lines.append(
+                f"| {row['variant']} | {row['world_size']} | {row['micro_batches_per_step']} | {kind} | "
+                f"{got:,.0f} | {want:,.0f} | {ratio} |"
+            )
     return "\n".join(lines)
 
 

@@ -97,8 +97,13 @@ json.dump({"rank": rank, "records": len(records), "load_s": loaded, "startup_s":
 if path != "before":
     dist.destroy_process_group()
 """
-SETTINGS = {"visual": NUM_VISUAL_TOKENS, "text": MAX_TEXT_TOKENS, "size": IMAGE_SIZE, "budget": TOKENS_PER_MICRO_BATCH,
-            "step": SAMPLES_PER_STEP}
+SETTINGS = {
+    "visual": NUM_VISUAL_TOKENS,
+    "text": MAX_TEXT_TOKENS,
+    "size": IMAGE_SIZE,
+    "budget": TOKENS_PER_MICRO_BATCH,
+    "step": SAMPLES_PER_STEP,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,9 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="Folder for data sets (default: a temp folder).")
     parser.add_argument("--timeout", type=int, default=1800, help="Seconds per measurement.")
     parser.add_argument("--json", type=Path, default=None, help="Write the rows here (rewritten after each).")
-    parser.add_argument("--unique-text", action="store_true",
-                        help="Make every record's text distinct (its id in the first question), so that preparing "
-                        "cannot reuse the tokens of a repeated text; for realistic preparation times.")
+    parser.add_argument(
+        "--unique-text",
+        action="store_true",
+        help="Make every record's text distinct (its id in the first question), so that preparing "
+        "cannot reuse the tokens of a repeated text; for realistic preparation times.",
+    )
     return parser.parse_args(argv)
 
 
@@ -167,14 +175,32 @@ def measure(path: str, data: Path, ranks: int, pythonpath: str, scratch: Path, t
     procs = []
     started = time.monotonic()
     for rank in range(ranks):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore", "COSCTL_CACHE": str(scratch / "cache")}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(ranks),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "PYTHONPATH": pythonpath,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+            "COSCTL_CACHE": str(scratch / "cache"),
+        }
         out = scratch / f"{path}-{rank}.json"
         out.unlink(missing_ok=True)
-        procs.append((subprocess.Popen([sys.executable, str(script), path, str(data), str(out),
-                                        json.dumps(SETTINGS)], env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(script), path, str(data), str(out), json.dumps(SETTINGS)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+                out,
+            )
+        )
     reports, error = [], None
     for proc, out in procs:
         try:
@@ -189,11 +215,16 @@ def measure(path: str, data: Path, ranks: int, pythonpath: str, scratch: Path, t
             reports.append(json.loads(out.read_text()))
     if error:
         return {"error": error}
-    return {"ranks": reports, "startup_s": max(r["startup_s"] for r in reports),
-            "rss_mb": max(r["rss_mb"] for r in reports), "anon_mb": max(r["anon_mb"] for r in reports),
-            "file_mb": max(r["file_mb"] for r in reports), "peak_mb": max(r["peak_mb"] for r in reports),
-            "base_rss_mb": max(r["base_rss_mb"] for r in reports),
-            "children_peak_mb": max(r["children_peak_mb"] for r in reports)}
+    return {
+        "ranks": reports,
+        "startup_s": max(r["startup_s"] for r in reports),
+        "rss_mb": max(r["rss_mb"] for r in reports),
+        "anon_mb": max(r["anon_mb"] for r in reports),
+        "file_mb": max(r["file_mb"] for r in reports),
+        "peak_mb": max(r["peak_mb"] for r in reports),
+        "base_rss_mb": max(r["base_rss_mb"] for r in reports),
+        "children_peak_mb": max(r["children_peak_mb"] for r in reports),
+    }
 
 
 def before_source(ref: str, scratch: Path) -> Path:
@@ -201,21 +232,26 @@ def before_source(ref: str, scratch: Path) -> Path:
     target = scratch / f"src-{ref}"
     if not target.exists():
         target.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "cosctl", "cos_model"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref, "cosctl", "cos_model"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| records | path | start-up s | RSS MB | anon MB | mapped MB | peak MB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| records | path | start-up s | RSS MB | anon MB | mapped MB | peak MB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['records']:,} | {row['path']} | {row['error']} | | | | |")
         else:
-            lines.append(f"| {row['records']:,} | {row['path']} | {row['startup_s']:.1f} | {row['rss_mb']:.0f} | "
-                         f"{row['anon_mb']:.0f} | {row['file_mb']:.0f} | {row['peak_mb']:.0f} |")
+            lines.append(
+                f"| {row['records']:,} | {row['path']} | {row['startup_s']:.1f} | {row['rss_mb']:.0f} | "
+                f"{row['anon_mb']:.0f} | {row['file_mb']:.0f} | {row['peak_mb']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -229,13 +265,17 @@ def main(argv=None) -> None:
         started = time.monotonic()
         if not (data / "train.json").exists():
             write_dataset(data, count, args.unique_text)
-        print(f"{count:,} records: data set in {time.monotonic() - started:.0f} s "
-              f"({(data / 'train.json').stat().st_size / 2**20:.0f} MiB of JSON)", flush=True)
+        print(
+            f"{count:,} records: data set in {time.monotonic() - started:.0f} s "
+            f"({(data / 'train.json').stat().st_size / 2**20:.0f} MiB of JSON)",
+            flush=True,
+        )
         shutil.rmtree(data / "prepared", ignore_errors=True)
         for path in args.paths.split(","):
             source = before_source(args.before_ref, scratch) if path == "before" else REPO
-            result = measure(path if path == "before" else "after", data, args.ranks, str(source), scratch,
-                             args.timeout)
+            result = measure(
+                path if path == "before" else "after", data, args.ranks, str(source), scratch, args.timeout
+            )
             rows.append({"records": count, "path": path, **result})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if args.json:

@@ -42,19 +42,34 @@ def make_folders(out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     vision, text = out / "clip", out / f"llama_{hidden}x{layers}"
     if not (vision / "config.json").is_file():
         torch.manual_seed(0)
-        clip = CLIPModel(CLIPConfig(
-            vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4,
-                               patch_size=14, image_size=224),
-            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-            projection_dim=64,
-        ))
+        clip = CLIPModel(
+            CLIPConfig(
+                vision_config=dict(
+                    hidden_size=128,
+                    intermediate_size=512,
+                    num_hidden_layers=24,
+                    num_attention_heads=4,
+                    patch_size=14,
+                    image_size=224,
+                ),
+                text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+                projection_dim=64,
+            )
+        )
         clip.save_pretrained(vision)
     if not (text / "config.json").is_file():
         torch.manual_seed(0)
-        llm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=False,
-        ))
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=32000,
+                hidden_size=hidden,
+                intermediate_size=int(hidden * 2.75),
+                num_hidden_layers=layers,
+                num_attention_heads=hidden // 64,
+                num_key_value_heads=hidden // 64,
+                tie_word_embeddings=False,
+            )
+        )
         llm.save_pretrained(text, max_shard_size="200MB")
     return vision, text
 
@@ -104,12 +119,17 @@ def child(mode: str, dtype_name: str, vision: Path, text: Path) -> dict:
     touched = status_kib()
     numel = sum(p.numel() for p in model.parameters())
     return {
-        "mode": mode, "dtype": dtype_name, "params_m": round(numel / 1e6, 1),
+        "mode": mode,
+        "dtype": dtype_name,
+        "params_m": round(numel / 1e6, 1),
         "model_mib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
-        "rss_before_mib": round(before / 1024), "peak_after_build_mib": round(built["VmHWM"] / 1024),
+        "rss_before_mib": round(before / 1024),
+        "peak_after_build_mib": round(built["VmHWM"] / 1024),
         "peak_after_touch_mib": round(touched["VmHWM"] / 1024),
         "anon_after_touch_mib": round(touched["RssAnon"] / 1024),
-        "file_after_touch_mib": round(touched["RssFile"] / 1024), "build_s": round(seconds, 1), "checksum": checksum,
+        "file_after_touch_mib": round(touched["RssFile"] / 1024),
+        "build_s": round(seconds, 1),
+        "checksum": checksum,
     }
 
 
@@ -128,13 +148,32 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         for mode in ("old", "lean"):
-            command = [sys.executable, __file__, "--out", str(args.out), "--hidden", str(args.hidden),
-                       "--layers", str(args.layers), "--child", mode, dtype]
+            command = [
+                sys.executable,
+                __file__,
+                "--out",
+                str(args.out),
+                "--hidden",
+                str(args.hidden),
+                "--layers",
+                str(args.layers),
+                "--child",
+                mode,
+                dtype,
+            ]
             result = subprocess.run(command, check=True, capture_output=True, text=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    columns = ["mode", "dtype", "params_m", "model_mib", "rss_before_mib", "peak_after_build_mib",
-               "peak_after_touch_mib", "build_s"]
+    columns = [
+        "mode",
+        "dtype",
+        "params_m",
+        "model_mib",
+        "rss_before_mib",
+        "peak_after_build_mib",
+        "peak_after_touch_mib",
+        "build_s",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

@@ -46,11 +46,18 @@ def run_variant(data: Path, work: Path, packing: bool, args) -> dict:
     from cosctl.spec import load_spec
     from cosctl.train import run_training
 
-    overrides = [f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"optim.num_steps={args.steps}",
-                 f"checkpoint.every_steps={args.steps * 10}", "eval.every_steps=null",
-                 f"batch.tokens_per_micro_batch={args.tokens_per_micro_batch}",
-                 f"batch.samples_per_step={args.samples_per_step}", f"data.max_text_tokens={args.max_text_tokens}",
-                 f"batch.packing={str(packing).lower()}", "data.max_bad_fraction=0.1"]
+    overrides = [
+        f"data.root={data}",
+        f"model.tokenizer={data / 'tokenizer'}",
+        f"optim.num_steps={args.steps}",
+        f"checkpoint.every_steps={args.steps * 10}",
+        "eval.every_steps=null",
+        f"batch.tokens_per_micro_batch={args.tokens_per_micro_batch}",
+        f"batch.samples_per_step={args.samples_per_step}",
+        f"data.max_text_tokens={args.max_text_tokens}",
+        f"batch.packing={str(packing).lower()}",
+        "data.max_bad_fraction=0.1",
+    ]
     name = "packed" if packing else "padded"
     for folder in (work / name, work / f"{name}-out"):  # a fresh run each time
         shutil.rmtree(folder, ignore_errors=True)
@@ -63,10 +70,14 @@ def run_variant(data: Path, work: Path, packing: bool, args) -> dict:
         os.environ.update(saved)
     records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    return {"variant": name, "samples_per_s": summary["samples_per_s"],
-            "passes_per_step": sum(r["micro_batches"] for r in steps) / len(steps),
-            "tokens_per_step": sum(r["tokens"] for r in steps) / len(steps),
-            "final_loss": summary["final_loss"], **padding(data, spec, args)}
+    return {
+        "variant": name,
+        "samples_per_s": summary["samples_per_s"],
+        "passes_per_step": sum(r["micro_batches"] for r in steps) / len(steps),
+        "tokens_per_step": sum(r["tokens"] for r in steps) / len(steps),
+        "final_loss": summary["final_loss"],
+        **padding(data, spec, args),
+    }
 
 
 def padding(data: Path, spec, args) -> dict:
@@ -76,19 +87,32 @@ def padding(data: Path, spec, args) -> dict:
     from cosctl.prepare import load_split, split_source
 
     tokenizer = load_tokenizer(data / "tokenizer")
-    records = load_split(split_source(spec.data, spec.data.train, None), tokenizer, num_visual_tokens=32,
-                         max_bad_fraction=1.0)
-    loader = StepLoader(records, image_size=64, pad_token_id=0, tokens_per_micro_batch=args.tokens_per_micro_batch,
-                        samples_per_step=args.samples_per_step, seed=spec.run.seed, rank=0, world_size=1,
-                        packing=spec.batch.packing)
+    records = load_split(
+        split_source(spec.data, spec.data.train, None), tokenizer, num_visual_tokens=32, max_bad_fraction=1.0
+    )
+    loader = StepLoader(
+        records,
+        image_size=64,
+        pad_token_id=0,
+        tokens_per_micro_batch=args.tokens_per_micro_batch,
+        samples_per_step=args.samples_per_step,
+        seed=spec.run.seed,
+        rank=0,
+        world_size=1,
+        packing=spec.batch.packing,
+    )
     micro = []
     for step in range(args.steps):
         epoch, index = divmod(step, loader.steps_per_epoch)
         micro += loader.step_micro_batches(epoch, index)[0]
     lengths = records.lengths
-    return {"padding": padding_fraction(micro, lengths, spec.batch.packing),
-            "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
-            "text_only": int(records.store.report.num_text_only), "records": len(records)}
+    return {
+        "padding": padding_fraction(micro, lengths, spec.batch.packing),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+        "text_only": int(records.store.report.num_text_only),
+        "records": len(records),
+    }
 
 
 def main(argv=None) -> None:
@@ -107,11 +131,15 @@ def main(argv=None) -> None:
     print("| variant | padding | passes/step | tokens/step | samples/s | final loss |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['variant']} | {row['padding']:.1%} | {row['passes_per_step']:.1f} | "
-              f"{row['tokens_per_step']:.0f} | {row['samples_per_s']:.2f} | {row['final_loss']:.3f} |")
+        print(
+            f"| {row['variant']} | {row['padding']:.1%} | {row['passes_per_step']:.1f} | "
+            f"{row['tokens_per_step']:.0f} | {row['samples_per_s']:.2f} | {row['final_loss']:.3f} |"
+        )
     speedup = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
-    print(f"{rows[0]['records']} records, {rows[0]['text_only']} text-only, mean {rows[0]['mean_length']:.0f} "
-          f"tokens, longest {rows[0]['max_length']}; speed-up {speedup:.2f}x")
+    print(
+        f"{rows[0]['records']} records, {rows[0]['text_only']} text-only, mean {rows[0]['mean_length']:.0f} "
+        f"tokens, longest {rows[0]['max_length']}; speed-up {speedup:.2f}x"
+    )
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 

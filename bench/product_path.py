@@ -48,8 +48,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UNUSED_TOKEN = "<bench_unused_{}>"
 # Environment a process started by a launcher carries; a product run must start as a fresh command.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 STOP_EXIT = 143  # the product's exit code after a SIGTERM stop at a step boundary
 # Steps the spec allows past the last timed one: the SIGTERM is seen at the boundary of the step that is
 # running when it arrives, and a run that reaches optim.num_steps would save its final checkpoint.
@@ -93,8 +102,11 @@ def prepare_data(work: Path, image_size: int, min_train: int, vocab_size: int, s
         for _ in range(3):
             started = time.monotonic()
             meta = synthesize(root, num, seed, image_size)
-            print(f"[stage_speed] synthesized {meta['num_train']} training records at {image_size} px in "
-                  f"{time.monotonic() - started:.1f} s: {root}", flush=True)
+            print(
+                f"[stage_speed] synthesized {meta['num_train']} training records at {image_size} px in "
+                f"{time.monotonic() - started:.1f} s: {root}",
+                flush=True,
+            )
             if meta["num_train"] >= min_train:
                 break
             shutil.rmtree(root, ignore_errors=True)
@@ -178,8 +190,12 @@ def _device_memory_mib() -> list[int] | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return [int(line) for line in out.split()]
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
@@ -225,14 +241,37 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def run_product(spec_path: Path, row_dir: Path, *, nproc: int, last_step: int, env: dict, run_to_end: bool,
-                timeout_s: float, cuda: bool) -> ProductRun:
+def run_product(
+    spec_path: Path,
+    row_dir: Path,
+    *,
+    nproc: int,
+    last_step: int,
+    env: dict,
+    run_to_end: bool,
+    timeout_s: float,
+    cuda: bool,
+) -> ProductRun:
     """`cosctl pretrain` on the spec, stopped after `last_step` (unless `run_to_end`)."""
     run_dir, output, log_path = row_dir / "run", row_dir / "output", row_dir / "product.log"
     for folder in (run_dir, output):
         shutil.rmtree(folder, ignore_errors=True)
-    command = [sys.executable, "-m", "cosctl", "pretrain", str(spec_path), "--nproc", str(nproc),
-               "--run-dir", str(run_dir), "--output", str(output), "--resume", "never", "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "cosctl",
+        "pretrain",
+        str(spec_path),
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        str(run_dir),
+        "--output",
+        str(output),
+        "--resume",
+        "never",
+        "--overwrite",
+    ]
     (row_dir / "command.txt").write_text(" ".join(command) + "\n")
     baseline = _device_memory_mib() if cuda else None
     peak_device: list[int] | None = list(baseline) if baseline else None
@@ -269,9 +308,15 @@ def run_product(spec_path: Path, row_dir: Path, *, nproc: int, last_step: int, e
     if baseline and peak_device:
         device_gib = max(p - b for p, b in zip(peak_device, baseline, strict=False)) / 1024
     return ProductRun(
-        returncode=process.returncode, records=records, log_path=log_path, run_dir=run_dir,
-        wall_s=time.monotonic() - launched, first_step_s=first["time"] - launched_wall if first else None,
-        peak_host_gib=usage.ru_maxrss / 2**20, peak_device_gib=device_gib, stopped=stopped,
+        returncode=process.returncode,
+        records=records,
+        log_path=log_path,
+        run_dir=run_dir,
+        wall_s=time.monotonic() - launched,
+        first_step_s=first["time"] - launched_wall if first else None,
+        peak_host_gib=usage.ru_maxrss / 2**20,
+        peak_device_gib=device_gib,
+        stopped=stopped,
     )
 
 
@@ -320,7 +365,7 @@ def log_line(log: str, text: str) -> str | None:
     found = None
     for line in log.splitlines():
         if text in line:
-            found = line[line.index(text):]
+            found = line[line.index(text) :]
     return found
 
 
@@ -334,22 +379,46 @@ def log_value(log: str, prefix: str) -> str | None:
     return found
 
 
-def time_loader(examples: list, root: Path, image_size: int, pad_token_id: int, budget: int, samples_per_step: int,
-                seed: int, world_size: int, warmup: int, steps: int) -> list[dict]:
+def time_loader(
+    examples: list,
+    root: Path,
+    image_size: int,
+    pad_token_id: int,
+    budget: int,
+    samples_per_step: int,
+    seed: int,
+    world_size: int,
+    warmup: int,
+    steps: int,
+) -> list[dict]:
     """Rank 0's `StepLoader.next_step()` (image loading, resizing, collating; no workers) for each timed
     step of a row, alone in this process: the data loading a product step with `data.num_workers: 0`
     does inside its step time. Per step: seconds, samples, padded tokens (what the model computes on)
     and non-padding tokens (what the product's tokens/s counts)."""
     from cosctl.batching import StepLoader
 
-    loader = StepLoader(examples, image_root=root, image_size=image_size, pad_token_id=pad_token_id,
-                        tokens_per_micro_batch=budget, samples_per_step=samples_per_step, seed=seed, rank=0,
-                        world_size=world_size, num_workers=0)
+    loader = StepLoader(
+        examples,
+        image_root=root,
+        image_size=image_size,
+        pad_token_id=pad_token_id,
+        tokens_per_micro_batch=budget,
+        samples_per_step=samples_per_step,
+        seed=seed,
+        rank=0,
+        world_size=world_size,
+        num_workers=0,
+    )
     found = []
     for _ in range(warmup + steps):
         started = time.perf_counter()
         batches = loader.next_step()
-        found.append({"seconds": time.perf_counter() - started, "samples": sum(b["num_samples"] for b in batches),
-                      "padded_tokens": sum(b["input_ids"].numel() for b in batches),
-                      "tokens": sum(int(b["attention_mask"].sum()) for b in batches)})
+        found.append(
+            {
+                "seconds": time.perf_counter() - started,
+                "samples": sum(b["num_samples"] for b in batches),
+                "padded_tokens": sum(b["input_ids"].numel() for b in batches),
+                "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            }
+        )
     return found[warmup:]

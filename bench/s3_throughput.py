@@ -32,7 +32,7 @@ import boto3
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cosctl.storage.s3 import MiB, S3Store  # noqa: E402
+from cosctl.storage.s3 import MiB, S3Store
 
 CEPH_SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "ceph-s3.sh"
 
@@ -79,10 +79,14 @@ def ceph_server(args: argparse.Namespace) -> Server | None:
 
 
 def make_bucket(server: Server) -> tuple[object, str]:
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}),
+    )
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)
     return client, bucket
@@ -99,8 +103,14 @@ def measure(server: Server, source: Path, part_mib: int, concurrency: int, round
     """Median upload and download MB/s over `rounds` round trips."""
     os.environ.update(server.env)
     client, bucket = make_bucket(server)
-    store = S3Store(bucket, "bench", endpoint_url=server.endpoint, path_style=True,
-                    max_concurrency=concurrency, chunk_bytes=part_mib * MiB)
+    store = S3Store(
+        bucket,
+        "bench",
+        endpoint_url=server.endpoint,
+        path_style=True,
+        max_concurrency=concurrency,
+        chunk_bytes=part_mib * MiB,
+    )
     size = source.stat().st_size
     ups, downs = [], []
     try:
@@ -152,8 +162,11 @@ def main() -> None:
             for part_mib in parts:
                 for concurrency in threads:
                     up, down = measure(server, source, part_mib, concurrency, args.rounds)
-                    print(f"| {server.name} | {args.size_mib} MiB | {up:.0f} | {down:.0f} | {part_mib} MiB "
-                          f"| {concurrency} |", flush=True)
+                    print(
+                        f"| {server.name} | {args.size_mib} MiB | {up:.0f} | {down:.0f} | {part_mib} MiB "
+                        f"| {concurrency} |",
+                        flush=True,
+                    )
     if moto is not None:
         moto.stop()
 

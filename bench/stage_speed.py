@@ -132,7 +132,8 @@ BASE_GRID = 16  # patches per side of the 32-token pre-training chain
 # Token count -> the preset that inflates the 32-token chain to it (on the doubled grid).
 INFLATE_PRESETS = {
     sum(scale.num_tokens(2 * BASE_GRID) for scale in preset.scales): name
-    for name, preset in PRESETS.items() if preset.source_tokens == 32
+    for name, preset in PRESETS.items()
+    if preset.source_tokens == 32
 }
 LLAVA_TOKENS, LLAVA_GRID = 576, 24
 # Resolutions as ViT-L/14 has them -> patch grids (every shape keeps the grid at its own patch size).
@@ -170,29 +171,69 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape(
-        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-                "patch_size": 4},
-        text={"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 1024},
-        feature_layers=(1, 2), resampler_num_heads=4,
-        tokens_per_micro_batch=2048, llm_trainable=True, warmup=3, steps=10,
+        vision={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "patch_size": 4,
+        },
+        text={
+            "model_type": "llama",
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 1024,
+        },
+        feature_layers=(1, 2),
+        resampler_num_heads=4,
+        tokens_per_micro_batch=2048,
+        llm_trainable=True,
+        warmup=3,
+        steps=10,
     ),
     "1b": Shape(  # TinyLlama-1.1B: ~192 samples per micro-batch at 32 + 64 tokens
         vision=VIT_L14,
-        text={"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
-              "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
-        feature_layers=(15, 22), resampler_num_heads=16,
-        tokens_per_micro_batch=192 * 96, llm_trainable=True, warmup=3, steps=10,
+        text={
+            "model_type": "llama",
+            "vocab_size": 32000,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+        },
+        feature_layers=(15, 22),
+        resampler_num_heads=16,
+        tokens_per_micro_batch=192 * 96,
+        llm_trainable=True,
+        warmup=3,
+        steps=10,
     ),
     "7b": Shape(  # Vicuna-7B: the paper's micro-batches 64 / 16 / 10; this budget gives 64 / 15 / 10
         vision=VIT_L14,
-        text={"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-        feature_layers=(15, 22), resampler_num_heads=16,
-        tokens_per_micro_batch=64 * 96, llm_trainable=False, warmup=2, steps=6,
+        text={
+            "model_type": "llama",
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+        },
+        feature_layers=(15, 22),
+        resampler_num_heads=16,
+        tokens_per_micro_batch=64 * 96,
+        llm_trainable=False,
+        warmup=2,
+        steps=6,
     ),
 }
 SUPPORTED_TOKENS = (32, *INFLATE_PRESETS, LLAVA_TOKENS)
@@ -248,8 +289,9 @@ def layout(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | 
         return inflated.image_size, [s.to_dict() for s in inflated.scales]
     if num_tokens in INFLATE_PRESETS and grid == BASE_GRID:  # the preset with every window halved
         scales = PRESETS[INFLATE_PRESETS[num_tokens]].scales
-        return BASE_GRID * patch, [{"window": s.window // 2, "queries_per_window": s.queries_per_window}
-                                   for s in scales]
+        return BASE_GRID * patch, [
+            {"window": s.window // 2, "queries_per_window": s.queries_per_window} for s in scales
+        ]
     resolution = {g: r for r, g in RESOLUTION_GRIDS.items()}.get(grid, f"a {grid}x{grid} grid")
     supported = ", ".join(f"{t}/{r}" for t, r in SUPPORTED_ROWS)
     raise ValueError(f"--rows: no layout for {num_tokens} tokens at {resolution}; choose from {supported}")
@@ -376,8 +418,15 @@ def print_profile(engine, loader: RepeatedMicroBatch, device: torch.device, num_
         print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
-def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, peak: float | None,
-            grid: int | None = None, match: dict | None = None) -> dict:
+def run_row(
+    shape: Shape,
+    num_tokens: int,
+    args: argparse.Namespace,
+    dist_info,
+    peak: float | None,
+    grid: int | None = None,
+    match: dict | None = None,
+) -> dict:
     """Build, wrap and time one direct row; free everything before returning its measurements. With
     `match` (the product row of the same TOKENS/RESOLUTION) the row takes its LLM vocabulary, its mean
     text tokens per sample and its samples per micro-batch, so both rows count the same FLOPs."""
@@ -391,8 +440,9 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
     else:
         micro = 1 if budget == "auto" else samples_per_micro_batch(config.num_visual_tokens, text_tokens, budget)
     if micro < 1:
-        raise SystemExit(f"--tokens-per-micro-batch {budget} holds no sample of "
-                         f"{config.num_visual_tokens} + {text_tokens} tokens")
+        raise SystemExit(
+            f"--tokens-per-micro-batch {budget} holds no sample of {config.num_visual_tokens} + {text_tokens} tokens"
+        )
     reset_peak_memory(device)
     start = time.perf_counter()
     model = build_model(spec, vocab, device, args.build_on)
@@ -403,9 +453,15 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
         engine, _, _ = build_engine(model, spec, dist_info, micro)
         ready = time.perf_counter()
         if budget == "auto" and not match:
-            probe = probe_micro_batch(engine, config, text_tokens, memory_fraction=spec.batch.memory_fraction,
-                                      max_tokens=spec.batch.max_tokens_per_micro_batch, max_samples=1 << 20,
-                                      device=device)
+            probe = probe_micro_batch(
+                engine,
+                config,
+                text_tokens,
+                memory_fraction=spec.batch.memory_fraction,
+                max_tokens=spec.batch.max_tokens_per_micro_batch,
+                max_samples=1 << 20,
+                device=device,
+            )
             print(f"[stage_speed] {num_tokens} tokens: {probe.summary()}", flush=True)
             micro = probe.num_samples
             reset_peak_memory(device)
@@ -422,21 +478,39 @@ def run_row(shape: Shape, num_tokens: int, args: argparse.Namespace, dist_info, 
         forget_module(model)
         del engine, model
         release_memory(device)
-    return {"path": "direct", "matched": match is not None} | row_metrics(
-        config, micro, text_tokens, seconds, peak, peak_mem, spec) | {
-        "vocab_size": vocab, "samples_per_step": micro, "micro_batches": 1,
-        "trainable_params": trainable, "total_params": total, "first_loss": losses[0], "last_loss": losses[-1],
-        "build_s": built - start, "engine_s": ready - built, "probe_s": probed - ready,
-        "mem_after_row_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    return (
+        {"path": "direct", "matched": match is not None}
+        | row_metrics(config, micro, text_tokens, seconds, peak, peak_mem, spec)
+        | {
+            "vocab_size": vocab,
+            "samples_per_step": micro,
+            "micro_batches": 1,
+            "trainable_params": trainable,
+            "total_params": total,
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "build_s": built - start,
+            "engine_s": ready - built,
+            "probe_s": probed - ready,
+            "mem_after_row_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        }
+    )
 
 
-def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[float], peak: float | None,
-                peak_mem: float, spec: PretrainSpec) -> dict:
+def row_metrics(
+    config: CosConfig,
+    micro: int,
+    text_tokens: int,
+    seconds: list[float],
+    peak: float | None,
+    peak_mem: float,
+    spec: PretrainSpec,
+) -> dict:
     # The median, not the mean: a step slowed by another process on a shared machine should not count.
     step_s = statistics.median(seconds)
-    flops = sample_flops(config, text_tokens, spec.model.trainable,
-                         gradient_checkpointing=spec.model.gradient_checkpointing)
+    flops = sample_flops(
+        config, text_tokens, spec.model.trainable, gradient_checkpointing=spec.model.gradient_checkpointing
+    )
     tflops = micro * flops.model / step_s / 1e12
     hardware_tflops = micro * flops.hardware / step_s / 1e12
     predicted = predict_step_seconds(micro * flops.model, peak)
@@ -468,8 +542,17 @@ def row_metrics(config: CosConfig, micro: int, text_tokens: int, seconds: list[f
 # One product row
 
 
-def product_spec(shape: Shape, image_size: int, scales: list[dict], args: argparse.Namespace, name: str,
-                 row_dir: Path, data_root: str, tokenizer: str, samples_per_step: int) -> dict:
+def product_spec(
+    shape: Shape,
+    image_size: int,
+    scales: list[dict],
+    args: argparse.Namespace,
+    name: str,
+    row_dir: Path,
+    data_root: str,
+    tokenizer: str,
+    samples_per_step: int,
+) -> dict:
     """The row's `cosctl pretrain` spec as YAML gives it: the direct rows' model section (random towers)
     with the synthetic set's tokenizer and data, `samples_per_step`, no periodic checkpoint and no eval
     (their sections' defaults), then the `--set` overrides."""
@@ -489,16 +572,19 @@ def default_samples_per_step(args: argparse.Namespace, spec: PretrainSpec, num_v
     if args.samples_per_step:
         return args.samples_per_step
     budget = spec.batch.tokens_per_micro_batch
-    per_rank = (AUTO_SAMPLES_PER_RANK if budget == "auto"
-                else samples_per_micro_batch(num_visual, args.text_tokens, budget))
+    per_rank = (
+        AUTO_SAMPLES_PER_RANK if budget == "auto" else samples_per_micro_batch(num_visual, args.text_tokens, budget)
+    )
     if per_rank < 1:
-        raise SystemExit(f"--tokens-per-micro-batch {budget} holds no sample of {num_visual} + {args.text_tokens} "
-                         "tokens")
+        raise SystemExit(
+            f"--tokens-per-micro-batch {budget} holds no sample of {num_visual} + {args.text_tokens} tokens"
+        )
     return per_rank * args.nproc
 
 
-def run_product_row(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None, peak: float | None,
-                    cuda: bool) -> dict:
+def run_product_row(
+    shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None, peak: float | None, cuda: bool
+) -> dict:
     """One `cosctl pretrain` run for the row (bench/product_path.py) and its figures."""
     from cosctl.conversation import IMAGE_TOKEN
     from cosctl.data import length_stats, load_examples, load_tokenizer
@@ -507,30 +593,51 @@ def run_product_row(shape: Shape, num_tokens: int, args: argparse.Namespace, gri
     name = f"stage-speed-{args.shape}-{num_tokens}-{image_size}px"
     row_dir = Path(args.work) / "rows" / name
     row_dir.mkdir(parents=True, exist_ok=True)
-    draft = parse_spec(product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", 1),
-                       source=f"<{name}>")
+    draft = parse_spec(
+        product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", 1), source=f"<{name}>"
+    )
     num_visual = draft.model.to_config(shape.vocab_size, shape.image_token_id).num_visual_tokens
     samples = default_samples_per_step(args, draft, num_visual)
-    draft = parse_spec(product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", samples),
-                       source=f"<{name}>")
+    draft = parse_spec(
+        product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", samples), source=f"<{name}>"
+    )
     # One epoch holds every step the run may take: no loader restart among the timed steps.
-    data = prepare_data(Path(args.work), draft.model.image_size, draft.batch.samples_per_step * draft.optim.num_steps,
-                        int(draft.model.text.config.get("vocab_size", shape.vocab_size)), seed=draft.run.seed)
+    data = prepare_data(
+        Path(args.work),
+        draft.model.image_size,
+        draft.batch.samples_per_step * draft.optim.num_steps,
+        int(draft.model.text.config.get("vocab_size", shape.vocab_size)),
+        seed=draft.run.seed,
+    )
     raw = product_spec(shape, image_size, scales, args, name, row_dir, str(data.root), str(data.tokenizer), samples)
     spec = parse_spec(raw, source=f"<{name}>")
     spec_path = row_dir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     last = args.warmup + args.steps
-    print(f"[stage_speed] product {num_tokens} tokens at {image_size} px: cosctl pretrain {spec_path} "
-          f"(--nproc {args.nproc}, {spec.batch.samples_per_step} samples/step, steps {args.warmup} + {args.steps})",
-          flush=True)
-    run = run_product(spec_path, row_dir, nproc=args.nproc, last_step=last, env=child_env(peak),
-                      run_to_end=args.run_to_end, timeout_s=args.row_timeout, cuda=cuda)
+    print(
+        f"[stage_speed] product {num_tokens} tokens at {image_size} px: cosctl pretrain {spec_path} "
+        f"(--nproc {args.nproc}, {spec.batch.samples_per_step} samples/step, steps {args.warmup} + {args.steps})",
+        flush=True,
+    )
+    run = run_product(
+        spec_path,
+        row_dir,
+        nproc=args.nproc,
+        last_step=last,
+        env=child_env(peak),
+        run_to_end=args.run_to_end,
+        timeout_s=args.row_timeout,
+        cuda=cuda,
+    )
     steps_done = max((r["step"] for r in run.records), default=0)
     if run.returncode not in (0, STOP_EXIT) or steps_done < last:
         print(run.log_tail(), flush=True)
-        return {"path": "product", "tokens": num_tokens, "image_size": image_size,
-                "error": f"cosctl pretrain exited {run.returncode} after {steps_done} steps; see {run.log_path}"}
+        return {
+            "path": "product",
+            "tokens": num_tokens,
+            "image_size": image_size,
+            "error": f"cosctl pretrain exited {run.returncode} after {steps_done} steps; see {run.log_path}",
+        }
     figures = timed_figures(run.records, args.warmup, args.steps)
     log = run.log_path.read_text(errors="replace")
     budget_line = log_value(log, "steps per epoch;") or ""  # "<N> tokens per micro-batch (from the <origin>)"
@@ -540,26 +647,52 @@ def run_product_row(shape: Shape, num_tokens: int, args: argparse.Namespace, gri
     # The FLOPs per sample as the product's StepMeter counts them: the same function on the same inputs.
     tokenizer = load_tokenizer(data.tokenizer)
     config = spec.model.to_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    examples, _ = load_examples(data.root / spec.data.train, data.root, tokenizer, config.num_visual_tokens,
-                                spec.data.max_text_tokens, spec.data.max_bad_fraction)
-    flops = sample_flops(config, length_stats(examples).mean_text_tokens, spec.model.trainable,
-                         gradient_checkpointing=spec.model.gradient_checkpointing)
+    examples, _ = load_examples(
+        data.root / spec.data.train,
+        data.root,
+        tokenizer,
+        config.num_visual_tokens,
+        spec.data.max_text_tokens,
+        spec.data.max_bad_fraction,
+    )
+    flops = sample_flops(
+        config,
+        length_stats(examples).mean_text_tokens,
+        spec.model.trainable,
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+    )
     first = next(r for r in run.records if r["step"] == args.warmup + 1)
     logged = first["tflops"] * 1e12 * first["step_time_s"] / first["samples"]
     if abs(logged - flops.model) > 1e-6 * flops.model:
-        print(f"[stage_speed] warning: the product counted {logged:.4g} FLOPs per sample, this script "
-              f"{flops.model:.4g}", flush=True)
+        print(
+            f"[stage_speed] warning: the product counted {logged:.4g} FLOPs per sample, this script {flops.model:.4g}",
+            flush=True,
+        )
     data_s = padded_per_sample = padding = computed = None
     if args.data_probe and budget:
-        loaded = time_loader(examples, data.root, config.image_size, tokenizer.pad_token_id, budget,
-                             spec.batch.samples_per_step, spec.run.seed, args.nproc, args.warmup, args.steps)
+        loaded = time_loader(
+            examples,
+            data.root,
+            config.image_size,
+            tokenizer.pad_token_id,
+            budget,
+            spec.batch.samples_per_step,
+            spec.run.seed,
+            args.nproc,
+            args.warmup,
+            args.steps,
+        )
         data_s = statistics.median(step["seconds"] for step in loaded)
         padded, real = sum(step["padded_tokens"] for step in loaded), sum(step["tokens"] for step in loaded)
         padded_per_sample = padded / sum(step["samples"] for step in loaded)
         padding = 1 - real / padded
         # What the model computes per sample, padding included (the FLOP model at the padded length).
-        computed = sample_flops(config, padded_per_sample - config.num_visual_tokens, spec.model.trainable,
-                                gradient_checkpointing=spec.model.gradient_checkpointing).hardware
+        computed = sample_flops(
+            config,
+            padded_per_sample - config.num_visual_tokens,
+            spec.model.trainable,
+            gradient_checkpointing=spec.model.gradient_checkpointing,
+        ).hardware
     samples_per_step = figures["samples_per_step"]
     text_tokens = figures["tokens_per_step"] / samples_per_step - config.num_visual_tokens
     predicted = predict_step_seconds(samples_per_step * flops.model, peak, world_size=args.nproc)
@@ -622,12 +755,17 @@ def ratios(rows: list[dict]) -> dict:
         for row in done:
             row["ratio_vs_336"] = row["samples_per_s"] / references[-1]["samples_per_s"] if references else None
         base = next((row for row in done if row["tokens"] == 32), None)
-        found[path] = {} if base is None else {
-            str(ref.get("resolution", ref["image_size"])): {
-                "measured": base["samples_per_s"] / ref["samples_per_s"],
-                "flop_model": ref["flops_per_sample"] / base["flops_per_sample"],
-            } for ref in references
-        }
+        found[path] = (
+            {}
+            if base is None
+            else {
+                str(ref.get("resolution", ref["image_size"])): {
+                    "measured": base["samples_per_s"] / ref["samples_per_s"],
+                    "flop_model": ref["flops_per_sample"] / base["flops_per_sample"],
+                }
+                for ref in references
+            }
+        )
     return found
 
 
@@ -642,8 +780,9 @@ def _pairs(rows: list[dict]) -> dict[str, dict]:
 
 def path_gaps(rows: list[dict]) -> dict:
     """Product samples/s over the direct row's, per TOKENS/RESOLUTION that has both."""
-    return {key: paths["product"]["samples_per_s"] / paths["direct"]["samples_per_s"]
-            for key, paths in _pairs(rows).items()}
+    return {
+        key: paths["product"]["samples_per_s"] / paths["direct"]["samples_per_s"] for key, paths in _pairs(rows).items()
+    }
 
 
 def gap_accounting(rows: list[dict]) -> list[dict]:
@@ -662,9 +801,17 @@ def gap_accounting(rows: list[dict]) -> list[dict]:
         padding = product["computed_flops_per_sample"] / product["hardware_flops_per_sample"]
         in_step = product["data_s_per_step"] if product.get("num_workers", 0) == 0 else 0.0
         predicted = per_sample * samples * padding + in_step
-        found.append({"row": key, "product_s": product["s_per_step"], "direct_s": per_sample * samples,
-                      "padding_flops": padding, "data_s": product["data_s_per_step"], "predicted_s": predicted,
-                      "explained": predicted / product["s_per_step"]})
+        found.append(
+            {
+                "row": key,
+                "product_s": product["s_per_step"],
+                "direct_s": per_sample * samples,
+                "padding_flops": padding,
+                "data_s": product["data_s_per_step"],
+                "predicted_s": predicted,
+                "explained": predicted / product["s_per_step"],
+            }
+        )
     return found
 
 
@@ -714,8 +861,12 @@ def versions() -> dict:
     import deepspeed
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def write_report(path: Path | None, report: dict) -> None:
@@ -758,56 +909,111 @@ def budget_arg(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--path", choices=list(PATHS), default="product",
-                        help="product: each row is a `cosctl pretrain` run (default); direct: the model and engine "
-                             "in this process on one repeated synthetic micro-batch; both: the product row, then a "
-                             "direct row matched to it")
-    parser.add_argument("--rows", type=row_list,
-                        help=f"TOKENS/RESOLUTION rows, comma-separated, run in this order (default {DEFAULT_ROWS})")
-    parser.add_argument("--tokens", type=token_list,
-                        help="visual-token counts at their default resolutions (32 at 224, 576 at 336, others at "
-                             "448), instead of --rows")
-    parser.add_argument("--text-tokens", type=int, default=64,
-                        help="text tokens per sample of a direct row, and what the default product step is sized "
-                             "for (default 64; the synthetic records have their own lengths)")
-    parser.add_argument("--tokens-per-micro-batch", type=budget_arg,
-                        help="token budget per micro-batch, or auto to probe the largest that fits "
-                             "(default per shape: tiny 2048, 1b 18432, 7b 6144)")
+    parser.add_argument(
+        "--path",
+        choices=list(PATHS),
+        default="product",
+        help="product: each row is a `cosctl pretrain` run (default); direct: the model and engine "
+        "in this process on one repeated synthetic micro-batch; both: the product row, then a "
+        "direct row matched to it",
+    )
+    parser.add_argument(
+        "--rows",
+        type=row_list,
+        help=f"TOKENS/RESOLUTION rows, comma-separated, run in this order (default {DEFAULT_ROWS})",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=token_list,
+        help="visual-token counts at their default resolutions (32 at 224, 576 at 336, others at "
+        "448), instead of --rows",
+    )
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=64,
+        help="text tokens per sample of a direct row, and what the default product step is sized "
+        "for (default 64; the synthetic records have their own lengths)",
+    )
+    parser.add_argument(
+        "--tokens-per-micro-batch",
+        type=budget_arg,
+        help="token budget per micro-batch, or auto to probe the largest that fits "
+        "(default per shape: tiny 2048, 1b 18432, 7b 6144)",
+    )
     parser.add_argument("--warmup", type=int, help="untimed steps per row (default per shape)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default per shape)")
     trains = parser.add_mutually_exclusive_group()
-    trains.add_argument("--llm-trainable", dest="llm_trainable", action="store_true",
-                        help="train the LLM too (default for tiny and 1b)")
-    trains.add_argument("--llm-frozen", dest="llm_trainable", action="store_false",
-                        help="train only the bridge (default for 7b, the paper's pre-training)")
+    trains.add_argument(
+        "--llm-trainable", dest="llm_trainable", action="store_true", help="train the LLM too (default for tiny and 1b)"
+    )
+    trains.add_argument(
+        "--llm-frozen",
+        dest="llm_trainable",
+        action="store_false",
+        help="train only the bridge (default for 7b, the paper's pre-training)",
+    )
     parser.set_defaults(llm_trainable=None)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU and predictions")
     parser.add_argument("--measure-peak", action="store_true", help="measure the matmul peak first and use it")
-    parser.add_argument("--build-on", choices=["device", "cpu"], default="device",
-                        help="direct rows: materialise the model on the device in its training dtype (default) or "
-                             "on the host")
+    parser.add_argument(
+        "--build-on",
+        choices=["device", "cpu"],
+        default="device",
+        help="direct rows: materialise the model on the device in its training dtype (default) or on the host",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="product rows: local ranks (cosctl --nproc; default 1)")
-    parser.add_argument("--samples-per-step", type=int,
-                        help="product rows: samples per optimizer step over all ranks (default: per rank, what the "
-                             "token budget holds at --text-tokens, or 256 with an auto budget)")
-    parser.add_argument("--work", type=Path, default=WORK,
-                        help=f"product rows: specs, runs and the synthetic sets cached per resolution (default {WORK})")
-    parser.add_argument("--run-to-end", action="store_true",
-                        help="product rows: let each run finish (final checkpoint, published model, summary.json) "
-                             "instead of stopping it after the last timed step")
-    parser.add_argument("--no-data-probe", dest="data_probe", action="store_false",
-                        help="product rows: skip timing the data loading alone after each run")
-    parser.add_argument("--row-timeout", type=float, default=3600.0,
-                        help="product rows: kill a run after this many seconds (default 3600)")
+    parser.add_argument(
+        "--samples-per-step",
+        type=int,
+        help="product rows: samples per optimizer step over all ranks (default: per rank, what the "
+        "token budget holds at --text-tokens, or 256 with an auto budget)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=WORK,
+        help=f"product rows: specs, runs and the synthetic sets cached per resolution (default {WORK})",
+    )
+    parser.add_argument(
+        "--run-to-end",
+        action="store_true",
+        help="product rows: let each run finish (final checkpoint, published model, summary.json) "
+        "instead of stopping it after the last timed step",
+    )
+    parser.add_argument(
+        "--no-data-probe",
+        dest="data_probe",
+        action="store_false",
+        help="product rows: skip timing the data loading alone after each run",
+    )
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        default=3600.0,
+        help="product rows: kill a run after this many seconds (default 3600)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every row's spec, as `cosctl --set` does (repeatable), "
-                             "e.g. deepspeed.template=zero2")
-    parser.add_argument("--profile", action="store_true",
-                        help="direct rows: after the timed steps, profile two more and print the top operators")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every row's spec, as `cosctl --set` does (repeatable), e.g. deepspeed.template=zero2",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="direct rows: after the timed steps, profile two more and print the top operators",
+    )
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every row)")
-    parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="only print the table of an earlier --json file (say, of a run cut off by a time limit)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only print the table of an earlier --json file (say, of a run cut off by a time limit)",
+    )
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     for name in ("tokens_per_micro_batch", "warmup", "steps", "llm_trainable"):
@@ -820,8 +1026,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rows is not None and args.tokens is not None:
         parser.error("give --rows or --tokens, not both")
     if args.rows is None:
-        args.rows = ([(t, default_grid(t)) for t in args.tokens] if args.tokens is not None
-                     else row_list(DEFAULT_ROWS))
+        args.rows = [(t, default_grid(t)) for t in args.tokens] if args.tokens is not None else row_list(DEFAULT_ROWS)
     for tokens, grid in args.rows:
         try:
             layout(shape, tokens, args, grid)
@@ -850,16 +1055,20 @@ def quiet_logs() -> None:
 def _row_line(row: dict) -> str:
     if row["path"] == "product":
         data = row["data_s_per_step"]
-        return (f"{row['samples_per_step']:.4g} samples/step in {row['micro_batches']:.3g} micro-batches "
-                f"(mean text {row['text_tokens']:.1f} tokens), {row['s_per_step']:.4g} s/step "
-                f"(loop {_cell(row['loop_s_per_step'], '.4g')} s), {row['samples_per_s']:.4g} samples/s, "
-                f"data alone {_cell(data, '.3g')} s/step, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}, "
-                f"build {_cell(row['build_s'], '.1f')} s, step 1 done {_cell(row['first_step_s'], '.1f')} s "
-                f"after launch")
+        return (
+            f"{row['samples_per_step']:.4g} samples/step in {row['micro_batches']:.3g} micro-batches "
+            f"(mean text {row['text_tokens']:.1f} tokens), {row['s_per_step']:.4g} s/step "
+            f"(loop {_cell(row['loop_s_per_step'], '.4g')} s), {row['samples_per_s']:.4g} samples/s, "
+            f"data alone {_cell(data, '.3g')} s/step, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}, "
+            f"build {_cell(row['build_s'], '.1f')} s, step 1 done {_cell(row['first_step_s'], '.1f')} s "
+            f"after launch"
+        )
     matched = f" (matched: {row['text_tokens']} text tokens, vocab {row['vocab_size']})" if row["matched"] else ""
-    return (f"micro {row['micro_batch']}{matched}, {row['s_per_step']:.4g} s/step, {row['samples_per_s']:.4g} "
-            f"samples/s, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}, build {row['build_s']:.1f} s "
-            f"+ engine {row['engine_s']:.1f} s")
+    return (
+        f"micro {row['micro_batch']}{matched}, {row['s_per_step']:.4g} s/step, {row['samples_per_s']:.4g} "
+        f"samples/s, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}, build {row['build_s']:.1f} s "
+        f"+ engine {row['engine_s']:.1f} s"
+    )
 
 
 def run_rows(args: argparse.Namespace, dist_info, device: torch.device, report: dict) -> None:
@@ -878,8 +1087,12 @@ def run_rows(args: argparse.Namespace, dist_info, device: torch.device, report: 
                 try:
                     row = run_row(shape, num_tokens, args, dist_info, report["peak_tflops"], grid, match=product)
                 except torch.OutOfMemoryError as err:
-                    row = {"path": "direct", "tokens": num_tokens, "image_size": size,
-                           "error": f"out of memory: {str(err).splitlines()[0]}"}
+                    row = {
+                        "path": "direct",
+                        "tokens": num_tokens,
+                        "image_size": size,
+                        "error": f"out of memory: {str(err).splitlines()[0]}",
+                    }
                 if "error" in row:
                     release_memory(device)  # after the except block, so its traceback no longer pins the engine
             row["resolution"] = resolutions.get(grid)
@@ -896,22 +1109,29 @@ def print_report(report: dict) -> None:
     print(format_table(report["rows"]))
     found = report.get("ratios")
     if found is None:  # a report from before the product path
-        found = {"direct": {"448": {"measured": report["ratio_32_vs_336"],
-                                    "flop_model": report["flop_ratio_32_vs_336"]}}}
+        found = {
+            "direct": {"448": {"measured": report["ratio_32_vs_336"], "flop_model": report["flop_ratio_32_vs_336"]}}
+        }
     for path, by_resolution in found.items():
         for resolution, pair in by_resolution.items():
-            print(f"samples/s 32 vs 336 at {resolution} ({path}): {_cell(pair['measured'], '.2f')}x measured, "
-                  f"{_cell(pair['flop_model'], '.2f')}x by the FLOP model")
+            print(
+                f"samples/s 32 vs 336 at {resolution} ({path}): {_cell(pair['measured'], '.2f')}x measured, "
+                f"{_cell(pair['flop_model'], '.2f')}x by the FLOP model"
+            )
     gaps = report.get("product_vs_direct") or {}
     if gaps:
         print("samples/s, product over direct: " + ", ".join(f"{key} {value:.2f}" for key, value in gaps.items()))
     if report.get("gap"):
-        print("\n| row | product s/step | direct s/step, same samples | x padding FLOPs | + data alone | = predicted "
-              "| predicted / product |")
+        print(
+            "\n| row | product s/step | direct s/step, same samples | x padding FLOPs | + data alone | = predicted "
+            "| predicted / product |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for g in report["gap"]:
-            print(f"| {g['row']} | {g['product_s']:.4g} | {g['direct_s']:.4g} | {g['padding_flops']:.3f} | "
-                  f"{g['data_s']:.3g} | {g['predicted_s']:.4g} | {g['explained']:.2f} |")
+            print(
+                f"| {g['row']} | {g['product_s']:.4g} | {g['direct_s']:.4g} | {g['padding_flops']:.3f} | "
+                f"{g['data_s']:.3g} | {g['predicted_s']:.4g} | {g['explained']:.2f} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -933,18 +1153,38 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_source = resolve_peak(args, device)
     release_memory(device)
     report = {
-        "shape": args.shape, "path": args.path, "device": device_name(device),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "versions": versions(), "text_tokens": args.text_tokens,
-        "tokens_per_micro_batch": args.tokens_per_micro_batch, "llm_trainable": args.llm_trainable,
-        "build_on": "cpu" if device.type == "cpu" else args.build_on, "warmup": args.warmup, "steps": args.steps,
-        "nproc": args.nproc, "samples_per_step": args.samples_per_step, "overrides": args.overrides,
-        "work": str(args.work), "peak_tflops": peak, "peak_source": peak_source, "assumed_mfu": ASSUMED_MFU,
-        "rows": [], "ratios": {}, "product_vs_direct": {}, "gap": [], "ratio_32_vs_336": None,
-        "flop_ratio_32_vs_336": None, "complete": False,
+        "shape": args.shape,
+        "path": args.path,
+        "device": device_name(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "versions": versions(),
+        "text_tokens": args.text_tokens,
+        "tokens_per_micro_batch": args.tokens_per_micro_batch,
+        "llm_trainable": args.llm_trainable,
+        "build_on": "cpu" if device.type == "cpu" else args.build_on,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "nproc": args.nproc,
+        "samples_per_step": args.samples_per_step,
+        "overrides": args.overrides,
+        "work": str(args.work),
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "assumed_mfu": ASSUMED_MFU,
+        "rows": [],
+        "ratios": {},
+        "product_vs_direct": {},
+        "gap": [],
+        "ratio_32_vs_336": None,
+        "flop_ratio_32_vs_336": None,
+        "complete": False,
     }
-    print(f"[stage_speed] {args.shape} on {report['device']}; peak {_cell(peak, '.4g')} TFLOP/s ({peak_source}); "
-          f"path {args.path}", flush=True)
+    print(
+        f"[stage_speed] {args.shape} on {report['device']}; peak {_cell(peak, '.4g')} TFLOP/s ({peak_source}); "
+        f"path {args.path}",
+        flush=True,
+    )
     run_rows(args, dist_info, device, report)
     report["complete"] = True
     write_report(args.json, report)

@@ -17,12 +17,28 @@ SOURCE_SCALES = {
 
 
 def tiny_config() -> CosConfig:
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, patch_size=4, image_size=64)
-    text = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
-    return CosConfig(vision_config=vision, text_config=text, feature_layers=[0, 1], resampler_num_heads=4,
-                     image_token_id=63)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=4,
+        image_size=64,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    return CosConfig(
+        vision_config=vision, text_config=text, feature_layers=[0, 1], resampler_num_heads=4, image_token_id=63
+    )
 
 
 def batch(config: CosConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -61,8 +77,10 @@ def main() -> None:
     inflated.load_state_dict(inflate_state_dict(model.state_dict(), config, big), strict=True)
     with torch.no_grad():
         out = inflated(**batch(big, generator))
-    print(f"inflated to {big.num_visual_tokens} tokens at {big.image_size} px: loss {out.loss.item():.3f}, "
-          f"logits {tuple(out.logits.shape)}")
+    print(
+        f"inflated to {big.num_visual_tokens} tokens at {big.image_size} px: loss {out.loss.item():.3f}, "
+        f"logits {tuple(out.logits.shape)}"
+    )
 
 
 if __name__ == "__main__":

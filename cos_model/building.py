@@ -62,7 +62,9 @@ def materialize(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> l
     unwritten = [name for name in fresh if _is_sentinel(model.get_parameter(name))]
     unwritten += [name for name in buffers if _is_sentinel(model.get_buffer(name))]
     if unwritten:
-        raise RuntimeError(f"the model's _init_weights left {len(unwritten)} tensors unwritten: {first_keys(unwritten)}")
+        raise RuntimeError(
+            f"the model's _init_weights left {len(unwritten)} tensors unwritten: {first_keys(unwritten)}"
+        )
     for name in fresh:
         param = model.get_parameter(name)
         if param.is_floating_point() and param.dtype != dtype:

@@ -135,8 +135,15 @@ class Checkpoint:
 
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -149,7 +156,7 @@ def read_checkpoint(
     when the folder has no weights file."""
     with Checkpoint(folder) as checkpoint:
         return {
-            (key[len(prefix):] if strip_prefix else key): tensor
+            (key[len(prefix) :] if strip_prefix else key): tensor
             for key, tensor in checkpoint.tensors(prefix=prefix, dtype=dtype)
         }
 
@@ -195,5 +202,3 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointMismatchError(f"{path}: cannot read: {first_line}") from err
-
-

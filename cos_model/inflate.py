@@ -67,7 +67,8 @@ def _resolve_plan(src: CosConfig, plan: str | dict) -> tuple[int, list[Scale]]:
     grid = image_size // patch
     scales = check_scales(list(plan["scales"]), grid, field="plan.scales")
     return image_size, [
-        scale if scale.parent is not None
+        scale
+        if scale.parent is not None
         else replace(scale, parent=_infer_parent(src, scale, grid, f"plan.scales[{i}]"))
         for i, scale in enumerate(scales)
     ]
@@ -128,9 +129,7 @@ def replicate_queries(queries: torch.Tensor, parent_per_side: int, child_per_sid
     return grid.reshape(child_per_side * child_per_side, q, width).clone()
 
 
-def inflate_state_dict(
-    state_dict: dict[str, torch.Tensor], src: CosConfig, dst: CosConfig
-) -> dict[str, torch.Tensor]:
+def inflate_state_dict(state_dict: dict[str, torch.Tensor], src: CosConfig, dst: CosConfig) -> dict[str, torch.Tensor]:
     """Map a `src` model's weights onto the `dst` architecture (from `inflate_config`)."""
     from .vision import resize_position_embedding  # torch and the CLIP model code: only to map weights
 
@@ -157,8 +156,9 @@ def inflate_state_dict(
             raise ValueError(f"state_dict: missing resampler.scales.{child.parent}.queries")
         for name, tensor in parent_weights.items():
             if name == "queries":
-                tensor = replicate_queries(tensor, sources[child.parent].windows_per_side(src.grid_size),
-                                           child.windows_per_side(dst.grid_size))
+                tensor = replicate_queries(
+                    tensor, sources[child.parent].windows_per_side(src.grid_size), child.windows_per_side(dst.grid_size)
+                )
             else:
                 tensor = tensor.clone()
             out[f"resampler.scales.{j}.{name}"] = tensor

@@ -40,11 +40,25 @@ VISION_PREFIX = "vision_model."
 POSITION_TABLE = "embeddings.position_embedding.weight"
 
 # Config fields the weights were trained with that tensor shapes do not reveal.
-VISION_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size", "num_channels",
-                      "hidden_act", "layer_norm_eps")
-TEXT_ARCH_FIELDS = ("model_type", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-                    "rms_norm_eps", "layer_norm_eps", "tie_word_embeddings")
-
+VISION_ARCH_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "patch_size",
+    "num_channels",
+    "hidden_act",
+    "layer_norm_eps",
+)
+TEXT_ARCH_FIELDS = (
+    "model_type",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "tie_word_embeddings",
+)
 
 
 @dataclass
@@ -171,7 +185,7 @@ def load_vision_tower(tower: CosVisionTower, folder: str | Path, dtype: torch.dt
                 if not CLIP_NOT_VISION.search(key):
                     report.unexpected.append(key)
                 continue
-            name = key[len(prefix):]
+            name = key[len(prefix) :]
             layer = VISION_LAYER.match(name)
             if name in shapes:
                 source[name] = key
@@ -261,7 +275,7 @@ def grow_rows(source: torch.Tensor, rows: int, dtype: torch.dtype | None = None)
     out = torch.empty((rows, *source.shape[1:]), dtype=dtype)
     out[: source.shape[0]] = source
     if rows > source.shape[0]:
-        out[source.shape[0]:] = source.double().mean(dim=0).to(dtype)
+        out[source.shape[0] :] = source.double().mean(dim=0).to(dtype)
     return out
 
 

@@ -72,9 +72,7 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         """(B, 3, H, W) images -> (B, num_visual_tokens, LLM width) visual tokens."""
         expected = self.config.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[-2:] != (expected, expected):
-            raise ValueError(
-                f"pixel_values: expected (B, 3, {expected}, {expected}), got {tuple(pixel_values.shape)}"
-            )
+            raise ValueError(f"pixel_values: expected (B, 3, {expected}, {expected}), got {tuple(pixel_values.shape)}")
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         features = self.vision_tower.features(pixel_values.to(dtype), list(self.config.feature_layers))
         return self.projector(self.resampler(features))
@@ -117,9 +115,7 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
-        )
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(

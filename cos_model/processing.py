@@ -4,7 +4,7 @@
   operations in the same order as the training loader, so inference sees bit-identical pixels.
 - Text: the training chat template (`CHAT_TEMPLATE`, shipped as `chat_template.jinja`):
 
-      <s>USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ... ASSISTANT: 
+      <s>USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ... ASSISTANT:
 
   Each `<image>` placeholder becomes `num_visual_tokens` copies of the image token id, and the text is
   cut after every "ASSISTANT: " before tokenising, so an answer tokenises as it was trained (on its own)
@@ -90,8 +90,7 @@ class CosImageProcessor(BaseImageProcessor):
         if kwargs:
             raise TypeError(f"CosImageProcessor: unexpected arguments {sorted(kwargs)}")
         images = images if isinstance(images, (list, tuple)) else [images]
-        pixels = [image_to_pixels(_as_pil(image), self.image_size, self.image_mean, self.image_std)
-                  for image in images]
+        pixels = [image_to_pixels(_as_pil(image), self.image_size, self.image_mean, self.image_std) for image in images]
         return BatchFeature({"pixel_values": torch.stack(pixels)}, tensor_type=return_tensors)
 
 
@@ -106,8 +105,14 @@ def _flatten(images) -> list:
 class CosProcessor(ProcessorMixin):
     """Chain-of-Sight processor: `CosImageProcessor` + the LLM's tokenizer + the chat template."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_visual_tokens: int = 32,
-                 image_token: str = IMAGE_TOKEN):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_visual_tokens: int = 32,
+        image_token: str = IMAGE_TOKEN,
+    ):
         self.num_visual_tokens = num_visual_tokens
         self.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
@@ -127,8 +132,16 @@ class CosProcessor(ProcessorMixin):
         bos = self.tokenizer.bos_token_id
         return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors=None,
-                 padding_side: str = "left", add_special_tokens=None) -> BatchFeature:
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        videos=None,
+        audio=None,
+        return_tensors=None,
+        padding_side: str = "left",
+        add_special_tokens=None,
+    ) -> BatchFeature:
         """`text` (one string or a batch, usually `apply_chat_template` output) and the images of its
         placeholders, in order -> `input_ids` (each placeholder expanded), `attention_mask` (padded on
         `padding_side`), `pixel_values`. bos comes from the template (or is added when missing), so
@@ -142,8 +155,10 @@ class CosProcessor(ProcessorMixin):
         image_id = self.image_token_id
         num_placeholders = sum(row.count(image_id) for row in rows)
         if num_placeholders != len(images):
-            raise ValueError(f"CosProcessor: the text has {num_placeholders} {self.image_token} placeholders "
-                             f"but {len(images)} images were given")
+            raise ValueError(
+                f"CosProcessor: the text has {num_placeholders} {self.image_token} placeholders "
+                f"but {len(images)} images were given"
+            )
         rows = [[i for t in row for i in ([t] * self.num_visual_tokens if t == image_id else [t])] for row in rows]
         data = _pad(rows, self.tokenizer.pad_token_id, padding_side)
         if images:

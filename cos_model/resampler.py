@@ -64,9 +64,7 @@ class ResamplerBlock(nn.Module):
         super().__init__()
         self.attn = WindowCrossAttention(width, num_heads, eps)
         self.norm_mlp = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width)
-        )
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
     def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         queries = queries + self.attn(queries, features)
@@ -81,16 +79,14 @@ class WindowedCrossAttnResampler(nn.Module):
         self.window, self.queries_per_window = scale.window, scale.queries_per_window
         self.num_windows, self.num_tokens = scale.num_windows(grid), scale.num_tokens(grid)
         self.queries = nn.Parameter(torch.zeros(self.num_windows, self.queries_per_window, width))
-        self.levels = nn.ModuleList(
-            ResamplerBlock(width, num_heads, mlp_ratio) for _ in range(num_levels)
-        )
+        self.levels = nn.ModuleList(ResamplerBlock(width, num_heads, mlp_ratio) for _ in range(num_levels))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         batch = features[0].shape[0]
         width = self.queries.shape[-1]
         x = self.queries.unsqueeze(0).expand(batch, -1, -1, -1)
         x = x.reshape(batch * self.num_windows, self.queries_per_window, width)
-        for block, level in zip(self.levels, features):
+        for block, level in zip(self.levels, features, strict=True):
             x = block(x, windows_from_grid(level, self.window))
         return x.reshape(batch, self.num_tokens, width)
 

@@ -65,9 +65,7 @@ def check_scales(scales: list[Scale | dict], grid: int, field: str = "scales") -
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}.{key}: must be a positive integer, got {value!r}")
         if grid % scale["window"]:
-            raise ValueError(
-                f"{where}.window: {scale['window']} patches does not divide the {grid}x{grid} patch grid"
-            )
+            raise ValueError(f"{where}.window: {scale['window']} patches does not divide the {grid}x{grid} patch grid")
         checked.append(Scale(scale["window"], scale["queries_per_window"], parent))
     return checked
 
@@ -87,9 +85,7 @@ def check_layout(
     """Raise `ValueError` naming the config field (`vision_config.image_size`, `feature_layers`, ...) when
     the parts do not fit together: the rule every `CosConfig` obeys, on plain numbers."""
     if image_size % patch_size:
-        raise ValueError(
-            f"vision_config.image_size: {image_size} px is not a multiple of the {patch_size}-px patch"
-        )
+        raise ValueError(f"vision_config.image_size: {image_size} px is not a multiple of the {patch_size}-px patch")
     layers = list(feature_layers)
     if not layers:
         raise ValueError("feature_layers: needs at least one ViT block")
@@ -100,9 +96,7 @@ def check_layout(
         raise ValueError(f"feature_layers: must be strictly increasing, got {layers}")
     check_scales(list(scales), image_size // patch_size)
     if resampler_num_heads < 1 or vision_width % resampler_num_heads:
-        raise ValueError(
-            f"resampler_num_heads: {resampler_num_heads} does not divide the vision width {vision_width}"
-        )
+        raise ValueError(f"resampler_num_heads: {resampler_num_heads} does not divide the vision width {vision_width}")
     if resampler_mlp_ratio < 1:
         raise ValueError(f"resampler_mlp_ratio: must be >= 1, got {resampler_mlp_ratio}")
     if image_token_id < 0:

@@ -40,7 +40,7 @@ class CosVisionTower(CLIPVisionModel):
         config: CLIPVisionConfig | None = None,
         dtype: torch.dtype | None = None,
         **kwargs,
-    ) -> "CosVisionTower":
+    ) -> CosVisionTower:
         """The tower from a local CLIP folder (a `CLIPModel` or a `CLIPVisionModel`, with or without the
         `vision_model.` key prefix), loaded exactly: built on the meta device, the checkpoint tensors
         assigned (cast to `dtype` if given), the position table resized when `config.image_size`

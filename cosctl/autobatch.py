@@ -67,9 +67,11 @@ class Probe:
 
     def summary(self) -> str:
         checked = f", checked peak {self.checked_peak_gib:.2f} GiB" if self.checked_peak_gib is not None else ""
-        return (f"tokens_per_micro_batch auto -> {self.tokens_per_micro_batch} ({self.num_samples} samples of "
-                f"{self.sample_tokens} tokens; {self.fixed_gib:.2f} GiB fixed + {self.per_sample_gib:.3f} GiB "
-                f"per sample of {self.capacity_gib:.1f} GiB usable{checked})")
+        return (
+            f"tokens_per_micro_batch auto -> {self.tokens_per_micro_batch} ({self.num_samples} samples of "
+            f"{self.sample_tokens} tokens; {self.fixed_gib:.2f} GiB fixed + {self.per_sample_gib:.3f} GiB "
+            f"per sample of {self.capacity_gib:.1f} GiB usable{checked})"
+        )
 
 
 def synthetic_micro_batch(config: CosConfig, num_samples: int, num_text_tokens: int, seed: int = 0) -> dict:
@@ -94,8 +96,9 @@ def synthetic_micro_batch(config: CosConfig, num_samples: int, num_text_tokens: 
     }
 
 
-def solve_num_samples(peaks: dict[int, float], capacity: float, max_samples: int,
-                      min_per_sample: float = 0.0) -> tuple[float, float, int]:
+def solve_num_samples(
+    peaks: dict[int, float], capacity: float, max_samples: int, min_per_sample: float = 0.0
+) -> tuple[float, float, int]:
     """(fixed, per-sample, n) from peak memory at several sample counts: the largest n with
     fixed + per_sample * n <= capacity, at least 1 and at most `max_samples`. The line goes through the
     smallest and the largest count measured (the farther apart, the less a reading's noise is
@@ -149,8 +152,16 @@ def optimizer_state_gib(engine, device: torch.device) -> float:
     return numel / world_size * bytes_per_param / 2**30
 
 
-def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory_fraction: float,
-                      max_tokens: int | None, max_samples: int, device: torch.device) -> Probe:
+def probe_micro_batch(
+    engine,
+    config: CosConfig,
+    num_text_tokens: int,
+    *,
+    memory_fraction: float,
+    max_tokens: int | None,
+    max_samples: int,
+    device: torch.device,
+) -> Probe:
     """The token budget that fills `memory_fraction` of memory (collective: every rank calls it).
     `max_samples` is a hard cap: more samples than a rank's share of a step never help."""
     meter = MemoryMeter(device)
@@ -171,25 +182,29 @@ def probe_micro_batch(engine, config: CosConfig, num_text_tokens: int, *, memory
             peak, problem = math.inf, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         peak = _max_over_ranks(peak, device)
         if math.isinf(peak):
-            raise ProbeError(f"batch.tokens_per_micro_batch auto: a pass of {num} samples of {sample_tokens} tokens "
-                             f"failed on a rank ({problem or 'on another rank'}); set a fixed budget")
+            raise ProbeError(
+                f"batch.tokens_per_micro_batch auto: a pass of {num} samples of {sample_tokens} tokens "
+                f"failed on a rank ({problem or 'on another rank'}); set a fixed budget"
+            )
         return peak
 
     _release(engine, device)  # so the first reading does not count blocks cached while building
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         peaks = {1: measure(1)}
         if peaks[1] > capacity:
-            raise ProbeError(f"batch.tokens_per_micro_batch auto: one sample of {sample_tokens} tokens needs "
-                             f"{peaks[1]:.2f} GiB, more than the {capacity:.2f} GiB usable (batch.memory_fraction "
-                             f"{memory_fraction}); enable model.gradient_checkpointing or use more ranks")
+            raise ProbeError(
+                f"batch.tokens_per_micro_batch auto: one sample of {sample_tokens} tokens needs "
+                f"{peaks[1]:.2f} GiB, more than the {capacity:.2f} GiB usable (batch.memory_fraction "
+                f"{memory_fraction}); enable model.gradient_checkpointing or use more ranks"
+            )
         num = _extrapolate_and_confirm(peaks, capacity, cap, min_per_sample, measure)
-    fixed, per_sample, _ = solve_num_samples(peaks, capacity, cap, min_per_sample) if len(peaks) > 1 \
-        else (peaks[1], 0.0, 1)
+    fixed, per_sample, _ = (
+        solve_num_samples(peaks, capacity, cap, min_per_sample) if len(peaks) > 1 else (peaks[1], 0.0, 1)
+    )
     return Probe(sample_tokens, capacity, fixed, per_sample, num, peaks.get(num) if num > PROBE_SAMPLES[1] else None)
 
 
-def _extrapolate_and_confirm(peaks: dict[int, float], capacity: float, cap: int, min_per_sample: float,
-                             measure) -> int:
+def _extrapolate_and_confirm(peaks: dict[int, float], capacity: float, cap: int, min_per_sample: float, measure) -> int:
     """From small passes (1 and 4 samples), extrapolate the count that fills `MARGIN` of the capacity,
     and confirm it with one pass; if that pass reads over the capacity, refit through it and confirm
     one smaller count; else fall back to the largest count measured to fit. Counts are only ever run

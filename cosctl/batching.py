@@ -78,9 +78,11 @@ def legacy_epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
 
 def _check_fits(index: int, length: int, tokens_per_micro_batch: int) -> None:
     if length > tokens_per_micro_batch:
-        raise DataError(f"example {index} has {length} tokens, more than tokens_per_micro_batch="
-                        f"{tokens_per_micro_batch}: raise batch.tokens_per_micro_batch or lower "
-                        "data.max_text_tokens")
+        raise DataError(
+            f"example {index} has {length} tokens, more than tokens_per_micro_batch="
+            f"{tokens_per_micro_batch}: raise batch.tokens_per_micro_batch or lower "
+            "data.max_text_tokens"
+        )
 
 
 def fill_micro_batches(indices: Sequence[int], lengths: Sequence[int], tokens_per_micro_batch: int) -> list[list[int]]:
@@ -128,8 +130,9 @@ def deal_to_ranks(indices: Sequence[int], lengths: Sequence[int], world_size: in
     return shares
 
 
-def split_step(indices: Sequence[int], lengths: Sequence[int], world_size: int,
-               tokens_per_micro_batch: int, packing: bool = False) -> list[list[MicroBatch]]:
+def split_step(
+    indices: Sequence[int], lengths: Sequence[int], world_size: int, tokens_per_micro_batch: int, packing: bool = False
+) -> list[list[MicroBatch]]:
     """Every rank's micro-batches for one optimizer step over `indices` (pure; see the module doc)."""
     indices = [int(i) for i in indices]
     step_lengths = {i: int(lengths[i]) for i in indices}
@@ -199,8 +202,12 @@ class ExampleRecords:
 
     def sample(self, index: int) -> Sample:
         example = self.examples[index]
-        return Sample(example.record_id, np.asarray(example.input_ids, dtype=np.int64),
-                      np.asarray(example.labels, dtype=np.int64), example.image_path)
+        return Sample(
+            example.record_id,
+            np.asarray(example.input_ids, dtype=np.int64),
+            np.asarray(example.labels, dtype=np.int64),
+            example.image_path,
+        )
 
 
 def as_records(examples, image_root: str | Path | None = None):
@@ -213,8 +220,7 @@ class MicroBatchDataset(torch.utils.data.Dataset):
     micro-batches while the main process keeps the order. `root` is the image folder of a list of
     examples; a prepared store's records know where their images are."""
 
-    def __init__(self, examples, root: str | Path | None, image_size: int, pad_token_id: int,
-                 packing: bool = False):
+    def __init__(self, examples, root: str | Path | None, image_size: int, pad_token_id: int, packing: bool = False):
         self.records = as_records(examples, root)
         self.image_size = image_size
         self.pad_token_id = pad_token_id
@@ -224,8 +230,7 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         """The collated micro-batch, and (index, reason) of each sample whose image failed (those
         samples are kept with a blank image and no labels)."""
         samples = [self.records.sample(index) for index in micro_batch.indices]
-        loaded = iter(self.records.images.load_many([s.image for s in samples if s.image is not None],
-                                                    self.image_size))
+        loaded = iter(self.records.images.load_many([s.image for s in samples if s.image is not None], self.image_size))
         images, failed = [], []
         for position, (index, sample) in enumerate(zip(micro_batch.indices, samples, strict=True)):
             if sample.image is None:
@@ -234,8 +239,9 @@ class MicroBatchDataset(torch.utils.data.Dataset):
             if isinstance(pixels, DataError):
                 failed.append((index, str(pixels)))
                 pixels = torch.zeros(3, self.image_size, self.image_size)
-                samples[position] = Sample(sample.record_id, sample.input_ids,
-                                           np.full_like(sample.labels, IGNORE_INDEX), sample.image)
+                samples[position] = Sample(
+                    sample.record_id, sample.input_ids, np.full_like(sample.labels, IGNORE_INDEX), sample.image
+                )
             images.append(pixels)
         batch = collate(samples, images, self.pad_token_id, packing=self.packing, image_size=self.image_size)
         if micro_batch.filler:
@@ -275,18 +281,35 @@ class StepLoader:
     (packed), pixel_values and `num_samples`). Epochs follow one another; the position is
     `{epoch, step}`."""
 
-    def __init__(self, examples, *, image_root: str | Path | None = None, image_size: int, pad_token_id: int,
-                 tokens_per_micro_batch: int, samples_per_step: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0, packing: bool = False, max_bad_fraction: float = 0.0):
+    def __init__(
+        self,
+        examples,
+        *,
+        image_root: str | Path | None = None,
+        image_size: int,
+        pad_token_id: int,
+        tokens_per_micro_batch: int,
+        samples_per_step: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 0,
+        packing: bool = False,
+        max_bad_fraction: float = 0.0,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         records = as_records(examples, image_root)
         if samples_per_step < world_size:
-            raise DataError(f"batch.samples_per_step={samples_per_step} is smaller than the {world_size} ranks; "
-                            "each rank needs at least one sample per step")
+            raise DataError(
+                f"batch.samples_per_step={samples_per_step} is smaller than the {world_size} ranks; "
+                "each rank needs at least one sample per step"
+            )
         if steps_per_epoch(len(records), samples_per_step) < 1:
-            raise DataError(f"{len(records)} examples are fewer than batch.samples_per_step={samples_per_step}: "
-                            "not one optimizer step per epoch")
+            raise DataError(
+                f"{len(records)} examples are fewer than batch.samples_per_step={samples_per_step}: "
+                "not one optimizer step per epoch"
+            )
         self.records = records
         self.dataset = MicroBatchDataset(records, None, image_size, pad_token_id, packing)
         self.lengths = records.lengths
@@ -317,22 +340,34 @@ class StepLoader:
             chosen = self._order[1][step * self.samples_per_step : (step + 1) * self.samples_per_step]
             if len(self._plans) > 256:
                 self._plans.clear()
-            self._plans[epoch, step] = split_step(chosen, self.lengths, self.world_size, self.tokens_per_micro_batch,
-                                                  self.packing)
+            self._plans[epoch, step] = split_step(
+                chosen, self.lengths, self.world_size, self.tokens_per_micro_batch, self.packing
+            )
         return self._plans[epoch, step]
 
     def _epoch_stream(self) -> Iterator[tuple]:
         """This rank's loaded micro-batches from the current position to the end of the epoch."""
         epoch, first = self.epoch, self.step
-        items = (micro for step in range(first, self.steps_per_epoch)
-                 for micro in self.step_micro_batches(epoch, step)[self.rank])
+        items = (
+            micro
+            for step in range(first, self.steps_per_epoch)
+            for micro in self.step_micro_batches(epoch, step)[self.rank]
+        )
         loading = _LoaderItems(self.dataset)
         if self.num_workers == 0:
             return (loading[micro] for micro in items)
         # batch_size=None: each sampler item is already a whole micro-batch, collated in the worker.
         # Pinned on GPU, so the trainer's host-to-device copies run asynchronously.
-        return iter(DataLoader(loading, sampler=items, batch_size=None, collate_fn=_as_is,
-                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available()))
+        return iter(
+            DataLoader(
+                loading,
+                sampler=items,
+                batch_size=None,
+                collate_fn=_as_is,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+        )
 
     def next_step(self) -> list[dict]:
         """This rank's micro-batches of the next optimizer step."""
@@ -359,27 +394,43 @@ class StepLoader:
                 continue
             self.bad_samples.add(index)
             if len(self.bad_samples) > self.bad_allowance:
-                raise DataError(f"{reason}: {len(self.bad_samples)} images failed during training on this rank, "
-                                f"beyond what data.max_bad_fraction={self.max_bad_fraction:.1%} allows after "
-                                f"{self.records.num_bad} bad records at preparation; fix the images or raise "
-                                "data.max_bad_fraction")
-            log.warning("%s; sample %s trains nothing (%d of %d allowed by data.max_bad_fraction)", reason,
-                        self.records.record_id(index), len(self.bad_samples), self.bad_allowance)
+                raise DataError(
+                    f"{reason}: {len(self.bad_samples)} images failed during training on this rank, "
+                    f"beyond what data.max_bad_fraction={self.max_bad_fraction:.1%} allows after "
+                    f"{self.records.num_bad} bad records at preparation; fix the images or raise "
+                    "data.max_bad_fraction"
+                )
+            log.warning(
+                "%s; sample %s trains nothing (%d of %d allowed by data.max_bad_fraction)",
+                reason,
+                self.records.record_id(index),
+                len(self.bad_samples),
+                self.bad_allowance,
+            )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "tokens_per_micro_batch": self.tokens_per_micro_batch,
-                "samples_per_step": self.samples_per_step, "order": self.order,
-                "bad_samples": sorted(self.bad_samples)}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "tokens_per_micro_batch": self.tokens_per_micro_batch,
+            "samples_per_step": self.samples_per_step,
+            "order": self.order,
+            "bad_samples": sorted(self.bad_samples),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a saved position, with the budget it was read under (the micro-batches of a
         step depend on it). The samples per step must be the spec's: they are the optimisation."""
         if "step" not in state or "samples_per_step" not in state:
-            raise DataError(f"loader state {state} predates batch.samples_per_step (steps were sized by the token "
-                            "budget): this checkpoint cannot continue under the new batching; start a new run")
+            raise DataError(
+                f"loader state {state} predates batch.samples_per_step (steps were sized by the token "
+                "budget): this checkpoint cannot continue under the new batching; start a new run"
+            )
         if int(state["samples_per_step"]) != self.samples_per_step:
-            raise DataError(f"the checkpoint was trained with batch.samples_per_step={state['samples_per_step']}, "
-                            f"this run has {self.samples_per_step}: the optimisation would change")
+            raise DataError(
+                f"the checkpoint was trained with batch.samples_per_step={state['samples_per_step']}, "
+                f"this run has {self.samples_per_step}: the optimisation would change"
+            )
         budget = int(state["tokens_per_micro_batch"])
         if budget < 1:
             raise DataError(f"loader state {state}: tokens_per_micro_batch must be positive")

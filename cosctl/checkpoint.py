@@ -1,6 +1,6 @@
-"""Checkpoints in a store (docs/design.md §6): the layout, the commit protocol, and finding, fetching, copying, verifying
-and retiring committed checkpoints. Published artefacts (`model/`, `adapter/`) follow the same rule.
-`cosctl.checkpointer.Checkpointer` uses these functions to save and restore a running job.
+"""Checkpoints in a store (docs/design.md §6): the layout, the commit protocol, and finding, fetching,
+copying, verifying and retiring committed checkpoints. Published artefacts (`model/`, `adapter/`) follow the
+same rule. `cosctl.checkpointer.Checkpointer` uses these functions to save and restore a running job.
 
 Layout under the run's output URI (every key is built by `checkpoint_key`):
 
@@ -92,7 +92,7 @@ def file_rank(relative: str) -> int | None:
     name = relative.rsplit("/", 1)[-1]
     for marker in ("zero_pp_rank_", "rank_"):
         if name.startswith(marker):
-            digits = name[len(marker):].split("_", 1)[0].split(".", 1)[0]
+            digits = name[len(marker) :].split("_", 1)[0].split(".", 1)[0]
             if digits.isdigit():
                 return int(digits)
     return None
@@ -149,8 +149,9 @@ def commit(store: ObjectStore, name: str, files: dict[str, dict], meta: dict) ->
     for relative, entry in files.items():
         size = store.size(checkpoint_key(name, relative))
         if size != entry["size"]:
-            raise CheckpointError(f"{store.uri}/{checkpoint_key(name, relative)}: expected {entry['size']} bytes, "
-                                  f"found {size}")
+            raise CheckpointError(
+                f"{store.uri}/{checkpoint_key(name, relative)}: expected {entry['size']} bytes, found {size}"
+            )
     manifest = {"format": FORMAT_VERSION, "name": name, **meta, "files": dict(sorted(files.items()))}
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     store.put_bytes(data, checkpoint_key(name, MANIFEST))
@@ -176,8 +177,13 @@ def read_manifest(store: ObjectStore, name: str) -> Committed | None:
 
 def checkpoint_names(store: ObjectStore) -> list[str]:
     """Names of every checkpoint folder in the store, committed or not, sorted."""
-    return sorted({key.split("/")[1] for key in store.list(PREFIX + "/") if key.count("/") >= 2
-                   and key.split("/")[1].startswith("step_")})
+    return sorted(
+        {
+            key.split("/")[1]
+            for key in store.list(PREFIX + "/")
+            if key.count("/") >= 2 and key.split("/")[1].startswith("step_")
+        }
+    )
 
 
 def list_committed(store: ObjectStore) -> list[Committed]:
@@ -328,7 +334,7 @@ class _Prefixed:
         self.store, self.prefix, self.uri = store, prefix, f"{store.uri}/{prefix}"
 
     def list(self, prefix: str = "") -> list[str]:
-        return [key[len(self.prefix) + 1:] for key in self.store.list(f"{self.prefix}/{prefix}")]
+        return [key[len(self.prefix) + 1 :] for key in self.store.list(f"{self.prefix}/{prefix}")]
 
     def get_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.store.get_bytes(f"{self.prefix}/{key}", start, end)
@@ -345,6 +351,7 @@ def publish(store: ObjectStore, local_dir: Path, prefix: str) -> dict:
 
 def fetch_published(store: ObjectStore, prefix: str, local_dir: Path) -> Path:
     """Download a published folder into `local_dir`, verifying every file against its manifest."""
+
     def key_of(relative: str) -> str:
         return check_key(f"{prefix}/{relative}" if prefix else relative)
 

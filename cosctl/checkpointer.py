@@ -55,8 +55,18 @@ from .staging import RecordingWriter, filesystem_group, free_bytes, partition_by
 from .storage import ObjectStore, open_store
 
 # Spec sections that may change across a resume; anything else changes the model or the data order.
-RESUMABLE_CHANGES = ("checkpoint.", "storage.", "slurm.", "eval.", "data.num_workers", "data.prepared", "data.cache_dir",
-                     "data.image_cache_mb", "run.output", "optim.num_steps")
+RESUMABLE_CHANGES = (
+    "checkpoint.",
+    "storage.",
+    "slurm.",
+    "eval.",
+    "data.num_workers",
+    "data.prepared",
+    "data.cache_dir",
+    "data.image_cache_mb",
+    "run.output",
+    "optim.num_steps",
+)
 
 
 def _weights_only_load(path: str, map_location=None):
@@ -133,13 +143,17 @@ class Checkpointer:
         if dist_info.is_main:  # an earlier attempt's leftovers (killed runs leave staged files)
             shutil.rmtree(self.staging, ignore_errors=True)
         barrier()
-        self.committer = Committer(store, dist_info.rank, dist_info.world_size, spec.checkpoint.keep_last,
-                                   max_outage_s=60 * spec.storage.max_outage_minutes)
+        self.committer = Committer(
+            store,
+            dist_info.rank,
+            dist_info.world_size,
+            spec.checkpoint.keep_last,
+            max_outage_s=60 * spec.storage.max_outage_minutes,
+        )
 
     # --- saving ----------------------------------------------------------------------------------
 
-    def save(self, engine, loader_state: dict, step: int, wait: bool = False,
-             timeout_s: float | None = None) -> bool:
+    def save(self, engine, loader_state: dict, step: int, wait: bool = False, timeout_s: float | None = None) -> bool:
         """Write a full resume point locally (collective) and queue it for upload and commit: uploads
         go one at a time, a newer save waits in the queue while the store is slow or down. With
         `wait`, return once everything queued is committed, or after `timeout_s` (final save,
@@ -160,9 +174,15 @@ class Checkpointer:
             self._staging_failure = problems[0]
             log.warning(f"checkpoint {name} not saved: {problems[0]}")
             return False
-        meta = {"step": step, "world_size": self.dist.world_size, "num_nodes": _num_nodes(self.dist),
-                "spec_hash": spec_hash(self.spec), "stage": self.spec.stage, "created": time.time(),
-                "versions": _versions()}
+        meta = {
+            "step": step,
+            "world_size": self.dist.world_size,
+            "num_nodes": _num_nodes(self.dist),
+            "spec_hash": spec_hash(self.spec),
+            "stage": self.spec.stage,
+            "created": time.time(),
+            "versions": _versions(),
+        }
         save_id = broadcast(secrets.token_hex(8))
         self.committer.submit(Staged(name, local, meta, save_id, blocked_s=time.monotonic() - started))
         self.last_saved_step = step
@@ -189,8 +209,9 @@ class Checkpointer:
         # writer records the failure instead of raising (and every rank learns of it right after).
         writer = RecordingWriter(engine.checkpoint_engine)
         try:
-            engine.save_checkpoint(str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=True,
-                                   exclude_frozen_parameters=True)
+            engine.save_checkpoint(
+                str(local), tag=ZERO_TAG, client_state={"step": step}, save_latest=True, exclude_frozen_parameters=True
+            )
         finally:
             writer.restore()
         problem = problem or (writer.error and write_problem(writer.error, self.staging, local))
@@ -216,8 +237,10 @@ class Checkpointer:
         short = [group for group in needs if free[group] < needs[group]]
         if not short:
             return None
-        return (f"no space left on {self.staging} for a checkpoint (about {needs[short[0]] / 2**30:.2f} GiB for the "
-                f"ranks sharing that disk, {free[short[0]] / 2**30:.2f} GiB free)")
+        return (
+            f"no space left on {self.staging} for a checkpoint (about {needs[short[0]] / 2**30:.2f} GiB for the "
+            f"ranks sharing that disk, {free[short[0]] / 2**30:.2f} GiB free)"
+        )
 
     def _wait_committed(self, step: int, timeout_s: float | None = None) -> bool:
         """Collective: whether rank 0 committed everything queued (within `timeout_s`). Without it a rank
@@ -226,8 +249,9 @@ class Checkpointer:
         if all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0]:
             return True
         if not self.stop_reason():
-            self._staging_failure = (f"checkpoint {checkpoint_name(step)} was not committed"
-                                     + (f" within {timeout_s:.0f} s" if timeout_s is not None else ""))
+            self._staging_failure = f"checkpoint {checkpoint_name(step)} was not committed" + (
+                f" within {timeout_s:.0f} s" if timeout_s is not None else ""
+            )
         return False
 
     def last_committed(self) -> str:
@@ -281,8 +305,10 @@ class Checkpointer:
     def _load(self, engine, local: Path, committed: Committed, resharded: bool) -> dict:
         """Load the engine's state and this rank's RNG; returns this rank's file (loader position)."""
         if resharded:
-            log.info(f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
-                     f"{self.dist.world_size} (universal checkpoint)")
+            log.info(
+                f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
+                f"{self.dist.world_size} (universal checkpoint)"
+            )
             reshard.load_universal(engine, local, _weights_only_load)
             torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
             return json.loads((local / "rank_00000.json").read_text())
@@ -298,7 +324,8 @@ class Checkpointer:
             if committed_here and not overwrite:
                 raise CheckpointError(
                     f"{self.store.uri} already has checkpoints (newest: step {committed_here[-1].step}); "
-                    "use --resume auto to continue or --overwrite to start over")
+                    "use --resume auto to continue or --overwrite to start over"
+                )
             if committed_here:
                 keys = self.store.list(PREFIX + "/")
                 self.store.delete_many([k for k in keys if k.endswith(MANIFEST)])  # uncommit first
@@ -318,14 +345,18 @@ class Checkpointer:
         newer = [c for c in list_committed(self.store) if c.step > resumed.step]
         if newer:
             aside = move_aside(self.store, newer, resumed.name if in_output else None)
-            log.info(f"rolled back to step {resumed.step}: moved {', '.join(c.name for c in newer)} aside to "
-                     f"{self.store.uri}/{aside} (that branch is kept, no longer resumed or retained)")
+            log.info(
+                f"rolled back to step {resumed.step}: moved {', '.join(c.name for c in newer)} aside to "
+                f"{self.store.uri}/{aside} (that branch is kept, no longer resumed or retained)"
+            )
 
     def _read_chosen(self, store: ObjectStore, name: str, sha256: str) -> Committed:
         committed = read_manifest(store, name)
         if committed is None or committed.manifest_sha256 != sha256:
-            raise CheckpointError(f"{checkpoint_uri(store.uri, name)}: the manifest this rank reads is not the one "
-                                  "rank 0 chose (changed or removed meanwhile)")
+            raise CheckpointError(
+                f"{checkpoint_uri(store.uri, name)}: the manifest this rank reads is not the one "
+                "rank 0 chose (changed or removed meanwhile)"
+            )
         return committed
 
     def _fetch(self, store: ObjectStore, committed: Committed, resharded: bool) -> Path:
@@ -348,8 +379,9 @@ class Checkpointer:
     def _check_compatible(self, committed: Committed) -> None:
         manifest = committed.manifest
         if manifest.get("stage") != self.spec.stage:
-            raise CheckpointError(f"checkpoint {committed.name} is from stage {manifest.get('stage')!r}, "
-                                  f"not {self.spec.stage!r}")
+            raise CheckpointError(
+                f"checkpoint {committed.name} is from stage {manifest.get('stage')!r}, not {self.spec.stage!r}"
+            )
 
     def _show_diff(self, saved_spec: Path) -> None:
         diff = spec_diff(json.loads(saved_spec.read_text()), spec_to_dict(self.spec))
@@ -360,8 +392,10 @@ class Checkpointer:
             log.info(f"  {key}: {old!r} -> {new!r}")
         blocking = [k for k, _, _ in diff if not k.startswith(RESUMABLE_CHANGES)]
         if blocking:
-            raise CheckpointError(f"cannot resume with changed {', '.join(blocking)}: they change the model, "
-                                  "the optimisation or the data order; start a new run instead")
+            raise CheckpointError(
+                f"cannot resume with changed {', '.join(blocking)}: they change the model, "
+                "the optimisation or the data order; start a new run instead"
+            )
 
 
 def _num_nodes(dist_info: Dist) -> int:

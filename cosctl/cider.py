@@ -97,7 +97,7 @@ def _similarity(hyp: tuple, ref: tuple) -> float:
     (hyp_vecs, hyp_norms, hyp_len), (ref_vecs, ref_norms, ref_len) = hyp, ref
     penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * CIDER_SIGMA**2))
     total = 0.0
-    for hyp_vec, ref_vec, hyp_norm, ref_norm in zip(hyp_vecs, ref_vecs, hyp_norms, ref_norms):
+    for hyp_vec, ref_vec, hyp_norm, ref_norm in zip(hyp_vecs, ref_vecs, hyp_norms, ref_norms, strict=True):
         dot = sum(min(value, ref_vec.get(ngram, 0.0)) * ref_vec.get(ngram, 0.0) for ngram, value in hyp_vec.items())
         if hyp_norm != 0 and ref_norm != 0:
             dot /= hyp_norm * ref_norm

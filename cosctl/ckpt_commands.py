@@ -15,8 +15,10 @@ from .errors import UserError
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and copy committed checkpoints.")
 
 
-TimeoutOpt = Annotated[float, typer.Option("--timeout-s", help="Give up on an s3:// endpoint that does not answer "
-                                                            "after this many seconds.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout-s", help="Give up on an s3:// endpoint that does not answer after this many seconds."),
+]
 
 
 def _store_settings(timeout_s: float):
@@ -61,8 +63,10 @@ def ckpt_ls(uri: Annotated[str, typer.Argument(help="Run output URI.")], timeout
 
 
 @ckpt_app.command("verify")
-def ckpt_verify(uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../checkpoints/step_N) or run output (newest).")],
-                timeout_s: TimeoutOpt = 120.0) -> None:
+def ckpt_verify(
+    uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../checkpoints/step_N) or run output (newest).")],
+    timeout_s: TimeoutOpt = 120.0,
+) -> None:
     """Re-hash every file of a checkpoint against its manifest; exit 1 naming any bad file."""
     import tempfile
 
@@ -92,21 +96,27 @@ def _copy(source: str, destination: str, timeout_s: float) -> None:
             copied = copy_checkpoint(src, committed, dst, Path(scratch))
     except UserError as err:
         fail(str(err))
-    typer.echo(f"copied {committed.name} (step {committed.step}, {len(copied.manifest['files'])} files) "
-               f"to {dst.uri}/checkpoints/{committed.name}")
+    typer.echo(
+        f"copied {committed.name} (step {committed.step}, {len(copied.manifest['files'])} files) "
+        f"to {dst.uri}/checkpoints/{committed.name}"
+    )
 
 
 @ckpt_app.command("pull")
-def ckpt_pull(source: Annotated[str, typer.Argument(help="Checkpoint or run URI (newest) to copy from, e.g. s3://b/run.")],
-              to: Annotated[Path, typer.Option(help="Local run folder to copy into.")],
-              timeout_s: TimeoutOpt = 120.0) -> None:
+def ckpt_pull(
+    source: Annotated[str, typer.Argument(help="Checkpoint or run URI (newest) to copy from, e.g. s3://b/run.")],
+    to: Annotated[Path, typer.Option(help="Local run folder to copy into.")],
+    timeout_s: TimeoutOpt = 120.0,
+) -> None:
     """Copy a committed checkpoint from a store (e.g. a bucket) into a local run folder, verified."""
     _copy(source, str(to), timeout_s)
 
 
 @ckpt_app.command("push")
-def ckpt_push(source: Annotated[str, typer.Argument(help="Local checkpoint or run folder (newest).")],
-              to: Annotated[str, typer.Option(help="Run URI to copy into, e.g. s3://bucket/run.")],
-              timeout_s: TimeoutOpt = 120.0) -> None:
+def ckpt_push(
+    source: Annotated[str, typer.Argument(help="Local checkpoint or run folder (newest).")],
+    to: Annotated[str, typer.Option(help="Run URI to copy into, e.g. s3://bucket/run.")],
+    timeout_s: TimeoutOpt = 120.0,
+) -> None:
     """Copy a committed checkpoint from a local run folder to a store (e.g. a bucket), verified."""
     _copy(source, to, timeout_s)

@@ -20,8 +20,12 @@ from .console import fail
 from .errors import SpecError, UserError
 from .slurm import slurm_app
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Chain-of-Sight MLLM training: pretrain (32 tokens) -> inflate -> finetune (528, LoRA).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Chain-of-Sight MLLM training: pretrain (32 tokens) -> inflate -> finetune (528, LoRA).",
+)
 spec_app = typer.Typer(no_args_is_help=True, help="Run-spec utilities.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets.")
 app.add_typer(spec_app, name="spec")
@@ -32,7 +36,9 @@ app.add_typer(slurm_app, name="slurm")
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML run spec.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: a.b=value (repeatable).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option(help="Local working folder (logs, metrics, staging); default runs/<run name>.")]
+RunDirOpt = Annotated[
+    Optional[Path], typer.Option(help="Local working folder (logs, metrics, staging); default runs/<run name>.")
+]
 OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and artefacts go (overrides run.output).")]
 ResumeOpt = Annotated[str, typer.Option(help="auto (newest committed checkpoint), never, or a checkpoint URI.")]
 NprocOpt = Annotated[int, typer.Option(help="Local ranks to launch through torchrun (1 = in this process).")]
@@ -86,9 +92,14 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
     from .train import Stopped, run_training
 
     try:
-        summary = run_training(spec, run_dir=run_dir or Path("runs") / spec.run.name,
-                               output=output or spec.run.output, resume=resume, overwrite=overwrite,
-                               save_on_stop=save_on_stop)
+        summary = run_training(
+            spec,
+            run_dir=run_dir or Path("runs") / spec.run.name,
+            output=output or spec.run.output,
+            resume=resume,
+            overwrite=overwrite,
+            save_on_stop=save_on_stop,
+        )
     except UserError as err:
         _fail_in_rank(err)
     except Stopped as stop:
@@ -105,10 +116,18 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
 
 
 @app.command()
-def validate(spec: SpecArg, set_: SetOpt = None,
-             skip_paths: Annotated[bool, typer.Option(
-                 "--skip-paths", help="Check the spec alone, not the data, tokenizer and model folders it names "
-                 "(for a spec written on a machine that does not have them).")] = False) -> None:
+def validate(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    skip_paths: Annotated[
+        bool,
+        typer.Option(
+            "--skip-paths",
+            help="Check the spec alone, not the data, tokenizer and model folders it names "
+            "(for a spec written on a machine that does not have them).",
+        ),
+    ] = False,
+) -> None:
     """Check a run spec and the local files it names; print OK or every problem (exit 1)."""
     from .spec_checks import check_paths
 
@@ -123,45 +142,75 @@ def validate(spec: SpecArg, set_: SetOpt = None,
 
 
 @app.command()
-def plan(spec: SpecArg, set_: SetOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
-         world_size: Annotated[int, typer.Option(help="Ranks the run will use.")] = 1,
-         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-         peak_tflops: Annotated[Optional[float], typer.Option(
-             help="Per-rank dense peak for predictions (default: COSCTL_PEAK_TFLOPS, else this machine's GPU).",
-         )] = None,
-         bandwidth_gbps: Annotated[float, typer.Option(
-             help="Inter-node bandwidth per rank, Gb/s (100: one EDR/HDR100 InfiniBand link per GPU).")] = 100.0,
-         intra_node_gbps: Annotated[float, typer.Option(
-             help="Bandwidth between the ranks of one node, Gb/s (2400 = 300 GB/s, NVLink).")] = 2400.0,
-         ranks_per_node: Annotated[Optional[int], typer.Option(
-             help="Ranks per node (default: the spec's slurm section).")] = None,
-         gpu_memory_gib: Annotated[float, typer.Option(help="GPU memory per rank, for the ZeRO advice.")] = 80.0,
-         ) -> None:
+def plan(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    world_size: Annotated[int, typer.Option(help="Ranks the run will use.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    peak_tflops: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Per-rank dense peak for predictions (default: COSCTL_PEAK_TFLOPS, else this machine's GPU).",
+        ),
+    ] = None,
+    bandwidth_gbps: Annotated[
+        float, typer.Option(help="Inter-node bandwidth per rank, Gb/s (100: one EDR/HDR100 InfiniBand link per GPU).")
+    ] = 100.0,
+    intra_node_gbps: Annotated[
+        float, typer.Option(help="Bandwidth between the ranks of one node, Gb/s (2400 = 300 GB/s, NVLink).")
+    ] = 2400.0,
+    ranks_per_node: Annotated[
+        Optional[int], typer.Option(help="Ranks per node (default: the spec's slurm section).")
+    ] = None,
+    gpu_memory_gib: Annotated[float, typer.Option(help="GPU memory per rank, for the ZeRO advice.")] = 80.0,
+) -> None:
     """Show tokens, scales, parameters, FLOPs (model and hardware), step time, communication per step,
     a ZeRO-2/ZeRO-3 recommendation, memory, DeepSpeed config and resume point."""
     from .plan import build_plan, format_plan
 
     try:
-        result = build_plan(_load(spec, set_), world_size=world_size, device_type=device, peak=peak_tflops,
-                            bandwidth_gbps=bandwidth_gbps, intra_node_gbps=intra_node_gbps,
-                            ranks_per_node=ranks_per_node, gpu_memory_gib=gpu_memory_gib)
+        result = build_plan(
+            _load(spec, set_),
+            world_size=world_size,
+            device_type=device,
+            peak=peak_tflops,
+            bandwidth_gbps=bandwidth_gbps,
+            intra_node_gbps=intra_node_gbps,
+            ranks_per_node=ranks_per_node,
+            gpu_memory_gib=gpu_memory_gib,
+        )
     except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
 
 
 @app.command()
-def pretrain(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1,
-             save_on_stop: SaveOnStopOpt = False) -> None:
+def pretrain(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: bool = False,
+    nproc: NprocOpt = 1,
+    save_on_stop: SaveOnStopOpt = False,
+) -> None:
     """Pre-train the bridge with the few-token chain (32 visual tokens by default)."""
     _train("pretrain", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
 
 
 @app.command()
-def finetune(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-             resume: ResumeOpt = "auto", overwrite: bool = False, nproc: NprocOpt = 1,
-             save_on_stop: SaveOnStopOpt = False) -> None:
+def finetune(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: bool = False,
+    nproc: NprocOpt = 1,
+    save_on_stop: SaveOnStopOpt = False,
+) -> None:
     """Fine-tune the inflated model (528 tokens) with LoRA on the LLM."""
     _train("finetune", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
 
@@ -173,16 +222,19 @@ def inflate(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, outpu
 
     try:
         loaded = _load(spec, set_, "inflate")
-        summary = run_inflate(loaded, run_dir=run_dir or Path("runs") / loaded.run.name,
-                              output=output or loaded.run.output)
+        summary = run_inflate(
+            loaded, run_dir=run_dir or Path("runs") / loaded.run.name, output=output or loaded.run.output
+        )
     except (UserError, ValueError) as err:
         fail(str(err))
     typer.echo(json.dumps(summary, indent=1))
 
 
 @app.command()
-def export(source: Annotated[str, typer.Argument(help="Run output URI (holds adapter/ or model/) or a model folder.")],
-           out: Annotated[Path, typer.Option(help="Folder for the self-contained HF model.")]) -> None:
+def export(
+    source: Annotated[str, typer.Argument(help="Run output URI (holds adapter/ or model/) or a model folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for the self-contained HF model.")],
+) -> None:
     """Merge LoRA into the base and write one HF folder (model, processor, code) that transformers
     alone loads: Auto*.from_pretrained(OUT, trust_remote_code=True)."""
     from .export import export_merged
@@ -195,19 +247,33 @@ def export(source: Annotated[str, typer.Argument(help="Run output URI (holds ada
 
 
 @app.command("eval")
-def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run output (model/ or adapter/), "
-                                                      "local or s3://.", show_default=False)],
-          data: Annotated[Path, typer.Option(help="LLaVA-format eval records (JSON list); the last gpt turn is "
-                                                  "the reference.", show_default=False)],
-          images: Annotated[Optional[Path], typer.Option(help="Image root; default: the data file's folder.")] = None,
-          out: Annotated[Optional[Path], typer.Option(help="Output folder; default evals/<model name>.")] = None,
-          max_new_tokens: Annotated[int, typer.Option(min=1, help="Generated tokens per record at most.")] = 32,
-          batch_size: Annotated[int, typer.Option(min=1, help="Records generated together per rank.")] = 8,
-          nproc: NprocOpt = 1,
-          limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N records only.")] = None,
-          baseline_from: Annotated[Optional[Path], typer.Option(
-              help="Records (e.g. the training set) whose answers the image-free baseline counts; "
-                   "default: the eval records.")] = None) -> None:
+def eval_(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="An export folder, or a run output (model/ or adapter/), local or s3://.", show_default=False
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="LLaVA-format eval records (JSON list); the last gpt turn is the reference.", show_default=False
+        ),
+    ],
+    images: Annotated[Optional[Path], typer.Option(help="Image root; default: the data file's folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; default evals/<model name>.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generated tokens per record at most.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records generated together per rank.")] = 8,
+    nproc: NprocOpt = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N records only.")] = None,
+    baseline_from: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Records (e.g. the training set) whose answers the image-free baseline counts; "
+            "default: the eval records."
+        ),
+    ] = None,
+) -> None:
     """Greedy generation on eval records: predictions.jsonl, metrics.json and per-task metrics beside an
     image-free baseline."""
     from .evaluate.command import print_table, run_eval
@@ -229,9 +295,16 @@ def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run 
 
         raise typer.Exit(launch_local_ranks(nproc, _argv_without_nproc(), sys.argv[1:]))
     try:
-        metrics = run_eval(model, data, images=images, out=out or Path("evals") / Path(model.rstrip("/")).name,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
-                           baseline_from=baseline_from)
+        metrics = run_eval(
+            model,
+            data,
+            images=images,
+            out=out or Path("evals") / Path(model.rstrip("/")).name,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            baseline_from=baseline_from,
+        )
     except UserError as err:
         _fail_in_rank(err)
     if metrics is not None:
@@ -239,10 +312,17 @@ def eval_(model: Annotated[str, typer.Argument(help="An export folder, or a run 
 
 
 @app.command()
-def report(runs: Annotated[list[Path], typer.Argument(help="Run folders: the --run-dir of training stages "
-                                                             "(metrics.jsonl, summary.json; metrics.json of cosctl eval).",
-                                                        show_default=False)],
-           out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")] = Path("report")) -> None:
+def report(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders: the --run-dir of training stages "
+            "(metrics.jsonl, summary.json; metrics.json of cosctl eval).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")] = Path("report"),
+) -> None:
     """Plots (loss against step and time, samples/s, LR, eval metrics) and report.md for runs, side by side."""
     from .report import write_report
 
@@ -250,13 +330,17 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run folders: the --r
         written = write_report(runs, out)
     except UserError as err:
         fail(str(err))
-    typer.echo(f"wrote {written['report']} and {len(written['figures'])} plot(s): "
-               + ", ".join(Path(f).name for f in written["figures"]))
+    typer.echo(
+        f"wrote {written['report']} and {len(written['figures'])} plot(s): "
+        + ", ".join(Path(f).name for f in written["figures"])
+    )
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
-         num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200) -> None:
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
+    num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200,
+) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""
     from .demo import run_demo
 
@@ -280,9 +364,12 @@ def spec_schema(out: Annotated[Optional[Path], typer.Option(help="Write here ins
 
 
 @data_app.command("synth")
-def data_synth(out: Annotated[Path, typer.Option(help="Output folder.")],
-               num_samples: Annotated[int, typer.Option(min=1)] = 1000,
-               seed: int = 0, image_size: Annotated[int, typer.Option(min=16)] = 128) -> None:
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    num_samples: Annotated[int, typer.Option(min=1)] = 1000,
+    seed: int = 0,
+    image_size: Annotated[int, typer.Option(min=16)] = 128,
+) -> None:
     """Write the deterministic synthetic multitask set (caption, VQA, OCR, referring expressions)."""
     from .synth import synthesize
 
@@ -290,11 +377,15 @@ def data_synth(out: Annotated[Path, typer.Option(help="Output folder.")],
 
 
 @data_app.command("prepare")
-def data_prepare(spec: SpecArg, set_: SetOpt = None,
-                 tokenizer: Annotated[Optional[Path], typer.Option(
-                     help="Tokenizer folder; default: model.tokenizer (pretrain) or the local source model's.")] = None,
-                 workers: Annotated[Optional[int], typer.Option(
-                     min=0, help="Worker processes; default data.num_workers.")] = None) -> None:
+def data_prepare(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    tokenizer: Annotated[
+        Optional[Path],
+        typer.Option(help="Tokenizer folder; default: model.tokenizer (pretrain) or the local source model's."),
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Worker processes; default data.num_workers.")] = None,
+) -> None:
     """Validate, tokenise and decode-check a spec's train and eval records once, into token stores that
     training maps on every rank (reused while the data file, tokenizer and data settings are unchanged)."""
     from .data import load_tokenizer
@@ -318,8 +409,10 @@ def _spec_tokenizer(spec) -> Path:
 
     folder = local_model_folder(spec.model.source)
     if folder is None:
-        raise SpecError(f"model.source: {spec.model.source} is not a local model folder; pass --tokenizer "
-                        "with the model's tokenizer folder")
+        raise SpecError(
+            f"model.source: {spec.model.source} is not a local model folder; pass --tokenizer "
+            "with the model's tokenizer folder"
+        )
     return folder
 
 

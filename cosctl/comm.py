@@ -84,11 +84,19 @@ def step_volume(stage: int, counts: ParamCounts, micro_batches: int, bytes_per_p
     and gradients travel in the training dtype (`bytes_per_param`: 2 for bf16, 4 for fp32)."""
     if stage == 3:
         partitioned = counts.total - counts.persistent
-        return StepVolume(3, all_gather=(micro_batches * partitioned + counts.persistent) * bytes_per_param,
-                          reduce_scatter=micro_batches * counts.trainable * bytes_per_param, all_reduce=0.0)
+        return StepVolume(
+            3,
+            all_gather=(micro_batches * partitioned + counts.persistent) * bytes_per_param,
+            reduce_scatter=micro_batches * counts.trainable * bytes_per_param,
+            all_reduce=0.0,
+        )
     if stage == 2:
-        return StepVolume(2, all_gather=counts.trainable * bytes_per_param, reduce_scatter=0.0,
-                          all_reduce=micro_batches * counts.trainable * bytes_per_param)
+        return StepVolume(
+            2,
+            all_gather=counts.trainable * bytes_per_param,
+            reduce_scatter=0.0,
+            all_reduce=micro_batches * counts.trainable * bytes_per_param,
+        )
     raise ValueError(f"no communication model for ZeRO stage {stage}")
 
 
@@ -97,8 +105,9 @@ def link_gbps(world_size: int, ranks_per_node: int, inter_node_gbps: float, intr
     return intra_node_gbps if world_size <= ranks_per_node else inter_node_gbps
 
 
-def memory_gib(stage: int, counts: ParamCounts, world_size: int, bytes_per_param: int,
-               adam_bytes_per_param: int = 12) -> dict[str, float]:
+def memory_gib(
+    stage: int, counts: ParamCounts, world_size: int, bytes_per_param: int, adam_bytes_per_param: int = 12
+) -> dict[str, float]:
     """Per-rank weights and optimizer state at rest: ZeRO-3 partitions the weights, ZeRO-2 keeps them
     whole; both partition the fp32 master weights, Adam moments and gradient partitions. Activations and
     ZeRO-3's gathered working set come on top."""
@@ -108,6 +117,13 @@ def memory_gib(stage: int, counts: ParamCounts, world_size: int, bytes_per_param
 
 
 __all__ = [
-    "DEFAULT_INTER_NODE_GBPS", "DEFAULT_INTRA_NODE_GBPS", "ZERO_STAGES", "ParamCounts", "StepVolume", "link_gbps",
-    "memory_gib", "param_counts", "step_volume",
+    "DEFAULT_INTER_NODE_GBPS",
+    "DEFAULT_INTRA_NODE_GBPS",
+    "ZERO_STAGES",
+    "ParamCounts",
+    "StepVolume",
+    "link_gbps",
+    "memory_gib",
+    "param_counts",
+    "step_volume",
 ]

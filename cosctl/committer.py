@@ -75,8 +75,17 @@ def retrying(action, what: str, max_outage_s: float, backoff_s: float = 1.0, max
 
 
 class Committer:
-    def __init__(self, store: ObjectStore, rank: int, world_size: int, keep_last: int, *,
-                 max_outage_s: float = 1800.0, backoff_s: float = 1.0, max_backoff_s: float = 30.0):
+    def __init__(
+        self,
+        store: ObjectStore,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        *,
+        max_outage_s: float = 1800.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ):
         self.store, self.rank, self.world_size, self.keep_last = store, rank, world_size, keep_last
         self.max_outage_s, self.backoff_s, self.max_backoff_s = max_outage_s, backoff_s, max_backoff_s
         self.queue: queue.Queue[Staged | None] = queue.Queue()
@@ -153,15 +162,22 @@ class Committer:
 
     def _process(self, staged: Staged) -> bool:
         started = time.monotonic()
-        files = self._retrying(lambda: upload_tree(self.store, staged.local_dir, checkpoint_key(staged.name),
-                                                   self.rank, stop=self._closing.is_set), f"upload of {staged.name}")
-        self._retrying(lambda: self.store.put_bytes(json.dumps(files).encode(), staged.receipt(self.rank)),
-                       f"receipt of {staged.name}")
+        files = self._retrying(
+            lambda: upload_tree(
+                self.store, staged.local_dir, checkpoint_key(staged.name), self.rank, stop=self._closing.is_set
+            ),
+            f"upload of {staged.name}",
+        )
+        self._retrying(
+            lambda: self.store.put_bytes(json.dumps(files).encode(), staged.receipt(self.rank)),
+            f"receipt of {staged.name}",
+        )
         if self.rank != 0:
             return True
         parts = self._await_receipts(staged)
-        committed = self._retrying(lambda: commit(self.store, staged.name, parts, staged.meta),
-                                   f"commit of {staged.name}")
+        committed = self._retrying(
+            lambda: commit(self.store, staged.name, parts, staged.meta), f"commit of {staged.name}"
+        )
         self.last_committed = staged.name
         try:  # the checkpoint is committed: housekeeping that fails is only worth a warning
             removed = apply_retention(self.store, self.keep_last)
@@ -170,17 +186,23 @@ class Committer:
             removed = []
             log.warning(f"checkpoint {staged.name} committed, but retention or receipt clean-up failed: {err}")
         size_mb = sum(f["size"] for f in committed.manifest["files"].values()) / 2**20
-        log.info(f"checkpoint {staged.name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
-                 f"{staged.blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
-                 f"{committed.manifest_sha256[:12]})" + (f"; removed {', '.join(removed)}" if removed else ""))
+        log.info(
+            f"checkpoint {staged.name} committed to {self.store.uri} ({size_mb:.1f} MiB; training blocked "
+            f"{staged.blocked_s:.2f} s, upload + commit {time.monotonic() - started:.2f} s; manifest "
+            f"{committed.manifest_sha256[:12]})" + (f"; removed {', '.join(removed)}" if removed else "")
+        )
         return True
 
     def _await_receipts(self, staged: Staged) -> dict[str, dict]:
         """Rank 0: every rank's receipt for this save, merged (waiting is not an outage)."""
         expected = [staged.receipt(rank) for rank in range(self.world_size)]
         while True:
-            keys = set(self._retrying(lambda: self.store.list(checkpoint_key(staged.name, PARTS, staged.save_id) + "/"),
-                                      f"receipts of {staged.name}"))
+            keys = set(
+                self._retrying(
+                    lambda: self.store.list(checkpoint_key(staged.name, PARTS, staged.save_id) + "/"),
+                    f"receipts of {staged.name}",
+                )
+            )
             failed = sorted(key for key in keys if key.endswith(".failed"))
             if failed:
                 raise GaveUp(f"ranks gave up on {staged.name}: {', '.join(failed)}")
@@ -210,8 +232,10 @@ class Committer:
                 self.outage_since = self.outage_since or now
                 down_for = now - self.outage_since
                 if down_for >= self.max_outage_s:
-                    self._failure = (f"the store {self.store.uri} has been failing for {down_for / 60:.1f} minutes "
-                                     f"(storage.max_outage_minutes); last error: {err}")
+                    self._failure = (
+                        f"the store {self.store.uri} has been failing for {down_for / 60:.1f} minutes "
+                        f"(storage.max_outage_minutes); last error: {err}"
+                    )
                     log.warning(f"{what} given up: {self._failure}")
                     raise GaveUp() from err
                 log.warning(f"{what} failed ({err}); retrying in {delay:.0f} s, training goes on")

@@ -70,8 +70,12 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[
         return [[] for _ in texts]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    if (backend is not None and backend.truncation is None and backend.padding is None
-            and backend.encode_special_tokens == split_special):
+    if (
+        backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == split_special
+    ):
         ids = [encoding.ids for encoding in backend.encode_batch(wanted, add_special_tokens=False)]
     else:  # also sets the backend up as above, for the next call
         ids = tokenizer(wanted, add_special_tokens=False)["input_ids"]
@@ -79,8 +83,9 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[
     return [encoded[text] if text else [] for text in texts]
 
 
-def assemble(pieces: Pieces, piece_ids: list[list[int]], bos_id: int | None,
-             eos_id: int) -> tuple[list[int], list[bool], int]:
+def assemble(
+    pieces: Pieces, piece_ids: list[list[int]], bos_id: int | None, eos_id: int
+) -> tuple[list[int], list[bool], int]:
     """(text token ids, label mask, image position) of a conversation: the visual tokens go before
     text token `image position` (-1: none); labels are the answers and their eos."""
     ids: list[int] = [] if bos_id is None else [bos_id]
@@ -96,15 +101,18 @@ def assemble(pieces: Pieces, piece_ids: list[list[int]], bos_id: int | None,
     return ids, mask, image_pos
 
 
-def expand(ids: Sequence[int], mask: Sequence[bool], image_pos: int, image_id: int,
-           num_visual_tokens: int) -> tuple[list[int], list[int]]:
+def expand(
+    ids: Sequence[int], mask: Sequence[bool], image_pos: int, image_id: int, num_visual_tokens: int
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels): text ids with the visual-token slots inserted at `image_pos`."""
     labels = [token if labelled else IGNORE_INDEX for token, labelled in zip(ids, mask, strict=True)]
     if image_pos < 0:
         return list(ids), labels
     slots = [image_id] * num_visual_tokens
-    return (list(ids[:image_pos]) + slots + list(ids[image_pos:]),
-            labels[:image_pos] + [IGNORE_INDEX] * num_visual_tokens + labels[image_pos:])
+    return (
+        list(ids[:image_pos]) + slots + list(ids[image_pos:]),
+        labels[:image_pos] + [IGNORE_INDEX] * num_visual_tokens + labels[image_pos:],
+    )
 
 
 def encode_conversation(
@@ -112,8 +120,9 @@ def encode_conversation(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a validated conversation under the chat template above (not truncated)."""
     pieces = conversation_pieces(turns)
-    ids, mask, image_pos = assemble(pieces, tokenize(tokenizer, pieces.texts), tokenizer.bos_token_id,
-                                    tokenizer.eos_token_id)
+    ids, mask, image_pos = assemble(
+        pieces, tokenize(tokenizer, pieces.texts), tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     return expand(ids, mask, image_pos, image_token_id(tokenizer), num_visual_tokens)
 
 
@@ -164,8 +173,9 @@ def record_id_of(record, index: int) -> str:
     return str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
 
 
-def encode_records(records: Sequence, indices: Sequence[int], tokenizer: PreTrainedTokenizerFast,
-                   max_text_tokens: int) -> tuple[list[Encoded], list[tuple[int, str, str]]]:
+def encode_records(
+    records: Sequence, indices: Sequence[int], tokenizer: PreTrainedTokenizerFast, max_text_tokens: int
+) -> tuple[list[Encoded], list[tuple[int, str, str]]]:
     """Validate, tokenise (in one batched call) and truncate `records[i]` for i in `indices`: the
     encoded ones and the bad ones as (index, record id, reason). Images are not looked at."""
     good: list[tuple[int, dict, Pieces]] = []
@@ -181,7 +191,7 @@ def encode_records(records: Sequence, indices: Sequence[int], tokenizer: PreTrai
     encoded: list[Encoded] = []
     start = 0
     for index, record, pieces in good:
-        piece_ids, start = flat[start:start + len(pieces.texts)], start + len(pieces.texts)
+        piece_ids, start = flat[start : start + len(pieces.texts)], start + len(pieces.texts)
         ids, mask, image_pos = assemble(pieces, piece_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
         truncated = len(ids) > max_text_tokens
         if truncated:  # text tokens only: the visual tokens sit inside the first prompt and are never cut
@@ -189,7 +199,17 @@ def encode_records(records: Sequence, indices: Sequence[int], tokenizer: PreTrai
             if not any(mask[1:]) or image_pos > max_text_tokens:
                 bad.append((index, record_id_of(record, index), "too_long"))
                 continue
-        encoded.append(Encoded(index, record_id_of(record, index), str(record.get("task", "unknown")),
-                               record_image(record), ids, mask, image_pos, truncated))
+        encoded.append(
+            Encoded(
+                index,
+                record_id_of(record, index),
+                str(record.get("task", "unknown")),
+                record_image(record),
+                ids,
+                mask,
+                image_pos,
+                truncated,
+            )
+        )
     bad.sort()
     return encoded, bad

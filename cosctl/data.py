@@ -1,10 +1,10 @@
 """LLaVA-format records -> validated token sequences (examples) -> collated tensors (docs/design.md §5).
 
-Owns reading conversation JSON (`[{"id", "image"?, "conversations": [{"from": "human"|"gpt",
-"value"}...]}]`), the tokenizer, reports of bad records, and collating; the chat template, its labels,
-validation and truncation of one record are `cosctl.conversation`'s. Preparing whole splits into memory-mapped token stores is `cosctl.prepare`'s; image
-bytes and pixels are `cosctl.images`'; grouping examples into steps and micro-batches is
-`cosctl.batching`'s.
+Owns reading conversation JSON (`[{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}...]}]`),
+the tokenizer, reports of bad records, and collating; the chat template, its labels, validation and truncation
+of one record are `cosctl.conversation`'s. Preparing whole splits into memory-mapped token stores is
+`cosctl.prepare`'s; image bytes and pixels are `cosctl.images`'; grouping examples into steps and
+micro-batches is `cosctl.batching`'s.
 """
 
 from __future__ import annotations
@@ -27,8 +27,21 @@ from .errors import DataError
 from .images import CLIP_MEAN, CLIP_STD, ImageSource, decode_image
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DataError", "DataReport", "Example", "IGNORE_INDEX", "LengthStats", "check_bad_fraction",
-    "collate", "image_problem", "length_stats", "load_examples", "load_image", "load_tokenizer", "resolve_image_path",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DataError",
+    "DataReport",
+    "Example",
+    "IGNORE_INDEX",
+    "LengthStats",
+    "check_bad_fraction",
+    "collate",
+    "image_problem",
+    "length_stats",
+    "load_examples",
+    "load_image",
+    "load_tokenizer",
+    "resolve_image_path",
 ]
 
 MAX_REPORTED_BAD_IDS = 10
@@ -134,8 +147,15 @@ class DataReport:
         return line
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "num_records": self.num_records, "num_ok": self.num_ok, "bad": self.bad,
-                "bad_ids": self.bad_ids, "num_truncated": self.num_truncated, "num_text_only": self.num_text_only}
+        return {
+            "source": self.source,
+            "num_records": self.num_records,
+            "num_ok": self.num_ok,
+            "bad": self.bad,
+            "bad_ids": self.bad_ids,
+            "num_truncated": self.num_truncated,
+            "num_text_only": self.num_text_only,
+        }
 
 
 def check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
@@ -145,8 +165,9 @@ def check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
     if fraction > max_bad_fraction or report.num_ok == 0:
         hints = sorted({BAD_RECORD_HINTS[reason] for reason in report.bad if reason in BAD_RECORD_HINTS})
         advice = "; ".join([*hints, "or raise data.max_bad_fraction to skip them"])
-        raise DataError(f"{report.summary()}: {fraction:.1%} bad, above data.max_bad_fraction="
-                        f"{max_bad_fraction:.1%} ({advice})")
+        raise DataError(
+            f"{report.summary()}: {fraction:.1%} bad, above data.max_bad_fraction={max_bad_fraction:.1%} ({advice})"
+        )
 
 
 def read_records(json_path: Path) -> list:
@@ -206,10 +227,15 @@ def load_examples(
         examples.append(Example(item.record_id, item.task, item.image, tuple(input_ids), tuple(labels), len(item.ids)))
         num_truncated += item.truncated
     bad.sort()
-    report = DataReport(str(json_path), len(records), len(examples), dict(Counter(reason for _, _, reason in bad)),
-                        [record_id for _, record_id, _ in bad[:MAX_REPORTED_BAD_IDS]],
-                        num_truncated,
-                        sum(example.image_path is None for example in examples))
+    report = DataReport(
+        str(json_path),
+        len(records),
+        len(examples),
+        dict(Counter(reason for _, _, reason in bad)),
+        [record_id for _, record_id, _ in bad[:MAX_REPORTED_BAD_IDS]],
+        num_truncated,
+        sum(example.image_path is None for example in examples),
+    )
     check_bad_fraction(report, max_bad_fraction)
     return examples, report
 
@@ -222,8 +248,13 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise DataError(f"{path}: cannot read image: {exc}") from exc
 
 
-def collate(examples: Sequence, images: list[torch.Tensor], pad_token_id: int,
-            packing: bool = False, image_size: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence,
+    images: list[torch.Tensor],
+    pad_token_id: int,
+    packing: bool = False,
+    image_size: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Token rows and stacked images of a micro-batch. `examples` have `input_ids` and `labels`
     (sequences or arrays); `images` are those of the examples that have one, in order.
 
@@ -240,9 +271,12 @@ def collate(examples: Sequence, images: list[torch.Tensor], pad_token_id: int,
         size = image_size or 1
         pixel_values = torch.zeros((0, 3, size, size), dtype=torch.float32)
     if packing:
-        return {"input_ids": torch.cat(rows)[None], "labels": torch.cat(targets)[None],
-                "position_ids": torch.cat([torch.arange(len(row)) for row in rows])[None],
-                "pixel_values": pixel_values}
+        return {
+            "input_ids": torch.cat(rows)[None],
+            "labels": torch.cat(targets)[None],
+            "position_ids": torch.cat([torch.arange(len(row)) for row in rows])[None],
+            "pixel_values": pixel_values,
+        }
     num_columns = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), num_columns), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), num_columns), IGNORE_INDEX, dtype=torch.long)

@@ -162,7 +162,7 @@ def _auto_paths(node: Any, prefix: str = "") -> Iterator[str]:
 def _check_resolved(config: dict, world_size: int) -> None:
     leftover = list(_auto_paths(config))
     if leftover:
-        raise ValueError(f"DeepSpeed config still has \"auto\" at {', '.join(leftover)}; give it a value")
+        raise ValueError(f'DeepSpeed config still has "auto" at {", ".join(leftover)}; give it a value')
     micro, accumulation = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     if config["train_batch_size"] != micro * accumulation * world_size:
         raise ValueError(

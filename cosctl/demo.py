@@ -19,8 +19,16 @@ from .train import run_training
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 STAGE_KEYS = (
-    "visual_tokens", "image_size", "steps", "first_loss", "final_loss", "loss_window", "first_eval_loss",
-    "final_eval_loss", "samples_per_s", "train_time_s",
+    "visual_tokens",
+    "image_size",
+    "steps",
+    "first_loss",
+    "final_loss",
+    "loss_window",
+    "first_eval_loss",
+    "final_eval_loss",
+    "samples_per_s",
+    "train_time_s",
 )
 
 
@@ -31,26 +39,42 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     synth = synthesize(data, num_samples=num_samples, seed=seed, image_size=128)
     outputs = {stage: out / "runs" / stage for stage in ("pretrain", "inflate", "finetune")}
 
-    pretrain = load_spec(RECIPES / "pretrain.yaml", [
-        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={outputs['pretrain']}",
-        f"run.seed={seed}",
-    ])
-    pre = run_training(pretrain, run_dir=out / "work" / "pretrain", output=str(outputs["pretrain"]),
-                       resume="never", overwrite=True)
+    pretrain = load_spec(
+        RECIPES / "pretrain.yaml",
+        [
+            f"data.root={data}",
+            f"model.tokenizer={data / 'tokenizer'}",
+            f"run.output={outputs['pretrain']}",
+            f"run.seed={seed}",
+        ],
+    )
+    pre = run_training(
+        pretrain, run_dir=out / "work" / "pretrain", output=str(outputs["pretrain"]), resume="never", overwrite=True
+    )
     inflate = load_spec(RECIPES / "inflate.yaml", [f"source={outputs['pretrain']}", f"run.output={outputs['inflate']}"])
     inf = run_inflate(inflate, run_dir=out / "work" / "inflate", output=str(outputs["inflate"]))
-    finetune = load_spec(RECIPES / "finetune.yaml", [
-        f"data.root={data}", f"model.source={outputs['inflate']}", f"run.output={outputs['finetune']}",
-        f"run.seed={seed}",
-    ])
-    fin = run_training(finetune, run_dir=out / "work" / "finetune", output=str(outputs["finetune"]),
-                       resume="never", overwrite=True)
+    finetune = load_spec(
+        RECIPES / "finetune.yaml",
+        [
+            f"data.root={data}",
+            f"model.source={outputs['inflate']}",
+            f"run.output={outputs['finetune']}",
+            f"run.seed={seed}",
+        ],
+    )
+    fin = run_training(
+        finetune, run_dir=out / "work" / "finetune", output=str(outputs["finetune"]), resume="never", overwrite=True
+    )
 
     summary = {
         "data": {"root": str(data), "num_samples": num_samples, "seed": seed, "tasks": synth["tasks"]},
         "pretrain": {**{k: pre[k] for k in STAGE_KEYS}, "artefact": pre["artefact"]},
-        "inflate": {"visual_tokens": inf["visual_tokens"]["to"], "image_size": inf["image_size"]["to"],
-                    "time_s": inf["time_s"], "artefact": inf["artefact"]},
+        "inflate": {
+            "visual_tokens": inf["visual_tokens"]["to"],
+            "image_size": inf["image_size"]["to"],
+            "time_s": inf["time_s"],
+            "artefact": inf["artefact"],
+        },
         "finetune": {**{k: fin[k] for k in STAGE_KEYS}, "artefact": fin["artefact"]},
         "total_time_s": time.monotonic() - started,
     }

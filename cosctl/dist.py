@@ -1,8 +1,9 @@
 """The process group: joining it, who this rank is, and the few collectives the trainer agrees with.
 
-Ranks come from torchrun's (or SLURM's) environment; a process started without a launcher becomes a
-one-rank group on its own, and the object collectives also work with no group at all (one process). CPU runs use gloo, GPU runs nccl. Every function here is collective unless
-it says otherwise: all ranks call it, in the same order.
+Ranks come from torchrun's (or SLURM's) environment; a process started without a launcher becomes a one-rank
+group on its own, and the object collectives also work with no group at all (one process). CPU runs use gloo,
+GPU runs nccl. Every function here is collective unless it says otherwise: all ranks call it, in the same
+order.
 """
 
 from __future__ import annotations

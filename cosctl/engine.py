@@ -45,15 +45,17 @@ def run_dtype(spec: TrainingSpec, device_type: str) -> torch.dtype:
     return torch.bfloat16 if use_bf16(spec.deepspeed.precision, device_type) else torch.float32
 
 
-def build_pretrain_model(spec: PretrainSpec, vocab_size: int, image_token_id: int,
-                         dtype: torch.dtype = torch.float32) -> CosForConditionalGeneration:
+def build_pretrain_model(
+    spec: PretrainSpec, vocab_size: int, image_token_id: int, dtype: torch.dtype = torch.float32
+) -> CosForConditionalGeneration:
     """A fresh Chain-of-Sight model, built lean (`cos_model.building.build_pretrained`): ViT and LLM
     loaded exactly from their local folders straight into `dtype`, random where a component has no
     folder, the bridge initialised once; the vocabulary grows to the tokenizer's (`vocab_size`)."""
     config = spec.model.to_config(vocab_size=vocab_size, image_token_id=image_token_id)
     try:
-        model, reports = build_pretrained(config, spec.model.vision.path, spec.model.text.path, dtype,
-                                          vocab_size=vocab_size, seed=spec.run.seed)
+        model, reports = build_pretrained(
+            config, spec.model.vision.path, spec.model.text.path, dtype, vocab_size=vocab_size, seed=spec.run.seed
+        )
     except CheckpointMismatchError as err:
         raise CheckpointError(str(err)) from None
     for part, report in reports.items():
@@ -72,8 +74,11 @@ def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32) 
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
-        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"
-                           + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") for kind, keys in problems.items())
+        detail = "; ".join(
+            f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"
+            + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            for kind, keys in problems.items()
+        )
         raise CheckpointError(f"{model_dir}: does not hold this model's weights ({detail})")
     return model
 

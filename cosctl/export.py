@@ -61,11 +61,17 @@ def export_merged(source: str, out: Path) -> dict:
     code = _write_code(out)
     tokenizer = load_tokenizer(out)
     _write_processor(out, config, tokenizer)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(out)
     _make_world_readable(out)
-    return {**summary, "out": str(out), "visual_tokens": config.num_visual_tokens,
-            "image_size": config.image_size, "code": code}
+    return {
+        **summary,
+        "out": str(out),
+        "visual_tokens": config.num_visual_tokens,
+        "image_size": config.image_size,
+        "code": code,
+    }
 
 
 def _write_weights(source: str, out: Path, scratch: Path) -> dict:

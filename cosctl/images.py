@@ -73,8 +73,13 @@ class ImageSource:
     using the source (each DataLoader worker) shares that folder.
     """
 
-    def __init__(self, root: str | Path, settings: StoreSettings | None = None, cache_dir: str | Path | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        root: str | Path,
+        settings: StoreSettings | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         self.root = str(root)
         self.remote = self.root.startswith("s3://")
         self.settings = settings
@@ -156,8 +161,9 @@ class ImageSource:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError as err:  # a full or read-only cache only costs speed
-            log.warning("image cache %s: cannot write (%s); reading from %s without caching", path.parent, err,
-                        self.root)
+            log.warning(
+                "image cache %s: cannot write (%s); reading from %s without caching", path.parent, err, self.root
+            )
             return
         with self._lock:
             if self._cached_bytes is None:

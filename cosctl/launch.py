@@ -30,8 +30,9 @@ def report(code: int, message: str, continue_hint: bool = False) -> None:
     folder = os.environ.get(REPORT_DIR_ENV)
     if folder:
         rank = int(os.environ.get("RANK", "0"))
-        Path(folder, f"rank_{rank:05d}.json").write_text(json.dumps({"code": code, "message": message,
-                                                                        "continue": continue_hint}))
+        Path(folder, f"rank_{rank:05d}.json").write_text(
+            json.dumps({"code": code, "message": message, "continue": continue_hint})
+        )
         return
     if int(os.environ.get("RANK", "0")) != 0:  # another launcher (SLURM's torchrun): rank 0 says it
         return
@@ -73,13 +74,21 @@ def launch_local_ranks(nproc: int, argv: list[str], user_argv: list[str]) -> int
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="cosctl-ranks-") as folder:
         os.environ[REPORT_DIR_ENV] = folder
-        args = get_args_parser().parse_args([
-            "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            # Ranks stop on SIGTERM / Ctrl-C at a step boundary and may commit a checkpoint first: the
-            # launcher must not kill them 30 s after forwarding the signal (its default).
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-            f"--rdzv-endpoint=127.0.0.1:{_free_loopback_port()}", f"--rdzv-id={uuid.uuid4()}",
-            "--module", "cosctl", *argv])
+        args = get_args_parser().parse_args(
+            [
+                "--nnodes=1",
+                f"--nproc-per-node={nproc}",
+                "--rdzv-backend=c10d",
+                # Ranks stop on SIGTERM / Ctrl-C at a step boundary and may commit a checkpoint first: the
+                # launcher must not kill them 30 s after forwarding the signal (its default).
+                f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+                f"--rdzv-endpoint=127.0.0.1:{_free_loopback_port()}",
+                f"--rdzv-id={uuid.uuid4()}",
+                "--module",
+                "cosctl",
+                *argv,
+            ]
+        )
         code = 0
         try:
             run(args)

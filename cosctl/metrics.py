@@ -141,9 +141,16 @@ class SampleFlops:
         return self.model + self.recompute
 
     def to_dict(self) -> dict:
-        return {"vision": self.vision, "resampler": self.resampler, "projector": self.projector, "llm": self.llm,
-                "llm_attention": self.llm_attention, "recompute": self.recompute, "model": self.model,
-                "hardware": self.hardware}
+        return {
+            "vision": self.vision,
+            "resampler": self.resampler,
+            "projector": self.projector,
+            "llm": self.llm,
+            "llm_attention": self.llm_attention,
+            "recompute": self.recompute,
+            "model": self.model,
+            "hardware": self.hardware,
+        }
 
 
 def sample_flops(
@@ -184,8 +191,9 @@ def flops_per_sample(
 ) -> float:
     """Model FLOPs of one training sample (`sample_flops(...).model`); without `trainable`, the bridge and
     the LLM train and the ViT is frozen."""
-    return sample_flops(config, num_text_tokens, trainable, lora_params=lora_params,
-                        gradient_checkpointing=gradient_checkpointing).model
+    return sample_flops(
+        config, num_text_tokens, trainable, lora_params=lora_params, gradient_checkpointing=gradient_checkpointing
+    ).model
 
 
 def predict_step_seconds(
@@ -248,8 +256,12 @@ class _Progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self.task = self.bar.add_task(label, total=num_steps, completed=first_step, stats="")
             self.bar.start()

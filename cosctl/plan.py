@@ -82,8 +82,12 @@ def lora_params(model: torch.nn.Module, targets: list[str], rank: int) -> int:
 
 def scale_table(config: CosConfig) -> list[dict]:
     return [
-        {"window": s.window, "queries_per_window": s.queries_per_window, "windows": s.num_windows(config.grid_size),
-         "tokens": s.num_tokens(config.grid_size)}
+        {
+            "window": s.window,
+            "queries_per_window": s.queries_per_window,
+            "windows": s.num_windows(config.grid_size),
+            "tokens": s.num_tokens(config.grid_size),
+        }
         for s in config.scales
     ]
 
@@ -137,9 +141,17 @@ def _steps_per_epoch(spec) -> int | None:
     return len(records) // spec.batch.samples_per_step if isinstance(records, list) else None
 
 
-def build_plan(spec, world_size: int = 1, device_type: str = "cpu", *, peak: float | None = None,
-               bandwidth_gbps: float = DEFAULT_INTER_NODE_GBPS, intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS,
-               ranks_per_node: int | None = None, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> dict:
+def build_plan(
+    spec,
+    world_size: int = 1,
+    device_type: str = "cpu",
+    *,
+    peak: float | None = None,
+    bandwidth_gbps: float = DEFAULT_INTER_NODE_GBPS,
+    intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS,
+    ranks_per_node: int | None = None,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+) -> dict:
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
     if isinstance(spec, InflateSpec):
@@ -148,9 +160,13 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu", *, peak: flo
         src = source_config(spec.source, spec.storage.to_settings())
         dst = inflate_config(src, spec.plan_arg())
         return {
-            "stage": "inflate", "visual_tokens": dst.num_visual_tokens, "image_size": dst.image_size,
-            "scales": scale_table(dst), "source_visual_tokens": src.num_visual_tokens,
-            "source_image_size": src.image_size, "output": join_uri(spec.run.output, "model"),
+            "stage": "inflate",
+            "visual_tokens": dst.num_visual_tokens,
+            "image_size": dst.image_size,
+            "scales": scale_table(dst),
+            "source_visual_tokens": src.num_visual_tokens,
+            "source_image_size": src.image_size,
+            "output": join_uri(spec.run.output, "model"),
         }
     from cos_model import CosForConditionalGeneration
 
@@ -171,12 +187,22 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu", *, peak: flo
     batch = batch_plan(spec, config.num_visual_tokens, text_tokens, world_size)
     micro = batch["samples_per_micro_batch"]
     ds_config = resolve_deepspeed(
-        load_template(spec.deepspeed.template), spec, world_size=world_size, micro_batch_size=micro or 1,
-        device_type=device_type, hidden_size=config.text_config.hidden_size, block_numel=largest_block_numel(model),
+        load_template(spec.deepspeed.template),
+        spec,
+        world_size=world_size,
+        micro_batch_size=micro or 1,
+        device_type=device_type,
+        hidden_size=config.text_config.hidden_size,
+        block_numel=largest_block_numel(model),
     )
     bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
-    flops = sample_flops(config, text_tokens, spec.model.trainable, lora_params=lora,
-                         gradient_checkpointing=spec.model.gradient_checkpointing)
+    flops = sample_flops(
+        config,
+        text_tokens,
+        spec.model.trainable,
+        lora_params=lora,
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+    )
     samples_per_step = spec.batch.samples_per_step
     speed = _speed(flops, samples_per_step, world_size, device_peak_tflops(device_type, peak))
     threshold = ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold")
@@ -184,8 +210,15 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu", *, peak: flo
         threshold = 10 * config.text_config.hidden_size
     counts = param_counts(model.parameters(), threshold, extra_trainable=lora)
     communication = communication_plan(
-        counts, spec.deepspeed.template, world_size, batch["micro_batches_per_step"], bytes_per_param,
-        ranks_per_node or _ranks_per_node(spec), bandwidth_gbps, intra_node_gbps, gpu_memory_gib,
+        counts,
+        spec.deepspeed.template,
+        world_size,
+        batch["micro_batches_per_step"],
+        bytes_per_param,
+        ranks_per_node or _ranks_per_node(spec),
+        bandwidth_gbps,
+        intra_node_gbps,
+        gpu_memory_gib,
         speed["predicted_step_s"],
     )
     store = open_store(spec.run.output, spec.storage.to_settings())
@@ -211,9 +244,7 @@ def build_plan(spec, world_size: int = 1, device_type: str = "cpu", *, peak: flo
         **speed,
         "memory_per_rank_gib": communication["stages"][communication["current"]]["memory_gib"],
         "communication": communication,
-        "resume": (
-            {"uri": join_uri(store.uri, "checkpoints", latest.name), "step": latest.step} if latest else None
-        ),
+        "resume": ({"uri": join_uri(store.uri, "checkpoints", latest.name), "step": latest.step} if latest else None),
         "deepspeed": ds_config,
     }
 
@@ -222,9 +253,18 @@ def _ranks_per_node(spec) -> int:
     return spec.slurm.num_ranks_per_node()
 
 
-def communication_plan(counts, template: str, world_size: int, micro_batches: int | None, bytes_per_param: int,
-                       ranks_per_node: int, inter_node_gbps: float, intra_node_gbps: float, gpu_memory_gib: float,
-                       compute_s: float | None) -> dict:
+def communication_plan(
+    counts,
+    template: str,
+    world_size: int,
+    micro_batches: int | None,
+    bytes_per_param: int,
+    ranks_per_node: int,
+    inter_node_gbps: float,
+    intra_node_gbps: float,
+    gpu_memory_gib: float,
+    compute_s: float | None,
+) -> dict:
     """Bytes per step per rank for ZeRO-3 and ZeRO-2 at this world size, the time they take on the link
     the ranks share, and which stage the model says to use (the spec is never changed)."""
     assumed = micro_batches is None  # an `auto` budget: the micro-batch is probed at start
@@ -233,36 +273,56 @@ def communication_plan(counts, template: str, world_size: int, micro_batches: in
     stages = {}
     for name, stage in (("zero3", 3), ("zero2", 2)):
         volume = step_volume(stage, counts, micro_batches, bytes_per_param)
-        stages[name] = {**volume.to_dict(world_size), "seconds": volume.seconds(world_size, gbps),
-                        "memory_gib": memory_gib(stage, counts, world_size, bytes_per_param)}
+        stages[name] = {
+            **volume.to_dict(world_size),
+            "seconds": volume.seconds(world_size, gbps),
+            "memory_gib": memory_gib(stage, counts, world_size, bytes_per_param),
+        }
     current = "zero3" if ZERO_STAGES[template] == 3 else "zero2"
     zero2_memory = sum(stages["zero2"]["memory_gib"].values())
     zero2_fits = zero2_memory <= ZERO2_MEMORY_SHARE * gpu_memory_gib
     cheaper = stages["zero2"]["per_rank"] <= stages["zero3"]["per_rank"]
     best = "zero2" if zero2_fits and cheaper else "zero3"
     if best == "zero2":
-        why = (f"ZeRO-2 moves {_gb(stages['zero2']['per_rank'])} per rank per step against ZeRO-3's "
-               f"{_gb(stages['zero3']['per_rank'])}, and its whole weights + optimizer state ({zero2_memory:.1f} GiB "
-               f"per rank) leave over half of a {gpu_memory_gib:g} GiB GPU to activations")
+        why = (
+            f"ZeRO-2 moves {_gb(stages['zero2']['per_rank'])} per rank per step against ZeRO-3's "
+            f"{_gb(stages['zero3']['per_rank'])}, and its whole weights + optimizer state ({zero2_memory:.1f} GiB "
+            f"per rank) leave over half of a {gpu_memory_gib:g} GiB GPU to activations"
+        )
         if world_size == 1:
-            why = (f"one rank moves nothing either way; ZeRO-2 skips ZeRO-3's gather/release of every block and "
-                   f"its weights + optimizer state ({zero2_memory:.1f} GiB) fit in half of a "
-                   f"{gpu_memory_gib:g} GiB GPU")
+            why = (
+                f"one rank moves nothing either way; ZeRO-2 skips ZeRO-3's gather/release of every block and "
+                f"its weights + optimizer state ({zero2_memory:.1f} GiB) fit in half of a "
+                f"{gpu_memory_gib:g} GiB GPU"
+            )
     elif not zero2_fits:
-        why = (f"ZeRO-2's whole weights + optimizer state ({zero2_memory:.1f} GiB per rank) would take more than "
-               f"half of a {gpu_memory_gib:g} GiB GPU")
+        why = (
+            f"ZeRO-2's whole weights + optimizer state ({zero2_memory:.1f} GiB per rank) would take more than "
+            f"half of a {gpu_memory_gib:g} GiB GPU"
+        )
     else:
-        why = (f"ZeRO-3 moves {_gb(stages['zero3']['per_rank'])} per rank per step against ZeRO-2's "
-               f"{_gb(stages['zero2']['per_rank'])}")
+        why = (
+            f"ZeRO-3 moves {_gb(stages['zero3']['per_rank'])} per rank per step against ZeRO-2's "
+            f"{_gb(stages['zero2']['per_rank'])}"
+        )
     seconds = stages[current]["seconds"]
     return {
-        "world_size": world_size, "ranks_per_node": ranks_per_node, "nodes": -(-world_size // ranks_per_node),
-        "link": "intra-node" if world_size <= ranks_per_node else "inter-node", "gbps": gbps,
-        "micro_batches_per_step": micro_batches, "micro_batches_assumed": assumed,
-        "bytes_per_param": bytes_per_param, "params": counts.__dict__, "stages": stages, "current": current,
-        "predicted_comm_s": seconds, "compute_s": compute_s,
+        "world_size": world_size,
+        "ranks_per_node": ranks_per_node,
+        "nodes": -(-world_size // ranks_per_node),
+        "link": "intra-node" if world_size <= ranks_per_node else "inter-node",
+        "gbps": gbps,
+        "micro_batches_per_step": micro_batches,
+        "micro_batches_assumed": assumed,
+        "bytes_per_param": bytes_per_param,
+        "params": counts.__dict__,
+        "stages": stages,
+        "current": current,
+        "predicted_comm_s": seconds,
+        "compute_s": compute_s,
         "bound": None if compute_s is None else ("communication" if seconds > compute_s else "compute"),
-        "recommended": best, "reason": why,
+        "recommended": best,
+        "reason": why,
     }
 
 
@@ -271,11 +331,15 @@ def _gb(value: float) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    lines = [f"stage          {plan['stage']}",
-             f"visual tokens  {plan['visual_tokens']} per image at {plan['image_size']} px"]
+    lines = [
+        f"stage          {plan['stage']}",
+        f"visual tokens  {plan['visual_tokens']} per image at {plan['image_size']} px",
+    ]
     for s in plan["scales"]:
-        lines.append(f"  scale        window {s['window']:>3}: {s['windows']:>4} windows x "
-                     f"{s['queries_per_window']} queries = {s['tokens']} tokens")
+        lines.append(
+            f"  scale        window {s['window']:>3}: {s['windows']:>4} windows x "
+            f"{s['queries_per_window']} queries = {s['tokens']} tokens"
+        )
     if plan["stage"] == "inflate":
         lines.append(f"from           {plan['source_visual_tokens']} tokens at {plan['source_image_size']} px")
         lines.append(f"output         {plan['output']}")
@@ -302,8 +366,10 @@ def _format_micro_batch(plan: dict) -> str:
     step = f"step           {plan['samples_per_step']} samples (all ranks){epoch}\n"
     if plan["samples_per_micro_batch"] is None:
         return step + "micro-batch    auto: probed on the device at start to fill its memory"
-    return step + (f"micro-batch    ~{plan['samples_per_micro_batch']} samples, ~{plan['micro_batches_per_step']} "
-                   f"per step per rank (assuming {plan['assumed_text_tokens']} text tokens)")
+    return step + (
+        f"micro-batch    ~{plan['samples_per_micro_batch']} samples, ~{plan['micro_batches_per_step']} "
+        f"per step per rank (assuming {plan['assumed_text_tokens']} text tokens)"
+    )
 
 
 _PASS_WORDS = {3: "trained", 2: "frozen, back-propagated", 1: "frozen, forward only"}
@@ -315,8 +381,11 @@ def _format_flops(plan: dict) -> list[str]:
     counted = [f"LLM {2 * llm}·N ({_PASS_WORDS[llm]}{', + LoRA 6·N' if plan['lora_params'] else ''})"]
     for module, label in (("vision_tower", "ViT"), ("resampler", "resampler"), ("projector", "projector")):
         counted.append(f"{label} {2 * plan['flop_passes'][module]}·N")
-    recompute = ("+ the LLM forward recomputed by gradient checkpointing (+2·N)" if plan["gradient_checkpointing"]
-                 else "= model FLOPs: no gradient checkpointing")
+    recompute = (
+        "+ the LLM forward recomputed by gradient checkpointing (+2·N)"
+        if plan["gradient_checkpointing"]
+        else "= model FLOPs: no gradient checkpointing"
+    )
     return [
         f"FLOPs          model {plan['flops_per_sample']:.3g} per sample, {plan['flops_per_step']:.3g} per step: "
         f"what MFU counts ({', '.join(counted)} per token, + attention)",
@@ -327,11 +396,14 @@ def _format_flops(plan: dict) -> list[str]:
 
 def _format_speed(plan: dict) -> str:
     if plan.get("predicted_samples_per_s") is None:
-        return ("unknown: no device peak (--peak-tflops, COSCTL_PEAK_TFLOPS, or plan on the GPU machine with "
-                "--device cuda)")
+        return (
+            "unknown: no device peak (--peak-tflops, COSCTL_PEAK_TFLOPS, or plan on the GPU machine with --device cuda)"
+        )
     step = f"~{plan['predicted_step_s']:.3g} s/step of compute, " if plan["predicted_step_s"] is not None else ""
-    return (f"{step}~{plan['predicted_samples_per_s']:.4g} samples/s (FLOP model at {plan['assumed_mfu']:.0%} MFU "
-            f"= {plan['implied_hfu']:.0%} HFU of {plan['peak_tflops']:g} TFLOP/s per rank)")
+    return (
+        f"{step}~{plan['predicted_samples_per_s']:.4g} samples/s (FLOP model at {plan['assumed_mfu']:.0%} MFU "
+        f"= {plan['implied_hfu']:.0%} HFU of {plan['peak_tflops']:g} TFLOP/s per rank)"
+    )
 
 
 def _format_communication(comm: dict) -> list[str]:
@@ -341,22 +413,34 @@ def _format_communication(comm: dict) -> list[str]:
         micro += " per step assumed (auto budget: more if the probe finds less memory)"
     else:
         micro += " per step per rank"
-    where = (f"{comm['world_size']} rank{'s' if comm['world_size'] > 1 else ''} on {comm['nodes']} "
-             f"node{'s' if comm['nodes'] > 1 else ''} ({comm['ranks_per_node']} per node), "
-             f"{comm['link']} link {comm['gbps']:g} Gb/s per rank, {micro}")
+    where = (
+        f"{comm['world_size']} rank{'s' if comm['world_size'] > 1 else ''} on {comm['nodes']} "
+        f"node{'s' if comm['nodes'] > 1 else ''} ({comm['ranks_per_node']} per node), "
+        f"{comm['link']} link {comm['gbps']:g} Gb/s per rank, {micro}"
+    )
     lines = [f"communication  per step per rank at {where}; logical sizes per step:"]
     for name in ("zero3", "zero2"):
         stage = comm["stages"][name]
-        parts = [f"{kind.replace('_', '-')} {_gb(stage[kind])}"
-                 for kind in ("all_gather", "reduce_scatter", "all_reduce") if stage[kind]]
+        parts = [
+            f"{kind.replace('_', '-')} {_gb(stage[kind])}"
+            for kind in ("all_gather", "reduce_scatter", "all_reduce")
+            if stage[kind]
+        ]
         marker = " (the spec's)" if name == comm["current"] else ""
-        lines.append(f"  {names[name]}{marker:<13} {', '.join(parts) or 'nothing'} -> {_gb(stage['per_rank'])} "
-                     f"per rank, ~{stage['seconds']:.3g} s")
+        lines.append(
+            f"  {names[name]}{marker:<13} {', '.join(parts) or 'nothing'} -> {_gb(stage['per_rank'])} "
+            f"per rank, ~{stage['seconds']:.3g} s"
+        )
     if comm["compute_s"] is not None:
-        lines.append(f"  bound        {comm['bound']}: ~{comm['predicted_comm_s']:.3g} s of communication against "
-                     f"~{comm['compute_s']:.3g} s of compute per step (overlapped at best: the step takes at least "
-                     f"the larger)")
-    advice = ("keep it" if comm["recommended"] == comm["current"]
-              else f"set deepspeed.template: {comm['recommended']} (the spec says {comm['current']})")
+        lines.append(
+            f"  bound        {comm['bound']}: ~{comm['predicted_comm_s']:.3g} s of communication against "
+            f"~{comm['compute_s']:.3g} s of compute per step (overlapped at best: the step takes at least "
+            f"the larger)"
+        )
+    advice = (
+        "keep it"
+        if comm["recommended"] == comm["current"]
+        else f"set deepspeed.template: {comm['recommended']} (the spec says {comm['current']})"
+    )
     lines.append(f"recommend      {names[comm['recommended']]}: {advice}; {comm['reason']}")
     return lines

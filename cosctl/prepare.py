@@ -37,7 +37,6 @@ from .prepare_parts import in_child, in_this_process, prepare_part, write_store
 from .storage import LocalStore, ObjectStore, StoreSettings, join_uri, open_store, sha256_file
 from .tokenstore import FORMAT, META, StoreRecords, TokenStore
 
-
 # Data files this large are prepared in a child process per rank (parsing a 500 MB JSON leaves ~2.5 GB
 # the rank's allocator would otherwise keep); smaller ones in the rank, without a child's start-up.
 CHILD_MIN_BYTES = 64 << 20
@@ -90,8 +89,14 @@ class SplitSource:
         return target
 
     def key(self, json_sha256: str, tokenizer_sha256: str) -> str:
-        inputs = {"format": FORMAT, "json_sha256": json_sha256, "tokenizer_sha256": tokenizer_sha256,
-                  "root": self.root_id, "max_text_tokens": self.max_text_tokens, "image_check": self.image_check}
+        inputs = {
+            "format": FORMAT,
+            "json_sha256": json_sha256,
+            "tokenizer_sha256": tokenizer_sha256,
+            "root": self.root_id,
+            "max_text_tokens": self.max_text_tokens,
+            "image_check": self.image_check,
+        }
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
     def folder_name(self, key: str) -> str:
@@ -101,16 +106,24 @@ class SplitSource:
 
 def split_source(data, name: str, settings: StoreSettings | None) -> SplitSource:
     """The `SplitSource` of a run spec's `data` section for the file `name`."""
-    return SplitSource(root=data.root, name=name, max_text_tokens=data.max_text_tokens, image_check=data.image_check,
-                       settings=settings, cache_dir=Path(data.cache_dir) if data.cache_dir else None,
-                       image_cache_bytes=data.image_cache_mb << 20, prepared=data.prepared)
+    return SplitSource(
+        root=data.root,
+        name=name,
+        max_text_tokens=data.max_text_tokens,
+        image_check=data.image_check,
+        settings=settings,
+        cache_dir=Path(data.cache_dir) if data.cache_dir else None,
+        image_cache_bytes=data.image_cache_mb << 20,
+        prepared=data.prepared,
+    )
 
 
 # --- loading a split (what a training stage calls) --------------------------------------------------
 
 
-def load_split(source: SplitSource, tokenizer, *, num_visual_tokens: int, max_bad_fraction: float,
-               workers: int = 0) -> StoreRecords:
+def load_split(
+    source: SplitSource, tokenizer, *, num_visual_tokens: int, max_bad_fraction: float, workers: int = 0
+) -> StoreRecords:
     """The split's prepared store, mapped on every rank: found by its key, or prepared now (split over
     the ranks). Collective when a process group is up. Raises a DataError, naming the file and the
     settings to change, when more than `max_bad_fraction` of the records are bad."""
@@ -121,8 +134,9 @@ def load_split(source: SplitSource, tokenizer, *, num_visual_tokens: int, max_ba
     return store.records(num_visual_tokens, image_token_id(tokenizer), source.images())
 
 
-def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0,
-                  child_min_bytes: int = CHILD_MIN_BYTES) -> TokenStore:
+def prepare_split(
+    source: SplitSource, tokenizer, *, workers: int = 0, child_min_bytes: int = CHILD_MIN_BYTES
+) -> TokenStore:
     """Find or build the split's token store and map it on this rank (collective; see `load_split`).
     The preparation runs in a spawned process per rank when `workers` > 0 or the data file has at least
     `child_min_bytes`, else in the rank itself."""
@@ -139,8 +153,11 @@ def prepare_split(source: SplitSource, tokenizer, *, workers: int = 0,
         # Parsing a large JSON leaves memory the rank's allocator would keep: a child process frees it.
         isolate = workers > 0 or on_main(lambda: json_path.stat().st_size) >= child_min_bytes
         run = in_child if isolate else in_this_process
-        agreed(lambda: run(prepare_part, source, tokenizer, location, json_path if rank == 0 else None,
-                           workers, rank, world))
+        agreed(
+            lambda: run(
+                prepare_part, source, tokenizer, location, json_path if rank == 0 else None, workers, rank, world
+            )
+        )
         on_main(lambda: run(location.merge_parts, world))
         log.info(f"data: prepared {location.uri} in {time.monotonic() - started:.1f} s")
     agreed(lambda: location.fetch() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None)
@@ -156,15 +173,30 @@ def prepare_spec(spec, tokenizer, *, workers: int | None = None) -> list[dict]:
     settings = spec.storage.to_settings()
     summary = []
     for name in [spec.data.train] + ([spec.data.eval] if spec.data.eval else []):
-        store = prepare_split(split_source(spec.data, name, settings), tokenizer,
-                              workers=spec.data.num_workers if workers is None else workers)
+        store = prepare_split(
+            split_source(spec.data, name, settings),
+            tokenizer,
+            workers=spec.data.num_workers if workers is None else workers,
+        )
         report = store.report
-        summary.append({"split": name, "store": store.uri, "local": str(store.folder), "key": store.key,
-                        "reused": store.reused, "records": report.num_records, "ok": report.num_ok,
-                        "bad": report.bad, "first_bad_ids": report.bad_ids, "truncated": report.num_truncated,
-                        "text_only": report.num_text_only, "text_tokens": store.meta["num_tokens"],
-                        "bad_fraction": round(report.num_bad / max(report.num_records, 1), 6),
-                        "within_max_bad_fraction": report.num_bad <= spec.data.max_bad_fraction * report.num_records})
+        summary.append(
+            {
+                "split": name,
+                "store": store.uri,
+                "local": str(store.folder),
+                "key": store.key,
+                "reused": store.reused,
+                "records": report.num_records,
+                "ok": report.num_ok,
+                "bad": report.bad,
+                "first_bad_ids": report.bad_ids,
+                "truncated": report.num_truncated,
+                "text_only": report.num_text_only,
+                "text_tokens": store.meta["num_tokens"],
+                "bad_fraction": round(report.num_bad / max(report.num_records, 1), 6),
+                "within_max_bad_fraction": report.num_bad <= spec.data.max_bad_fraction * report.num_records,
+            }
+        )
     return summary
 
 
@@ -205,8 +237,10 @@ class StoreLocation:
         except ValueError:
             return None  # a damaged meta.json: prepare again
         except OSError as err:  # a local path that cannot be a folder; a store that is down raises itself
-            raise DataError(f"cannot read prepared data under {self.source.prepared_uri} ({err}); set "
-                            "data.prepared to a writable folder or s3:// URI") from err
+            raise DataError(
+                f"cannot read prepared data under {self.source.prepared_uri} ({err}); set "
+                "data.prepared to a writable folder or s3:// URI"
+            ) from err
         return meta if meta.get("key") == self.key and meta.get("format") == FORMAT else None
 
     def published(self) -> bool:
@@ -225,8 +259,10 @@ class StoreLocation:
         try:
             self.store.put_file(path, key)
         except StorageError as err:
-            raise DataError(f"cannot write the prepared data under {self.source.prepared_uri} ({err}); set "
-                            "data.prepared to a writable folder or s3:// URI") from err
+            raise DataError(
+                f"cannot write the prepared data under {self.source.prepared_uri} ({err}); set "
+                "data.prepared to a writable folder or s3:// URI"
+            ) from err
 
     def _read_part(self, rank: int) -> dict[str, np.ndarray]:
         key = self.parts_key(rank)
@@ -264,8 +300,10 @@ class StoreLocation:
                 self.local.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging, self.local)
         except OSError as err:
-            raise DataError(f"cannot write the prepared data to {staging} ({err}); set data.prepared (and "
-                            "data.cache_dir) to writable folders") from err
+            raise DataError(
+                f"cannot write the prepared data to {staging} ({err}); set data.prepared (and "
+                "data.cache_dir) to writable folders"
+            ) from err
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.store.delete_many(self.store.list(self.parts_key() + "/"))

@@ -48,8 +48,12 @@ def in_child(function: Callable[..., None], *args) -> None:
         ok, error = reader.recv()
     except EOFError:
         process.join()
-        ok, error = False, DataError(f"preparing the data failed: its process ended with exit code "
-                                     f"{process.exitcode} (out of memory?)")
+        ok, error = (
+            False,
+            DataError(
+                f"preparing the data failed: its process ended with exit code {process.exitcode} (out of memory?)"
+            ),
+        )
     process.join()
     if not ok:
         raise error
@@ -72,13 +76,19 @@ def _child_main(writer, function: Callable[..., None], args: tuple) -> None:
         writer.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
 
 
-def prepare_part(source: SplitSource, tokenizer, location: StoreLocation, json_path: Path | None,
-                  workers: int, rank: int, world: int) -> None:
+def prepare_part(
+    source: SplitSource, tokenizer, location: StoreLocation, json_path: Path | None, workers: int, rank: int, world: int
+) -> None:
     """This rank's contiguous slice of the records: validated, tokenised, images checked -> a part."""
     records = read_records(json_path or source.local_json())
     lo, hi = len(records) * rank // world, len(records) * (rank + 1) // world
-    _JOB.update(records=records, tokenizer=tokenizer, max_text_tokens=source.max_text_tokens,
-                images=source.images(), decode=source.image_check == "decode")
+    _JOB.update(
+        records=records,
+        tokenizer=tokenizer,
+        max_text_tokens=source.max_text_tokens,
+        images=source.images(),
+        decode=source.image_check == "decode",
+    )
     try:
         chunks = [(start, min(start + CHUNK_RECORDS, hi)) for start in range(lo, hi, CHUNK_RECORDS)]
         with _pool(workers) as pool:
@@ -86,7 +96,7 @@ def prepare_part(source: SplitSource, tokenizer, location: StoreLocation, json_p
             images = sorted({name for chunk in encoded for name in chunk["image_names"]})
             problems: dict[str, str | None] = {}
             if source.image_check != "none" and images:
-                batches = [images[i:i + 256] for i in range(0, len(images), 256)]
+                batches = [images[i : i + 256] for i in range(0, len(images), 256)]
                 for batch, result in zip(batches, pool(_check_images, batches), strict=True):
                     problems.update(zip(batch, result, strict=True))
     finally:
@@ -183,19 +193,26 @@ def _assemble_part(chunks: list[dict], problems: dict[str, str | None], num_reco
     return {
         "tokens": np.concatenate(token_parts).astype(np.int32) if token_parts else np.zeros(0, np.int32),
         "labels": np.concatenate(label_parts).astype(np.uint8) if label_parts else np.zeros(0, np.uint8),
-        "lengths": joined("lengths", np.int64), "image_pos": joined("image_pos", np.int32),
+        "lengths": joined("lengths", np.int64),
+        "image_pos": joined("image_pos", np.int32),
         "truncated": joined("truncated", bool),
         "image_ref": np.array([-1 if image is None else rows[image] for image in images], dtype=np.int32),
         "task_ref": np.array([task_rows[task] for task in tasks], dtype=np.uint16),
-        "ids": id_blob, "id_offsets": id_offsets, "image_table": image_blob, "image_table_offsets": image_offsets,
-        "task_table": task_blob, "task_table_offsets": task_offsets, "bad": bad_blob, "bad_offsets": bad_offsets,
+        "ids": id_blob,
+        "id_offsets": id_offsets,
+        "image_table": image_blob,
+        "image_table_offsets": image_offsets,
+        "task_table": task_blob,
+        "task_table_offsets": task_offsets,
+        "bad": bad_blob,
+        "bad_offsets": bad_offsets,
         "num_records": np.array([num_records], dtype=np.int64),
     }
 
 
 def _blob_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
     data = blob.tobytes()
-    return [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+    return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
 def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, source: SplitSource) -> dict:
@@ -251,13 +268,29 @@ def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, sour
     bad.sort()
     num_records = int(parts[0]["num_records"][0])  # every part holds the file's record count
     num_text_only = int((arrays["image_pos"] < 0).sum())
-    report = DataReport(source.json_uri(), num_records, len(lengths), dict(Counter(reason for _, _, reason in bad)),
-                        [record_id for _, record_id, _ in bad[:MAX_REPORTED_BAD_IDS]],
-                        int(sum(int(part["truncated"].sum()) for part in parts)), num_text_only)
+    report = DataReport(
+        source.json_uri(),
+        num_records,
+        len(lengths),
+        dict(Counter(reason for _, _, reason in bad)),
+        [record_id for _, record_id, _ in bad[:MAX_REPORTED_BAD_IDS]],
+        int(sum(int(part["truncated"].sum()) for part in parts)),
+        num_text_only,
+    )
     if report.num_ok + len(bad) != num_records:
         raise RuntimeError(f"prepared {report.num_ok} + {len(bad)} bad records of {num_records}")
-    meta = {"format": FORMAT, "key": key, "created": time.time(), "source": source.json_uri(),
-            "root": source.root_id, "max_text_tokens": source.max_text_tokens, "image_check": source.image_check,
-            "num_tokens": int(offsets[-1]), "tasks": tasks, "report": report.to_dict(), "files": files}
+    meta = {
+        "format": FORMAT,
+        "key": key,
+        "created": time.time(),
+        "source": source.json_uri(),
+        "root": source.root_id,
+        "max_text_tokens": source.max_text_tokens,
+        "image_check": source.image_check,
+        "num_tokens": int(offsets[-1]),
+        "tasks": tasks,
+        "report": report.to_dict(),
+        "files": files,
+    }
     (folder / META).write_text(json.dumps(meta, indent=1))
     return meta

@@ -32,7 +32,7 @@ def _package_imports(path: Path, package: str) -> tuple[list[str], list[int]]:
             continue
         module = node.module or ""
         if node.level == 0 and module.split(".")[0] == package:
-            module = module[len(package) + 1:]
+            module = module[len(package) + 1 :]
             absolute_lines.append(node.lineno)
         elif node.level == 0:
             continue

@@ -38,9 +38,18 @@ from .report_plots import (
 )
 
 IMPORTANT_SETTINGS = (
-    "stage", "run.seed", "model.image_size", "optim.lr", "optim.num_steps", "optim.warmup_ratio",
-    "optim.min_lr_ratio", "batch.samples_per_step", "batch.tokens_per_micro_batch", "deepspeed.template",
-    "lora.r", "lora.alpha",
+    "stage",
+    "run.seed",
+    "model.image_size",
+    "optim.lr",
+    "optim.num_steps",
+    "optim.warmup_ratio",
+    "optim.min_lr_ratio",
+    "batch.samples_per_step",
+    "batch.tokens_per_micro_batch",
+    "deepspeed.template",
+    "lora.r",
+    "lora.alpha",
 )
 
 
@@ -195,7 +204,7 @@ def final_figures(run: Run) -> dict[str, str]:
         "world size": _fmt(summary.get("world_size")),
         "visual tokens / image size": f"{_fmt(summary.get('visual_tokens'))} / {_fmt(summary.get('image_size'))}",
         "tokens per micro-batch": f"{_fmt(summary.get('tokens_per_micro_batch'))} "
-                                  f"({summary.get('budget_origin', '-')})",
+        f"({summary.get('budget_origin', '-')})",
         "trainable parameters": f"{sum((summary.get('trainable_params') or {}).values()):,}" if summary else "-",
         "training time": _duration(run.train_time_s),
         "mean samples/s (after step 1)": _fmt(sum(rates) / len(rates) if rates else None),
@@ -229,12 +238,23 @@ def _eval_result_lines(run: Run) -> list[str]:
         for metric, value in values.items():
             if metric != "num":
                 reference = baseline.get(task, {}).get(metric)
-                rows.append([task, _fmt(values.get("num")), metric, f"{value:.4f}",
-                             "-" if reference is None else f"{reference:.4f}"])
+                rows.append(
+                    [
+                        task,
+                        _fmt(values.get("num")),
+                        metric,
+                        f"{value:.4f}",
+                        "-" if reference is None else f"{reference:.4f}",
+                    ]
+                )
     fallback = result.get("fallback_tasks") or []
-    lines = [f"### {run.name}: `cosctl eval` of {result.get('model', '?')}", "",
-             f"Data: `{result.get('data', '?')}`, {result.get('num_records', '?')} records; baseline answers from "
-             f"{result.get('baseline', {}).get('source', '?')}.", ""]
+    lines = [
+        f"### {run.name}: `cosctl eval` of {result.get('model', '?')}",
+        "",
+        f"Data: `{result.get('data', '?')}`, {result.get('num_records', '?')} records; baseline answers from "
+        f"{result.get('baseline', {}).get('source', '?')}.",
+        "",
+    ]
     lines += _table(["task", "n", "metric", "model", "image-free baseline"], rows)
     lines += ["", f"Exact-match fallback (unknown tasks): {', '.join(fallback) if fallback else 'none'}.", ""]
     return lines
@@ -248,9 +268,13 @@ def write_report(paths: list[Path], out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
-    builders = {"loss.png": ("Loss", loss_figure), "throughput.png": ("Throughput", throughput_figure),
-                "lr.png": ("Learning rate", lr_figure), "eval_metrics.png": ("Generation eval", eval_metrics_figure),
-                "eval_final.png": ("cosctl eval", eval_final_figure)}
+    builders = {
+        "loss.png": ("Loss", loss_figure),
+        "throughput.png": ("Throughput", throughput_figure),
+        "lr.png": ("Learning rate", lr_figure),
+        "eval_metrics.png": ("Generation eval", eval_metrics_figure),
+        "eval_final.png": ("cosctl eval", eval_final_figure),
+    }
     figures = []
     trained = [run for run in runs if run.steps]
     for filename, (title, build) in builders.items():
@@ -261,16 +285,27 @@ def write_report(paths: list[Path], out: Path) -> dict:
         fig.savefig(out / filename, dpi=110)
         plt.close(fig)
         figures.append((title, filename))
-    lines = [f"# Training report: {', '.join(run.name for run in runs)}", "",
-             f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from:", ""]
-    lines += [f"- **{run.name}**: `{run.path}`" + (f" ({run.bad_lines} unreadable metrics line(s) skipped)"
-                                                   if run.bad_lines else "") for run in runs]
+    lines = [
+        f"# Training report: {', '.join(run.name for run in runs)}",
+        "",
+        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from:",
+        "",
+    ]
+    lines += [
+        f"- **{run.name}**: `{run.path}`"
+        + (f" ({run.bad_lines} unreadable metrics line(s) skipped)" if run.bad_lines else "")
+        for run in runs
+    ]
     columns = [final_figures(run) for run in runs]
     names = list(dict.fromkeys(key for column in columns for key in column))
     lines += ["", "## Runs", ""]
     lines += _table(["", *[run.name for run in runs]], [[name, *[c.get(name, "-") for c in columns]] for name in names])
-    lines += ["", "Training time sums the logged step times (evals, checkpoints and work lost to restarts "
-                  "excluded); a resumed run's repeated steps count once, with their last values.", ""]
+    lines += [
+        "",
+        "Training time sums the logged step times (evals, checkpoints and work lost to restarts "
+        "excluded); a resumed run's repeated steps count once, with their last values.",
+        "",
+    ]
     settings = _settings_rows(runs)
     if settings:
         lines += ["## Settings", "", "The main settings and every one that differs between the runs.", ""]

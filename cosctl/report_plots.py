@@ -15,6 +15,7 @@ EVAL_PREFIX = "eval/"
 LOG_SCALE_RATIO = 10.0  # a loss curve whose max / min exceeds this is drawn on a log axis
 SMOOTH_ABOVE = 100  # train-loss curves with more points get an EMA line over a faint raw one
 
+
 def pyplot():
     import matplotlib
 
@@ -78,16 +79,21 @@ def loss_figure(runs: list[Run]):
             ex, ey = run.series("eval_loss", x)
             ex = ex if x == "step" else [v / scale for v in ex]
             if ey:
-                ax.plot(ex, ey, color=colours[run.name], linestyle="--", marker="o", markersize=4,
-                        label=f"{run.name} eval")
+                ax.plot(
+                    ex, ey, color=colours[run.name], linestyle="--", marker="o", markersize=4, label=f"{run.name} eval"
+                )
             values += ys + ey
     log_scale = _spans_decades(values)
     for ax, x in zip(axes, ("step", "time"), strict=True):
         if log_scale:
             ax.set_yscale("log")
         xlabel = "optimizer step" if x == "step" else f"training time ({unit}, summed step times)"
-        _finish(ax, f"Loss against {'step' if x == 'step' else 'training time'}", xlabel,
-                "loss per label token" + (" (log scale)" if log_scale else ""))
+        _finish(
+            ax,
+            f"Loss against {'step' if x == 'step' else 'training time'}",
+            xlabel,
+            "loss per label token" + (" (log scale)" if log_scale else ""),
+        )
     return fig
 
 
@@ -147,8 +153,15 @@ def eval_final_figure(runs: list[Run]):
     """`cosctl eval` results: per task and metric, a bar per run (value written on it) and the run's
     image-free baseline as a dotted tick across its bar; one legend for the figure."""
     evaluated = [run for run in runs if run.eval_result]
-    pairs = list(dict.fromkeys((task, metric) for run in evaluated for task, values in run.eval_result["tasks"].items()
-                               for metric in values if metric != "num"))
+    pairs = list(
+        dict.fromkeys(
+            (task, metric)
+            for run in evaluated
+            for task, values in run.eval_result["tasks"].items()
+            for metric in values
+            if metric != "num"
+        )
+    )
     if not pairs:
         return None
     colours = _colours(runs)
@@ -162,11 +175,13 @@ def eval_final_figure(runs: list[Run]):
             if value is None:
                 continue
             handles[run.name] = ax.bar(index, value, 0.7, color=colours[run.name])
-            ax.annotate(f"{value:.3g}", (index, value), xytext=(0, 3), textcoords="offset points", ha="center",
-                        fontsize="small")
+            ax.annotate(
+                f"{value:.3g}", (index, value), xytext=(0, 3), textcoords="offset points", ha="center", fontsize="small"
+            )
             if baseline is not None:
-                handles["image-free baseline"] = ax.hlines(baseline, index - 0.45, index + 0.45, colors="black",
-                                                           linestyles=":", linewidth=2)
+                handles["image-free baseline"] = ax.hlines(
+                    baseline, index - 0.45, index + 0.45, colors="black", linestyles=":", linewidth=2
+                )
             top = max(top, value, baseline or 0.0)
         ax.set_xlim(-0.6, len(evaluated) - 0.4)
         ax.set_ylim(0, top * 1.2 or 1.0)

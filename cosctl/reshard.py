@@ -30,9 +30,17 @@ def convert_to_universal(tag_dir: Path, checkpoint_dir: Path) -> Path:
     out_dir = Path(checkpoint_dir) / UNIVERSAL_TAG
     if (out_dir / CONVERTED_MARKER).is_file():
         return out_dir
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False))
+    ds_to_universal.main(
+        argparse.Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(out_dir),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+    )
     (out_dir / CONVERTED_MARKER).write_text(str(tag_dir))
     return out_dir
 

@@ -1,6 +1,6 @@
-"""What a training run is made of (docs/design.md §1), and putting it together: `setup_run` joins the process group, opens
-the run's output store (once), builds the stage's model and tokenizer, reads the data, wraps the model
-in its DeepSpeed engine and makes the checkpointer; `Run` holds the result for the loop in
+"""What a training run is made of (docs/design.md §1), and putting it together: `setup_run` joins the process
+group, opens the run's output store (once), builds the stage's model and tokenizer, reads the data, wraps the
+model in its DeepSpeed engine and makes the checkpointer; `Run` holds the result for the loop in
 `cosctl.train`. Also the token budget's three origins (`choose_budget`) and the loaders it sizes.
 """
 
@@ -57,11 +57,17 @@ class Run:
     def train_loader(self, budget: Budget, position: dict | None = None) -> StepLoader:
         """This rank's stream of optimizer steps over the training examples, at `position` if resuming."""
         loader = StepLoader(
-            self.train_examples, image_size=self.stage.cos_config.image_size,
-            pad_token_id=self.stage.tokenizer.pad_token_id, tokens_per_micro_batch=budget.tokens,
-            samples_per_step=self.spec.batch.samples_per_step, seed=self.spec.run.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size, num_workers=self.spec.data.num_workers,
-            packing=self.spec.batch.packing, max_bad_fraction=self.spec.data.max_bad_fraction,
+            self.train_examples,
+            image_size=self.stage.cos_config.image_size,
+            pad_token_id=self.stage.tokenizer.pad_token_id,
+            tokens_per_micro_batch=budget.tokens,
+            samples_per_step=self.spec.batch.samples_per_step,
+            seed=self.spec.run.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=self.spec.data.num_workers,
+            packing=self.spec.batch.packing,
+            max_bad_fraction=self.spec.data.max_bad_fraction,
         )
         if position is not None:
             loader.load_state_dict(position)
@@ -72,10 +78,12 @@ class Run:
         may be smaller than one micro-batch per rank, and ZeRO-3 forwards are collective)."""
         if self.eval_examples is None:
             return []
-        dataset = MicroBatchDataset(self.eval_examples, None, self.stage.cos_config.image_size,
-                                    self.stage.tokenizer.pad_token_id)
-        micro_batches: list[MicroBatch] = eval_micro_batches(self.eval_examples, budget.tokens,
-                                                             self.spec.eval.num_batches)
+        dataset = MicroBatchDataset(
+            self.eval_examples, None, self.stage.cos_config.image_size, self.stage.tokenizer.pad_token_id
+        )
+        micro_batches: list[MicroBatch] = eval_micro_batches(
+            self.eval_examples, budget.tokens, self.spec.eval.num_batches
+        )
         return [dataset[micro] for micro in micro_batches]
 
 
@@ -93,8 +101,19 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     eval_examples = _load_split(spec, stage, spec.data.eval, 1.0) if evaluated else None
     engine, scheduler, trainable = _build_checked_engine(spec, stage, length_stats(train_examples), dist_info)
     checkpointer = Checkpointer(spec, store, run_dir / "staging", dist_info, stage.write_trainable)
-    return Run(spec, dist_info, store, run_dir, stage, engine, scheduler, checkpointer, train_examples,
-               eval_examples, trainable)
+    return Run(
+        spec,
+        dist_info,
+        store,
+        run_dir,
+        stage,
+        engine,
+        scheduler,
+        checkpointer,
+        train_examples,
+        eval_examples,
+        trainable,
+    )
 
 
 def choose_budget(run: Run, restored: Restored | None) -> Budget:
@@ -107,10 +126,15 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
         return Budget(spec.batch.tokens_per_micro_batch, "spec")
     lengths = run.lengths
     share = -(-spec.batch.samples_per_step // run.dist.world_size)  # a rank's samples in a step
-    probe = probe_micro_batch(run.engine, run.stage.cos_config, lengths.min_text_tokens,
-                              memory_fraction=spec.batch.memory_fraction,
-                              max_tokens=spec.batch.max_tokens_per_micro_batch, max_samples=share,
-                              device=run.dist.device)
+    probe = probe_micro_batch(
+        run.engine,
+        run.stage.cos_config,
+        lengths.min_text_tokens,
+        memory_fraction=spec.batch.memory_fraction,
+        max_tokens=spec.batch.max_tokens_per_micro_batch,
+        max_samples=share,
+        device=run.dist.device,
+    )
     log.info(probe.summary())
     return Budget(max(probe.tokens_per_micro_batch, lengths.max_tokens), "probe")
 
@@ -127,16 +151,23 @@ def _log_build(seconds: float, before_gib: float, dist_info: Dist) -> None:
     """How long building the model took and the highest host memory any rank reached doing it
     (collective): the figure that says whether a node's ranks fit in its memory."""
     slowest, before, peak = all_reduce([seconds, before_gib, host_rss_gib("VmHWM")], dist_info.device, op="max")
-    log.info(f"model built in {slowest:.1f} s; host memory per rank {before:.2f} GiB before, peak "
-             f"{peak:.2f} GiB (highest of {dist_info.world_size} ranks)")
+    log.info(
+        f"model built in {slowest:.1f} s; host memory per rank {before:.2f} GiB before, peak "
+        f"{peak:.2f} GiB (highest of {dist_info.world_size} ranks)"
+    )
 
 
 def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> StoreRecords:
     """The split's prepared token store (prepared now, over all ranks, unless a run already did),
     memory-mapped on every rank (docs/design.md §5)."""
     source = split_source(spec.data, name, spec.storage.to_settings())
-    return load_split(source, stage.tokenizer, num_visual_tokens=stage.cos_config.num_visual_tokens,
-                      max_bad_fraction=max_bad_fraction, workers=spec.data.num_workers)
+    return load_split(
+        source,
+        stage.tokenizer,
+        num_visual_tokens=stage.cos_config.num_visual_tokens,
+        max_bad_fraction=max_bad_fraction,
+        workers=spec.data.num_workers,
+    )
 
 
 def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats, dist_info: Dist):
@@ -144,12 +175,16 @@ def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats
     budget = spec.batch.tokens_per_micro_batch
     # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
     share = max(1, spec.batch.samples_per_step // dist_info.world_size)  # samples per rank and step
-    micro_estimate = 1 if budget == "auto" else samples_per_micro_batch(
-        stage.cos_config.num_visual_tokens, lengths.mean_text_tokens, budget)
+    micro_estimate = (
+        1
+        if budget == "auto"
+        else samples_per_micro_batch(stage.cos_config.num_visual_tokens, lengths.mean_text_tokens, budget)
+    )
     engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, min(micro_estimate, share)))
     trainable = trainable_summary(engine.module)
     log.info("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
     if set(trainable) != expected_trainable_groups(spec):
-        raise RuntimeError(f"trainable modules {sorted(trainable)} differ from the spec's "
-                           f"{sorted(expected_trainable_groups(spec))}")
+        raise RuntimeError(
+            f"trainable modules {sorted(trainable)} differ from the spec's {sorted(expected_trainable_groups(spec))}"
+        )
     return engine, scheduler, trainable

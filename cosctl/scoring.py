@@ -142,7 +142,6 @@ def normalize_vqa_answer(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
-
 def vqa_accuracy(prediction: str, references: list[str]) -> float:
     """VQA accuracy after `normalize_vqa_answer` on both sides. One reference: exact match. Several: the
     VQAv2 rule, the mean over the leave-one-out subsets of min(#matches / 3, 1); with 10 answers, k

@@ -133,12 +133,21 @@ def _sbatch_options(slurm: SlurmSpec, name: str, run_dir: str) -> list[str]:
     if slurm.gpus_per_node > 0:
         options.append(f"--gpus-per-node={slurm.gpus_per_node}")
     options += [f"--cpus-per-task={slurm.cpus_per_task}", f"--mem={slurm.mem}", f"--time={slurm.time}"]
-    options += [f"--{key}={value}" for key, value in
-                (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos)) if value]
+    options += [
+        f"--{key}={value}"
+        for key, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos))
+        if value
+    ]
     # B: signals only the batch shell, whose trap forwards the warning; append keeps the log of
     # every requeued run in one file; storage credentials come from the submitter's environment.
-    options += ["--requeue", f"--signal=B:USR1@{slurm.signal_lead_s}", "--open-mode=append", "--export=ALL",
-                f"--output={logs}/%j.out", f"--error={logs}/%j.err"]
+    options += [
+        "--requeue",
+        f"--signal=B:USR1@{slurm.signal_lead_s}",
+        "--open-mode=append",
+        "--export=ALL",
+        f"--output={logs}/%j.out",
+        f"--error={logs}/%j.err",
+    ]
     lines = [f"#SBATCH {shlex.quote(option)}" for option in options]
     lines += [line if line.startswith("#SBATCH") else f"#SBATCH {line}" for line in slurm.extra_sbatch]
     return lines
@@ -152,7 +161,8 @@ rm -f "$requeue_marker"
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # Without slurm.rendezvous_port the port comes from the job id, so jobs sharing a node do not collide.
 port={port}
-log "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}} (SLURM_RESTART_COUNT), $SLURM_NNODES node(s), rendezvous $head:$port"
+restarts=${{SLURM_RESTART_COUNT:-0}}
+log "job $SLURM_JOB_ID, restart $restarts (SLURM_RESTART_COUNT), $SLURM_NNODES node(s), rendezvous $head:$port"
 
 # One task per node runs torchrun. Its shell ignores USR1 before exec'ing it (ignored dispositions
 # survive exec and fork): torchrun would die of the warning, the ranks catch it once they are ready.
@@ -172,8 +182,10 @@ def render_sbatch(spec: TrainingSpec, argv: list[str], run_dir: str) -> str:
     Pure: depends only on `spec.run.name`, `spec.slurm` and the arguments."""
     slurm = spec.slurm
     if slurm.signal_lead_s >= time_limit_s(slurm.time):
-        raise SlurmError(f"slurm.signal_lead_s: {slurm.signal_lead_s} s is not shorter than slurm.time "
-                         f"({slurm.time}); the warning would come at the start")
+        raise SlurmError(
+            f"slurm.signal_lead_s: {slurm.signal_lead_s} s is not shorter than slurm.time "
+            f"({slurm.time}); the warning would come at the start"
+        )
     setup = "\n".join(["# Setup (slurm.setup in the spec)", *slurm.setup, "", ""]) if slurm.setup else ""
     header = [
         "#!/bin/bash",
@@ -216,12 +228,15 @@ _SCRIPT_OWNED = ("--resume", "--run-dir", "--nproc", "--set")
 def _check_extra(extra: list[str]) -> None:
     for arg in extra:
         if arg.split("=", 1)[0] in _SCRIPT_OWNED:
-            raise SlurmError(f"{arg.split('=', 1)[0]} cannot be passed to a SLURM job: the job script owns it "
-                             "(--set goes before `--`; requeued runs always resume with --resume auto)")
+            raise SlurmError(
+                f"{arg.split('=', 1)[0]} cannot be passed to a SLURM job: the job script owns it "
+                "(--set goes before `--`; requeued runs always resume with --resume auto)"
+            )
 
 
-def _job(spec_path: Path, overrides: list[str] | None, run_dir: Path | None, output: str | None,
-         extra: list[str] | None) -> tuple[TrainingSpec, list[str], Path]:
+def _job(
+    spec_path: Path, overrides: list[str] | None, run_dir: Path | None, output: str | None, extra: list[str] | None
+) -> tuple[TrainingSpec, list[str], Path]:
     """Load the spec; the stage command line and the (absolute) run folder of its job."""
     spec = load_spec(spec_path, overrides or [])
     if spec.stage not in TRAIN_STAGES:
@@ -234,18 +249,23 @@ def _job(spec_path: Path, overrides: list[str] | None, run_dir: Path | None, out
     return spec, argv + list(extra or []), folder
 
 
-slurm_app = typer.Typer(no_args_is_help=True, help="Run pretrain/finetune as a SLURM job that requeues itself on preemption.")
+slurm_app = typer.Typer(
+    no_args_is_help=True, help="Run pretrain/finetune as a SLURM job that requeues itself on preemption."
+)
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML run spec (pretrain or finetune).", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: a.b=value (repeatable).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option(help="Run folder (logs, job script, spec snapshot); default runs/<run name>.")]
+RunDirOpt = Annotated[
+    Optional[Path], typer.Option(help="Run folder (logs, job script, spec snapshot); default runs/<run name>.")
+]
 OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and artefacts go (overrides run.output).")]
 ExtraArg = Annotated[Optional[list[str]], typer.Argument(help="Extra stage arguments, after `--`.", show_default=False)]
 
 
 @slurm_app.command("render")
-def render_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-               extra: ExtraArg = None) -> None:
+def render_cmd(
+    spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None, extra: ExtraArg = None
+) -> None:
     """Print the batch script for a spec (nothing is written or submitted)."""
     try:
         loaded, argv, folder = _job(spec, set_, run_dir, output, extra)
@@ -255,9 +275,14 @@ def render_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, ou
 
 
 @slurm_app.command("submit")
-def submit_cmd(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None,
-               dry_run: Annotated[bool, typer.Option(help="Print the script instead of submitting it.")] = False,
-               extra: ExtraArg = None) -> None:
+def submit_cmd(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    output: OutputOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the script instead of submitting it.")] = False,
+    extra: ExtraArg = None,
+) -> None:
     """Submit a spec as a batch job; print the job id (the log is <run dir>/slurm/<job id>.out)."""
     try:
         loaded, argv, folder = _job(spec, set_, run_dir, output, extra)

@@ -67,7 +67,8 @@ _STAGES = ("pretrain", "inflate", "finetune")
 
 class ComponentSpec(Section):
     path: str | None = Field(
-        None, description="Local folder of a pretrained checkpoint; null = random init from `config`.")
+        None, description="Local folder of a pretrained checkpoint; null = random init from `config`."
+    )
     config: FreeMapping = Field(default_factory=FrozenDict, description="Config fields (random init) or overrides.")
 
 
@@ -91,7 +92,8 @@ class PretrainModelSpec(Section):
     scales: tuple[ScaleItem, ...] = Field(
         default_factory=lambda: tuple(ScaleItem(**s.to_dict()) for s in DEFAULT_SCALES),
         description="Resampler scales, global first: window (patches per side) and queries per window; the "
-        "default is the 32-token chain [{16, 16}, {4, 1}].")
+        "default is the 32-token chain [{16, 16}, {4, 1}].",
+    )
     resampler_num_heads: int = Field(16, gt=0, description="Attention heads of every resampler cross-attention.")
     trainable: tuple[Module, ...] = Field(("resampler", "projector"), description="Top-level modules that train.")
     gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
@@ -110,8 +112,11 @@ class PretrainModelSpec(Section):
         from cos_model import CosConfig
 
         vision = _local_config(CLIPVisionConfig, self.vision.path, "model.vision.path")
-        vision.update(coerce_floats(thaw(self.vision.config), KNOWN_FIELDS[VISION_MODEL_TYPE]),
-                      image_size=self.image_size, model_type=VISION_MODEL_TYPE)
+        vision.update(
+            coerce_floats(thaw(self.vision.config), KNOWN_FIELDS[VISION_MODEL_TYPE]),
+            image_size=self.image_size,
+            model_type=VISION_MODEL_TYPE,
+        )
         text = _local_config(AutoConfig, self.text.path, "model.text.path")
         overrides = thaw(self.text.config)
         model_type = overrides.get("model_type", text.get("model_type"))
@@ -148,7 +153,8 @@ def _local_config(config_class, path: str | None, key: str) -> dict:
 class FinetuneModelSpec(Section):
     source: str = Field(description="URI of an inflated model folder (the inflate stage's output).")
     trainable: tuple[Module, ...] = Field(
-        ("resampler", "projector"), description="Top-level modules trained in full (the LLM trains through lora).")
+        ("resampler", "projector"), description="Top-level modules trained in full (the LLM trains through lora)."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
 
 
@@ -261,7 +267,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in errors:
         loc = e["loc"]
-        if e["type"] == "too_short" and any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs):
+        if e["type"] == "too_short" and any(len(other) > len(loc) and other[: len(loc)] == loc for other in locs):
             continue  # pydantic's tuples also count their invalid items as missing; the item's error says it
         key, message = _yaml_key(_yaml_loc(loc)), e["msg"].removeprefix("Value error, ")
         # List fields are tuples (immutable); in YAML they are lists.

@@ -29,6 +29,7 @@ from .subconfigs import (
 if TYPE_CHECKING:
     from .spec import DataSpec, PretrainModelSpec
 
+
 def _config_error_message(err: Exception) -> str:
     """One line naming the spec key for an error of CosConfig or a transformers config class."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -51,8 +52,10 @@ def _model_problems(model: PretrainModelSpec) -> list[str]:
     if "image_size" in vision:
         problems.append("vision.config.image_size: set the resolution with model.image_size instead")
     if vision.get("model_type", VISION_MODEL_TYPE) != VISION_MODEL_TYPE:
-        problems.append(f"vision.config.model_type: the vision tower is a CLIP ViT ({VISION_MODEL_TYPE}), "
-                        f"got {describe(vision['model_type'])}")
+        problems.append(
+            f"vision.config.model_type: the vision tower is a CLIP ViT ({VISION_MODEL_TYPE}), "
+            f"got {describe(vision['model_type'])}"
+        )
     problems += field_problems({k: v for k, v in vision.items() if k != "image_size"}, vision_fields, "vision.config")
     model_type, text_fields = text.get("model_type"), None
     if model_type is None:
@@ -85,9 +88,13 @@ def _layout_problems(model: PretrainModelSpec, vision: Mapping) -> list[str]:
             return [f"vision.config.{key}: must be a positive integer, got {describe(value)}"]
     try:
         check_layout(
-            image_size=model.image_size, patch_size=vision["patch_size"], vision_layers=vision["num_hidden_layers"],
-            vision_width=vision["hidden_size"], feature_layers=model.feature_layers,
-            scales=[s.to_scale() for s in model.scales], resampler_num_heads=model.resampler_num_heads,
+            image_size=model.image_size,
+            patch_size=vision["patch_size"],
+            vision_layers=vision["num_hidden_layers"],
+            vision_width=vision["hidden_size"],
+            feature_layers=model.feature_layers,
+            scales=[s.to_scale() for s in model.scales],
+            resampler_num_heads=model.resampler_num_heads,
         )
     except ValueError as err:
         return [_config_error_message(err)]
@@ -114,10 +121,12 @@ def check_paths(spec) -> list[str]:
 def _data_problems(data: DataSpec) -> list[str]:
     root = data.root
     if root.startswith("s3://"):
-        bucket = root[len("s3://"):].split("/", 1)[0]
+        bucket = root[len("s3://") :].split("/", 1)[0]
         if not _BUCKET.fullmatch(bucket) or ".." in bucket:
-            return [f"data.root: {root!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
-                    "dots and hyphens)"]
+            return [
+                f"data.root: {root!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
+                "dots and hyphens)"
+            ]
         return []
     if "://" in root and not root.startswith("file://"):
         return [f"data.root: unsupported URI scheme in {root!r}; use a path, file:// or s3://"]
@@ -168,8 +177,9 @@ def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -
         stored = folders["vision"]
         if stored.get("model_type") == "clip":  # a whole CLIP model's config: the tower's part
             stored = stored.get("vision_config") or {}
-        vision = resolve({**{k: v for k, v in stored.items() if k in vision_fields}, **model.vision.config},
-                         vision_fields)
+        vision = resolve(
+            {**{k: v for k, v in stored.items() if k in vision_fields}, **model.vision.config}, vision_fields
+        )
         where = f"{model.vision.path}/config.json"
         found = shape_problems(vision, vision_fields, "vision.config") or _layout_problems(model, vision)
         problems += [_blame(line, model.vision.config, where, "vision") for line in found]
@@ -183,8 +193,10 @@ def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -
         problems += [f"model.{line}" for line in field_problems(overrides, text_fields, "text.config")]
         if not problems:
             text = resolve({**folders["text"], **overrides}, text_fields)
-            problems += [_blame(line, model.text.config, where, "text")
-                         for line in shape_problems(text, text_fields, "text.config")]
+            problems += [
+                _blame(line, model.text.config, where, "text")
+                for line in shape_problems(text, text_fields, "text.config")
+            ]
     return problems
 
 
@@ -196,5 +208,3 @@ def _blame(line: str, overrides: Mapping, config_file: str, name: str) -> str:
     if not key.startswith(f"{name}.config.") or field in overrides:
         return f"model.{line}"
     return f"model.{name}.path: {config_file}: {field}: {message}"
-
-

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -140,8 +140,9 @@ def prepare_stage(spec: TrainingSpec, store: ObjectStore, staging: Path, dist_in
 
 def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path, dist_info: Dist) -> Stage:
     tokenizer = load_tokenizer(spec.model.tokenizer)
-    model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                                 run_dtype(spec, dist_info.device.type))
+    model = build_pretrain_model(
+        spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), run_dtype(spec, dist_info.device.type)
+    )
 
     def write_trainable(engine, local_dir: Path) -> None:
         state = _trainable_state(engine)
@@ -179,8 +180,11 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         with _gathered(engine, trainable):
             if dist.get_rank() == 0:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()
-                         if "lora_" in k or "modules_to_save" in k}
+                state = {
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in engine.module.state_dict().items()
+                    if "lora_" in k or "modules_to_save" in k
+                }
                 save_adapter(engine.module, state, tokenizer, spec.model.source, local_dir)
 
     def write_trainable(engine, local_dir: Path) -> None:
@@ -229,11 +233,14 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
     load_tokenizer(source_dir).save_pretrained(local)
     publish(open_store(output, settings), local, "model")
     summary = {
-        "stage": "inflate", "source": spec.source, "plan": spec.plan_arg(),
+        "stage": "inflate",
+        "source": spec.source,
+        "plan": spec.plan_arg(),
         "visual_tokens": {"from": src_config.num_visual_tokens, "to": dst_config.num_visual_tokens},
         "image_size": {"from": src_config.image_size, "to": dst_config.image_size},
         "num_params": sum(p.numel() for p in model.parameters()),
-        "time_s": time.monotonic() - started, "artefact": join_uri(output, "model"),
+        "time_s": time.monotonic() - started,
+        "artefact": join_uri(output, "model"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

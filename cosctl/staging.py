@@ -47,8 +47,23 @@ def write_problem(err: Exception, staging: Path, local: Path) -> str:
     return f"cannot write {local}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs", "cifs", "smb3",
-                       "wekafs", "fuse.sshfs", "9p", "panfs", "fuse.juicefs"}
+NETWORK_FILESYSTEMS = {
+    "nfs",
+    "nfs4",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "cephfs",
+    "ceph",
+    "glusterfs",
+    "cifs",
+    "smb3",
+    "wekafs",
+    "fuse.sshfs",
+    "9p",
+    "panfs",
+    "fuse.juicefs",
+}
 
 
 def filesystem_group(folder: Path) -> str:

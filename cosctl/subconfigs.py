@@ -82,25 +82,73 @@ KNOWN_FIELDS: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
 }
 
 # Sizes the model is built from: a positive integer (or null where transformers allows it), never a list.
-POSITIVE_INTS = frozenset({
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "vocab_size", "max_position_embeddings", "patch_size", "image_size", "num_channels",
-    "projection_dim",
-})
+POSITIVE_INTS = frozenset(
+    {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "patch_size",
+        "image_size",
+        "num_channels",
+        "projection_dim",
+    }
+)
 
 # transformers.activations.ACT2CLS and the rotary types of transformers.modeling_rope_utils (+ "default"),
 # kept equal by tests/test_spec_model.py: a name outside them fails only when the model is built.
-ACTIVATIONS = frozenset({
-    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_python_tanh",
-    "gelu_pytorch_tanh", "hardswish", "laplace", "leaky_relu", "linear", "mish", "prelu", "quick_gelu", "relu",
-    "relu2", "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh", "xielu",
-})
+ACTIVATIONS = frozenset(
+    {
+        "gelu",
+        "gelu_10",
+        "gelu_accurate",
+        "gelu_fast",
+        "gelu_new",
+        "gelu_python",
+        "gelu_python_tanh",
+        "gelu_pytorch_tanh",
+        "hardswish",
+        "laplace",
+        "leaky_relu",
+        "linear",
+        "mish",
+        "prelu",
+        "quick_gelu",
+        "relu",
+        "relu2",
+        "relu6",
+        "sigmoid",
+        "silu",
+        "sqrtsoftplus",
+        "swish",
+        "tanh",
+        "xielu",
+    }
+)
 ROPE_TYPES = frozenset({"default", "dynamic", "linear", "llama3", "longrope", "proportional", "yarn"})
 
-_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "dict": "a mapping", "list": "a list", "null": "null"}
-_SIMPLE = {"int": "int", "float": "float", "bool": "bool", "str": "str", "None": "null", "NoneType": "null",
-           "torch.dtype": "str"}
+_KIND_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+    "null": "null",
+}
+_SIMPLE = {
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "str": "str",
+    "None": "null",
+    "NoneType": "null",
+    "torch.dtype": "str",
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,8 +232,11 @@ def describe(value: Any) -> str:
         except ValueError:
             pass
         else:  # a number YAML read as text
-            hint = (" (YAML reads an exponent without a decimal point as text: write 1.0e-6, not 1e-6)"
-                    if "e" in value.lower() and "." not in value else " (write it without quotes)")
+            hint = (
+                " (YAML reads an exponent without a decimal point as text: write 1.0e-6, not 1e-6)"
+                if "e" in value.lower() and "." not in value
+                else " (write it without quotes)"
+            )
         return f"the string {value!r}{hint}"
     if isinstance(value, Mapping):
         return "a mapping"
@@ -278,8 +329,10 @@ def shape_problems(resolved: Mapping, fields: Mapping, prefix: str) -> list[str]
         if head_dim is not None and head_dim % 2:
             return [f"{prefix}.head_dim: {head_dim} is odd; rotary position embeddings need an even head size"]
         if head_dim is None and (hidden // heads) % 2:
-            return [f"{prefix}.num_attention_heads: hidden_size {hidden} / {heads} heads = {hidden // heads} "
-                    f"per head, odd; rotary position embeddings need an even head size"]
+            return [
+                f"{prefix}.num_attention_heads: hidden_size {hidden} / {heads} heads = {hidden // heads} "
+                f"per head, odd; rotary position embeddings need an even head size"
+            ]
     return []
 
 
@@ -297,6 +350,16 @@ def coerce_floats(config: Mapping, fields: Mapping | None) -> dict:
 
 
 __all__ = [
-    "ACTIVATIONS", "KNOWN_FIELDS", "POSITIVE_INTS", "ROPE_TYPES", "VISION_MODEL_TYPE", "coerce_floats", "describe",
-    "field_problems", "fields_for", "fields_of", "resolve", "shape_problems",
+    "ACTIVATIONS",
+    "KNOWN_FIELDS",
+    "POSITIVE_INTS",
+    "ROPE_TYPES",
+    "VISION_MODEL_TYPE",
+    "coerce_floats",
+    "describe",
+    "field_problems",
+    "fields_for",
+    "fields_of",
+    "resolve",
+    "shape_problems",
 ]

@@ -88,8 +88,10 @@ def size_name(side_px: int, image_size: int) -> str:
 
 def _overlaps(box: Box, others: list[Box]) -> bool:
     return any(
-        box[0] < other[2] + GAP_PX and other[0] < box[2] + GAP_PX
-        and box[1] < other[3] + GAP_PX and other[1] < box[3] + GAP_PX
+        box[0] < other[2] + GAP_PX
+        and other[0] < box[2] + GAP_PX
+        and box[1] < other[3] + GAP_PX
+        and other[1] < box[3] + GAP_PX
         for other in others
     )
 

@@ -141,8 +141,9 @@ class Column:
         if dtype is None:
             with open(path, "rb") as handle:
                 version = np.lib.format.read_magic(handle)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, _, header_dtype = read_header(handle)
                 self.start, self.dtype, self.size = handle.tell(), np.dtype(header_dtype), int(np.prod(shape))
         else:
@@ -172,7 +173,7 @@ class Column:
         return np.frombuffer(data, dtype=self.dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self[0:self.size]
+        array = self[0 : self.size]
         return array if dtype is None else array.astype(dtype)
 
     def __del__(self) -> None:
@@ -181,7 +182,7 @@ class Column:
 
 
 def _blob_string(blob: Column, offsets: np.ndarray, index: int) -> str:
-    return blob[int(offsets[index]):int(offsets[index + 1])].tobytes().decode("utf-8")
+    return blob[int(offsets[index]) : int(offsets[index + 1])].tobytes().decode("utf-8")
 
 
 class StoreRecords:
@@ -223,8 +224,10 @@ class StoreRecords:
         ids = ids.astype(np.int64)
         labels = np.where(mask.astype(bool), ids, IGNORE_INDEX)
         if image_pos >= 0:
-            ids = np.concatenate([ids[:image_pos], np.full(self.num_visual_tokens, self.image_id, np.int64),
-                                  ids[image_pos:]])
-            labels = np.concatenate([labels[:image_pos], np.full(self.num_visual_tokens, IGNORE_INDEX, np.int64),
-                                     labels[image_pos:]])
+            ids = np.concatenate(
+                [ids[:image_pos], np.full(self.num_visual_tokens, self.image_id, np.int64), ids[image_pos:]]
+            )
+            labels = np.concatenate(
+                [labels[:image_pos], np.full(self.num_visual_tokens, IGNORE_INDEX, np.int64), labels[image_pos:]]
+            )
         return Sample(self.store.record_id(index), ids, labels, self.store.image(index))

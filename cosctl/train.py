@@ -1,20 +1,20 @@
 """The training loop of the pretrain and finetune stages.
 
-    run = setup_run(spec)                 # process group, output store, stage, data, engine, checkpointer
-    restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never
-    budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
-    while step < num_steps:
-        step += 1
-        micro-batches = loader.next_step()  # this rank's share of the step's samples_per_step samples
-        train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
-                      by the step's label tokens over all ranks); engine.step() after the last one
-        log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
-        if eval due: mean eval loss over a fixed set of held-out micro-batches
-        stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
-               (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
-        if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
-        if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
-    final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
+run = setup_run(spec)                 # process group, output store, stage, data, engine, checkpointer
+restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never
+budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
+while step < num_steps:
+    step += 1
+    micro-batches = loader.next_step()  # this rank's share of the step's samples_per_step samples
+    train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
+                  by the step's label tokens over all ranks); engine.step() after the last one
+    log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
+    if eval due: mean eval loss over a fixed set of held-out micro-batches
+    stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
+           (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
+    if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
+    if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
+final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
 """
 
 from __future__ import annotations
@@ -42,25 +42,40 @@ from .spec import TrainingSpec
 from .storage import join_uri
 
 
-def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str = "auto",
-                 overwrite: bool = False, save_on_stop: bool = False) -> dict:
+def run_training(
+    spec: TrainingSpec,
+    *,
+    run_dir: Path,
+    output: str,
+    resume: str = "auto",
+    overwrite: bool = False,
+    save_on_stop: bool = False,
+) -> dict:
     """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary."""
     signals = StopRequest()
     run = setup_run(spec, run_dir=Path(run_dir), output=output)
     restored = run.checkpointer.restore(run.engine, resume, overwrite)
     budget = choose_budget(run, restored)
     loader = run.train_loader(budget, position=restored.loader_state if restored else None)
-    log.info(f"{spec.batch.samples_per_step} samples per step, {loader.steps_per_epoch} steps per epoch; "
-             f"{budget.tokens} tokens per micro-batch (from the {budget.origin})")
+    log.info(
+        f"{spec.batch.samples_per_step} samples per step, {loader.steps_per_epoch} steps per epoch; "
+        f"{budget.tokens} tokens per micro-batch (from the {budget.origin})"
+    )
     step = restored.step if restored else 0
     evaluate, generate = Evaluator(run, budget), GenerationEval(run)
     if run.dist.is_main:
         trim_metrics(run.run_dir / "metrics.jsonl", step)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
-    meter = StepMeter(run, sample_flops(run.stage.cos_config, run.lengths.mean_text_tokens,
-                                        trainable=[m for m in run.trainable if m != "lora"],
-                                        lora_params=run.trainable.get("lora", 0),
-                                        gradient_checkpointing=spec.model.gradient_checkpointing))
+    meter = StepMeter(
+        run,
+        sample_flops(
+            run.stage.cos_config,
+            run.lengths.mean_text_tokens,
+            trainable=[m for m in run.trainable if m != "lora"],
+            lora_params=run.trainable.get("lora", 0),
+            gradient_checkpointing=spec.model.gradient_checkpointing,
+        ),
+    )
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else None
     if sink and first_eval is not None:
@@ -95,12 +110,21 @@ def run_training(spec: TrainingSpec, *, run_dir: Path, output: str, resume: str 
         raise stop_run(run, sink, loader, step, Stop(str(err), REQUEUE, save=False)) from None
     _close(run, sink)
     summary = {
-        "stage": spec.stage, "visual_tokens": run.stage.cos_config.num_visual_tokens,
-        "image_size": run.stage.cos_config.image_size, "steps": step, **meter.loss_ends(),
-        "first_eval_loss": first_eval, "final_eval_loss": final_eval, "samples_per_s": meter.mean_rate(),
-        "train_time_s": meter.train_time_s(), "trainable_params": run.trainable,
-        "world_size": run.dist.world_size, "tokens_per_micro_batch": budget.tokens, "budget_origin": budget.origin,
-        "checkpoint": checkpoint_uri(output, checkpoint_name(step)), "artefact": artefact,
+        "stage": spec.stage,
+        "visual_tokens": run.stage.cos_config.num_visual_tokens,
+        "image_size": run.stage.cos_config.image_size,
+        "steps": step,
+        **meter.loss_ends(),
+        "first_eval_loss": first_eval,
+        "final_eval_loss": final_eval,
+        "samples_per_s": meter.mean_rate(),
+        "train_time_s": meter.train_time_s(),
+        "trainable_params": run.trainable,
+        "world_size": run.dist.world_size,
+        "tokens_per_micro_batch": budget.tokens,
+        "budget_origin": budget.origin,
+        "checkpoint": checkpoint_uri(output, checkpoint_name(step)),
+        "artefact": artefact,
     }
     if run.dist.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -148,10 +172,13 @@ def accumulate(engine, micro_batches: list[dict], device, problem: Exception | N
     `num_items_in_batch`. The last micro-batch is marked as the accumulation boundary.
     """
     world_size = torch.distributed.get_world_size()
-    local = [sum(num_label_tokens(b["labels"]) for b in micro_batches), sum(b["num_samples"] for b in micro_batches),
-             # A packed row (batch.packing) has no attention mask and no padding.
-             sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in micro_batches), float(problem is not None)]
+    local = [
+        sum(num_label_tokens(b["labels"]) for b in micro_batches),
+        sum(b["num_samples"] for b in micro_batches),
+        # A packed row (batch.packing) has no attention mask and no padding.
+        sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches),
+        float(problem is not None),
+    ]
     step_labels, num_samples, num_tokens, failed = all_reduce(local, device)
     if failed:  # a rank's data failed: all stop here, before the forwards (collective under ZeRO-3)
         agreed(lambda: _raise(problem))
@@ -209,8 +236,9 @@ class GenerationEval:
         from .evaluate.records import load_eval_records
 
         root = Path(run.spec.data.root)
-        self.records = load_eval_records(root / run.spec.data.eval, root, limit=run.spec.eval.generate_samples,
-                                         skip_bad=True)
+        self.records = load_eval_records(
+            root / run.spec.data.eval, root, limit=run.spec.eval.generate_samples, skip_bad=True
+        )
 
     def due(self, step: int) -> bool:
         return self.every is not None and step % self.every == 0
@@ -220,9 +248,16 @@ class GenerationEval:
 
         run, spec = self.run, self.run.spec
         _, scores = generate_and_score(
-            run.engine, run.stage.tokenizer, self.records, Path(spec.data.root),
-            max_new_tokens=spec.eval.generate_max_new_tokens, batch_size=spec.eval.generate_batch_size,
-            device=run.dist.device, rank=run.dist.rank, world_size=run.dist.world_size)
+            run.engine,
+            run.stage.tokenizer,
+            self.records,
+            Path(spec.data.root),
+            max_new_tokens=spec.eval.generate_max_new_tokens,
+            batch_size=spec.eval.generate_batch_size,
+            device=run.dist.device,
+            rank=run.dist.rank,
+            world_size=run.dist.world_size,
+        )
         run.engine.train()
         return metrics_record(scores)
 
@@ -246,13 +281,22 @@ class StepMeter:
         hardware = stats.num_samples * self.flops.hardware / elapsed / 1e12
         norm = self.engine.get_global_grad_norm()
         return {
-            "step": step, "time": time.time(), "loss": stats.loss, "lr": lr,
+            "step": step,
+            "time": time.time(),
+            "loss": stats.loss,
+            "lr": lr,
             "grad_norm": float(norm) if norm is not None else None,
-            "samples": stats.num_samples, "tokens": stats.num_tokens, "label_tokens": stats.num_label_tokens,
-            "micro_batches": stats.num_micro_batches, "step_time_s": elapsed, "data_time_s": data_time,
+            "samples": stats.num_samples,
+            "tokens": stats.num_tokens,
+            "label_tokens": stats.num_label_tokens,
+            "micro_batches": stats.num_micro_batches,
+            "step_time_s": elapsed,
+            "data_time_s": data_time,
             "peak_mem_gib": self.memory.peak_gib(),  # the process's running peak (reserved on GPU)
-            "samples_per_s": stats.num_samples / elapsed, "tokens_per_s": stats.num_tokens / elapsed,
-            "tflops": tflops, "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
+            "samples_per_s": stats.num_samples / elapsed,
+            "tokens_per_s": stats.num_tokens / elapsed,
+            "tflops": tflops,
+            "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
             "hfu": hardware / (self.peak * self.world_size) if self.peak else None,
         }
 
@@ -262,8 +306,11 @@ class StepMeter:
         if not self.losses:
             return {"first_loss": None, "final_loss": None, "loss_window": 0}
         window = max(1, min(5, len(self.losses) // 4))
-        return {"first_loss": sum(self.losses[:window]) / window, "final_loss": sum(self.losses[-window:]) / window,
-                "loss_window": window}
+        return {
+            "first_loss": sum(self.losses[:window]) / window,
+            "final_loss": sum(self.losses[-window:]) / window,
+            "loss_window": window,
+        }
 
     def mean_rate(self) -> float | None:
         """Samples/s over this run's steps, skipping the first (warm-up) step when there are others."""
@@ -328,18 +375,26 @@ def at_boundary(run: Run, save_due: bool, signals: StopRequest, save_on_stop: bo
         lead = max(60.0, run.spec.slurm.signal_lead_s - 60.0)
         return due, Stop("SIGUSR1 (the scheduler's warning); the job requeues", REQUEUE, save=True, timeout_s=lead)
     if term or interrupt:
-        return due, Stop("SIGTERM" if term else "SIGINT (Ctrl-C)", 143 if term else 130, save=save_on_stop or due,
-                         timeout_s=STOP_SAVE_TIMEOUT_S)
+        return due, Stop(
+            "SIGTERM" if term else "SIGINT (Ctrl-C)",
+            143 if term else 130,
+            save=save_on_stop or due,
+            timeout_s=STOP_SAVE_TIMEOUT_S,
+        )
     return due, None
 
 
 def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) -> Stopped:
     """End the run at this boundary: commit first when the stop asks for it (within its time), then
     stop uploading; the exception says why, with the last committed checkpoint."""
-    if stop.save and not run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True,
-                                               timeout_s=stop.timeout_s):
-        stop = Stop(f"{stop.reason}; its checkpoint was not committed ({run.checkpointer.stop_reason()})",
-                    stop.exit_code, save=False)
+    if stop.save and not run.checkpointer.save(
+        run.engine, loader.state_dict(), step, wait=True, timeout_s=stop.timeout_s
+    ):
+        stop = Stop(
+            f"{stop.reason}; its checkpoint was not committed ({run.checkpointer.stop_reason()})",
+            stop.exit_code,
+            save=False,
+        )
     last = run.checkpointer.last_committed() if run.dist.is_main else ""
     _close(run, sink, abandon=True)
     return Stopped(step, stop, last)

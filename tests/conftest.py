@@ -40,7 +40,8 @@ def in_process():
 
     saved = dict(os.environ)
     yield lambda spec, run_dir, resume="auto", **options: run_training(
-        spec, run_dir=run_dir, output=spec.run.output, resume=resume, **options)
+        spec, run_dir=run_dir, output=spec.run.output, resume=resume, **options
+    )
     os.environ.clear()
     os.environ.update(saved)
 

@@ -46,8 +46,14 @@ class S3Server:
 
 def use_credentials(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
     """Point boto3's default chain at `server`'s credentials and nothing else."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_REGION", "AWS_CA_BUNDLE"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_CA_BUNDLE",
+    ):
         monkeypatch.delenv(name, raising=False)
     # No ~/.aws files and no instance-metadata lookups: the environment is the only source.
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
@@ -64,9 +70,14 @@ def create_bucket(server: S3Server, name: str | None = None) -> str:
     from botocore.config import Config
 
     name = name or f"cosctl-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
-                          aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
     client.create_bucket(Bucket=name)
     return name
 
@@ -109,8 +120,9 @@ def _ceph_dir() -> Path:
 
 def _ceph(command: str, state: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     bash = shutil.which("bash") or "/bin/bash"
-    return subprocess.run([bash, str(CEPH_SCRIPT), command, str(state)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [bash, str(CEPH_SCRIPT), command, str(state)], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _parse_env(text: str) -> dict[str, str]:
@@ -143,7 +155,11 @@ def ceph_s3() -> Iterator[S3Server]:
     if result.returncode != 0:
         pytest.fail(f".ci/ceph-s3.sh env {state} failed:\n{result.stderr[-2000:]}")
     values = _parse_env(result.stdout)
-    yield S3Server(values["AWS_ENDPOINT_URL_S3"], values["AWS_ACCESS_KEY_ID"],
-                   values["AWS_SECRET_ACCESS_KEY"], values.get("AWS_DEFAULT_REGION", "us-east-1"))
+    yield S3Server(
+        values["AWS_ENDPOINT_URL_S3"],
+        values["AWS_ACCESS_KEY_ID"],
+        values["AWS_SECRET_ACCESS_KEY"],
+        values.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
     if started_here:
         _ceph("stop", state, timeout=120)

@@ -24,7 +24,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-golden", action="store_true", help="Rewrite tests/golden/ files from the current output.")
+    parser.addoption(
+        "--update-golden", action="store_true", help="Rewrite tests/golden/ files from the current output."
+    )
 
 
 @pytest.fixture(scope="session")

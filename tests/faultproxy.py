@@ -54,8 +54,11 @@ class Fault:
     reset: bool = False  # truncate_response: RST instead of a clean close after the partial body
 
     def matches(self, method: str, target: str) -> bool:
-        return (self.times > 0 and (self.method is None or self.method == method)
-                and (self.contains is None or self.contains in target))
+        return (
+            self.times > 0
+            and (self.method is None or self.method == method)
+            and (self.contains is None or self.contains in target)
+        )
 
 
 class FaultProxy:
@@ -135,8 +138,7 @@ class FaultProxy:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._serve, self.listen_host, 0))
+            self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.listen_host, 0))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -203,11 +205,9 @@ class FaultProxy:
             await _send_body(client_r, client_w, up_r, up_w, length, expect, limit=fault.after_bytes)
             _reset(client_w)
             return False
-        status_line, response_headers, response_head = await _send_body(
-            client_r, client_w, up_r, up_w, length, expect)
+        status_line, response_headers, response_head = await _send_body(client_r, client_w, up_r, up_w, length, expect)
         cut = fault if fault and fault.action == "truncate_response" else None
-        if not await _relay_response(up_r, client_w, method, status_line, response_headers,
-                                     response_head, cut):
+        if not await _relay_response(up_r, client_w, method, status_line, response_headers, response_head, cut):
             return False
         return response_headers.get("connection", "").lower() != "close"
 
@@ -236,10 +236,15 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 async def _answer_error(client_r, client_w, status: int, body_length: int) -> None:
     if body_length:  # drain what the client already sent, so it reads our answer rather than a reset
         await client_r.readexactly(body_length)
-    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{CODES.get(status, "InternalError")}'
-            f"</Code><Message>injected by faultproxy</Message></Error>").encode()
-    client_w.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/xml\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{CODES.get(status, "InternalError")}'
+        f"</Code><Message>injected by faultproxy</Message></Error>"
+    ).encode()
+    client_w.write(
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
     await client_w.drain()
 
 
@@ -297,8 +302,9 @@ async def _copy(reader, writer, count: int) -> None:
         count -= len(data)
 
 
-async def _relay_response(up_r, client_w, method: str, status_line: str, headers: dict[str, str],
-                          head: bytes, cut: Fault | None) -> bool:
+async def _relay_response(
+    up_r, client_w, method: str, status_line: str, headers: dict[str, str], head: bytes, cut: Fault | None
+) -> bool:
     """Relay a response; with a `cut` fault, close the client after that many body bytes (False)."""
     client_w.write(head)
     budget = [cut.after_bytes if cut else None]
@@ -306,7 +312,7 @@ async def _relay_response(up_r, client_w, method: str, status_line: str, headers
     async def put(data: bytes) -> bool:
         if cut is not None and budget[0] is not None:
             if len(data) >= budget[0]:
-                client_w.write(data[:budget[0]])
+                client_w.write(data[: budget[0]])
                 await client_w.drain()
                 if cut.reset:
                     _reset(client_w)

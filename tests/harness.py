@@ -20,11 +20,30 @@ RECIPES = REPO / "recipes"
 
 def train_command(data: Path, run_dir: Path, output, num_steps: int, every: int, *extra: str) -> list[str]:
     """A 2-rank tiny pretrain of `num_steps` steps saving every `every` steps; `extra` = more overrides."""
-    overrides = [f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"optim.num_steps={num_steps}",
-                 f"checkpoint.every_steps={every}", "checkpoint.keep_last=10", "eval.every_steps=null",
-                 "batch.tokens_per_micro_batch=1024", *extra]
-    return [sys.executable, "-m", "cosctl", "pretrain", "recipes/tiny/pretrain.yaml", "--nproc", "2",
-            "--run-dir", str(run_dir), "--output", str(output), *[a for o in overrides for a in ("--set", o)]]
+    overrides = [
+        f"data.root={data}",
+        f"model.tokenizer={data / 'tokenizer'}",
+        f"optim.num_steps={num_steps}",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=10",
+        "eval.every_steps=null",
+        "batch.tokens_per_micro_batch=1024",
+        *extra,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "cosctl",
+        "pretrain",
+        "recipes/tiny/pretrain.yaml",
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--output",
+        str(output),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
 
 
 def env(tmp: Path | None = None, **extra: str) -> dict:
@@ -32,12 +51,19 @@ def env(tmp: Path | None = None, **extra: str) -> dict:
     extension cache (nothing JIT-builds, but a shared cache would race), no launcher variables."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cache = {"TORCH_EXTENSIONS_DIR": str(tmp / "ext")} if tmp is not None else {}
-    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning",
-            **cache, **extra}
+    return {
+        **base,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        **cache,
+        **extra,
+    }
 
 
-def cosctl(*args: str, tmp: Path | None = None, timeout: int = 600, env_extra: dict | None = None,
-           cwd: Path = REPO) -> subprocess.CompletedProcess:
+def cosctl(
+    *args: str, tmp: Path | None = None, timeout: int = 600, env_extra: dict | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """`python -m cosctl ARGS` in a subprocess, output captured; the exit code is the caller's to check."""
     return _run_tree([sys.executable, "-m", "cosctl", *args], cwd, env(tmp, **(env_extra or {})), timeout)
 
@@ -45,8 +71,9 @@ def cosctl(*args: str, tmp: Path | None = None, timeout: int = 600, env_extra: d
 def _run_tree(cmd: list[str], cwd: Path, environment: dict, timeout: int) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd)` with output captured, except that on a timeout the ranks and any process
     they started are killed too (killing the launcher alone leaves them running, and holding ports)."""
-    with subprocess.Popen(cmd, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -86,8 +113,9 @@ def kill_tree(pid: int) -> None:
 
 def kill_when(cmd: list[str], tmp: Path, ready, **extra_env: str) -> None:
     """Start `cmd` and SIGKILL it with all its ranks once `ready()` holds."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp, **extra_env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(tmp, **extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not ready():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -97,13 +125,21 @@ def kill_when(cmd: list[str], tmp: Path, ready, **extra_env: str) -> None:
     proc.wait()
 
 
-
-
 def tiny_spec(data: Path, output, num_steps: int, *extra: str):
     """The tiny pretrain recipe on the synthetic set at `data`, saving after every step."""
     from cosctl.spec import load_spec
 
-    return load_spec(RECIPES / "tiny" / "pretrain.yaml", [
-        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={output}",
-        f"optim.num_steps={num_steps}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
-        "eval.every_steps=null", "batch.tokens_per_micro_batch=1024", *extra])
+    return load_spec(
+        RECIPES / "tiny" / "pretrain.yaml",
+        [
+            f"data.root={data}",
+            f"model.tokenizer={data / 'tokenizer'}",
+            f"run.output={output}",
+            f"optim.num_steps={num_steps}",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=5",
+            "eval.every_steps=null",
+            "batch.tokens_per_micro_batch=1024",
+            *extra,
+        ],
+    )

@@ -41,22 +41,56 @@ def llava_records(synth_records: list[dict]) -> list[dict]:
             records.append({"id": record["id"], "image": image, "conversations": record["conversations"]})
         elif kind == 1:  # multi-turn, <image> at the end of the first human turn
             text = question.replace("<image>", "").strip()
-            records.append({"id": record["id"], "image": image, "conversations": [
-                {"from": "human", "value": f"{text}\n<image>"}, {"from": "gpt", "value": answer},
-                {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": f"Yes. {answer}"}]})
+            records.append(
+                {
+                    "id": record["id"],
+                    "image": image,
+                    "conversations": [
+                        {"from": "human", "value": f"{text}\n<image>"},
+                        {"from": "gpt", "value": answer},
+                        {"from": "human", "value": "Are you sure?"},
+                        {"from": "gpt", "value": f"Yes. {answer}"},
+                    ],
+                }
+            )
         elif kind == 2:  # text-only, as LLaVA-1.5's ShareGPT part
-            records.append({"id": f"sharegpt-{index}", "model": "", "conversations": [
-                {"from": "human", "value": "Name a colour and a shape."}, {"from": "gpt", "value": answer},
-                {"from": "human", "value": "Another one?"}, {"from": "gpt", "value": "A blue circle."}]})
+            records.append(
+                {
+                    "id": f"sharegpt-{index}",
+                    "model": "",
+                    "conversations": [
+                        {"from": "human", "value": "Name a colour and a shape."},
+                        {"from": "gpt", "value": answer},
+                        {"from": "human", "value": "Another one?"},
+                        {"from": "gpt", "value": "A blue circle."},
+                    ],
+                }
+            )
         else:  # long multi-turn: truncated at a small data.max_text_tokens
-            records.append({"id": record["id"], "image": image, "conversations": [
-                {"from": "human", "value": question}, {"from": "gpt", "value": LONG_ANSWER},
-                {"from": "human", "value": "And in short?"}, {"from": "gpt", "value": answer}]})
+            records.append(
+                {
+                    "id": record["id"],
+                    "image": image,
+                    "conversations": [
+                        {"from": "human", "value": question},
+                        {"from": "gpt", "value": LONG_ANSWER},
+                        {"from": "human", "value": "And in short?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
     return records
 
 
-def write_llava_set(synth_dir: Path, out_dir: Path, *, num_records: int | None = None,
-                    truncated: int = 0, name: str = "train.json", source: str = "train.json") -> list[dict]:
+def write_llava_set(
+    synth_dir: Path,
+    out_dir: Path,
+    *,
+    num_records: int | None = None,
+    truncated: int = 0,
+    name: str = "train.json",
+    source: str = "train.json",
+) -> list[dict]:
     """LLaVA-shaped records (`llava_records`) in `out_dir/name`, their images as JPEGs under
     `out_dir/coco/train2017/` and the synthetic tokenizer in `out_dir/tokenizer`; the first
     `truncated` image records point at JPEGs cut short. Returns the records."""

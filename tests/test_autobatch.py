@@ -76,14 +76,26 @@ def test_auto_budget_trains_like_the_probed_number(tiny_data, tmp_path):
     """2 ranks with `auto` (capped) print the probe, record the budget, and give the same losses as a run
     given that budget: the probe's forward/backward passes leave nothing behind."""
     auto_dir = tmp_path / "auto"
-    result = run(train_command(tiny_data, auto_dir, tmp_path / "out-auto", 4, 4, "batch.tokens_per_micro_batch=auto",
-                               "batch.max_tokens_per_micro_batch=1536"), tmp_path)
+    result = run(
+        train_command(
+            tiny_data,
+            auto_dir,
+            tmp_path / "out-auto",
+            4,
+            4,
+            "batch.tokens_per_micro_batch=auto",
+            "batch.max_tokens_per_micro_batch=1536",
+        ),
+        tmp_path,
+    )
     assert "tokens_per_micro_batch auto -> " in result.stdout
     budget = json.loads((auto_dir / "summary.json").read_text())["tokens_per_micro_batch"]
     assert 0 < budget <= 1536
     fixed_dir = tmp_path / "fixed"
-    run(train_command(tiny_data, fixed_dir, tmp_path / "out-fixed", 4, 4, f"batch.tokens_per_micro_batch={budget}"),
-        tmp_path)
+    run(
+        train_command(tiny_data, fixed_dir, tmp_path / "out-fixed", 4, 4, f"batch.tokens_per_micro_batch={budget}"),
+        tmp_path,
+    )
     auto_steps, fixed_steps = steps(auto_dir), steps(fixed_dir)
     assert [auto_steps[s]["loss"] for s in range(1, 5)] == [fixed_steps[s]["loss"] for s in range(1, 5)]
     assert [auto_steps[s]["samples"] for s in range(1, 5)] == [fixed_steps[s]["samples"] for s in range(1, 5)]
@@ -111,6 +123,7 @@ def test_extrapolation_keeps_a_margin_and_confirms_once():
 def test_a_confirming_pass_over_capacity_is_refitted_below_it():
     """Memory that grows faster beyond the small passes reads over the capacity at the first guess; the
     refit through that reading confirms a smaller count that fits, and nothing larger is ever run."""
+
     def measure(num: int) -> float:
         asked.append(num)
         return 2.0 + 0.5 * num + (0.6 * (num - 8) if num > 8 else 0.0)
@@ -147,5 +160,6 @@ def test_one_sample_that_does_not_fit_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(autobatch.MemoryMeter, "capacity_gib", lambda self, fraction: 8.0)
     engine = SimpleNamespace(module=torch.nn.Linear(4, 4))
     with pytest.raises(autobatch.ProbeError, match=r"auto: one sample of \d+ tokens needs 100.00 GiB, more than"):
-        autobatch.probe_micro_batch(engine, tiny_config(), 20, memory_fraction=0.85, max_tokens=None,
-                                    max_samples=64, device=torch.device("cpu"))
+        autobatch.probe_micro_batch(
+            engine, tiny_config(), 20, memory_fraction=0.85, max_tokens=None, max_samples=64, device=torch.device("cpu")
+        )

@@ -25,19 +25,24 @@ from cosctl.data import DataError, load_examples
 IMAGE_SIZE = 64
 
 
-
-
-
-
 def examples_at(synth_dir, tokenizer, num_visual_tokens: int = 32):
     examples, _ = load_examples(synth_dir / "train.json", synth_dir, tokenizer, num_visual_tokens, 128, 0.0)
     return examples
 
 
 def make_loader(synth_dir, examples, *, rank=0, world_size=1, num_workers=0, budget=512, samples_per_step=8):
-    return StepLoader(examples, image_root=synth_dir, image_size=IMAGE_SIZE, pad_token_id=3,
-                      tokens_per_micro_batch=budget, samples_per_step=samples_per_step, seed=7, rank=rank,
-                      world_size=world_size, num_workers=num_workers)
+    return StepLoader(
+        examples,
+        image_root=synth_dir,
+        image_size=IMAGE_SIZE,
+        pad_token_id=3,
+        tokens_per_micro_batch=budget,
+        samples_per_step=samples_per_step,
+        seed=7,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+    )
 
 
 def random_lengths(n: int, seed: int = 0, low: int = 20, high: int = 200) -> list[int]:
@@ -219,6 +224,7 @@ def test_filler_micro_batches_train_nothing(synth_dir, tokenizer):
 
 def test_eval_micro_batches_are_the_first_in_file_order():
     """Held-out micro-batches: file order, within the budget, at most the number asked for."""
+
     class Ex:
         def __init__(self, n):
             self.num_tokens = n

@@ -108,8 +108,12 @@ def test_product_rows_write_a_pretrain_spec_that_times_one_micro_batch_per_rank(
     auto_spec = bench.parse_spec(bench.product_spec(shape, 64, chain, auto, "row", tmp_path, "DATA", "TOK", 1))
     assert bench.default_samples_per_step(auto, auto_spec, 16) == bench.AUTO_SAMPLES_PER_RANK
     finished = bench.parse_args(["--run-to-end", "--warmup", "1", "--steps", "2"])
-    assert bench.parse_spec(bench.product_spec(shape, 64, chain, finished, "row", tmp_path, "DATA", "TOK", 1)
-                            ).optim.num_steps == 3
+    assert (
+        bench.parse_spec(
+            bench.product_spec(shape, 64, chain, finished, "row", tmp_path, "DATA", "TOK", 1)
+        ).optim.num_steps
+        == 3
+    )
     assert bench.parse_args([]).path == "product"
 
 
@@ -117,9 +121,23 @@ def test_timed_figures_are_the_medians_of_the_products_step_records():
     """The figures of a product row: medians over steps warmup+1 .. warmup+steps of metrics.jsonl's
     records; the loop time is the spacing of consecutive records; missing steps are an error."""
     _stage_speed()
-    records = [{"step": s, "time": 100.0 + 2 * s, "loss": 5.0 - s, "step_time_s": t, "samples": 8, "tokens": 400,
-                "micro_batches": 1, "samples_per_s": 8 / t, "tokens_per_s": 400 / t, "tflops": 1 / t,
-                "mfu": 0.1 / t, "hfu": 0.2 / t} for s, t in [(1, 9.0), (2, 1.0), (3, 3.0), (4, 2.0)]]
+    records = [
+        {
+            "step": s,
+            "time": 100.0 + 2 * s,
+            "loss": 5.0 - s,
+            "step_time_s": t,
+            "samples": 8,
+            "tokens": 400,
+            "micro_batches": 1,
+            "samples_per_s": 8 / t,
+            "tokens_per_s": 400 / t,
+            "tflops": 1 / t,
+            "mfu": 0.1 / t,
+            "hfu": 0.2 / t,
+        }
+        for s, t in [(1, 9.0), (2, 1.0), (3, 3.0), (4, 2.0)]
+    ]
     figures = sys.modules["product_path"].timed_figures(records, warmup=1, steps=3)
     assert figures["s_per_step"] == 2.0 and figures["step_times_s"] == [1.0, 3.0, 2.0]
     assert figures["samples_per_s"] == 4.0 and figures["mfu"] == pytest.approx(0.05)
@@ -145,8 +163,10 @@ def test_product_data_pads_the_tokenizer_to_the_shapes_vocabulary(tmp_path):
     assert product_path.prepare_data(tmp_path, 64, 30, 1000) == data
     assert (data.root / "train.json").stat().st_mtime_ns == stamp
     padded, plain = load_tokenizer(data.tokenizer), load_tokenizer(data.root / "tokenizer")
-    ids = [[e.input_ids for e in load_examples(data.root / "train.json", data.root, tok, 32, 256, 0.0)[0]]
-           for tok in (padded, plain)]
+    ids = [
+        [e.input_ids for e in load_examples(data.root / "train.json", data.root, tok, 32, 256, 0.0)[0]]
+        for tok in (padded, plain)
+    ]
     assert ids[0] == ids[1]
     assert product_path.prepare_data(tmp_path, 64, 30, 100).tokenizer == data.root / "tokenizer"
 
@@ -168,8 +188,9 @@ def test_plan_with_an_auto_budget_still_predicts_the_step(tmp_path, monkeypatch)
     step whatever the split: plan predicts the same step time and samples/s as with a fixed budget."""
     monkeypatch.setenv("COSCTL_PEAK_TFLOPS", "2.0")
     fixed = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}"]))
-    auto = build_plan(load_spec(REPO / "recipes/tiny/pretrain.yaml",
-                                [f"run.output={tmp_path}", "batch.tokens_per_micro_batch=auto"]))
+    auto = build_plan(
+        load_spec(REPO / "recipes/tiny/pretrain.yaml", [f"run.output={tmp_path}", "batch.tokens_per_micro_batch=auto"])
+    )
     assert auto["samples_per_micro_batch"] is None and auto["micro_batches_per_step"] is None
     assert auto["predicted_step_s"] == pytest.approx(fixed["predicted_step_s"])
     assert auto["predicted_samples_per_s"] == pytest.approx(fixed["predicted_samples_per_s"])
@@ -182,13 +203,38 @@ def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
     """A tiny CPU run at 32 and 528 tokens writes one JSON row each, with resolution, MFU and HFU; 32
     tokens pack more samples."""
     out = tmp_path / "speed.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+    }
     env.pop("RANK", None)
     result = subprocess.run(
-        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--path", "direct", "--rows", "32/224,528/448",
-         "--warmup", "1", "--steps", "1", "--gradient-checkpointing", "--peak-tflops", "1", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            str(STAGE_SPEED),
+            "--shape",
+            "tiny",
+            "--path",
+            "direct",
+            "--rows",
+            "32/224,528/448",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--gradient-checkpointing",
+            "--peak-tflops",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -196,8 +242,18 @@ def test_tiny_stage_speed_run_writes_both_rows(tmp_path):
     rows = {row["tokens"]: row for row in report["rows"]}
     assert sorted(rows) == [32, 528]
     for row in rows.values():
-        for key in ("micro_batch", "samples_per_s", "tokens_per_s", "tflops", "mfu", "hfu", "image_size",
-                    "peak_mem_gib", "s_per_step", "predicted_s_per_step"):
+        for key in (
+            "micro_batch",
+            "samples_per_s",
+            "tokens_per_s",
+            "tflops",
+            "mfu",
+            "hfu",
+            "image_size",
+            "peak_mem_gib",
+            "s_per_step",
+            "predicted_s_per_step",
+        ):
             assert key in row
         assert row["samples_per_s"] > 0 and row["peak_mem_gib"] > 0
         # With gradient checkpointing the device also recomputes the LLM forward: HFU counts it, MFU does not.
@@ -215,34 +271,80 @@ def test_tiny_product_rows_come_from_the_products_own_metrics(tmp_path):
     of the timed steps of that run's own metrics.jsonl (MFU and HFU from the peak passed on); the run
     is stopped after the last timed step and saves nothing; the direct row after it is matched to it."""
     out, work = tmp_path / "speed.json", tmp_path / "work"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-           "PYTHONWARNINGS": "ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "OMP_NUM_THREADS": "1",
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "COSCTL_PEAK_TFLOPS"):
         env.pop(key, None)
     result = subprocess.run(
-        [sys.executable, str(STAGE_SPEED), "--shape", "tiny", "--path", "both", "--rows", "32/224,528/448",
-         "--warmup", "1", "--steps", "2", "--gradient-checkpointing", "--peak-tflops", "1", "--work", str(work),
-         "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=580,
+        [
+            sys.executable,
+            str(STAGE_SPEED),
+            "--shape",
+            "tiny",
+            "--path",
+            "both",
+            "--rows",
+            "32/224,528/448",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--gradient-checkpointing",
+            "--peak-tflops",
+            "1",
+            "--work",
+            str(work),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=580,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["complete"] and report["path"] == "both"
     assert [(row["path"], row["tokens"]) for row in report["rows"]] == [
-        ("product", 32), ("direct", 32), ("product", 528), ("direct", 528)]
+        ("product", 32),
+        ("direct", 32),
+        ("product", 528),
+        ("direct", 528),
+    ]
     product = {row["tokens"]: row for row in report["rows"] if row["path"] == "product"}
     direct = {row["tokens"]: row for row in report["rows"] if row["path"] == "direct"}
     for tokens, row in product.items():
-        for key in ("image_size", "resolution", "mfu", "hfu", "tflops", "samples_per_s", "tokens_per_s", "s_per_step",
-                    "loop_s_per_step", "samples_per_step", "micro_batches", "text_tokens", "peak_mem_gib",
-                    "data_s_per_step", "vocab_size"):
+        for key in (
+            "image_size",
+            "resolution",
+            "mfu",
+            "hfu",
+            "tflops",
+            "samples_per_s",
+            "tokens_per_s",
+            "s_per_step",
+            "loop_s_per_step",
+            "samples_per_step",
+            "micro_batches",
+            "text_tokens",
+            "peak_mem_gib",
+            "data_s_per_step",
+            "vocab_size",
+        ):
             assert row[key] is not None, key
         records = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         timed = [record for record in records if record["step"] in (2, 3)]
         assert len(timed) == 2
         for key in ("step_time_s", "samples_per_s", "tokens_per_s", "tflops", "mfu", "hfu"):
             assert row[key if key != "step_time_s" else "s_per_step"] == pytest.approx(
-                statistics.median(record[key] for record in timed)), key
+                statistics.median(record[key] for record in timed)
+            ), key
         # The peak reached the product: MFU is its TFLOP/s over 1; checkpointing makes HFU count more.
         assert row["mfu"] == pytest.approx(row["tflops"]) and row["hfu"] > row["mfu"]
         assert row["returncode"] == 143 and row["stopped"] and max(r["step"] for r in records) < 6
@@ -269,17 +371,42 @@ def test_the_communication_model_matches_what_deepspeed_moves(tmp_path):
     reduce-scatter and all-reduce per step are what `cosctl.comm` predicts (the loss, counts and gradient
     norm add a few bytes of all-reduce that the model leaves out)."""
     out = tmp_path / "comm.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "comm_volume.py"), "--micro-batches", "1",
-                             "--warmup", "2", "--steps", "1", "--json", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "comm_volume.py"),
+            "--micro-batches",
+            "1",
+            "--warmup",
+            "2",
+            "--steps",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [row["variant"] for row in rows] == ["zero3-llm-trained", "zero3-llm-frozen", "zero2-llm-trained",
-                                                "zero2-llm-frozen"]
+    assert [row["variant"] for row in rows] == [
+        "zero3-llm-trained",
+        "zero3-llm-frozen",
+        "zero2-llm-trained",
+        "zero2-llm-frozen",
+    ]
     for row in rows:
         measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
         assert set(predicted) <= set(measured), row

@@ -144,8 +144,9 @@ def test_pull_and_push_copy_a_verified_checkpoint(tmp_path):
     bucket = LocalStore(tmp_path / "bucket")
     assert [c.step for c in list_committed(bucket)] == [7]
     assert verify(bucket, find_latest(bucket), tmp_path / "scratch") == []
-    pulled = runner.invoke(app, ["ckpt", "pull", f"{tmp_path / 'run'}/checkpoints/step_00000003",
-                                 "--to", str(tmp_path / "copy")])
+    pulled = runner.invoke(
+        app, ["ckpt", "pull", f"{tmp_path / 'run'}/checkpoints/step_00000003", "--to", str(tmp_path / "copy")]
+    )
     assert pulled.exit_code == 0, pulled.output
     copy = LocalStore(tmp_path / "copy")
     assert find_latest(copy).step == 3 and (tmp_path / "copy/checkpoints/latest").read_text() == "step_00000003"

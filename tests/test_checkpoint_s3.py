@@ -23,10 +23,15 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.multiproc]
 
 def s3_env(server, endpoint: str) -> dict[str, str]:
     """Environment for a training subprocess: credentials and endpoint from the environment only."""
-    return {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            "AWS_DEFAULT_REGION": server.region, "AWS_ENDPOINT_URL_S3": endpoint,
-            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "AWS_EC2_METADATA_DISABLED": "true"}
+    return {
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_DEFAULT_REGION": server.region,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def bucket_store(bucket: str, endpoint: str) -> S3Store:
@@ -102,19 +107,31 @@ def test_a_corrupted_byte_in_the_bucket_stops_the_resume_naming_the_file(tiny_da
     from botocore.config import Config
 
     env_vars = s3_env(server, server.endpoint)
-    run(train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 2, 1, "storage.path_style=true"),
-        tmp_path, **env_vars)
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
-                          aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-                          config=Config(s3={"addressing_style": "path"}))
-    key = next(k["Key"] for k in client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/step_00000002/zero/")
-               ["Contents"] if "rank_1" in k["Key"] and "optim_states" in k["Key"])
+    run(
+        train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 2, 1, "storage.path_style=true"),
+        tmp_path,
+        **env_vars,
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    key = next(
+        k["Key"]
+        for k in client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/step_00000002/zero/")["Contents"]
+        if "rank_1" in k["Key"] and "optim_states" in k["Key"]
+    )
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0x01
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     longer = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 4, 1, "storage.path_style=true")
-    result = subprocess.run(longer, cwd=REPO, env=env(tmp_path, **env_vars), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        longer, cwd=REPO, env=env(tmp_path, **env_vars), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 1
     assert f"{key.rsplit('/', 1)[1]}: content does not match its manifest" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
@@ -145,8 +162,9 @@ def test_training_finishes_through_twenty_faults(tiny_data, tmp_path, server, bu
     proxy.truncate_response(after_bytes=64, method="GET", contains="parts", times=4)
     proxy.status(503, method="GET", times=3)
     proxy.stall(1.0, method="PUT", times=2)
-    cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true",
-                        "checkpoint.keep_last=10")
+    cmd = train_command(
+        tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true", "checkpoint.keep_last=10"
+    )
     result = run(cmd, tmp_path, **env_vars)
     store = bucket_store(bucket, server.endpoint)
     committed = list_committed(store)
@@ -155,14 +173,17 @@ def test_training_finishes_through_twenty_faults(tiny_data, tmp_path, server, bu
     assert "NOT committed" not in result.stdout + result.stderr
     assert proxy.injected >= 20
     with capsys.disabled():
-        print(f"\nfault run ({type(server).__name__} {server.endpoint}): {proxy.injected} faults injected over "
-              f"{proxy.requests} requests, {result.stderr.count('retrying in')} checkpoint-level retries, "
-              f"{len(committed)} checkpoints committed, 0 lost")
+        print(
+            f"\nfault run ({type(server).__name__} {server.endpoint}): {proxy.injected} faults injected over "
+            f"{proxy.requests} requests, {result.stderr.count('retrying in')} checkpoint-level retries, "
+            f"{len(committed)} checkpoints committed, 0 lost"
+        )
 
 
 def ceph(command: str) -> None:
-    result = subprocess.run(["bash", str(CEPH_SCRIPT), command, str(_ceph_dir())], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        ["bash", str(CEPH_SCRIPT), command, str(_ceph_dir())], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -175,10 +196,19 @@ def test_training_survives_the_endpoint_going_down_and_back(tiny_data, tmp_path,
     bucket = create_bucket(ceph_s3)
     env_vars = s3_env(ceph_s3, ceph_s3.endpoint)
     store = bucket_store(bucket, ceph_s3.endpoint)
-    cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 60, 5, "storage.path_style=true",
-                        "checkpoint.keep_last=20", "storage.timeout_s=10")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path, **env_vars), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = train_command(
+        tiny_data,
+        tmp_path / "work",
+        f"s3://{bucket}/run",
+        60,
+        5,
+        "storage.path_style=true",
+        "checkpoint.keep_last=20",
+        "storage.timeout_s=10",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(tmp_path, **env_vars), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while find_latest(store) is None:
@@ -202,8 +232,10 @@ def test_training_survives_the_endpoint_going_down_and_back(tiny_data, tmp_path,
     assert [c.step for c in committed] == list(range(5, 61, 5))
     assert all(verify(store, c, tmp_path / "scratch") == [] for c in committed)
     with capsys.disabled():
-        print(f"\noutage: radosgw down {up_at - down_at:.0f} s, {len(trained_while_down)} steps trained meanwhile, "
-              f"{stderr.count('retrying in')} upload retries, {len(committed)} checkpoints committed, 0 lost")
+        print(
+            f"\noutage: radosgw down {up_at - down_at:.0f} s, {len(trained_while_down)} steps trained meanwhile, "
+            f"{stderr.count('retrying in')} upload retries, {len(committed)} checkpoints committed, 0 lost"
+        )
 
 
 def test_credentials_never_appear_in_logs_specs_or_the_bucket(tiny_data, tmp_path, server, bucket):

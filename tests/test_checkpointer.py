@@ -28,8 +28,11 @@ from tests.harness import tiny_spec
 
 
 def steps_in(run_dir) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def test_rollback_moves_the_newer_branch_aside_and_auto_continues_the_new_line(tiny_data, tmp_path, in_process):
@@ -53,8 +56,11 @@ def test_retention_keeps_the_last_of_the_current_line_only(tiny_data, tmp_path, 
     is untouched; no empty step folders are left on disk."""
     out = tmp_path / "out"
     in_process(tiny_spec(tiny_data, out, 4, "checkpoint.keep_last=10"), tmp_path / "first")
-    in_process(tiny_spec(tiny_data, out, 3, "checkpoint.keep_last=1"), tmp_path / "second",
-               resume=f"{out}/checkpoints/step_00000002")
+    in_process(
+        tiny_spec(tiny_data, out, 3, "checkpoint.keep_last=1"),
+        tmp_path / "second",
+        resume=f"{out}/checkpoints/step_00000002",
+    )
     store = LocalStore(out)
     assert [c.step for c in list_committed(store)] == [3]
     assert [c.step for _, c in list_abandoned(store)] == [3, 4]
@@ -69,8 +75,12 @@ def test_a_committed_checkpoint_has_no_receipts_and_runs_zero_to_fp32_as_shipped
     ckpt = out / "checkpoints" / "step_00000002"
     assert not (ckpt / "parts").exists()
     assert (ckpt / "latest").read_text().strip() == "zero"
-    result = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "fp32")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "fp32")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert any((tmp_path / "fp32").iterdir())
 
@@ -117,8 +127,7 @@ def flaky(monkeypatch):
     return FlakyStore
 
 
-def test_training_goes_on_through_an_outage_and_commits_afterwards(tiny_data, tmp_path, in_process, flaky,
-                                                                   monkeypatch):
+def test_training_goes_on_through_an_outage_and_commits_afterwards(tiny_data, tmp_path, in_process, flaky, monkeypatch):
     """The store goes down during the run: steps keep training, uploads retry in the background, and
     once it is back every checkpoint commits; none is lost and the run ends normally."""
     from cosctl import committer
@@ -133,8 +142,9 @@ def test_training_goes_on_through_an_outage_and_commits_afterwards(tiny_data, tm
     assert committed[-1].step == 6 and all(verify(store, c, tmp_path / "scratch") == [] for c in committed)
 
 
-def test_an_outage_past_the_limit_stops_at_a_step_boundary_for_requeue(tiny_data, tmp_path, in_process, flaky,
-                                                                       monkeypatch):
+def test_an_outage_past_the_limit_stops_at_a_step_boundary_for_requeue(
+    tiny_data, tmp_path, in_process, flaky, monkeypatch
+):
     """A store that stays down past storage.max_outage_minutes stops the run at a step boundary with
     exit code 75 (requeue) and a reason naming the store, without committing anything partial."""
     from cosctl import committer
@@ -176,6 +186,7 @@ def test_retention_uncommits_before_it_deletes(tmp_path):
 
 def test_a_store_that_fails_is_not_an_empty_one(tmp_path):
     """read_manifest returns None only for a missing manifest; a store error propagates as itself."""
+
     class Down(LocalStore):
         def get_bytes(self, key, start=None, end=None):
             raise StoreUnavailable(f"{self.uri}/{key}: the endpoint does not answer")
@@ -188,6 +199,7 @@ def test_a_store_that_fails_is_not_an_empty_one(tmp_path):
 def _short_backoff(init):
     def patched(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "backoff_s": 0.05, "max_backoff_s": 0.2})
+
     return patched
 
 
@@ -222,8 +234,9 @@ def test_a_rank_that_fails_unexpectedly_stops_rank_0_waiting(tmp_path):
         (local / "zero").mkdir(parents=True)
         (local / "zero" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
         if rank == 1:
-            committer.store = type("Broken", (LocalStore,), {"put_file": lambda self, *a: (_ for _ in ()).throw(
-                ValueError("unexpected"))})(tmp_path / "store")
+            committer.store = type(
+                "Broken", (LocalStore,), {"put_file": lambda self, *a: (_ for _ in ()).throw(ValueError("unexpected"))}
+            )(tmp_path / "store")
         committer.submit(Staged("step_00000001", local, {"step": 1, "world_size": 2}, "id", blocked_s=0.0))
     started = time.monotonic()
     assert ranks[1].drain(10) is False and "unexpected" in ranks[1].failure()
@@ -241,8 +254,9 @@ def test_a_failed_resume_leaves_the_newer_branch_committed(tiny_data, tmp_path, 
     out = tmp_path / "out"
     in_process(tiny_spec(tiny_data, out, 4), tmp_path / "work")
     with pytest.raises(CheckpointError, match="optim.lr"):
-        in_process(tiny_spec(tiny_data, out, 4, "optim.lr=0.5"), tmp_path / "work",
-                   resume=f"{out}/checkpoints/step_00000002")
+        in_process(
+            tiny_spec(tiny_data, out, 4, "optim.lr=0.5"), tmp_path / "work", resume=f"{out}/checkpoints/step_00000002"
+        )
     assert [c.step for c in list_committed(LocalStore(out))][-2:] == [3, 4]
     assert list_abandoned(LocalStore(out)) == []
 

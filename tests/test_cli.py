@@ -96,8 +96,9 @@ def test_plan_of_the_tiny_pretrain_recipe(tmp_path):
     """`cosctl plan --json` reports the 32-token chain, parameter counts and a resolved DeepSpeed config."""
     import json
 
-    result = runner.invoke(app, ["plan", str(REPO / "recipes/tiny/pretrain.yaml"), "--json",
-                                 "--set", f"run.output={tmp_path}"])
+    result = runner.invoke(
+        app, ["plan", str(REPO / "recipes/tiny/pretrain.yaml"), "--json", "--set", f"run.output={tmp_path}"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["stage"] == "pretrain" and plan["visual_tokens"] == 32 and plan["image_size"] == 64
@@ -117,9 +118,19 @@ def test_spec_schema_names_every_stage():
 
 def test_missing_local_model_folder_exits_1(tmp_path, tiny_data):
     """A real-scale recipe whose model folders are absent: exit 1 naming the key, no traceback."""
-    args = [str(REPO / "recipes/vicuna7b/pretrain.yaml"), "--set", f"run.output={tmp_path}",
-            "--set", f"model.tokenizer={tiny_data / 'tokenizer'}", "--set", f"data.root={tiny_data}",
-            "--set", "data.train=train.json", "--set", "data.eval=eval.json"]
+    args = [
+        str(REPO / "recipes/vicuna7b/pretrain.yaml"),
+        "--set",
+        f"run.output={tmp_path}",
+        "--set",
+        f"model.tokenizer={tiny_data / 'tokenizer'}",
+        "--set",
+        f"data.root={tiny_data}",
+        "--set",
+        "data.train=train.json",
+        "--set",
+        "data.eval=eval.json",
+    ]
     planned = runner.invoke(app, ["plan", *args])
     trained = cosctl("pretrain", *args, "--run-dir", str(tmp_path / "w"), tmp=tmp_path, timeout=300)
     for code, output in ((planned.exit_code, planned.output), (trained.returncode, trained.stderr)):

@@ -30,10 +30,6 @@ from tests.llava import truncated_jpeg, write_llava_set
 IMAGE_SIZE = 64
 
 
-
-
-
-
 def build(synth_dir: Path, tokenizer, num_visual_tokens: int = 32, json_name: str = "train.json", **kwargs):
     options = {"max_text_tokens": 128, "max_bad_fraction": 0.0, **kwargs}
     return load_examples(synth_dir / json_name, synth_dir, tokenizer, num_visual_tokens, **options)
@@ -54,7 +50,7 @@ def test_chat_template_labels_only_answers(synth_dir, tokenizer):
         assert ids.count(image_id) == 32
         assert all(label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == image_id)
         labelled = [label for label in labels if label != IGNORE_INDEX]
-        assert labelled == ids[len(ids) - len(labelled):]
+        assert labelled == ids[len(ids) - len(labelled) :]
         assert tokenizer.decode(labelled) == answer + "</s>"
         text = tokenizer.decode([token for token in ids if token != image_id])
         assert text == "<s>USER: " + question.replace(IMAGE_TOKEN, "") + " ASSISTANT: " + answer + "</s>"
@@ -62,9 +58,16 @@ def test_chat_template_labels_only_answers(synth_dir, tokenizer):
 
 def test_multi_turn_conversations_label_every_answer(tmp_path, synth_dir, tokenizer):
     """Two question/answer pairs: both answers and their </s> are labelled, the prompts are not."""
-    record = {"id": "two", "image": str(synth_dir / "images/synth-000000.png"), "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]}
+    record = {
+        "id": "two",
+        "image": str(synth_dir / "images/synth-000000.png"),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many?"},
+            {"from": "gpt", "value": "3"},
+        ],
+    }
     (tmp_path / "two.json").write_text(json.dumps([record]))
     (example,), _ = build(tmp_path, tokenizer, num_visual_tokens=4, json_name="two.json")
     labelled = [label for label in example.labels if label != IGNORE_INDEX]
@@ -86,14 +89,20 @@ def broken_records(root: Path, synth_dir: Path) -> list:
         {"id": "no_image_key", "conversations": [question, answer]},
         {"id": "corrupt", "image": "images/corrupt.png", "conversations": [question, answer]},
         {"id": "no_token", "image": image, "conversations": [{"from": "human", "value": "What?"}, answer]},
-        {"id": "two_tokens", "image": image, "conversations": [
-            {"from": "human", "value": "<image> <image>\nWhat?"}, answer]},
+        {
+            "id": "two_tokens",
+            "image": image,
+            "conversations": [{"from": "human", "value": "<image> <image>\nWhat?"}, answer],
+        },
         {"id": "empty_answer", "image": image, "conversations": [question, {"from": "gpt", "value": "  "}]},
         {"id": "wrong_roles", "image": image, "conversations": [answer, question]},
         {"id": "no_turns", "image": image, "conversations": []},
         ["not", "a", "mapping"],
-        {"id": "too_long", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + "describe " * 200}, answer]},
+        {
+            "id": "too_long",
+            "image": image,
+            "conversations": [{"from": "human", "value": "<image>\n" + "describe " * 200}, answer],
+        },
     ]
 
 
@@ -105,8 +114,15 @@ def test_each_bad_record_is_counted_by_reason_and_skipped(tmp_path, synth_dir, t
     monkeypatch.setattr(ImageSource, "read_bytes", lambda self, image: opened.append(image) or real_read(self, image))
     examples, report = build(tmp_path, tokenizer, json_name="mixed.json", max_bad_fraction=0.6)
     assert report.bad == {
-        "missing_image": 1, "image_token_without_image": 1, "unreadable_image": 1, "no_image_token": 1,
-        "extra_image_tokens": 1, "empty_answer": 1, "bad_conversation": 2, "not_a_mapping": 1, "too_long": 1,
+        "missing_image": 1,
+        "image_token_without_image": 1,
+        "unreadable_image": 1,
+        "no_image_token": 1,
+        "extra_image_tokens": 1,
+        "empty_answer": 1,
+        "bad_conversation": 2,
+        "not_a_mapping": 1,
+        "too_long": 1,
     }
     assert (report.num_records, report.num_ok, report.num_bad) == (18, 8, 10)
     assert report.bad_ids[:3] == ["missing_file", "no_image_key", "corrupt"] and "#16" in report.bad_ids
@@ -184,16 +200,26 @@ def test_collate_right_pads_tokens_labels_and_mask():
 def test_text_only_records_train_without_visual_tokens(tmp_path, synth_dir, tokenizer):
     """A ShareGPT-style record (no `image`, a `model` key) is a valid example with no image tokens;
     `<image>` in a record without an image is a bad record."""
-    turns = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"},
-             {"from": "human", "value": "Another?"}, {"from": "gpt", "value": "blue"}]
-    records = [{"id": "text", "model": "", "conversations": turns},
-               {"id": "stray", "conversations": [{"from": "human", "value": "<image> what?"}, turns[1]]}]
+    turns = [
+        {"from": "human", "value": "Name a colour."},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Another?"},
+        {"from": "gpt", "value": "blue"},
+    ]
+    records = [
+        {"id": "text", "model": "", "conversations": turns},
+        {"id": "stray", "conversations": [{"from": "human", "value": "<image> what?"}, turns[1]]},
+    ]
     (tmp_path / "text.json").write_text(json.dumps(records))
     (example,), report = build(tmp_path, tokenizer, json_name="text.json", max_bad_fraction=0.5)
     assert example.image_path is None and image_token_id(tokenizer) not in example.input_ids
     assert example.num_text_tokens == example.num_tokens
-    assert tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True)
-                             if label != IGNORE_INDEX]) == "red</s>blue</s>"
+    assert (
+        tokenizer.decode(
+            [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+        )
+        == "red</s>blue</s>"
+    )
     assert report.bad == {"image_token_without_image": 1} and report.num_text_only == 1
 
 
@@ -201,22 +227,35 @@ def test_text_only_records_train_without_visual_tokens(tmp_path, synth_dir, toke
 def test_image_placeholder_anywhere_in_the_first_turn(tmp_path, synth_dir, tokenizer, where):
     """`<image>` at the start, middle or end of the first human turn: the visual slots sit exactly
     there, the text around them is unchanged; in a later turn it is a bad record."""
-    value = {"start": "<image>\nWhat colour?", "middle": "Look: <image> What colour?",
-             "end": "What colour?\n<image>"}[where]
+    value = {"start": "<image>\nWhat colour?", "middle": "Look: <image> What colour?", "end": "What colour?\n<image>"}[
+        where
+    ]
     image = str(synth_dir / "images/synth-000000.png")
-    records = [{"id": "x", "image": image, "conversations": [{"from": "human", "value": value},
-                                                              {"from": "gpt", "value": "red"}]},
-               {"id": "late", "image": image, "conversations": [
-                   {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"},
-                   {"from": "human", "value": "<image> and?"}, {"from": "gpt", "value": "red"}]}]
+    records = [
+        {
+            "id": "x",
+            "image": image,
+            "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "red"}],
+        },
+        {
+            "id": "late",
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "<image> and?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+    ]
     (tmp_path / "x.json").write_text(json.dumps(records))
     (example,), report = build(tmp_path, tokenizer, num_visual_tokens=4, json_name="x.json", max_bad_fraction=0.5)
     ids = list(example.input_ids)
     first = ids.index(image_token_id(tokenizer))
-    assert ids[first:first + 4] == [image_token_id(tokenizer)] * 4 and ids.count(image_token_id(tokenizer)) == 4
+    assert ids[first : first + 4] == [image_token_id(tokenizer)] * 4 and ids.count(image_token_id(tokenizer)) == 4
     before, after = value.split("<image>")
     assert tokenizer.decode(ids[:first]) == "<s>USER: " + before
-    assert tokenizer.decode(ids[first + 4:]).startswith(after + " ASSISTANT: red")
+    assert tokenizer.decode(ids[first + 4 :]).startswith(after + " ASSISTANT: red")
     assert report.bad == {"misplaced_image_token": 1}
 
 
@@ -225,11 +264,26 @@ def test_long_records_are_truncated_keeping_every_visual_token(tmp_path, synth_d
     and the answers that fit; one whose answers would all be cut is bad (too_long)."""
     image = str(synth_dir / "images/synth-000000.png")
     long_answer = "red square " * 100
-    records = [{"id": "long", "image": image, "conversations": [
-        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_answer},
-        {"from": "human", "value": "Short?"}, {"from": "gpt", "value": "red"}]},
-        {"id": "long_prompt", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + "describe " * 100}, {"from": "gpt", "value": "red"}]}]
+    records = [
+        {
+            "id": "long",
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe."},
+                {"from": "gpt", "value": long_answer},
+                {"from": "human", "value": "Short?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {
+            "id": "long_prompt",
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + "describe " * 100},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+    ]
     (tmp_path / "long.json").write_text(json.dumps(records))
     (example,), report = build(tmp_path, tokenizer, json_name="long.json", max_text_tokens=40, max_bad_fraction=0.5)
     assert example.num_text_tokens == 40 and example.num_tokens == 40 + 32

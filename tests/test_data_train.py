@@ -38,9 +38,11 @@ def mixed_batches(data: Path) -> tuple[dict, dict, list]:
     text = next(e for e in examples if e.image_path is None)
     image = next(e for e in examples if e.image_path is not None)
     pixels = load_image(data / image.image_path, 64)
-    return ({**collate([text], [], tokenizer.pad_token_id, image_size=64), "num_samples": 1},
-            {**collate([image], [pixels], tokenizer.pad_token_id), "num_samples": 1},
-            [text, image, pixels, tokenizer.pad_token_id])
+    return (
+        {**collate([text], [], tokenizer.pad_token_id, image_size=64), "num_samples": 1},
+        {**collate([image], [pixels], tokenizer.pad_token_id), "num_samples": 1},
+        [text, image, pixels, tokenizer.pad_token_id],
+    )
 
 
 def test_packed_micro_batches_give_the_padded_gradient(llava_data, tmp_path):
@@ -63,8 +65,12 @@ def test_training_on_llava_records_reuses_its_prepared_store(llava_data, tmp_pat
     from cosctl.train import run_training
 
     out = tmp_path / "out"
-    overrides = ["data.max_bad_fraction=0.05", "batch.packing=true", f"data.prepared={tmp_path / 'prepared'}",
-                 "eval.every_steps=2"]
+    overrides = [
+        "data.max_bad_fraction=0.05",
+        "batch.packing=true",
+        f"data.prepared={tmp_path / 'prepared'}",
+        "eval.every_steps=2",
+    ]
     saved = dict(os.environ)
     try:
         first = run_training(tiny_spec(llava_data, out, 2, *overrides), run_dir=tmp_path / "a", output=str(out))
@@ -115,9 +121,23 @@ def test_zero3_step_where_one_rank_has_no_image(llava_data, tmp_path):
 
     script = tmp_path / "zero3.py"
     script.write_text(ZERO3_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(llava_data), str(tmp_path)], cwd=REPO,
-                            env=env(tmp_path, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(llava_data),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env(tmp_path, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     text, image, _ = mixed_batches(llava_data)
     assert text["pixel_values"].shape[0] == 0 and bool((text["labels"] != IGNORE_INDEX).any())

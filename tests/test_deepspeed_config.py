@@ -22,16 +22,24 @@ DEVICES = ["cpu", "cuda"]
 
 
 def make_spec(precision: str = "auto", overrides: dict | None = None, grad_clip: float = 1.0) -> FinetuneSpec:
-    return parse_spec({
-        "stage": "finetune",
-        "run": {"name": "ds", "output": "runs/ds"},
-        "model": {"source": "runs/x/model"},
-        "data": {"root": "d"},
-        "optim": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "grad_clip": grad_clip,
-                  "num_steps": 10},
-        "batch": {"samples_per_step": 32, "tokens_per_micro_batch": 1024},
-        "deepspeed": {"precision": precision, "overrides": overrides or {}},
-    })
+    return parse_spec(
+        {
+            "stage": "finetune",
+            "run": {"name": "ds", "output": "runs/ds"},
+            "model": {"source": "runs/x/model"},
+            "data": {"root": "d"},
+            "optim": {
+                "lr": 2e-4,
+                "betas": [0.9, 0.95],
+                "eps": 1e-6,
+                "weight_decay": 0.1,
+                "grad_clip": grad_clip,
+                "num_steps": 10,
+            },
+            "batch": {"samples_per_step": 32, "tokens_per_micro_batch": 1024},
+            "deepspeed": {"precision": precision, "overrides": overrides or {}},
+        }
+    )
 
 
 def resolve(name: str = "zero3", spec: FinetuneSpec | None = None, device: str = "cpu", **kwargs) -> dict:
@@ -50,8 +58,15 @@ def test_templates_leave_spec_values_auto(name):
     """Every value the spec owns is "auto" in the template, so no template can pin it silently."""
     template = load_template(name)
     params = template["optimizer"]["params"]
-    owned = [template[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                   "gradient_accumulation_steps", "gradient_clipping")]
+    owned = [
+        template[k]
+        for k in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+        )
+    ]
     owned += [template["bf16"]["enabled"]] + [params[k] for k in ("lr", "betas", "eps", "weight_decay")]
     assert owned == ["auto"] * 9
     assert "scheduler" not in template
@@ -91,8 +106,10 @@ def test_explicit_precision_is_honoured():
 def test_optimizer_comes_from_the_spec():
     """The AdamW block carries the spec's lr, betas, eps and weight decay."""
     optimizer = resolve()["optimizer"]
-    assert optimizer == {"type": "AdamW", "params": {
-        "lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True}}
+    assert optimizer == {
+        "type": "AdamW",
+        "params": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
+    }
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -231,11 +248,26 @@ def test_resolved_zero3_builds_a_cpu_engine(tmp_path):
     """The resolved zero3 config builds a one-rank gloo ZeRO-3 engine on CPU that trains."""
     spec = make_spec()
     config = resolve("zero3", spec, world_size=1, micro_batch_size=2, hidden_size=8)
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, json.dumps(config)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(config)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2

@@ -15,7 +15,7 @@ from tests.harness import cosctl, ok
 def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     """Demo: 32-token pretrain -> 528-token inflate -> LoRA finetune, loss falling clearly in both
     training stages, artefacts loadable, summary.json complete."""
-    result = ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path))
+    ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path))
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     pre, inf, fin = summary["pretrain"], summary["inflate"], summary["finetune"]
     assert (pre["visual_tokens"], inf["visual_tokens"], fin["visual_tokens"]) == (32, 528, 528)

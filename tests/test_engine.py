@@ -31,7 +31,9 @@ def test_largest_block_is_the_biggest_layer_of_any_kind():
     """The tiny model's biggest block is a resampler block (12,672 parameters: its MLP is 4x the ViT
     width), bigger than its LLaMA layer (10,304), CLIP embedding (9,792) and CLIP layer (8,544)."""
     model = tiny_model(tiny_config())
-    assert largest_block_numel(model) == sum(p.numel() for p in model.resampler.scales[0].levels[0].parameters()) == 12_672
+    assert (
+        largest_block_numel(model) == sum(p.numel() for p in model.resampler.scales[0].levels[0].parameters()) == 12_672
+    )
 
 
 @pytest.mark.slow
@@ -41,8 +43,12 @@ def test_block_fetch_trains_like_module_fetch(tiny_data, tmp_path):
     (same weights) is bit-identical; later ones may differ in the last bits, because the two modes fill
     DeepSpeed's gradient buckets in another order and a token-weighted loss rounds differently per bucket."""
     for fetch in ("block", "module"):
-        run(train_command(tiny_data, tmp_path / fetch, tmp_path / f"out-{fetch}", 3, 3,
-                          f"deepspeed.zero3_fetch={fetch}"), tmp_path)
+        run(
+            train_command(
+                tiny_data, tmp_path / fetch, tmp_path / f"out-{fetch}", 3, 3, f"deepspeed.zero3_fetch={fetch}"
+            ),
+            tmp_path,
+        )
     block, module = steps(tmp_path / "block"), steps(tmp_path / "module")
     assert block[1]["loss"] == module[1]["loss"]
     assert [block[s]["loss"] for s in (2, 3)] == pytest.approx([module[s]["loss"] for s in (2, 3)], rel=1e-6)

@@ -98,9 +98,16 @@ def test_prompt_ids_are_the_training_ids_up_to_the_answer(built):
     and for several, and equal the exported processor's ids for the same question."""
     tokenizer = built["tokenizer"]
     record = built["records"][0]
-    multi = {**record, "id": "multi", "conversations": [
-        {"from": "human", "value": f"{IMAGE_TOKEN}\nWhat is in this picture?"}, {"from": "gpt", "value": "shapes"},
-        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]}
+    multi = {
+        **record,
+        "id": "multi",
+        "conversations": [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\nWhat is in this picture?"},
+            {"from": "gpt", "value": "shapes"},
+            {"from": "human", "value": "How many?"},
+            {"from": "gpt", "value": "3"},
+        ],
+    }
     for rec in (record, multi):
         ids, labels = encode_conversation(rec["conversations"], tokenizer, 32)
         prompt = build_prompt(rec, tokenizer, 32, built["data"])
@@ -109,7 +116,8 @@ def test_prompt_ids_are_the_training_ids_up_to_the_answer(built):
         assert labels[len(prompt.input_ids) - 1] == -100 != labels[len(prompt.input_ids)]
         assert prompt.reference == rec["conversations"][-1]["value"]
     assert build_prompt(multi, tokenizer, 32, built["data"]).text == (
-        "<s>USER: <image>\nWhat is in this picture? ASSISTANT: shapes</s>USER: How many? ASSISTANT: ")
+        "<s>USER: <image>\nWhat is in this picture? ASSISTANT: shapes</s>USER: How many? ASSISTANT: "
+    )
     processor = CosProcessor(CosImageProcessor(image_size=64), tokenizer, num_visual_tokens=32)
     question = record["conversations"][0]["value"].removeprefix(f"{IMAGE_TOKEN}\n")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -124,8 +132,15 @@ def test_bad_records_are_one_error_naming_them(built, tmp_path):
     bad = [
         {**good[0], "id": "no-answer", "conversations": good[0]["conversations"][:1]},
         {**good[1], "id": "lost-image", "image": "images/none.png"},
-        {**good[2], "id": "box", "task": "refcoco", "conversations": [  # a refexp reference without a box
-            good[2]["conversations"][0], {"from": "gpt", "value": "on the left"}]},
+        {
+            **good[2],
+            "id": "box",
+            "task": "refcoco",
+            "conversations": [  # a refexp reference without a box
+                good[2]["conversations"][0],
+                {"from": "gpt", "value": "on the left"},
+            ],
+        },
         {**good[2], "id": "box"},  # and a repeated id
     ]
     path = tmp_path / "bad.json"
@@ -181,8 +196,9 @@ def test_batched_generation_equals_one_record_at_a_time_and_a_plain_loop(built):
     # Decoding settings a model's generation config may carry do not change the greedy eval.
     longer = dict(max_new_tokens=16, device="cpu", batch_size=6)
     neutral, _ = generate_and_score(model, tokenizer, records, built["data"], **longer)
-    model.language_model.generation_config.update(do_sample=True, num_beams=3, repetition_penalty=3.0,
-                                                  no_repeat_ngram_size=1, min_new_tokens=16)
+    model.language_model.generation_config.update(
+        do_sample=True, num_beams=3, repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=16
+    )
     configured, _ = generate_and_score(model, tokenizer, records, built["data"], **longer)
     assert predictions(configured) == predictions(neutral)
     assert all(row["score"] == scores.per_record[row["id"]] for row in batched)
@@ -207,11 +223,17 @@ def test_metrics_record_flattens_task_aggregates_for_the_metrics_log():
     """Scores become the `eval/<task>/<metric>` keys `cosctl report` plots; counts stay out."""
     from cosctl.scoring import EvalItem, score
 
-    items = [EvalItem("1", "vqa", ("red",)), EvalItem("2", "vqa", ("blue",)),
-             EvalItem("3", "refcoco", ("[0, 0, 50, 50]",))]
+    items = [
+        EvalItem("1", "vqa", ("red",)),
+        EvalItem("2", "vqa", ("blue",)),
+        EvalItem("3", "refcoco", ("[0, 0, 50, 50]",)),
+    ]
     scores = score(items, {"1": "red", "2": "green", "3": "[0, 0, 50, 50]"})
-    assert metrics_record(scores) == {"eval/vqa/accuracy": 0.5, "eval/refcoco/acc@0.5": 1.0,
-                                      "eval/refcoco/mean_iou": 1.0}
+    assert metrics_record(scores) == {
+        "eval/vqa/accuracy": 0.5,
+        "eval/refcoco/acc@0.5": 1.0,
+        "eval/refcoco/mean_iou": 1.0,
+    }
 
 
 def test_an_adapter_run_evaluates_as_its_merged_export(built):
@@ -222,8 +244,9 @@ def test_an_adapter_run_evaluates_as_its_merged_export(built):
     for name in ("finetune", "export", "base"):
         loaded = load_for_eval(str(built["root"] / name), built["root"] / "scratch" / name)
         assert loaded.kind == ("adapter" if name == "finetune" else "model")
-        rows, _ = generate_and_score(loaded.model, tokenizer, records, built["data"], max_new_tokens=MAX_NEW_TOKENS,
-                                     batch_size=4, device="cpu")
+        rows, _ = generate_and_score(
+            loaded.model, tokenizer, records, built["data"], max_new_tokens=MAX_NEW_TOKENS, batch_size=4, device="cpu"
+        )
         out[name] = predictions(rows)
     assert out["finetune"] == out["export"] != out["base"]
 
@@ -231,9 +254,16 @@ def test_an_adapter_run_evaluates_as_its_merged_export(built):
 def tiny_spec(data: Path, output: Path):
     from cosctl.spec import load_spec
 
-    return load_spec(REPO / "recipes" / "tiny" / "pretrain.yaml", [
-        f"data.root={data}", f"model.tokenizer={data / 'tokenizer'}", f"run.output={output}",
-        "eval.every_steps=null", "batch.tokens_per_micro_batch=1024"])
+    return load_spec(
+        REPO / "recipes" / "tiny" / "pretrain.yaml",
+        [
+            f"data.root={data}",
+            f"model.tokenizer={data / 'tokenizer'}",
+            f"run.output={output}",
+            "eval.every_steps=null",
+            "batch.tokens_per_micro_batch=1024",
+        ],
+    )
 
 
 def zero3_engine(spec):
@@ -267,15 +297,24 @@ def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
     spec = tiny_spec(built["data"], tmp_path / "out")
     tokenizer, records = built["tokenizer"], built["records"][:10]
     plain = build_pretrain_model(spec, len(tokenizer), image_token_id(tokenizer))
-    expected, expected_scores = generate_and_score(plain, tokenizer, records, built["data"],
-                                                   max_new_tokens=MAX_NEW_TOKENS, batch_size=4, device="cpu")
+    expected, expected_scores = generate_and_score(
+        plain, tokenizer, records, built["data"], max_new_tokens=MAX_NEW_TOKENS, batch_size=4, device="cpu"
+    )
     engine, dist_info = zero3_engine(spec)
     try:
         assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())
         engine.train()
-        rows, scores = generate_and_score(engine, tokenizer, records, built["data"], max_new_tokens=MAX_NEW_TOKENS,
-                                          batch_size=4, device=dist_info.device, rank=dist_info.rank,
-                                          world_size=dist_info.world_size)
+        rows, scores = generate_and_score(
+            engine,
+            tokenizer,
+            records,
+            built["data"],
+            max_new_tokens=MAX_NEW_TOKENS,
+            batch_size=4,
+            device=dist_info.device,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
         assert engine.module.training
     finally:
         engine.destroy()
@@ -316,9 +355,15 @@ def eos_that_ends_ranks_apart(model, tokenizer, records, data, *, batch_size: in
     for batch in batches:
         chosen = [prompts[i] for i in batch]
         inputs = collate_prompts(chosen, tokenizer.pad_token_id, 64)
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        rows.update(zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist(), strict=True))
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        rows.update(zip(batch, out[:, inputs["input_ids"].shape[1] :].tolist(), strict=True))
     shares = [rank_batches(batches, r, world_size, equal_counts=True) for r in range(world_size)]
 
     def ends(token: int, indices) -> int:
@@ -341,9 +386,23 @@ def test_zero3_two_ranks_with_uneven_work_match_the_plain_model(built, tmp_path)
     mismatch and gloo aborts."""
     script = tmp_path / "zero3.py"
     script.write_text(ZERO3_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(built["data"]), str(tmp_path)], cwd=REPO,
-                            env=env(tmp_path, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(built["data"]),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env(tmp_path, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["rows"] == ranks[1]["rows"] == ranks[0]["expected"]
@@ -366,9 +425,27 @@ def test_eval_command_writes_predictions_metrics_and_the_table(built, tmp_path):
     baseline, counts, fallback, model, timings) and a table naming the fallback task."""
     data = eval_file(built, tmp_path / "eval.json")
     train = built["data"] / "train.json"
-    result = ok(cosctl("eval", str(built["root"] / "base"), "--data", str(data), "--images", str(built["data"]),
-                       "--out", str(tmp_path / "out"), "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "4",
-                       "--limit", "10", "--baseline-from", str(train), tmp=tmp_path))
+    result = ok(
+        cosctl(
+            "eval",
+            str(built["root"] / "base"),
+            "--data",
+            str(data),
+            "--images",
+            str(built["data"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--batch-size",
+            "4",
+            "--limit",
+            "10",
+            "--baseline-from",
+            str(train),
+            tmp=tmp_path,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     records = json.loads(data.read_text())[:10]
     assert [row["id"] for row in rows] == [r["id"] for r in records]
@@ -380,8 +457,14 @@ def test_eval_command_writes_predictions_metrics_and_the_table(built, tmp_path):
     assert metrics["fallback_tasks"] == ["mystery"]
     assert metrics["tasks"].keys() == metrics["baseline"]["tasks"].keys() == metrics["counts"].keys()
     assert metrics["baseline"]["source"] == str(train)
-    assert metrics["generation"] == {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 4,
-                                     "world_size": 1, "device": "cpu", "dtype": "float32"}
+    assert metrics["generation"] == {
+        "greedy": True,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "batch_size": 4,
+        "world_size": 1,
+        "device": "cpu",
+        "dtype": "float32",
+    }
     assert metrics["wall_clock_s"]["total"] >= metrics["wall_clock_s"]["generate"] > 0
     assert "image-free baseline" in result.stdout
     assert "exact-match fallback (unknown task): mystery" in result.stdout
@@ -395,9 +478,25 @@ def test_eval_on_two_ranks_equals_eval_on_one(built, tmp_path):
     """`--nproc 2` writes the same predictions.jsonl as one rank, byte for byte (13 records: uneven)."""
     data = eval_file(built, tmp_path / "eval.json", count=13)
     for nproc in (1, 2):
-        ok(cosctl("eval", str(built["root"] / "finetune"), "--data", str(data), "--images", str(built["data"]),
-                  "--out", str(tmp_path / f"n{nproc}"), "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "3",
-                  "--nproc", str(nproc), tmp=tmp_path))
+        ok(
+            cosctl(
+                "eval",
+                str(built["root"] / "finetune"),
+                "--data",
+                str(data),
+                "--images",
+                str(built["data"]),
+                "--out",
+                str(tmp_path / f"n{nproc}"),
+                "--max-new-tokens",
+                str(MAX_NEW_TOKENS),
+                "--batch-size",
+                "3",
+                "--nproc",
+                str(nproc),
+                tmp=tmp_path,
+            )
+        )
     one, two = ((tmp_path / f"n{n}" / "predictions.jsonl").read_text() for n in (1, 2))
     assert one == two and len(one.splitlines()) == 13
     metrics = [json.loads((tmp_path / f"n{n}" / "metrics.json").read_text()) for n in (1, 2)]
@@ -459,17 +558,43 @@ def test_eval_reads_runs_from_a_bucket(built, tmp_path, moto_server, s3_env, mon
     adapter = tmp_path / "adapter"
     peft_model = load_for_eval(str(built["root"] / "base"), tmp_path / "scratch").model
     peft_model = apply_lora(peft_model, LoraSpec(r=4, alpha=8, dropout=0.0), ["projector"], seed=0)
-    save_adapter(peft_model, {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or "modules_to" in k},
-                 tokenizer, f"s3://{bucket}/base", adapter)
+    save_adapter(
+        peft_model,
+        {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or "modules_to" in k},
+        tokenizer,
+        f"s3://{bucket}/base",
+        adapter,
+    )
     publish(store("finetune"), adapter, "adapter")
     data = eval_file(built, tmp_path / "eval.json", count=6)
     extra = subprocess_env(moto_server, s3_env)
     for source in (f"s3://{bucket}/base", f"s3://{bucket}/finetune"):
-        ok(cosctl("eval", source, "--data", str(data), "--images", str(built["data"]), "--out", str(tmp_path / "s3"),
-                  "--max-new-tokens", str(MAX_NEW_TOKENS), tmp=tmp_path, env_extra=extra))
+        ok(
+            cosctl(
+                "eval",
+                source,
+                "--data",
+                str(data),
+                "--images",
+                str(built["data"]),
+                "--out",
+                str(tmp_path / "s3"),
+                "--max-new-tokens",
+                str(MAX_NEW_TOKENS),
+                tmp=tmp_path,
+                env_extra=extra,
+            )
+        )
         assert json.loads((tmp_path / "s3" / "metrics.json").read_text())["model"] == source
     local = load_for_eval(str(built["root"] / "base"), tmp_path / "scratch2")
-    rows, _ = generate_and_score(local.model, tokenizer, json.loads(data.read_text()), built["data"],
-                                 max_new_tokens=MAX_NEW_TOKENS, batch_size=8, device="cpu")
+    rows, _ = generate_and_score(
+        local.model,
+        tokenizer,
+        json.loads(data.read_text()),
+        built["data"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=8,
+        device="cpu",
+    )
     evaluated = [json.loads(line) for line in (tmp_path / "s3" / "predictions.jsonl").read_text().splitlines()]
     assert predictions(evaluated) == predictions(rows)  # fresh LoRA B is zero: the finetune equals its base

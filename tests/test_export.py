@@ -150,8 +150,15 @@ def fresh(built):
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(out / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-c", FRESH_SCRIPT, str(_folder(built, "finetune")), str(out),
-           json.dumps([str(p) for p in _images(built)]), json.dumps(QUESTIONS)]
+    cmd = [
+        sys.executable,
+        "-c",
+        FRESH_SCRIPT,
+        str(_folder(built, "finetune")),
+        str(out),
+        json.dumps([str(p) for p in _images(built)]),
+        json.dumps(QUESTIONS),
+    ]
     result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return {"report": json.loads((out / "report.json").read_text()), **torch.load(out / "tensors.pt")}
@@ -184,13 +191,22 @@ def test_export_layout_and_auto_map(built):
     """config.json maps the four auto classes; the processor config maps processor and image processor."""
     folder = _folder(built, "finetune")
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "chat_template.jinja",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not names & {"manifest.json", SOURCE_RECORD, "adapter_config.json"}
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration.CosConfig", "AutoModel": "modeling.CosForConditionalGeneration",
-                        "AutoModelForCausalLM": "modeling.CosForConditionalGeneration",
-                        "AutoProcessor": "processing.CosProcessor"}
+    assert auto_map == {
+        "AutoConfig": "configuration.CosConfig",
+        "AutoModel": "modeling.CosForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling.CosForConditionalGeneration",
+        "AutoProcessor": "processing.CosProcessor",
+    }
     processor = json.loads((folder / "processor_config.json").read_text())
     assert processor["auto_map"] == {"AutoProcessor": "processing.CosProcessor"}
     assert processor["image_processor"]["auto_map"] == {"AutoImageProcessor": "processing.CosImageProcessor"}
@@ -220,8 +236,11 @@ def test_transformers_alone_loads_the_export(fresh):
 def test_export_generation_config_holds_the_tokenizer_ids(built, fresh):
     """generation_config.json carries the tokenizer's bos/eos/pad ids and transformers loads it."""
     tokenizer = built["tokenizer"]
-    expected = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id}
+    expected = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     saved = json.loads((_folder(built, "finetune") / "generation_config.json").read_text())
     assert expected.items() <= saved.items() and expected.items() <= fresh["report"]["generation_config"].items()
 
@@ -242,8 +261,11 @@ def test_fresh_generation_equals_project_generation(built, fresh):
     """transformers-only generate gives the token ids the project's model gives on the same inputs."""
     report = fresh["report"]
     model = CosForConditionalGeneration.from_pretrained(_folder(built, "finetune")).eval()
-    inputs = {"input_ids": torch.tensor(report["input_ids"]), "attention_mask": torch.tensor(report["attention_mask"]),
-              "pixel_values": torch.stack([load_image(path, 64) for path in _images(built)])}
+    inputs = {
+        "input_ids": torch.tensor(report["input_ids"]),
+        "attention_mask": torch.tensor(report["attention_mask"]),
+        "pixel_values": torch.stack([load_image(path, 64) for path in _images(built)]),
+    }
     # Loaded by the project's own class, the model generates with its LLM's defaults + the folder's pad id.
     expected = model.generate(**inputs, max_new_tokens=8, pad_token_id=built["tokenizer"].pad_token_id)
     assert report["generated"] == expected.tolist()
@@ -297,11 +319,13 @@ def test_chat_template_tokenises_whole_conversations_as_training(built):
     for record in _samples(built):
         turns = record["conversations"]
         messages = []
-        for human, gpt in zip(turns[0::2], turns[1::2]):
+        for human, gpt in zip(turns[0::2], turns[1::2], strict=True):
             question = human["value"].removeprefix("<image>\n")
             content = [{"type": "image"}] * ("<image>" in human["value"]) + [{"type": "text", "text": question}]
-            messages += [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": gpt["value"]}]}]
+            messages += [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": gpt["value"]}]},
+            ]
         text = processor.apply_chat_template(messages)
         ids = processor(images=[Image.new("RGB", (8, 8))], text=text)["input_ids"][0]
         assert ids == encode_conversation(turns, built["tokenizer"], 3)[0], record["id"]
@@ -311,7 +335,8 @@ def test_processor_checks_images_against_placeholders(built):
     """One image per <image> placeholder, or a ValueError naming both counts."""
     processor = _processor(built)
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], add_generation_prompt=True)
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
     with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
         processor(images=[Image.new("RGB", (8, 8))] * 2, text=prompt)
     out = processor(images=[[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))]], text=[prompt, prompt])
@@ -336,14 +361,22 @@ def test_adapter_and_export_work_from_another_directory(built, tmp_path, monkeyp
     adapter = built["root"] / "finetune" / "adapter"
     reloaded = AutoPeftModel.from_pretrained(adapter, import_allowlist=["cos_model"]).eval()
     merged = CosForConditionalGeneration.from_pretrained(_folder(built, "finetune")).eval()
-    for (name, a), (_, b) in zip(reloaded.merge_and_unload().state_dict().items(), merged.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        reloaded.merge_and_unload().state_dict().items(), merged.state_dict().items(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-6), name
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
     source = os.path.relpath(built["root"] / "finetune", tmp_path)
-    result = subprocess.run([sys.executable, "-m", "cosctl", "export", source, "--out", "exported"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "cosctl", "export", source, "--out", "exported"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["merged"] and summary["base_model"] == str(built["root"] / "base")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(v, merged.state_dict()[k]) for k, v in exported.items())
@@ -359,19 +392,30 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 def test_remote_code_follows_imports_and_rewrites_absolute_ones(tmp_path):
     """Only imported modules ship; `from pkg.x import` becomes `from .x import`; stdlib imports stay."""
-    package = _package(tmp_path, {
-        "model.py": "import json\nfrom pkg.layers import Layer\nfrom .config import Config\n",
-        "layers.py": "def f():\n    from .config import Config\n",
-        "config.py": "from transformers import PreTrainedConfig\n",
-        "unused.py": "from .model import Layer\n",
-    })
+    package = _package(
+        tmp_path,
+        {
+            "model.py": "import json\nfrom pkg.layers import Layer\nfrom .config import Config\n",
+            "layers.py": "def f():\n    from .config import Config\n",
+            "config.py": "from transformers import PreTrainedConfig\n",
+            "unused.py": "from .model import Layer\n",
+        },
+    )
     sources = module_sources(package, ["model"])
     assert set(sources) == {"model.py", "layers.py", "config.py"}
     assert sources["model.py"] == "import json\nfrom .layers import Layer\nfrom .config import Config\n"
 
 
-@pytest.mark.parametrize("line", ["import pkg.config", "from . import config", "from ..other import x",
-                                  "from .sub.config import Config", "from pkg import config"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "import pkg.config",
+        "from . import config",
+        "from ..other import x",
+        "from .sub.config import Config",
+        "from pkg import config",
+    ],
+)
 def test_remote_code_refuses_imports_a_flat_folder_cannot_serve(tmp_path, line):
     """Package imports that transformers' flat remote-code folder cannot resolve are refused by file:line."""
     package = _package(tmp_path, {"model.py": f"\n{line}\n", "config.py": ""})

@@ -46,8 +46,12 @@ def _internal_imports(package_root, package: str) -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         targets: set[str] = set()
         tree = ast.parse(path.read_text())
-        typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
@@ -82,7 +86,7 @@ def test_cosctl_module_imports_have_no_cycle():
     def visit(node: str, path: list[str]) -> None:
         if state.get(node) == 2:
             return
-        assert state.get(node) != 1, "import cycle: " + " -> ".join(path[path.index(node):] + [node])
+        assert state.get(node) != 1, "import cycle: " + " -> ".join(path[path.index(node) :] + [node])
         state[node] = 1
         for target in sorted(graph[node]):
             # A package's __init__ importing its own submodules is not a cycle of layers.

@@ -42,7 +42,10 @@ def test_token_table_on_the_real_vit_l14_geometry():
 def test_proportional_windows_add_no_tokens():
     """Windows kept proportional to the image (global 32, local 8 at 448 px): 32 -> 32 and 80 -> 80."""
     for src_scales, q, tokens in ((SCALES_32, 1, 32), (SCALES_80, 4, 80)):
-        plan = {"image_size": 128, "scales": [{"window": 32, "queries_per_window": 16}, {"window": 8, "queries_per_window": q}]}
+        plan = {
+            "image_size": 128,
+            "scales": [{"window": 32, "queries_per_window": 16}, {"window": 8, "queries_per_window": q}],
+        }
         assert inflate_config(tiny_config(scales=src_scales), plan).num_visual_tokens == tokens
 
 
@@ -86,7 +89,7 @@ def test_new_scales_copy_their_parents_weights(inflated):
         prefix = f"resampler.scales.{scale.parent}."
         for key, value in state.items():
             if key.startswith(prefix) and not key.endswith("queries"):
-                assert torch.equal(out[f"resampler.scales.{j}." + key[len(prefix):]], value)
+                assert torch.equal(out[f"resampler.scales.{j}." + key[len(prefix) :]], value)
 
 
 def test_child_windows_start_with_their_parent_windows_queries(inflated):
@@ -149,16 +152,50 @@ def test_identity_plan_reproduces_logits_exactly():
         (SCALES_32, "32to9999", "unknown preset"),
         (SCALES_80, "32to528", "needs a 32-token source"),
         (SCALES_32, {"image_size": 130, "scales": SCALES_32}, "plan.image_size"),
-        (SCALES_32, {"image_size": 128, "scales": [{"window": 5, "queries_per_window": 16}]}, r"plan.scales\[0\].window"),
+        (
+            SCALES_32,
+            {"image_size": 128, "scales": [{"window": 5, "queries_per_window": 16}]},
+            r"plan.scales\[0\].window",
+        ),
         # queries per window cannot change
-        (SCALES_32, {"image_size": 128, "scales": [{"window": 32, "queries_per_window": 16}, {"window": 2, "queries_per_window": 2, "parent": 1}]}, "queries per window"),
+        (
+            SCALES_32,
+            {
+                "image_size": 128,
+                "scales": [
+                    {"window": 32, "queries_per_window": 16},
+                    {"window": 2, "queries_per_window": 2, "parent": 1},
+                ],
+            },
+            "queries per window",
+        ),
         # 3x3 child windows do not nest inside the parent's 4x4 windows
-        (SCALES_32, {"image_size": 96, "scales": [{"window": 24, "queries_per_window": 16}, {"window": 8, "queries_per_window": 1, "parent": 1}]}, "inside"),
+        (
+            SCALES_32,
+            {
+                "image_size": 96,
+                "scales": [
+                    {"window": 24, "queries_per_window": 16},
+                    {"window": 8, "queries_per_window": 1, "parent": 1},
+                ],
+            },
+            "inside",
+        ),
         # the local scale would be dropped
         (SCALES_32, {"image_size": 128, "scales": [{"window": 32, "queries_per_window": 16}]}, "not inflated"),
         # no parent with 3 queries per window
         (SCALES_32, {"image_size": 128, "scales": [{"window": 32, "queries_per_window": 3}]}, "no source scale"),
-        (SCALES_32, {"image_size": 128, "scales": [{"window": 32, "queries_per_window": 16, "parent": 7}, {"window": 4, "queries_per_window": 1}]}, "not a source scale"),
+        (
+            SCALES_32,
+            {
+                "image_size": 128,
+                "scales": [
+                    {"window": 32, "queries_per_window": 16, "parent": 7},
+                    {"window": 4, "queries_per_window": 1},
+                ],
+            },
+            "not a source scale",
+        ),
         (SCALES_32, {"scales": SCALES_32}, "expected a preset name"),
     ],
 )

@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 def test_continue_command_resumes_the_same_run():
     """The continuation drops --resume/--overwrite and adds --resume auto, keeping everything else."""
-    line = continue_command(["pretrain", "r.yaml", "--nproc", "2", "--resume", "never", "--overwrite", "--set", "a=b c"])
+    line = continue_command(
+        ["pretrain", "r.yaml", "--nproc", "2", "--resume", "never", "--overwrite", "--set", "a=b c"]
+    )
     assert line == "continue with: cosctl pretrain r.yaml --nproc 2 --set 'a=b c' --resume auto"
 
 
@@ -34,8 +36,11 @@ def test_a_user_error_on_two_ranks_prints_one_line_and_no_traceback(tiny_data, t
         assert noise not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize(("signum", "code", "extra"), [(signal.SIGTERM, 143, ()), (signal.SIGINT, 130, ("--save-on-stop",))],
-                         ids=["sigterm", "ctrl-c-save-on-stop"])
+@pytest.mark.parametrize(
+    ("signum", "code", "extra"),
+    [(signal.SIGTERM, 143, ()), (signal.SIGINT, 130, ("--save-on-stop",))],
+    ids=["sigterm", "ctrl-c-save-on-stop"],
+)
 def test_a_stop_signal_ends_every_rank_at_a_step_boundary(tiny_data, tmp_path, signum, code, extra):
     """SIGTERM or SIGINT to `cosctl pretrain --nproc 2`: exit 143 / 130 after a step boundary, the last
     committed checkpoint named (with --save-on-stop: the stopped step's), the command to continue

@@ -30,8 +30,9 @@ print("HEAVY=" + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in 
 
 
 def _heavy_modules(*args: str) -> tuple[list[str], str]:
-    result = subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps(list(args))], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, json.dumps(list(args))], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     marker = [line for line in result.stdout.splitlines() if line.startswith("HEAVY=")]
     assert marker, result.stdout[-2000:] + result.stderr[-2000:]
     heavy, code = marker[-1].removeprefix("HEAVY=").rsplit(" ", 1)
@@ -46,14 +47,18 @@ def _tiny_data(tmp_path):
     return ["--set", f"data.root={root}", "--set", f"model.tokenizer={root / 'tokenizer'}"]
 
 
-@pytest.mark.parametrize("args", [
-    ["--help"],
-    ["validate", "--skip-paths", "recipes/tiny/pretrain.yaml"],
-    ["validate", "--skip-paths", "recipes/vicuna7b/pretrain.yaml"],
-    ["validate", "--skip-paths", "recipes/tiny/finetune.yaml"],
-    ["validate", "recipes/vicuna7b/pretrain.yaml"],  # missing folders: reported, still light
-    ["spec", "schema"],
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["validate", "--skip-paths", "recipes/tiny/pretrain.yaml"],
+        ["validate", "--skip-paths", "recipes/vicuna7b/pretrain.yaml"],
+        ["validate", "--skip-paths", "recipes/tiny/finetune.yaml"],
+        ["validate", "recipes/vicuna7b/pretrain.yaml"],  # missing folders: reported, still light
+        ["spec", "schema"],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_spec_commands_import_nothing_heavy(args):
     """--help, validate (with or without the path checks) and the schema load no heavy package."""
     heavy, output = _heavy_modules(*args)
@@ -68,8 +73,9 @@ def test_validate_of_the_tiny_recipe_with_its_files_imports_nothing_heavy(tmp_pa
 
 def test_a_malformed_model_config_is_reported_without_heavy_imports(tmp_path):
     """The sub-config checks themselves need no transformers."""
-    heavy, output = _heavy_modules("validate", "--skip-paths", "recipes/tiny/pretrain.yaml",
-                                   "--set", "model.text.config.num_attention_heads=5")
+    heavy, output = _heavy_modules(
+        "validate", "--skip-paths", "recipes/tiny/pretrain.yaml", "--set", "model.text.config.num_attention_heads=5"
+    )
     assert heavy == [] and "model.text.config.num_attention_heads: 5 does not divide hidden_size 128" in output
 
 

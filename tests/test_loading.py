@@ -26,13 +26,23 @@ from cos_model.loading import (
 from cos_model.vision import CosVisionTower, resize_position_embedding
 from tests.tiny import TINY_VOCAB, tiny_config
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4,
-              image_size=64)
-CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
-                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4, image_size=64
+)
+CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=99,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 # ViT-L/14 geometry (14-px patches, 224 px, 24 blocks, features from blocks 15 and 22), narrow width.
-VIT_L14_NARROW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4,
-                      patch_size=14, image_size=224)
+VIT_L14_NARROW = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4, patch_size=14, image_size=224
+)
 
 
 def save_clip(folder, vision=VISION, seed=0):
@@ -317,7 +327,9 @@ def tokenizer_folder(path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, TINY_VOCAB)}}
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
     wrapped.save_pretrained(path)
     return path
@@ -390,8 +402,10 @@ def test_lean_build_equals_slow_build_on_loaded_parts_and_buffers(clip_folder, l
     for key, buffer in slow_buffers.items():
         assert lean_buffers[key].dtype == buffer.dtype and torch.equal(lean_buffers[key], buffer), key
     assert not any(t.is_meta for t in [*lean.parameters(), *lean.buffers()])
-    inputs = {"input_ids": torch.tensor([[3] + [config.image_token_id] * config.num_visual_tokens + [4]]),
-              "pixel_values": torch.randn(1, 3, 64, 64)}
+    inputs = {
+        "input_ids": torch.tensor([[3] + [config.image_token_id] * config.num_visual_tokens + [4]]),
+        "pixel_values": torch.randn(1, 3, 64, 64),
+    }
     with torch.no_grad():
         assert torch.isfinite(lean.eval()(**inputs).logits).all()
 
@@ -425,8 +439,10 @@ def test_random_parts_follow_the_models_init(tmp_path):
     assert abs(queries.std().item() - 0.02) < 0.003
     torch.manual_seed(0)
     slow = CosForConditionalGeneration(tiny_config())
-    assert torch.equal(dict(lean.named_buffers())["language_model.model.rotary_emb.inv_freq"],
-                       dict(slow.named_buffers())["language_model.model.rotary_emb.inv_freq"])
+    assert torch.equal(
+        dict(lean.named_buffers())["language_model.model.rotary_emb.inv_freq"],
+        dict(slow.named_buffers())["language_model.model.rotary_emb.inv_freq"],
+    )
     again, _ = build_pretrained(tiny_config(), dtype=torch.bfloat16, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(lean.state_dict().values(), again.state_dict().values(), strict=True))
 

@@ -10,11 +10,27 @@ from cosctl.metrics import DEFAULT_TRAINABLE, flops_per_sample, passes, sample_f
 # ViT 32 wide (MLP 64), 4-px patches at 64 px: 16x16 grid + CLS = 257 tokens; feature blocks 0 and 1, so
 # 2 blocks run. LLaMA 32 wide (MLP 64), 2 layers, 4 heads, vocabulary 100. Chain [16x16, 4x1]: 32 tokens.
 CONFIG = CosConfig(
-    vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                   "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 4, "image_size": 64},
-    text_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100},
-    feature_layers=[0, 1], resampler_num_heads=4, image_token_id=99,
+    vision_config={
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+        "image_size": 64,
+    },
+    text_config={
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 100,
+    },
+    feature_layers=[0, 1],
+    resampler_num_heads=4,
+    image_token_id=99,
 )
 TEXT = 8
 SEQ = 32 + TEXT  # visual + text tokens
@@ -44,8 +60,10 @@ def test_the_hand_counts_are_what_they_say():
 def test_trained_llm_counts_6n():
     """Bridge and LLM trained, ViT frozen: ViT forward + 3x bridge + 6·N per token + 3x attention."""
     flops = sample_flops(CONFIG, TEXT, ["resampler", "projector", "language_model"])
-    assert flops.model == VIT_FORWARD + 3 * RESAMPLER_FORWARD + 3 * PROJECTOR_FORWARD + 3 * LLM_FORWARD \
-        + 3 * ATTENTION_FORWARD
+    assert (
+        flops.model
+        == VIT_FORWARD + 3 * RESAMPLER_FORWARD + 3 * PROJECTOR_FORWARD + 3 * LLM_FORWARD + 3 * ATTENTION_FORWARD
+    )
     assert flops.hardware == flops.model and flops.recompute == 0
     assert flops_per_sample(CONFIG, TEXT) == flops.model  # the default trainable set
 
@@ -55,8 +73,10 @@ def test_frozen_llm_under_a_trained_bridge_counts_4n():
     attention's backward (no weights) still costs 2x its forward."""
     flops = sample_flops(CONFIG, TEXT, ["resampler", "projector"])
     assert flops.llm == 2 * LLM_FORWARD and flops.llm_attention == 3 * ATTENTION_FORWARD
-    assert flops.model == VIT_FORWARD + 3 * RESAMPLER_FORWARD + 3 * PROJECTOR_FORWARD + 2 * LLM_FORWARD \
-        + 3 * ATTENTION_FORWARD
+    assert (
+        flops.model
+        == VIT_FORWARD + 3 * RESAMPLER_FORWARD + 3 * PROJECTOR_FORWARD + 2 * LLM_FORWARD + 3 * ATTENTION_FORWARD
+    )
 
 
 def test_gradient_checkpointing_adds_the_llm_forward_to_hardware_flops_only():

@@ -74,8 +74,9 @@ def test_generate_returns_prompt_then_new_tokens(model, config):
     assert torch.equal(out[:, :prompt_length], inputs["input_ids"])
     new = out[:, prompt_length:]
     assert ((new >= 0) & (new < config.text_config.vocab_size)).all()
-    scored = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                            return_dict_in_generate=True, output_scores=True)
+    scored = model.generate(
+        **inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True
+    )
     assert torch.equal(scored.sequences, out) and len(scored.scores) == new.shape[1]
 
 

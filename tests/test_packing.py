@@ -20,8 +20,9 @@ def samples(config, seed: int = 0) -> tuple[list[Example], list[torch.Tensor]]:
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     examples, images = [], []
-    for index, (prompt, answer, has_image) in enumerate([(5, 3, True), (12, 40, False), (3, 2, True),
-                                                          (20, 30, True), (6, 8, False)]):
+    for index, (prompt, answer, has_image) in enumerate(
+        [(5, 3, True), (12, 40, False), (3, 2, True), (20, 30, True), (6, 8, False)]
+    ):
         text = [rng.randrange(3, TINY_VOCAB - 2) for _ in range(prompt + answer)]
         ids = [1] + text[:prompt]
         if has_image:
@@ -29,8 +30,16 @@ def samples(config, seed: int = 0) -> tuple[list[Example], list[torch.Tensor]]:
             images.append(torch.randn(3, config.image_size, config.image_size, generator=generator))
         labels = [IGNORE_INDEX] * len(ids) + text[prompt:] + [2]
         ids = ids + text[prompt:] + [2]
-        examples.append(Example(str(index), "t", "x.png" if has_image else None, tuple(ids), tuple(labels),
-                                len(ids) - has_image * config.num_visual_tokens))
+        examples.append(
+            Example(
+                str(index),
+                "t",
+                "x.png" if has_image else None,
+                tuple(ids),
+                tuple(labels),
+                len(ids) - has_image * config.num_visual_tokens,
+            )
+        )
     return examples, images
 
 
@@ -57,7 +66,7 @@ def test_packed_rows_give_each_sample_its_unpacked_loss():
     for row, example in enumerate(examples):
         n = example.num_tokens
         unpacked = token_losses(padded_logits[row, :n], padded["labels"][row, :n])
-        within = token_losses(packed_logits[start:start + n], packed["labels"][0, start:start + n])
+        within = token_losses(packed_logits[start : start + n], packed["labels"][0, start : start + n])
         assert torch.allclose(within, unpacked, atol=1e-5, rtol=0), example.record_id
         start += n
     count = torch.tensor(float(sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)))
@@ -73,8 +82,9 @@ def test_a_packed_sample_does_not_see_its_neighbours():
     model = tiny_model(config)
     examples, images = samples(config)
     before = model(**collate(examples, images, 0, packing=True), use_cache=False).logits[0]
-    changed = Example("1", "t", None, tuple(reversed(examples[1].input_ids)), examples[1].labels,
-                      examples[1].num_text_tokens)
+    changed = Example(
+        "1", "t", None, tuple(reversed(examples[1].input_ids)), examples[1].labels, examples[1].num_text_tokens
+    )
     after = model(**collate([examples[0], changed, *examples[2:]], images, 0, packing=True), use_cache=False).logits[0]
     first, second = examples[0].num_tokens, examples[0].num_tokens + examples[1].num_tokens
     assert torch.allclose(before[:first], after[:first], atol=1e-6)
@@ -112,8 +122,9 @@ def test_a_packed_micro_batch_keeps_its_images_in_sample_order(tmp_path):
             path = tmp_path / f"{index}.png"
             colours[index] = (40 * index, 0, 0)
             Image.new("RGB", (8, 8), colours[index]).save(path)
-            examples[index] = Example(example.record_id, "t", str(path), example.input_ids, example.labels,
-                                      example.num_text_tokens)
+            examples[index] = Example(
+                example.record_id, "t", str(path), example.input_ids, example.labels, example.num_text_tokens
+            )
     dataset = MicroBatchDataset(examples, tmp_path, config.image_size, 0, packing=True)
     from cosctl.batching import MicroBatch
 

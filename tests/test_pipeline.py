@@ -16,8 +16,13 @@ from tests.harness import cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
-FAST = ["optim.num_steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=5", "eval.every_steps=3",
-        "eval.num_batches=1"]
+FAST = [
+    "optim.num_steps=6",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep_last=5",
+    "eval.every_steps=3",
+    "eval.num_batches=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +30,68 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     ok(cosctl("data", "synth", "--out", str(root / "data"), "--num-samples", "96", "--image-size", "64"))
     out = {s: root / "runs" / s for s in ("pretrain", "inflate", "finetune")}
-    pre = ok(cosctl("pretrain", "recipes/tiny/pretrain.yaml", "--nproc", "2", "--run-dir", str(root / "work/pre"),
-                    "--output", str(out["pretrain"]), *sum((["--set", s] for s in FAST + [
-                        f"data.root={root / 'data'}", f"model.tokenizer={root / 'data/tokenizer'}",
-                        "batch.tokens_per_micro_batch=1024"]), []), tmp=root))
-    inf = ok(cosctl("inflate", "recipes/tiny/inflate.yaml", "--set", f"source={out['pretrain']}",
-                    "--run-dir", str(root / "work/inf"), "--output", str(out["inflate"])))
-    fin = ok(cosctl("finetune", "recipes/tiny/finetune.yaml", "--nproc", "2", "--run-dir", str(root / "work/fin"),
-                    "--output", str(out["finetune"]), *sum((["--set", s] for s in FAST + [
-                        f"data.root={root / 'data'}", f"model.source={out['inflate']}",
-                        "batch.tokens_per_micro_batch=2048"]), []), tmp=root))
+    pre = ok(
+        cosctl(
+            "pretrain",
+            "recipes/tiny/pretrain.yaml",
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(root / "work/pre"),
+            "--output",
+            str(out["pretrain"]),
+            *sum(
+                (
+                    ["--set", s]
+                    for s in FAST
+                    + [
+                        f"data.root={root / 'data'}",
+                        f"model.tokenizer={root / 'data/tokenizer'}",
+                        "batch.tokens_per_micro_batch=1024",
+                    ]
+                ),
+                [],
+            ),
+            tmp=root,
+        )
+    )
+    inf = ok(
+        cosctl(
+            "inflate",
+            "recipes/tiny/inflate.yaml",
+            "--set",
+            f"source={out['pretrain']}",
+            "--run-dir",
+            str(root / "work/inf"),
+            "--output",
+            str(out["inflate"]),
+        )
+    )
+    fin = ok(
+        cosctl(
+            "finetune",
+            "recipes/tiny/finetune.yaml",
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(root / "work/fin"),
+            "--output",
+            str(out["finetune"]),
+            *sum(
+                (
+                    ["--set", s]
+                    for s in FAST
+                    + [
+                        f"data.root={root / 'data'}",
+                        f"model.source={out['inflate']}",
+                        "batch.tokens_per_micro_batch=2048",
+                    ]
+                ),
+                [],
+            ),
+            tmp=root,
+        )
+    )
     return {"root": root, "out": out, "pretrain": pre, "inflate": inf, "finetune": fin}
 
 
@@ -59,7 +116,7 @@ def test_pretrain_runs_two_ranks_and_learns(pipeline):
     """Pretrain on 2 gloo ranks: 6 steps of 32-token batches, finite falling loss, metrics per step."""
     result = summary(pipeline, "pretrain")
     assert result["world_size"] == 2 and result["steps"] == 6 and result["visual_tokens"] == 32
-    records = [json.loads(l) for l in (pipeline["root"] / "work/pre/metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (pipeline["root"] / "work/pre/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "tflops"):
@@ -86,8 +143,17 @@ def test_checkpoints_are_committed_with_manifests(pipeline):
 
 def test_inflated_model_reports_528_tokens_in_plan(pipeline):
     """`cosctl plan` on a finetune spec pointing at the inflated model reports 528 tokens at 128 px."""
-    result = ok(cosctl("plan", "recipes/tiny/finetune.yaml", "--json", "--set", f"model.source={pipeline['out']['inflate']}",
-                       "--set", f"run.output={pipeline['root'] / 'nowhere'}"))
+    result = ok(
+        cosctl(
+            "plan",
+            "recipes/tiny/finetune.yaml",
+            "--json",
+            "--set",
+            f"model.source={pipeline['out']['inflate']}",
+            "--set",
+            f"run.output={pipeline['root'] / 'nowhere'}",
+        )
+    )
     plan = json.loads(result.stdout)
     assert plan["visual_tokens"] == 528 and plan["image_size"] == 128
     assert [s["windows"] for s in plan["scales"]] == [1, 16, 256]
@@ -118,8 +184,12 @@ def test_mid_run_adapter_reloads_to_the_checkpointed_weights(pipeline):
     ckpt = pipeline["out"]["finetune"] / "checkpoints" / "step_00000003"
     base_dir = pipeline["out"]["inflate"] / "model"
     config = CosConfig.from_pretrained(base_dir)
-    reloaded = PeftModel.from_pretrained(CosForConditionalGeneration.from_pretrained(base_dir), ckpt / "trainable").eval()
-    from_shards = PeftModel.from_pretrained(CosForConditionalGeneration.from_pretrained(base_dir), ckpt / "trainable").eval()
+    reloaded = PeftModel.from_pretrained(
+        CosForConditionalGeneration.from_pretrained(base_dir), ckpt / "trainable"
+    ).eval()
+    from_shards = PeftModel.from_pretrained(
+        CosForConditionalGeneration.from_pretrained(base_dir), ckpt / "trainable"
+    ).eval()
     shards = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="zero")
     missing, unexpected = from_shards.load_state_dict(shards, strict=False)
     assert not unexpected and len(shards) > 0

@@ -72,8 +72,9 @@ def test_plan_counts_model_and_hardware_flops(tmp_path):
     plan = _plan(tmp_path, FROZEN_LLM, "model.gradient_checkpointing=true")
     assert plan["flop_passes"] == {"vision_tower": 1, "resampler": 3, "projector": 3, "language_model": 2}
     assert plan["hardware_flops_per_sample"] > plan["flops_per_sample"]
-    assert plan["flops_by_part"]["recompute"] == pytest.approx(plan["hardware_flops_per_sample"]
-                                                               - plan["flops_per_sample"])
+    assert plan["flops_by_part"]["recompute"] == pytest.approx(
+        plan["hardware_flops_per_sample"] - plan["flops_per_sample"]
+    )
     trained = _plan(tmp_path)
     assert trained["flop_passes"]["language_model"] == 3 and trained["flops_per_sample"] > plan["flops_per_sample"]
     assert trained["hardware_flops_per_sample"] == trained["flops_per_sample"]
@@ -87,8 +88,9 @@ def test_plan_implied_hfu_and_peak_option(tmp_path, monkeypatch):
     monkeypatch.delenv("COSCTL_PEAK_TFLOPS", raising=False)
     plan = _plan(tmp_path, "model.gradient_checkpointing=true", peak=2.0)
     assert plan["peak_tflops"] == 2.0 and plan["predicted_step_s"] is not None
-    assert plan["implied_hfu"] == pytest.approx(plan["assumed_mfu"] * plan["hardware_flops_per_sample"]
-                                                / plan["flops_per_sample"])
+    assert plan["implied_hfu"] == pytest.approx(
+        plan["assumed_mfu"] * plan["hardware_flops_per_sample"] / plan["flops_per_sample"]
+    )
     assert "HFU of 2 TFLOP/s per rank" in format_plan(plan)
 
 
@@ -135,11 +137,33 @@ def test_plan_with_a_trained_llm_keeps_zero3_across_nodes(tmp_path):
 
 def test_plan_command_prints_communication_and_both_flop_figures(tmp_path):
     """`cosctl plan --world-size 64` prints the FLOP figures, the communication, the bound and the advice."""
-    result = runner.invoke(app, ["plan", str(TINY), "--set", f"run.output={tmp_path}", "--set", FROZEN_LLM,
-                                 "--world-size", "64", "--bandwidth-gbps", "200", "--peak-tflops", "100"])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(TINY),
+            "--set",
+            f"run.output={tmp_path}",
+            "--set",
+            FROZEN_LLM,
+            "--world-size",
+            "64",
+            "--bandwidth-gbps",
+            "200",
+            "--peak-tflops",
+            "100",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for words in ("what MFU counts", "what HFU counts", "communication  per step per rank at 64 ranks on 8 nodes",
-                  "inter-node link 200 Gb/s", "ZeRO-3 (the spec's)", "bound        ", "recommend      ZeRO-2"):
+    for words in (
+        "what MFU counts",
+        "what HFU counts",
+        "communication  per step per rank at 64 ranks on 8 nodes",
+        "inter-node link 200 Gb/s",
+        "ZeRO-3 (the spec's)",
+        "bound        ",
+        "recommend      ZeRO-2",
+    ):
         assert words in result.output, words
     data = json.loads(runner.invoke(app, ["plan", str(TINY), "--json", "--set", f"run.output={tmp_path}"]).output)
     assert data["communication"]["world_size"] == 1 and data["communication"]["stages"]["zero3"]["per_rank"] == 0

@@ -54,8 +54,13 @@ class SilentEndpoint:
 
 def no_aws(tmp_path, **extra) -> dict:
     keep = {k: v for k, v in env(tmp_path).items() if not k.startswith("AWS_")}
-    return {**keep, "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "AWS_EC2_METADATA_DISABLED": "true", **extra}
+    return {
+        **keep,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **extra,
+    }
 
 
 @pytest.mark.slow
@@ -64,10 +69,14 @@ def test_a_silent_endpoint_fails_within_the_timeout_saying_so(tmp_path):
     with one line saying the endpoint does not answer (not 'no checkpoint', not a 10-minute hang)."""
     silent = SilentEndpoint()
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "cosctl", "ckpt", "ls", "s3://bucket/run", "--timeout-s", "8"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=no_aws(tmp_path, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
-                                       AWS_ENDPOINT_URL_S3=silent.endpoint))
+    result = subprocess.run(
+        [sys.executable, "-m", "cosctl", "ckpt", "ls", "s3://bucket/run", "--timeout-s", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=no_aws(tmp_path, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_ENDPOINT_URL_S3=silent.endpoint),
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     assert "the endpoint does not answer" in result.stderr and "no committed" not in result.stdout + result.stderr
@@ -86,6 +95,7 @@ def test_missing_credentials_stop_a_two_rank_run_before_it_starts(tiny_data, tmp
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: s3://some-bucket/run: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-        "(or AWS_PROFILE) in the environment"]
+        "(or AWS_PROFILE) in the environment"
+    ]
     assert "model built" not in result.stdout
     print(f"missing credentials, --nproc 2: error after {elapsed:.1f} s")

@@ -19,8 +19,9 @@ from tests.harness import RECIPES, cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
-VIT_L14_NARROW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4,
-                      patch_size=14, image_size=224)
+VIT_L14_NARROW = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4, patch_size=14, image_size=224
+)
 CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
 
 
@@ -31,11 +32,21 @@ def folders(tmp_path_factory):
     synthesize(root / "data", num_samples=40, seed=0, image_size=224)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(vision_config=VIT_L14_NARROW, text_config=CLIP_TEXT, projection_dim=16)).save_pretrained(
-        root / "clip")
+        root / "clip"
+    )
     tokenizer = load_tokenizer(root / "data" / "tokenizer")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) - 1, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=1024, tie_word_embeddings=False))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer) - 1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+    )
     llama.save_pretrained(root / "llm", max_shard_size="150KB")
     assert (root / "llm" / "model.safetensors.index.json").is_file()
     assert len(set(json.loads((root / "llm" / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
@@ -51,22 +62,73 @@ def overrides(*pairs: str) -> list[str]:
 def pipeline(folders):
     """The three vicuna7b recipes, changed only where a CPU and these folders need it."""
     root = folders
-    common = [f"data.root={root / 'data'}", "data.train=train.json", "data.eval=eval.json", "data.num_workers=0",
-              "deepspeed.precision=fp32", "checkpoint.every_steps=null", "checkpoint.every_minutes=null",
-              "eval.every_steps=null", "slurm.gpus_per_node=0"]
-    pre = ok(cosctl("pretrain", str(RECIPES / "vicuna7b" / "pretrain.yaml"), "--nproc", "2",
-                    "--run-dir", str(root / "work" / "pre"), "--output", str(root / "out" / "pre"),
-                    *overrides(*common, f"model.vision.path={root / 'clip'}", f"model.text.path={root / 'llm'}",
-                               f"model.tokenizer={root / 'llm'}", "optim.num_steps=2", "batch.samples_per_step=8",
-                               "batch.tokens_per_micro_batch=4096"), tmp=root, timeout=900))
-    inf = ok(cosctl("inflate", str(RECIPES / "vicuna7b" / "inflate.yaml"), "--run-dir", str(root / "work" / "inf"),
-                    "--output", str(root / "out" / "inf"), *overrides(f"source={root / 'out' / 'pre'}"),
-                    tmp=root, timeout=900))
-    fin = ok(cosctl("finetune", str(RECIPES / "vicuna7b" / "finetune.yaml"), "--run-dir", str(root / "work" / "fin"),
-                    "--output", str(root / "out" / "fin"),
-                    *overrides(*common, f"model.source={root / 'out' / 'inf'}", "model.gradient_checkpointing=false",
-                               "optim.num_steps=1", "batch.samples_per_step=2", "batch.tokens_per_micro_batch=2048"),
-                    tmp=root, timeout=900))
+    common = [
+        f"data.root={root / 'data'}",
+        "data.train=train.json",
+        "data.eval=eval.json",
+        "data.num_workers=0",
+        "deepspeed.precision=fp32",
+        "checkpoint.every_steps=null",
+        "checkpoint.every_minutes=null",
+        "eval.every_steps=null",
+        "slurm.gpus_per_node=0",
+    ]
+    pre = ok(
+        cosctl(
+            "pretrain",
+            str(RECIPES / "vicuna7b" / "pretrain.yaml"),
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(root / "work" / "pre"),
+            "--output",
+            str(root / "out" / "pre"),
+            *overrides(
+                *common,
+                f"model.vision.path={root / 'clip'}",
+                f"model.text.path={root / 'llm'}",
+                f"model.tokenizer={root / 'llm'}",
+                "optim.num_steps=2",
+                "batch.samples_per_step=8",
+                "batch.tokens_per_micro_batch=4096",
+            ),
+            tmp=root,
+            timeout=900,
+        )
+    )
+    inf = ok(
+        cosctl(
+            "inflate",
+            str(RECIPES / "vicuna7b" / "inflate.yaml"),
+            "--run-dir",
+            str(root / "work" / "inf"),
+            "--output",
+            str(root / "out" / "inf"),
+            *overrides(f"source={root / 'out' / 'pre'}"),
+            tmp=root,
+            timeout=900,
+        )
+    )
+    fin = ok(
+        cosctl(
+            "finetune",
+            str(RECIPES / "vicuna7b" / "finetune.yaml"),
+            "--run-dir",
+            str(root / "work" / "fin"),
+            "--output",
+            str(root / "out" / "fin"),
+            *overrides(
+                *common,
+                f"model.source={root / 'out' / 'inf'}",
+                "model.gradient_checkpointing=false",
+                "optim.num_steps=1",
+                "batch.samples_per_step=2",
+                "batch.tokens_per_micro_batch=2048",
+            ),
+            tmp=root,
+            timeout=900,
+        )
+    )
     return {"root": root, "pretrain": pre, "inflate": inf, "finetune": fin}
 
 

@@ -27,9 +27,21 @@ runner = CliRunner()
 
 def step_record(step: int, loss: float, lr: float, seconds: float) -> dict:
     """A training step's record, with the keys `cosctl.train.StepMeter.record` writes."""
-    return {"step": step, "loss": loss, "lr": lr, "grad_norm": 1.0 / step, "samples": 16, "tokens": 2400,
-            "label_tokens": 300, "micro_batches": 2, "step_time_s": seconds, "samples_per_s": 16 / seconds,
-            "tokens_per_s": 2400 / seconds, "tflops": 0.01, "mfu": None}
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": 1.0 / step,
+        "samples": 16,
+        "tokens": 2400,
+        "label_tokens": 300,
+        "micro_batches": 2,
+        "step_time_s": seconds,
+        "samples_per_s": 16 / seconds,
+        "tokens_per_s": 2400 / seconds,
+        "tflops": 0.01,
+        "mfu": None,
+    }
 
 
 def a_loss(step: int, attempt: int = 0) -> float:
@@ -41,8 +53,12 @@ def write_attempt(run_dir: Path, steps: range, num_steps: int, lr: float, attemp
     if steps.start == 1:
         sink.log({"step": 0, "eval_loss": a_loss(0)})
     for step in steps:
-        record = step_record(step, a_loss(step, attempt) * (lr / 1e-3) ** -0.1, lr * (1 - step / (num_steps + 1)),
-                             2.0 if step == steps.start else 0.5)
+        record = step_record(
+            step,
+            a_loss(step, attempt) * (lr / 1e-3) ** -0.1,
+            lr * (1 - step / (num_steps + 1)),
+            2.0 if step == steps.start else 0.5,
+        )
         if step % 10 == 0:
             record["eval_loss"] = a_loss(step) + 0.1
         sink.log(record)
@@ -55,15 +71,35 @@ def summary(run_dir: Path, output: Path, steps: int, lr: float) -> None:
     """summary.json as `run_training` writes it, and the resolved spec at its final checkpoint."""
     checkpoint = output / "checkpoints" / f"step_{steps:08d}"
     checkpoint.mkdir(parents=True)
-    spec = load_spec(RECIPES / "tiny" / "pretrain.yaml", [f"optim.lr={lr}", f"optim.num_steps={steps}",
-                                                          "data.root=data/tiny", f"run.output={output}"])
+    spec = load_spec(
+        RECIPES / "tiny" / "pretrain.yaml",
+        [f"optim.lr={lr}", f"optim.num_steps={steps}", "data.root=data/tiny", f"run.output={output}"],
+    )
     (checkpoint / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=1))
-    (run_dir / "summary.json").write_text(json.dumps({
-        "stage": "pretrain", "visual_tokens": 32, "image_size": 64, "steps": steps, "first_loss": 5.0,
-        "final_loss": 0.1, "loss_window": 5, "first_eval_loss": 8.05, "final_eval_loss": 0.2, "samples_per_s": 32.0,
-        "train_time_s": 0.5 * steps, "trainable_params": {"resampler": 1000, "projector": 200},
-        "world_size": 2, "tokens_per_micro_batch": 1024, "budget_origin": "spec",
-        "checkpoint": str(checkpoint), "artefact": str(output / "model")}, indent=1))
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "stage": "pretrain",
+                "visual_tokens": 32,
+                "image_size": 64,
+                "steps": steps,
+                "first_loss": 5.0,
+                "final_loss": 0.1,
+                "loss_window": 5,
+                "first_eval_loss": 8.05,
+                "final_eval_loss": 0.2,
+                "samples_per_s": 32.0,
+                "train_time_s": 0.5 * steps,
+                "trainable_params": {"resampler": 1000, "projector": 200},
+                "world_size": 2,
+                "tokens_per_micro_batch": 1024,
+                "budget_origin": "spec",
+                "checkpoint": str(checkpoint),
+                "artefact": str(output / "model"),
+            },
+            indent=1,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +149,11 @@ def test_report_of_two_runs_writes_the_plots_and_the_figures(runs, tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     for name in names:
         assert f"]({name})" in report
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in report.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in report.splitlines()
+        if line.startswith("| ")
+    }
     assert rows[""] == ["lr1e-3/pretrain", "lr5e-4/pretrain"]  # told apart by their parent folders
     assert rows["steps logged"] == ["1-40", "1-30"] and rows["steps redone (resumes)"] == ["5", "0"]
     assert rows["final train loss"][0] == f"{a_loss(40, attempt=1):.4g}"
@@ -143,7 +182,11 @@ def test_a_loss_spanning_decades_is_drawn_on_a_log_axis(runs):
         for ax in fig.axes:
             assert ax.get_yscale() == "log" and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
             assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-                "lr1e-3 train", "lr1e-3 eval", "lr5e-4 train", "lr5e-4 eval"]
+                "lr1e-3 train",
+                "lr1e-3 eval",
+                "lr5e-4 train",
+                "lr5e-4 eval",
+            ]
         assert "training time (s" in fig.axes[1].get_xlabel()
     finally:
         plt.close(fig)

@@ -27,7 +27,7 @@ def reference_chain(chain: ResamplerChain, features: list[torch.Tensor]) -> torc
         for row in range(per_side):
             for col in range(per_side):
                 x = scale.queries[row * per_side + col].unsqueeze(0).expand(features[0].shape[0], -1, -1)
-                for block, level in zip(scale.levels, features):
+                for block, level in zip(scale.levels, features, strict=True):
                     window = level[:, row * w : (row + 1) * w, col * w : (col + 1) * w].reshape(-1, w * w, WIDTH)
                     x = block(x, window)
                 tokens.append(x)

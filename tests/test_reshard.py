@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 def one_rank(cmd: list[str]) -> list[str]:
     """The same training command on one rank."""
     index = cmd.index("--nproc")
-    return cmd[:index] + ["--nproc", "1"] + cmd[index + 2:]
+    return cmd[:index] + ["--nproc", "1"] + cmd[index + 2 :]
 
 
 @pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
@@ -26,7 +26,9 @@ def test_resume_on_another_world_size_continues_the_run(tiny_data, tmp_path, ran
     base = train_command(tiny_data, tmp_path / "straight", tmp_path / "out", 6, 3)
     run(base if first == 2 else one_rank(base), tmp_path)
     resumed = train_command(tiny_data, tmp_path / "resumed", tmp_path / "out-resumed", 6, 3) + [
-        "--resume", f"{tmp_path / 'out'}/checkpoints/step_00000003"]
+        "--resume",
+        f"{tmp_path / 'out'}/checkpoints/step_00000003",
+    ]
     result = run(resumed if second == 2 else one_rank(resumed), tmp_path)
     assert f"re-partitioning step_00000003 from {first} ranks to {second}" in result.stdout
     expected, got = steps(tmp_path / "straight"), steps(tmp_path / "resumed")

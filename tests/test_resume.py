@@ -73,8 +73,11 @@ def test_a_zero2_run_resumes_on_two_ranks(tiny_data, tmp_path):
     read: 2 ranks resume a zero2 checkpoint and continue exactly."""
     full, part = tmp_path / "full", tmp_path / "part"
     run(train_command(tiny_data, full / "work", full / "out", 4, 2, "deepspeed.template=zero2"), tmp_path)
-    resumed = run(train_command(tiny_data, part / "work", part / "out", 4, 2, "deepspeed.template=zero2")
-                  + ["--resume", f"{full / 'out'}/checkpoints/step_00000002"], tmp_path)
+    resumed = run(
+        train_command(tiny_data, part / "work", part / "out", 4, 2, "deepspeed.template=zero2")
+        + ["--resume", f"{full / 'out'}/checkpoints/step_00000002"],
+        tmp_path,
+    )
     assert "at step 2" in resumed.stdout
     expected, got = steps(full / "work"), steps(part / "work")
     assert [got[s]["loss"] for s in (3, 4)] == [expected[s]["loss"] for s in (3, 4)]

@@ -25,8 +25,7 @@ CHUNK = 5 * MiB
 
 
 def make_store(endpoint: str, bucket: str, prefix: str = "run") -> S3Store:
-    return S3Store(bucket, prefix, endpoint_url=endpoint, path_style=True, max_concurrency=4,
-                   chunk_bytes=CHUNK)
+    return S3Store(bucket, prefix, endpoint_url=endpoint, path_style=True, max_concurrency=4, chunk_bytes=CHUNK)
 
 
 def write_random(path: Path, size: int, seed: int = 0) -> Path:
@@ -35,9 +34,14 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
 
 
 def raw_client(server: S3Server):
-    return boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
-                        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-                        config=Config(s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
 
 
 @pytest.fixture
@@ -79,14 +83,13 @@ def test_local_etag_matches_multipart_rule(tmp_path: Path):
     """The locally computed ETag is the MD5 of the part MD5s plus the part count."""
     source = write_random(tmp_path / "f.bin", 2 * CHUNK + 3)
     data = source.read_bytes()
-    parts = [hashlib.md5(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
+    parts = [hashlib.md5(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
     expected = hashlib.md5(b"".join(parts)).hexdigest() + "-3"
     assert file_etag(source, CHUNK) == expected
     assert file_etag(source, None) == hashlib.md5(data).hexdigest()
 
 
-@pytest.mark.parametrize("start,end", [(None, None), (0, 5), (3, None), (2, 9), (7, 100), (11, None),
-                                       (50, 60), (4, 4)])
+@pytest.mark.parametrize("start,end", [(None, None), (0, 5), (3, None), (2, 9), (7, 100), (11, None), (50, 60), (4, 4)])
 def test_get_bytes_ranges_match_local_store(store: S3Store, tmp_path: Path, start, end):
     """Ranged get_bytes (end exclusive, clamped at the object's end) reads what LocalStore reads."""
     local = LocalStore(tmp_path)
@@ -100,7 +103,7 @@ def test_get_bytes_of_multipart_object_range(store: S3Store, tmp_path: Path):
     source = write_random(tmp_path / "f.bin", 12 * MiB, seed=3)
     store.put_file(source, "big.bin")
     data = source.read_bytes()
-    assert store.get_bytes("big.bin", CHUNK - 10, CHUNK + 10) == data[CHUNK - 10:CHUNK + 10]
+    assert store.get_bytes("big.bin", CHUNK - 10, CHUNK + 10) == data[CHUNK - 10 : CHUNK + 10]
     assert store.get_bytes("big.bin") == data
 
 
@@ -118,8 +121,8 @@ def test_list_pages_past_1000_keys_and_delete_many_batches(store: S3Store, moto_
     assert store.list("ckpt/step_0100") == [f"ckpt/step_0100{i}/part" for i in range(10)]
     batches: list[int] = []
     store._client().meta.events.register(
-        "before-parameter-build.s3.DeleteObjects",
-        lambda params, **_: batches.append(len(params["Delete"]["Objects"])))
+        "before-parameter-build.s3.DeleteObjects", lambda params, **_: batches.append(len(params["Delete"]["Objects"]))
+    )
     store.delete_many(keys)
     assert batches == [1000, 100]
     assert store.list() == []
@@ -175,8 +178,7 @@ def test_from_uri_prefix_and_open_store(s3_env: str, bucket: str, moto_server: S
     assert [item["Key"] for item in listed] == ["runs/exp1/latest"]
 
 
-def test_endpoint_from_environment(bucket: str, fault_proxy: FaultProxy, s3_env: str,
-                                   monkeypatch: pytest.MonkeyPatch):
+def test_endpoint_from_environment(bucket: str, fault_proxy: FaultProxy, s3_env: str, monkeypatch: pytest.MonkeyPatch):
     """Without a spec endpoint AWS_ENDPOINT_URL_S3 is used; an explicit spec endpoint wins over it."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint)
     from_env = S3Store.from_uri(f"s3://{bucket}/env", StorageSpec(path_style=True).to_settings())
@@ -205,16 +207,24 @@ def test_missing_credentials_message(bucket: str, s3_env: str, monkeypatch: pyte
         make_store(s3_env, bucket).size("k")
 
 
-def test_credentials_never_in_errors_or_logs(store: S3Store, proxied: S3Store, fault_proxy: FaultProxy,
-                                             s3_env: str, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_credentials_never_in_errors_or_logs(
+    store: S3Store,
+    proxied: S3Store,
+    fault_proxy: FaultProxy,
+    s3_env: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
     """The secret key appears in no exception text (chained ones included) and no DEBUG log line."""
     caplog.set_level(logging.DEBUG)
     proxied.max_attempts = 2
     fault_proxy.status(503, method="GET", times=10)
     failures = []
-    for action in (lambda: store.get_file("missing", tmp_path / "x"),
-                   lambda: make_store(s3_env, "no-such-bucket").put_bytes(b"x", "k"),
-                   lambda: proxied.get_bytes("k")):
+    for action in (
+        lambda: store.get_file("missing", tmp_path / "x"),
+        lambda: make_store(s3_env, "no-such-bucket").put_bytes(b"x", "k"),
+        lambda: proxied.get_bytes("k"),
+    ):
         with pytest.raises(StorageError) as excinfo:
             action()
         failures.append("".join(traceback.format_exception(excinfo.value)))
@@ -237,16 +247,16 @@ def corrupt_after_upload(store: S3Store, server: S3Server, monkeypatch: pytest.M
         if len(calls) <= times:
             damaged = bytearray(local_path.read_bytes())
             damaged[len(damaged) // 2] ^= 0xFF
-            raw_client(server).put_object(Bucket=store.bucket, Key=full, Body=bytes(damaged),
-                                          Metadata={"sha256": sha})
+            raw_client(server).put_object(Bucket=store.bucket, Key=full, Body=bytes(damaged), Metadata={"sha256": sha})
 
     monkeypatch.setattr(store, "_upload_file", upload)
     return calls
 
 
 @pytest.mark.parametrize("size", [4096, 11 * MiB])
-def test_corrupt_stored_object_is_uploaded_again(store: S3Store, moto_server: S3Server, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, size: int):
+def test_corrupt_stored_object_is_uploaded_again(
+    store: S3Store, moto_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+):
     """An ETag that differs from the local one triggers exactly one more upload, which fixes it."""
     source = write_random(tmp_path / "f.bin", size, seed=5)
     calls = corrupt_after_upload(store, moto_server, monkeypatch, times=1)
@@ -255,8 +265,9 @@ def test_corrupt_stored_object_is_uploaded_again(store: S3Store, moto_server: S3
     assert hashlib.sha256(store.get_bytes("shard.bin")).hexdigest() == sha256_file(source)
 
 
-def test_persistent_corruption_raises_naming_key(store: S3Store, moto_server: S3Server, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch):
+def test_persistent_corruption_raises_naming_key(
+    store: S3Store, moto_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """When the stored object still differs after the second upload, put_file raises and names the key."""
     source = write_random(tmp_path / "f.bin", 11 * MiB, seed=6)
     calls = corrupt_after_upload(store, moto_server, monkeypatch, times=2)
@@ -303,8 +314,7 @@ def test_connection_reset_mid_part(proxied: S3Store, fault_proxy: FaultProxy, tm
     assert fault_proxy.injected == 3
 
 
-def test_truncated_downloads_resume_with_range_and_if_match(proxied: S3Store, fault_proxy: FaultProxy,
-                                                            tmp_path: Path):
+def test_truncated_downloads_resume_with_range_and_if_match(proxied: S3Store, fault_proxy: FaultProxy, tmp_path: Path):
     """Bodies cut off mid-stream resume from the byte reached, pinned to the ETag, and hash correctly."""
     source = write_random(tmp_path / "f.bin", 12 * MiB + 5, seed=9)
     proxied.put_file(source, "shard.bin")
@@ -316,7 +326,8 @@ def test_truncated_downloads_resume_with_range_and_if_match(proxied: S3Store, fa
     assert {s.headers["if-match"].strip('"') for s in gets} == {etag}
     chunk_ends = [(0, CHUNK - 1), (CHUNK, 2 * CHUNK - 1), (2 * CHUNK, 12 * MiB + 4)]
     assert sorted(s.headers["range"] for s in gets if s.action == "pass") == sorted(
-        f"bytes={lo + MiB + 17}-{hi}" for lo, hi in chunk_ends)
+        f"bytes={lo + MiB + 17}-{hi}" for lo, hi in chunk_ends
+    )
 
     fault_proxy.log.clear()
     fault_proxy.truncate_response(1000, method="GET", times=1)
@@ -337,13 +348,15 @@ def test_download_gives_up_after_too_many_cuts(proxied: S3Store, fault_proxy: Fa
     assert fault_proxy.injected == 3
 
 
-def test_object_replaced_during_download_is_detected(proxied: S3Store, fault_proxy: FaultProxy,
-                                                     moto_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+def test_object_replaced_during_download_is_detected(
+    proxied: S3Store, fault_proxy: FaultProxy, moto_server: S3Server, monkeypatch: pytest.MonkeyPatch
+):
     """If the object changes between a cut-off and the resume, If-Match fails and nothing is mixed."""
     proxied.put_bytes(b"a" * 100_000, "k")
     fault_proxy.truncate_response(10, method="GET", times=1)
-    replace = lambda _failures: raw_client(moto_server).put_object(  # noqa: E731
-        Bucket=proxied.bucket, Key="run/k", Body=b"b" * 100_000)
+    replace = lambda _failures: raw_client(moto_server).put_object(
+        Bucket=proxied.bucket, Key="run/k", Body=b"b" * 100_000
+    )
     monkeypatch.setattr(proxied, "_wait_before_resume", replace)
     with pytest.raises(StorageError, match="object changed while it was being downloaded"):
         proxied.get_bytes("k")
@@ -380,8 +393,10 @@ def test_twenty_faults_across_a_checkpoint_sequence(proxied: S3Store, fault_prox
     fault_proxy.truncate_response(100_000, reset=True, method="GET", times=2)
     fault_proxy.status(500, method="GET", times=2)
     fault_proxy.stall(0.3, method="GET", times=2)
-    sources = {f"step_{i}/shard.bin": write_random(tmp_path / f"s{i}.bin", size, seed=i)
-               for i, size in enumerate([12 * MiB, 7 * MiB, 300_000, 11 * MiB])}
+    sources = {
+        f"step_{i}/shard.bin": write_random(tmp_path / f"s{i}.bin", size, seed=i)
+        for i, size in enumerate([12 * MiB, 7 * MiB, 300_000, 11 * MiB])
+    }
     for key, source in sources.items():
         proxied.put_file(source, key)
     proxied.put_bytes(b'{"step": 3}', "step_3/manifest.json")

@@ -25,9 +25,14 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
 def raw_client(server: S3Server):
-    return boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
-                        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-                        config=Config(s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
 
 
 @pytest.fixture
@@ -46,8 +51,9 @@ def ceph_bucket(ceph_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def ceph_store(ceph_s3: S3Server, bucket: str, endpoint: str | None = None) -> S3Store:
-    spec = StorageSpec(endpoint_url=endpoint or ceph_s3.endpoint, path_style=True, max_concurrency=4,
-                       multipart_chunk_mb=16)
+    spec = StorageSpec(
+        endpoint_url=endpoint or ceph_s3.endpoint, path_style=True, max_concurrency=4, multipart_chunk_mb=16
+    )
     return S3Store.from_uri(f"s3://{bucket}/run", spec.to_settings())
 
 
@@ -67,13 +73,15 @@ def test_multipart_round_trip_64mib(ceph_s3: S3Server, ceph_bucket: str, tmp_pat
     assert head["Metadata"]["sha256"] == sha256_file(source)
     store.get_file("ckpt/shard.bin", tmp_path / "copy.bin")
     assert sha256_file(tmp_path / "copy.bin") == sha256_file(source)
-    assert store.get_bytes("ckpt/shard.bin", 16 * MiB - 3, 16 * MiB + 3) == \
-        source.read_bytes()[16 * MiB - 3:16 * MiB + 3]
+    assert (
+        store.get_bytes("ckpt/shard.bin", 16 * MiB - 3, 16 * MiB + 3)
+        == source.read_bytes()[16 * MiB - 3 : 16 * MiB + 3]
+    )
 
 
-def test_wrong_secret_is_rejected_without_leaking(ceph_s3: S3Server, ceph_bucket: str,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture):
+def test_wrong_secret_is_rejected_without_leaking(
+    ceph_s3: S3Server, ceph_bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Ceph checks SigV4: a wrong secret gives a non-transient StorageError that names neither secret."""
     caplog.set_level(logging.DEBUG)
     wrong = "not-the-ceph-secret-4711"

@@ -127,8 +127,17 @@ def test_parse_box(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["no box here", "", "[1, 2, 3]", "[a, b, c, d]", "[30, 40, 12, 62]", "[10, 10, 10, 20]", "[10, 10, 120, 50]",
-     "[-5, 10, 20, 30]", "[0.5, 0.5, 0.2, 0.9]"],
+    [
+        "no box here",
+        "",
+        "[1, 2, 3]",
+        "[a, b, c, d]",
+        "[30, 40, 12, 62]",
+        "[10, 10, 10, 20]",
+        "[10, 10, 120, 50]",
+        "[-5, 10, 20, 30]",
+        "[0.5, 0.5, 0.2, 0.9]",
+    ],
 )
 def test_parse_box_rejects(text):
     """Missing, malformed, out-of-image and empty (x2 <= x1 or y2 <= y1) boxes parse to None."""
@@ -192,14 +201,22 @@ def test_token_f1(prediction, reference, expected):
 @pytest.mark.parametrize(
     "raw, expected",  # expected: Stanford PTBTokenizer (CoreNLP 3.4.1) + the COCO punctuation filter
     [
-        ('a small red circle, a blue square on a white background, with the text "HELLO"',
-         "a small red circle a blue square on a white background with the text hello"),
-        ("The man's dog doesn't like (big) cats... really?!",
-         "the man 's dog does n't like -lrb- big -rrb- cats really ?!"),
-        ("It costs $3.50 -- or 3,000 yen; isn't it: great? e.g. U.S.A. o'clock",
-         "it costs $ 3.50 or 3,000 yen is n't it great e.g. u.s.a. o'clock"),
-        ("Two dogs' toys weren't there - they'd gone. 'quoted' `tick`",
-         "two dogs toys were n't there they 'd gone quoted tick"),
+        (
+            'a small red circle, a blue square on a white background, with the text "HELLO"',
+            "a small red circle a blue square on a white background with the text hello",
+        ),
+        (
+            "The man's dog doesn't like (big) cats... really?!",
+            "the man 's dog does n't like -lrb- big -rrb- cats really ?!",
+        ),
+        (
+            "It costs $3.50 -- or 3,000 yen; isn't it: great? e.g. U.S.A. o'clock",
+            "it costs $ 3.50 or 3,000 yen is n't it great e.g. u.s.a. o'clock",
+        ),
+        (
+            "Two dogs' toys weren't there - they'd gone. 'quoted' `tick`",
+            "two dogs toys were n't there they 'd gone quoted tick",
+        ),
         ("cannot gonna wanna won't can't I'm we're you've", "can not gon na wan na wo n't ca n't i 'm we 're you 've"),
         ("don\u2019t \u201ccurly quotes\u201d it\u2019s", "do n't curly quotes it 's"),
         ("A [bracketed] word & 50% off", "a -lsb- bracketed -rsb- word & 50 % off"),
@@ -220,7 +237,7 @@ def test_cider_hand_computed():
 
 
 def test_cider_length_penalty():
-    """"cat" against "a cat": unigram cosine 1, no bigrams, lengths (in bigrams) 0 vs 1, so
+    """ "cat" against "a cat": unigram cosine 1, no bigrams, lengths (in bigrams) 0 vs 1, so
     10 * (exp(-1 / 72) / 4) for that image."""
     _, per_image = cider({"a": "cat", "b": "a dog"}, {"a": ["a cat"], "b": ["a dog"]})
     assert per_image["a"] == pytest.approx(2.5 * math.exp(-1 / 72))

@@ -41,6 +41,7 @@ def golden_argv() -> tuple[list[str], str]:
 
 # --- the rendered script -------------------------------------------------------------------------
 
+
 def test_vicuna7b_4x8_script_matches_golden(update_golden):
     """The 4-node x 8-GPU script is exactly the reviewed golden file."""
     argv, run_dir = golden_argv()
@@ -97,12 +98,25 @@ def test_more_ranks_than_gpus_is_a_spec_error():
 
 def test_optional_options_setup_and_extra_lines_are_rendered():
     """partition/account/qos, extra #SBATCH lines and setup lines all reach the script."""
-    spec = load_spec(VICUNA, ["slurm.partition=gpu", "slurm.account=vision", "slurm.qos=high",
-                              "slurm.extra_sbatch=['--exclusive', '#SBATCH --constraint=h100']",
-                              "slurm.setup=['module load cuda/12.8', 'source /venv/bin/activate']"])
+    spec = load_spec(
+        VICUNA,
+        [
+            "slurm.partition=gpu",
+            "slurm.account=vision",
+            "slurm.qos=high",
+            "slurm.extra_sbatch=['--exclusive', '#SBATCH --constraint=h100']",
+            "slurm.setup=['module load cuda/12.8', 'source /venv/bin/activate']",
+        ],
+    )
     script = render_sbatch(spec, ["pretrain", "x.yaml"], "/r")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high",
-                 "#SBATCH --exclusive", "#SBATCH --constraint=h100", "module load cuda/12.8\nsource /venv/bin/activate\n"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --qos=high",
+        "#SBATCH --exclusive",
+        "#SBATCH --constraint=h100",
+        "module load cuda/12.8\nsource /venv/bin/activate\n",
+    ):
         assert line in script
     assert script.index("source /venv/bin/activate") < script.index("srun ")
 
@@ -114,8 +128,10 @@ def test_warning_lead_must_fit_in_the_time_limit():
         render_sbatch(spec, ["pretrain", "x.yaml"], "/r")
 
 
-@pytest.mark.parametrize("limit, seconds", [("30", 1800), ("05:30", 330), ("48:00:00", 172800),
-                                            ("2-12", 216000), ("1-00:30", 88200), ("1-0:0:5", 86405)])
+@pytest.mark.parametrize(
+    "limit, seconds",
+    [("30", 1800), ("05:30", 330), ("48:00:00", 172800), ("2-12", 216000), ("1-00:30", 88200), ("1-0:0:5", 86405)],
+)
 def test_time_limit_formats(limit, seconds):
     """Every sbatch --time format converts to the right number of seconds."""
     assert time_limit_s(limit) == seconds
@@ -129,14 +145,30 @@ def test_spec_snapshot_reloads_to_the_same_spec(tmp_path):
 
 # --- the CLI and sbatch --------------------------------------------------------------------------
 
+
 def test_render_prints_the_script_for_the_snapshot(tmp_path):
     """`slurm render` prints the script; the stage reads the spec snapshot in the run folder."""
-    result = runner.invoke(slurm_app, ["render", str(VICUNA), "--set", "slurm.nodes=4", "--run-dir", str(tmp_path),
-                                       "--output", "s3://bucket/x", "--", "--overwrite"])
+    result = runner.invoke(
+        slurm_app,
+        [
+            "render",
+            str(VICUNA),
+            "--set",
+            "slurm.nodes=4",
+            "--run-dir",
+            str(tmp_path),
+            "--output",
+            "s3://bucket/x",
+            "--",
+            "--overwrite",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "#SBATCH --nodes=4" in result.stdout
-    assert (f"-m cosctl pretrain {tmp_path}/slurm/spec.yaml --output s3://bucket/x --overwrite --run-dir {tmp_path} &"
-            in result.stdout)
+    assert (
+        f"-m cosctl pretrain {tmp_path}/slurm/spec.yaml --output s3://bucket/x --overwrite --run-dir {tmp_path} &"
+        in result.stdout
+    )
     assert not (tmp_path / "slurm").exists()
 
 
@@ -182,11 +214,14 @@ def test_sbatch_refusal_is_reported_with_its_message(tmp_path, monkeypatch):
         submit("#!/bin/bash\n", tmp_path / "run")
 
 
-@pytest.mark.parametrize("args, message", [
-    ([str(REPO / "recipes/tiny/inflate.yaml")], "runs as one process"),
-    ([str(TINY), "--", "--resume", "never"], "--resume cannot be passed"),
-    ([str(TINY), "--set", "optim.lr=-1"], "optim.lr"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([str(REPO / "recipes/tiny/inflate.yaml")], "runs as one process"),
+        ([str(TINY), "--", "--resume", "never"], "--resume cannot be passed"),
+        ([str(TINY), "--set", "optim.lr=-1"], "optim.lr"),
+    ],
+)
 def test_user_mistakes_are_one_error_line(args, message):
     """Inflate specs, script-owned flags and bad specs end with one message and exit 1."""
     result = runner.invoke(slurm_app, ["render", *args])
@@ -196,18 +231,40 @@ def test_user_mistakes_are_one_error_line(args, message):
 
 # --- real jobs on the single-node cluster --------------------------------------------------------
 
+
 def tiny_job_overrides(data: Path) -> list[str]:
     """The tiny recipe as a 2-rank CPU job on the 2-core CI node."""
     venv_bin = Path(sys.executable).parent
-    return [f"data.root={data}", f"model.tokenizer={data}/tokenizer", f"optim.num_steps={NUM_STEPS}",
-            "checkpoint.every_steps=1000", "eval.every_steps=null", "batch.tokens_per_micro_batch=1024",
-            "slurm.gpus_per_node=0", "slurm.ranks_per_node=2", "slurm.cpus_per_task=2", "slurm.time=00:20:00",
-            "slurm.signal_lead_s=60", f'slurm.setup=["export PATH={venv_bin}:$PATH"]', "storage.path_style=true"]
+    return [
+        f"data.root={data}",
+        f"model.tokenizer={data}/tokenizer",
+        f"optim.num_steps={NUM_STEPS}",
+        "checkpoint.every_steps=1000",
+        "eval.every_steps=null",
+        "batch.tokens_per_micro_batch=1024",
+        "slurm.gpus_per_node=0",
+        "slurm.ranks_per_node=2",
+        "slurm.cpus_per_task=2",
+        "slurm.time=00:20:00",
+        "slurm.signal_lead_s=60",
+        f'slurm.setup=["export PATH={venv_bin}:$PATH"]',
+        "storage.path_style=true",
+    ]
 
 
 def submit_tiny(data: Path, run_dir: Path, output: str) -> str:
-    result = runner.invoke(slurm_app, ["submit", str(TINY), *sum((["--set", s] for s in tiny_job_overrides(data)), []),
-                                       "--run-dir", str(run_dir), "--output", output])
+    result = runner.invoke(
+        slurm_app,
+        [
+            "submit",
+            str(TINY),
+            *sum((["--set", s] for s in tiny_job_overrides(data)), []),
+            "--run-dir",
+            str(run_dir),
+            "--output",
+            output,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return result.stdout.strip()
 
@@ -246,8 +303,10 @@ def test_two_rank_job_runs_to_completion(uninterrupted_job):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == NUM_STEPS
     assert "starting fresh" in log and "cosctl-slurm: training finished" in log
-    print(f"\nuninterrupted job {uninterrupted_job['id']}: {uninterrupted_job['seconds']:.1f} s, "
-          f"final_loss {summary['final_loss']!r}")
+    print(
+        f"\nuninterrupted job {uninterrupted_job['id']}: {uninterrupted_job['seconds']:.1f} s, "
+        f"final_loss {summary['final_loss']!r}"
+    )
 
 
 class Timeline:
@@ -262,8 +321,9 @@ class Timeline:
 
     def render(self) -> str:
         rows = sorted(self.events)
-        return "\n".join(f"  +{t - self.start:6.1f} s  {time.strftime('%H:%M:%S', time.localtime(t))}  {e}"
-                         for t, e in rows)
+        return "\n".join(
+            f"  +{t - self.start:6.1f} s  {time.strftime('%H:%M:%S', time.localtime(t))}  {e}" for t, e in rows
+        )
 
 
 def watch_preemption(slurm, job_id: str, run_dir: Path, timeline: Timeline) -> dict:
@@ -316,10 +376,15 @@ def preempt_output(tmp_path, monkeypatch) -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    for name, value in {"AWS_ACCESS_KEY_ID": "slurm-test", "AWS_SECRET_ACCESS_KEY": "slurm-test-secret",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "slurm-test",
+        "AWS_SECRET_ACCESS_KEY": "slurm-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     boto3.client("s3").create_bucket(Bucket="slurm-preempt")
@@ -329,8 +394,9 @@ def preempt_output(tmp_path, monkeypatch) -> Iterator[str]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tiny_data, uninterrupted_job, preempt_output,
-                                                    tmp_path):
+def test_preempted_job_requeues_and_resumes_exactly(
+    slurm_cluster, tiny_data, uninterrupted_job, preempt_output, tmp_path
+):
     """USR1 mid-run: checkpoint at step K, self-requeue, resume at K, same per-step losses as without it."""
     run_dir = tmp_path / "run"
     timeline = Timeline()
@@ -339,31 +405,44 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tiny_data, un
     job = watch_preemption(slurm_cluster, job_id, run_dir, timeline)
     log = job_log(run_dir, job_id)
 
-    resumed = [(uri, int(name), int(step)) for uri, name, step in
-               re.findall(r"resuming from (\S+)/checkpoints/step_(\d+) at step (\d+)", log)]
+    resumed = [
+        (uri, int(name), int(step))
+        for uri, name, step in re.findall(r"resuming from (\S+)/checkpoints/step_(\d+) at step (\d+)", log)
+    ]
     stopped = re.findall(r"stopped at step (\d+): SIGUSR1", log)
     store = open_store(preempt_output, load_spec(run_dir / "slurm" / "spec.yaml").storage.to_settings())
     manifests = {c.step: c.manifest for c in list_committed(store)}
     for step, manifest in manifests.items():
         if step != NUM_STEPS:
             timeline.mark(f"checkpoint step {step} manifest created", manifest["created"])
-    print(f"\npreemption timeline of job {job_id}, output {preempt_output} (total {time.time() - timeline.start:.1f} s;"
-          f" uninterrupted job {uninterrupted_job['seconds']:.1f} s):\n{timeline.render()}")
+    print(
+        f"\npreemption timeline of job {job_id}, output {preempt_output} (total {time.time() - timeline.start:.1f} s;"
+        f" uninterrupted job {uninterrupted_job['seconds']:.1f} s):\n{timeline.render()}"
+    )
 
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
     assert len(set(stopped)) == 1, f"ranks stopped at steps {stopped}"
     step_k = int(stopped[0])
-    evidence = "\n".join(line for line in log.splitlines()
-                         if re.search(r"NOT committed|exitcode|closing signal|starting fresh|resuming from", line))
+    evidence = "\n".join(
+        line
+        for line in log.splitlines()
+        if re.search(r"NOT committed|exitcode|closing signal|starting fresh|resuming from", line)
+    )
     assert step_k in manifests, f"step {step_k} was not committed (committed: {sorted(manifests)}):\n{evidence}"
     assert log.count("starting fresh") == 1 and resumed == [(preempt_output, step_k, step_k)], evidence
 
     reference = metrics(uninterrupted_job["run_dir"])
     preempted = metrics(run_dir)
     assert sorted(preempted) == sorted(reference) == list(range(1, NUM_STEPS + 1))
-    diffs = {s: preempted[s]["loss"] - reference[s]["loss"] for s in reference if preempted[s]["loss"] != reference[s]["loss"]}
-    print(f"resumed at step {step_k}; steps whose loss differs from the uninterrupted run: "
-          + (", ".join(f"{s}: {d:+.3e}" for s, d in sorted(diffs.items())) or "none (bit-identical)"))
+    diffs = {
+        s: preempted[s]["loss"] - reference[s]["loss"]
+        for s in reference
+        if preempted[s]["loss"] != reference[s]["loss"]
+    }
+    print(
+        f"resumed at step {step_k}; steps whose loss differs from the uninterrupted run: "
+        + (", ".join(f"{s}: {d:+.3e}" for s, d in sorted(diffs.items())) or "none (bit-identical)")
+    )
     assert not {s: d for s, d in diffs.items() if abs(d) > 1e-6}, f"loss differs after resuming at {step_k}: {diffs}"
     final = json.loads((run_dir / "summary.json").read_text())
     expected = json.loads((uninterrupted_job["run_dir"] / "summary.json").read_text())

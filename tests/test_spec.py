@@ -29,10 +29,25 @@ PRETRAIN = {
     "stage": "pretrain",
     "run": {"name": "tiny", "output": "runs/tiny"},
     "model": {
-        "vision": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                              "num_attention_heads": 4, "patch_size": 4}},
-        "text": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}},
+        "vision": {
+            "config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "patch_size": 4,
+            }
+        },
+        "text": {
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+            }
+        },
         "tokenizer": "tok",
         "image_size": 64,
         "feature_layers": [0, 1],
@@ -50,8 +65,12 @@ FINETUNE = {
     "optim": {"lr": 1e-4, "num_steps": 10},
     "batch": {"samples_per_step": 16, "tokens_per_micro_batch": 1024},
 }
-INFLATE = {"stage": "inflate", "run": {"name": "tiny-inf", "output": "runs/tiny-inf"}, "source": "runs/x",
-           "plan": "32to528"}
+INFLATE = {
+    "stage": "inflate",
+    "run": {"name": "tiny-inf", "output": "runs/tiny-inf"},
+    "source": "runs/x",
+    "plan": "32to528",
+}
 DELETE = object()
 
 
@@ -76,7 +95,8 @@ def write(path: Path, content: object) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("raw", "cls"), [(PRETRAIN, PretrainSpec), (FINETUNE, FinetuneSpec), (INFLATE, InflateSpec)],
+    ("raw", "cls"),
+    [(PRETRAIN, PretrainSpec), (FINETUNE, FinetuneSpec), (INFLATE, InflateSpec)],
     ids=["pretrain", "finetune", "inflate"],
 )
 def test_valid_specs_parse_to_their_stage_class(raw, cls):
@@ -133,72 +153,133 @@ MALFORMED = [
     pytest.param(variant(PRETRAIN, {"optim.num_steps": "ten"}), "optim.num_steps:", id="wrong-type"),
     pytest.param(variant(PRETRAIN, {"optim.lr": -0.1}), "optim.lr:", id="negative-lr"),
     pytest.param(variant(PRETRAIN, {"optim.num_steps": 0}), "optim.num_steps:", id="zero-steps"),
-    pytest.param(variant(PRETRAIN, {"batch.tokens_per_micro_batch": "lots"}),
-                 "batch.tokens_per_micro_batch: expected a positive number of tokens or auto", id="budget-not-auto"),
-    pytest.param(variant(PRETRAIN, {"batch.samples_per_step": 0}),
-                 "batch.samples_per_step: Input should be greater than 0", id="no-samples-per-step"),
-    pytest.param(variant(PRETRAIN, {"batch.gradient_accumulation": 4}),
-                 "batch.gradient_accumulation: removed; set samples_per_step", id="old-fixed-accumulation"),
-    pytest.param(variant(PRETRAIN, {"batch.max_tokens_per_micro_batch": 4096}),
-                 "batch.max_tokens_per_micro_batch: only used with", id="auto-cap-without-auto"),
-    pytest.param(variant(PRETRAIN, {"batch.tokens_per_micro_batch": "auto", "batch.memory_fraction": 1.5}),
-                 "batch.memory_fraction:", id="memory-fraction-above-1"),
+    pytest.param(
+        variant(PRETRAIN, {"batch.tokens_per_micro_batch": "lots"}),
+        "batch.tokens_per_micro_batch: expected a positive number of tokens or auto",
+        id="budget-not-auto",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"batch.samples_per_step": 0}),
+        "batch.samples_per_step: Input should be greater than 0",
+        id="no-samples-per-step",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"batch.gradient_accumulation": 4}),
+        "batch.gradient_accumulation: removed; set samples_per_step",
+        id="old-fixed-accumulation",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"batch.max_tokens_per_micro_batch": 4096}),
+        "batch.max_tokens_per_micro_batch: only used with",
+        id="auto-cap-without-auto",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"batch.tokens_per_micro_batch": "auto", "batch.memory_fraction": 1.5}),
+        "batch.memory_fraction:",
+        id="memory-fraction-above-1",
+    ),
     pytest.param(variant(PRETRAIN, {"stage": "train"}), "stage:", id="bad-stage"),
     pytest.param(variant(PRETRAIN, {"stage": DELETE}), "stage:", id="missing-stage"),
     pytest.param(variant(PRETRAIN, {"run.output": "gs://bucket/run"}), "run.output:", id="bad-uri-scheme"),
     pytest.param(variant(PRETRAIN, {"run.output": "s3://ab/run"}), "run.output:", id="bucket-too-short"),
     pytest.param(variant(PRETRAIN, {"run.name": "my run"}), "run.name:", id="run-name-with-space"),
-    pytest.param(variant(PRETRAIN, {"model.scales": [{"window": 16, "queries_per_window": 16},
-                                                     {"window": 5, "queries_per_window": 1}]}),
-                 "model.scales[1].window:", id="window-not-dividing-grid"),
-    pytest.param(variant(PRETRAIN, {"model.scales": [{"window": 16, "queries_per_window": 1, "stride": 2}]}),
-                 "model.scales[0].stride:", id="unknown-scale-key"),
-    pytest.param(variant(PRETRAIN, {"model.feature_layers": [0, 3]}), "model.feature_layers:",
-                 id="feature-layer-out-of-range"),
-    pytest.param(variant(PRETRAIN, {"model.trainable": ["resampler", "head"]}), "model.trainable[1]:",
-                 id="unknown-trainable-module"),
+    pytest.param(
+        variant(
+            PRETRAIN,
+            {"model.scales": [{"window": 16, "queries_per_window": 16}, {"window": 5, "queries_per_window": 1}]},
+        ),
+        "model.scales[1].window:",
+        id="window-not-dividing-grid",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.scales": [{"window": 16, "queries_per_window": 1, "stride": 2}]}),
+        "model.scales[0].stride:",
+        id="unknown-scale-key",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.feature_layers": [0, 3]}), "model.feature_layers:", id="feature-layer-out-of-range"
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.trainable": ["resampler", "head"]}),
+        "model.trainable[1]:",
+        id="unknown-trainable-module",
+    ),
     pytest.param(variant(PRETRAIN, {"model.trainable": []}), "model.trainable:", id="empty-trainable"),
-    pytest.param(variant(PRETRAIN, {"model.vision.config.hiden_size": 32}),
-                 "model.vision.config.hiden_size: unknown field", id="unknown-vision-config-field"),
-    pytest.param(variant(PRETRAIN, {"model.text.config.model_type": DELETE}), "model.text.config.model_type:",
-                 id="random-text-without-model-type"),
-    pytest.param(variant(PRETRAIN, {"model.text.config.model_type": "llamma"}), "model.text.config.model_type:",
-                 id="unknown-model-type"),
-    pytest.param(variant(PRETRAIN, {"model.resampler_num_heads": 5}), "model.resampler_num_heads:",
-                 id="heads-not-dividing-width"),
-    pytest.param(variant(PRETRAIN, {"model.image_size": 66}), "model.image_size: 66 px is not a multiple",
-                 id="image-size-not-patch-multiple"),
-    pytest.param(variant(PRETRAIN, {"model.vision.config.image_size": 64}),
-                 "model.vision.config.image_size: set the resolution with model.image_size",
-                 id="image-size-in-vision-config"),
-    pytest.param(variant(PRETRAIN, {"model.trainable": "resampler"}), "model.trainable: Input should be a valid list",
-                 id="trainable-not-a-list"),
-    pytest.param(variant(PRETRAIN, {"model.feature_layers": [0, "one"]}), "model.feature_layers[1]:",
-                 id="bad-feature-layer-item"),
+    pytest.param(
+        variant(PRETRAIN, {"model.vision.config.hiden_size": 32}),
+        "model.vision.config.hiden_size: unknown field",
+        id="unknown-vision-config-field",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.text.config.model_type": DELETE}),
+        "model.text.config.model_type:",
+        id="random-text-without-model-type",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.text.config.model_type": "llamma"}),
+        "model.text.config.model_type:",
+        id="unknown-model-type",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.resampler_num_heads": 5}), "model.resampler_num_heads:", id="heads-not-dividing-width"
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.image_size": 66}),
+        "model.image_size: 66 px is not a multiple",
+        id="image-size-not-patch-multiple",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.vision.config.image_size": 64}),
+        "model.vision.config.image_size: set the resolution with model.image_size",
+        id="image-size-in-vision-config",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.trainable": "resampler"}),
+        "model.trainable: Input should be a valid list",
+        id="trainable-not-a-list",
+    ),
+    pytest.param(
+        variant(PRETRAIN, {"model.feature_layers": [0, "one"]}), "model.feature_layers[1]:", id="bad-feature-layer-item"
+    ),
     pytest.param(variant(PRETRAIN, {"eval.every_steps": 5}), "eval.every_steps:", id="eval-without-eval-data"),
-    pytest.param(variant(PRETRAIN, {"deepspeed.overrides": {"train_batch_size": 8}}), "deepspeed.overrides:",
-                 id="override-of-derived-deepspeed-key"),
+    pytest.param(
+        variant(PRETRAIN, {"deepspeed.overrides": {"train_batch_size": 8}}),
+        "deepspeed.overrides:",
+        id="override-of-derived-deepspeed-key",
+    ),
     pytest.param(variant(PRETRAIN, {"deepspeed.template": "zero1"}), "deepspeed.template:", id="unknown-template"),
     pytest.param(variant(PRETRAIN, {"optim.betas": [0.9, 1.5]}), "optim.betas:", id="bad-betas"),
     pytest.param(variant(PRETRAIN, {"optim.warmup_ratio": 1.0}), "optim.warmup_ratio:", id="warmup-ratio-one"),
     pytest.param(variant(PRETRAIN, {"optim": 5}), "optim:", id="section-not-a-mapping"),
-    pytest.param(variant(PRETRAIN, {"storage.multipart_chunk_mb": 1}), "storage.multipart_chunk_mb:",
-                 id="multipart-part-below-s3-minimum"),
+    pytest.param(
+        variant(PRETRAIN, {"storage.multipart_chunk_mb": 1}),
+        "storage.multipart_chunk_mb:",
+        id="multipart-part-below-s3-minimum",
+    ),
     pytest.param(variant(PRETRAIN, {"slurm.time": "forever"}), "slurm.time:", id="bad-slurm-time"),
-    pytest.param(variant(FINETUNE, {"model.trainable": ["projector", "language_model"]}), "model.trainable:",
-                 id="lora-with-language-model-trainable"),
+    pytest.param(
+        variant(FINETUNE, {"model.trainable": ["projector", "language_model"]}),
+        "model.trainable:",
+        id="lora-with-language-model-trainable",
+    ),
     pytest.param(variant(FINETUNE, {"model.source": DELETE}), "model.source:", id="finetune-without-source"),
     pytest.param(variant(FINETUNE, {"lora.r": 0}), "lora.r:", id="lora-rank-zero"),
     pytest.param(variant(INFLATE, {"plan": "32to999"}), f"plan: {PLAN_CHOICES}", id="unknown-inflate-preset"),
     pytest.param(variant(INFLATE, {"plan": 32}), f"plan: {PLAN_CHOICES}", id="inflate-plan-wrong-type"),
-    pytest.param(variant(INFLATE, {"plan": {"image_size": 448, "scales": []}}), "plan.scales:",
-                 id="inflate-plan-without-scales"),
-    pytest.param(variant(INFLATE, {"plan": {"image_size": 448}}), "plan.scales: required key is missing",
-                 id="inflate-plan-missing-scales"),
-    pytest.param(variant(INFLATE, {"plan": {"image_size": 448, "scales": [{"window": 0, "queries_per_window": 1}]}}),
-                 "plan.scales[0].window:", id="inflate-plan-bad-scale"),
-    pytest.param(variant(FINETUNE, {"lora.target_modules": [7]}), "lora.target_modules[0]:",
-                 id="bad-lora-target"),
+    pytest.param(
+        variant(INFLATE, {"plan": {"image_size": 448, "scales": []}}), "plan.scales:", id="inflate-plan-without-scales"
+    ),
+    pytest.param(
+        variant(INFLATE, {"plan": {"image_size": 448}}),
+        "plan.scales: required key is missing",
+        id="inflate-plan-missing-scales",
+    ),
+    pytest.param(
+        variant(INFLATE, {"plan": {"image_size": 448, "scales": [{"window": 0, "queries_per_window": 1}]}}),
+        "plan.scales[0].window:",
+        id="inflate-plan-bad-scale",
+    ),
+    pytest.param(variant(FINETUNE, {"lora.target_modules": [7]}), "lora.target_modules[0]:", id="bad-lora-target"),
     pytest.param("stage: [pretrain\n", "not valid YAML at line 2", id="yaml-syntax-error"),
     pytest.param([PRETRAIN], "the spec must be a YAML mapping, got list", id="list-not-mapping"),
     pytest.param("just words\n", "the spec must be a YAML mapping, got str", id="scalar-not-mapping"),
@@ -327,12 +408,21 @@ def test_deep_copies():
             other.deepspeed.overrides["zero_optimization"]["stage"] = 2
 
 
-@pytest.mark.parametrize("raw", [
-    variant(PRETRAIN, {"deepspeed.overrides": {"zero_optimization": {"stage": 3}, "tags": ["a", {"b": 1}]},
-                       "slurm.setup": ["module load cuda"]}),
-    variant(INFLATE, {"plan": {"image_size": 448, "scales": [{"window": 8, "queries_per_window": 1}]}}),
-    FINETUNE,
-], ids=["pretrain", "inflate-mapping-plan", "finetune"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        variant(
+            PRETRAIN,
+            {
+                "deepspeed.overrides": {"zero_optimization": {"stage": 3}, "tags": ["a", {"b": 1}]},
+                "slurm.setup": ["module load cuda"],
+            },
+        ),
+        variant(INFLATE, {"plan": {"image_size": 448, "scales": [{"window": 8, "queries_per_window": 1}]}}),
+        FINETUNE,
+    ],
+    ids=["pretrain", "inflate-mapping-plan", "finetune"],
+)
 def test_dict_round_trip_keeps_the_hash(raw):
     """spec_to_dict is plain JSON data that parses back to an equal spec with the same hash."""
     spec = parse_spec(raw)

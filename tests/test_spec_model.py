@@ -139,16 +139,20 @@ def test_known_activations_and_rotary_types_are_what_transformers_has():
     assert ROPE_TYPES == set(ROPE_INIT_FUNCTIONS) | {"default"}
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("model.text.config.num_key_value_heads", 2),
-    ("model.text.config.head_dim", 64),
-    ("model.text.config.rms_norm_eps", 1),
-    ("model.text.config.attention_dropout", 0),
-    ("model.text.config.rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}),
-    ("model.vision.config.layer_norm_eps", 1.0e-6),
-    ("model.vision.config.num_attention_heads", 8),
-    ("model.vision.config.model_type", "clip_vision_model"),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model.text.config.num_key_value_heads", 2),
+        ("model.text.config.head_dim", 64),
+        ("model.text.config.rms_norm_eps", 1),
+        ("model.text.config.attention_dropout", 0),
+        ("model.text.config.rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}),
+        ("model.vision.config.layer_norm_eps", 1.0e-6),
+        ("model.vision.config.num_attention_heads", 8),
+        ("model.vision.config.model_type", "clip_vision_model"),
+    ],
+    ids=lambda v: str(v),
+)
 def test_valid_model_configs_pass_and_build(key, value):
     """What the spec-time check accepts, transformers builds: the config comes out with the value (an
     integer given for a float field arrives as a float)."""
@@ -209,12 +213,21 @@ def test_check_paths_names_each_missing_file(tmp_path):
         f"data.eval: {root / 'eval.json'} does not exist",
         f"model.tokenizer: {tmp_path / 'tok'} does not exist (a local tokenizer folder)",
     ]
-    assert check_paths(parse_spec(_set(TINY, "data.root", str(tmp_path / "gone"))))[0] == \
-        f"data.root: {tmp_path / 'gone'} does not exist"
+    assert (
+        check_paths(parse_spec(_set(TINY, "data.root", str(tmp_path / "gone"))))[0]
+        == f"data.root: {tmp_path / 'gone'} does not exist"
+    )
 
 
-@pytest.mark.parametrize(("root", "ok"), [("s3://my-bucket/cos/data", True), ("s3://My_Bucket/x", False),
-                                          ("s3://ab/x", False), ("s3://bucket..name/x", False)])
+@pytest.mark.parametrize(
+    ("root", "ok"),
+    [
+        ("s3://my-bucket/cos/data", True),
+        ("s3://My_Bucket/x", False),
+        ("s3://ab/x", False),
+        ("s3://bucket..name/x", False),
+    ],
+)
 def test_an_s3_data_root_is_checked_for_syntax_only(tmp_path, root, ok):
     """An s3:// data root is never contacted: only its bucket name is checked."""
     raw = _set(_with_data(TINY, _data(tmp_path)), "data.root", root)
@@ -229,18 +242,36 @@ def _model_folder(path: Path, config: dict) -> str:
     return str(path)
 
 
-LLAMA_FILE = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512, "rope_theta": 10000.0}
-CLIP_FILE = {"model_type": "clip", "vision_config": {"hidden_size": 64, "intermediate_size": 128,
-                                                     "num_hidden_layers": 3, "num_attention_heads": 4,
-                                                     "patch_size": 4, "image_size": 224}}
+LLAMA_FILE = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 512,
+    "rope_theta": 10000.0,
+}
+CLIP_FILE = {
+    "model_type": "clip",
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+        "image_size": 224,
+    },
+}
 
 
 def _from_folders(tmp_path: Path, text: dict, vision: dict, overrides: dict | None = None) -> dict:
     raw = _with_data(TINY, _data(tmp_path))
     raw["model"]["text"] = {"path": _model_folder(tmp_path / "llm", text), "config": (overrides or {}).get("text", {})}
-    raw["model"]["vision"] = {"path": _model_folder(tmp_path / "vit", vision),
-                              "config": (overrides or {}).get("vision", {})}
+    raw["model"]["vision"] = {
+        "path": _model_folder(tmp_path / "vit", vision),
+        "config": (overrides or {}).get("vision", {}),
+    }
     return raw
 
 
@@ -250,14 +281,17 @@ def test_model_folders_are_checked_with_their_config_json(tmp_path):
     assert check_paths(parse_spec(_from_folders(tmp_path / "a", LLAMA_FILE, CLIP_FILE))) == []
     overridden = _from_folders(tmp_path / "b", LLAMA_FILE, CLIP_FILE, {"text": {"num_attention_heads": 5}})
     assert check_paths(parse_spec(overridden)) == [
-        "model.text.config.num_attention_heads: 5 does not divide hidden_size 128"]
+        "model.text.config.num_attention_heads: 5 does not divide hidden_size 128"
+    ]
     in_file = _from_folders(tmp_path / "c", {**LLAMA_FILE, "num_key_value_heads": 3}, CLIP_FILE)
     assert check_paths(parse_spec(in_file)) == [
         f"model.text.path: {tmp_path / 'c' / 'llm'}/config.json: num_key_value_heads: 3 does not divide "
-        "num_attention_heads 4"]
+        "num_attention_heads 4"
+    ]
     shallow = {**CLIP_FILE, "vision_config": {**CLIP_FILE["vision_config"], "num_hidden_layers": 2}}
     assert check_paths(parse_spec(_from_folders(tmp_path / "d", LLAMA_FILE, shallow))) == [
-        "model.feature_layers: block 2 is outside the ViT's blocks 0..1"]
+        "model.feature_layers: block 2 is outside the ViT's blocks 0..1"
+    ]
     unknown = _from_folders(tmp_path / "e", LLAMA_FILE, CLIP_FILE, {"text": {"hiden_size": 1}})
     assert check_paths(parse_spec(unknown)) == ["model.text.config.hiden_size: unknown field (check the spelling)"]
     # transformers accepts a [h, w] patch in a CLIP config.json; the model needs a square one.
@@ -267,7 +301,8 @@ def test_model_folders_are_checked_with_their_config_json(tmp_path):
     assert check_paths(parse_spec(raw)) == [
         f"model.tokenizer: {tmp_path / 'no-tokenizer'} does not exist (a local tokenizer folder)",
         f"model.vision.path: {tmp_path / 'f' / 'vit'}/config.json: patch_size: must be a positive integer, "
-        "got a list [4, 4]"]
+        "got a list [4, 4]",
+    ]
 
 
 def test_validate_reports_missing_files_one_line_each(tmp_path):

@@ -20,12 +20,32 @@ def published_tiny_model(data, out):
     """A tiny Chain-of-Sight model for the synthetic tokenizer, published as `<out>/model/` with its
     manifest (as the inflate stage publishes one)."""
     tokenizer = load_tokenizer(data / "tokenizer")
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, patch_size=4, image_size=64)
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
-    config = CosConfig(vision_config=vision, text_config=text, feature_layers=[0, 1], resampler_num_heads=4,
-                       image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=4,
+        image_size=64,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    config = CosConfig(
+        vision_config=vision,
+        text_config=text,
+        feature_layers=[0, 1],
+        resampler_num_heads=4,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
     local = out.parent / "unpublished"
     CosForConditionalGeneration(config).save_pretrained(local)
     tokenizer.save_pretrained(local)
@@ -46,15 +66,44 @@ def test_two_nodes_sharing_a_run_dir_stage_the_source_model_each_in_their_own_fo
     each node downloads the source model into its own folder, and the run trains to the end."""
     source = published_tiny_model(tiny_data, tmp_path / "source")
     run_dir, port = tmp_path / "shared-run-dir", free_port()
-    sets = [f"model.source={source}", f"data.root={tiny_data}", "optim.num_steps=2", "checkpoint.every_steps=1",
-            "eval.every_steps=null", "batch.samples_per_step=4", "batch.tokens_per_micro_batch=2048"]
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "cosctl", "finetune",
-         str(RECIPES / "tiny" / "finetune.yaml"), "--run-dir", str(run_dir), "--output", str(tmp_path / "out"),
-         *[a for s in sets for a in ("--set", s)]],
-        cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (0, 1)]
+    sets = [
+        f"model.source={source}",
+        f"data.root={tiny_data}",
+        "optim.num_steps=2",
+        "checkpoint.every_steps=1",
+        "eval.every_steps=null",
+        "batch.samples_per_step=4",
+        "batch.tokens_per_micro_batch=2048",
+    ]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "cosctl",
+                "finetune",
+                str(RECIPES / "tiny" / "finetune.yaml"),
+                "--run-dir",
+                str(run_dir),
+                "--output",
+                str(tmp_path / "out"),
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            cwd=REPO,
+            env=env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for node in (0, 1):

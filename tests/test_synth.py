@@ -100,7 +100,7 @@ def test_refexp_answer_is_the_box_of_the_named_object(synth_dirs):
         assert answer == box_to_text(tuple(matches[0]["box"]), IMAGE_SIZE)
         percent = [int(value) for value in answer.strip("[]").split(", ")]
         # Integer percent is off by at most half a percent of the side.
-        errors = [abs(p * IMAGE_SIZE / 100 - px) for p, px in zip(percent, matches[0]["box"])]
+        errors = [abs(p * IMAGE_SIZE / 100 - px) for p, px in zip(percent, matches[0]["box"], strict=True)]
         assert max(errors) <= IMAGE_SIZE / 200 + 1e-9
 
 
@@ -141,9 +141,13 @@ def test_tokenizer_loads_with_transformers_and_round_trips(synth_dirs):
     folder = synth_dirs["first"] / "tokenizer"
     for tokenizer in (PreTrainedTokenizerFast.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)):
         assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
-            "<unk>", "<s>", "</s>", "<pad>")
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<pad>",
+        )
         assert 300 < len(tokenizer) <= 1024
-        text = records(synth_dirs["first"])[0]["conversations"][0]["value"][len("<image>\n"):] + " [12, 40, 30, 62]"
+        text = records(synth_dirs["first"])[0]["conversations"][0]["value"][len("<image>\n") :] + " [12, 40, 30, 62]"
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(ids) == text
         assert tokenizer.unk_token_id not in ids

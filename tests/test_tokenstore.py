@@ -28,10 +28,6 @@ IMAGE_SIZE = 64
 NUM_VISUAL = 32
 
 
-
-
-
-
 @pytest.fixture
 def llava_dir(tmp_path, synth_dir) -> Path:
     """A LLaVA-shaped set of 40 records (a quarter text-only, a quarter long multi-turn), one
@@ -42,13 +38,20 @@ def llava_dir(tmp_path, synth_dir) -> Path:
 
 def source_for(root, *, max_text_tokens: int = 48, image_check: str = "decode", **kwargs) -> SplitSource:
     cache = kwargs.pop("cache_dir", None)
-    return SplitSource(root=str(root), name=kwargs.pop("name", "train.json"), max_text_tokens=max_text_tokens,
-                       image_check=image_check, cache_dir=Path(cache) if cache else None, **kwargs)
+    return SplitSource(
+        root=str(root),
+        name=kwargs.pop("name", "train.json"),
+        max_text_tokens=max_text_tokens,
+        image_check=image_check,
+        cache_dir=Path(cache) if cache else None,
+        **kwargs,
+    )
 
 
 def load(source: SplitSource, tokenizer, max_bad_fraction: float = 0.1, workers: int = 0):
-    return load_split(source, tokenizer, num_visual_tokens=NUM_VISUAL, max_bad_fraction=max_bad_fraction,
-                      workers=workers)
+    return load_split(
+        source, tokenizer, num_visual_tokens=NUM_VISUAL, max_bad_fraction=max_bad_fraction, workers=workers
+    )
 
 
 def test_store_holds_what_load_examples_builds(llava_dir, tokenizer):
@@ -114,8 +117,7 @@ def test_child_and_worker_processes_prepare_the_same_store(llava_dir, tokenizer,
     """Preparing in a spawned child (large files), and there with two worker processes, writes the same
     arrays as preparing in the calling process."""
     inline = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "a")), tokenizer, workers=0)
-    child = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "b")), tokenizer, workers=0,
-                          child_min_bytes=0)
+    child = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "b")), tokenizer, workers=0, child_min_bytes=0)
     pooled = prepare_split(source_for(llava_dir, prepared=str(tmp_path / "c")), tokenizer, workers=2)
     for other in (child, pooled):
         for name in tokenstore.ARRAYS:
@@ -154,8 +156,16 @@ def test_a_store_is_picklable_by_path(llava_dir, tokenizer):
 
 
 def loader_over(records, **kwargs) -> StepLoader:
-    options = {"image_size": IMAGE_SIZE, "pad_token_id": 3, "tokens_per_micro_batch": 1024, "samples_per_step": 8,
-               "seed": 7, "rank": 0, "world_size": 1, **kwargs}
+    options = {
+        "image_size": IMAGE_SIZE,
+        "pad_token_id": 3,
+        "tokens_per_micro_batch": 1024,
+        "samples_per_step": 8,
+        "seed": 7,
+        "rank": 0,
+        "world_size": 1,
+        **kwargs,
+    }
     return StepLoader(records, **options)
 
 
@@ -220,9 +230,14 @@ def upload_folder(server, bucket: str, folder: Path, prefix: str) -> None:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region,
-                          aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
     for path in sorted(folder.rglob("*")):
         if path.is_file() and "tokenizer" not in path.parts and "prepared" not in path.parts:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
@@ -234,8 +249,9 @@ def check_s3_root(server, monkeypatch, llava_dir, tokenizer, tmp_path) -> None:
     upload_folder(server, bucket, llava_dir, "llava")
     settings = StoreSettings(endpoint_url=server.endpoint, region=server.region, path_style=True)
     cache_bytes = 6 << 10
-    remote = source_for(f"s3://{bucket}/llava", settings=settings, cache_dir=tmp_path / "cache",
-                        image_cache_bytes=cache_bytes)
+    remote = source_for(
+        f"s3://{bucket}/llava", settings=settings, cache_dir=tmp_path / "cache", image_cache_bytes=cache_bytes
+    )
     records = load(remote, tokenizer)
     local = load(source_for(llava_dir), tokenizer)
     assert records.store.report.bad == local.store.report.bad == {"unreadable_image": 1}
@@ -287,13 +303,22 @@ def test_cosctl_data_prepare_writes_then_reuses(llava_dir, tmp_path):
     from tests.harness import RECIPES
 
     shutil.copy(llava_dir / "train.json", llava_dir / "eval.json")
-    args = ["data", "prepare", str(RECIPES / "tiny" / "pretrain.yaml"), "--set", f"data.root={llava_dir}",
-            "--set", f"model.tokenizer={llava_dir / 'tokenizer'}", "--set", "data.max_bad_fraction=0.1"]
+    args = [
+        "data",
+        "prepare",
+        str(RECIPES / "tiny" / "pretrain.yaml"),
+        "--set",
+        f"data.root={llava_dir}",
+        "--set",
+        f"model.tokenizer={llava_dir / 'tokenizer'}",
+        "--set",
+        "data.max_bad_fraction=0.1",
+    ]
 
     def prepare() -> list[dict]:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
-        return json.loads(result.stdout[result.stdout.index("[\n"):])
+        return json.loads(result.stdout[result.stdout.index("[\n") :])
 
     first = prepare()
     assert [split["split"] for split in first] == ["train.json", "eval.json"]

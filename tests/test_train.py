@@ -60,8 +60,9 @@ def two_uneven_micro_batches(data) -> tuple[dict, dict]:
     other = next(e for e in examples if e is not caption)
 
     def batch(example, keep_labels: int | None) -> dict:
-        collated = collate([example], [load_image(resolve_image_path(data, example.image_path), 64)],
-                           tokenizer.pad_token_id)
+        collated = collate(
+            [example], [load_image(resolve_image_path(data, example.image_path), 64)], tokenizer.pad_token_id
+        )
         if keep_labels is not None:  # keep only the first `keep_labels` answer tokens
             labelled = (collated["labels"] != IGNORE_INDEX).nonzero()[:, 1]
             collated["labels"][0, labelled[keep_labels:]] = IGNORE_INDEX
@@ -84,10 +85,14 @@ def reference_gradient(data, spec, a: dict, b: dict) -> dict[str, torch.Tensor]:
     def pad(tensor, value):
         return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
-    both = {"input_ids": torch.cat([pad(a["input_ids"], tokenizer.pad_token_id), pad(b["input_ids"], tokenizer.pad_token_id)]),
-            "labels": torch.cat([pad(a["labels"], IGNORE_INDEX), pad(b["labels"], IGNORE_INDEX)]),
-            "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
-            "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]])}
+    both = {
+        "input_ids": torch.cat(
+            [pad(a["input_ids"], tokenizer.pad_token_id), pad(b["input_ids"], tokenizer.pad_token_id)]
+        ),
+        "labels": torch.cat([pad(a["labels"], IGNORE_INDEX), pad(b["labels"], IGNORE_INDEX)]),
+        "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
+        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
+    }
     count = num_label_tokens(a["labels"]) + num_label_tokens(b["labels"])
     loss = model(**both, num_items_in_batch=torch.tensor(float(count))).loss
     loss.backward()
@@ -156,9 +161,23 @@ def test_uneven_ranks_give_the_one_micro_batch_gradient(tiny_data, tmp_path):
 
     script = tmp_path / "gradient.py"
     script.write_text(GRADIENT_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(tiny_data), str(tmp_path)], cwd=REPO, env=env(tmp_path, PYTHONPATH=str(REPO)),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tiny_data),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env(tmp_path, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = two_uneven_micro_batches(tiny_data)
     expected = reference_gradient(tiny_data, tiny_spec(tiny_data, tmp_path / "run", 1), a, b)
@@ -168,8 +187,15 @@ def test_uneven_ranks_give_the_one_micro_batch_gradient(tiny_data, tmp_path):
 def test_generation_eval_during_training_logs_task_metrics(tiny_data, tmp_path, in_process):
     """With eval.generate_every_steps, the step's metrics record gains per-task generation scores
     (VQA accuracy, CIDEr, acc@0.5...) on the held-out records, as `cosctl eval` computes them."""
-    spec = tiny_spec(tiny_data, tmp_path / "out", 2, "eval.generate_every_steps=2", "eval.generate_samples=6",
-                     "eval.generate_max_new_tokens=4", "data.eval=eval.json")
+    spec = tiny_spec(
+        tiny_data,
+        tmp_path / "out",
+        2,
+        "eval.generate_every_steps=2",
+        "eval.generate_samples=6",
+        "eval.generate_max_new_tokens=4",
+        "data.eval=eval.json",
+    )
     in_process(spec, tmp_path / "work")
     records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     step_two = next(r for r in records if r.get("step") == 2 and "loss" in r)

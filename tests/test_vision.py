@@ -7,7 +7,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from cos_model.vision import CosVisionTower, resize_position_embedding
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4, image_size=64)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4, image_size=64
+)
 
 
 def test_features_equal_clip_hidden_states_of_chosen_blocks(tmp_path):
@@ -20,7 +22,7 @@ def test_features_equal_clip_hidden_states_of_chosen_blocks(tmp_path):
     with torch.no_grad():
         hidden = clip(pixels, output_hidden_states=True).hidden_states  # [0] = embeddings
         features = tower.features(pixels, [1, 2])
-    for block, grid in zip([1, 2], features):
+    for block, grid in zip([1, 2], features, strict=True):
         assert grid.shape == (2, 16, 16, 32)
         assert torch.equal(grid, hidden[block + 1][:, 1:].reshape(2, 16, 16, 32))
 

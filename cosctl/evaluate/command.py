@@ -66,8 +66,17 @@ def baseline_scores(records: list[dict], baseline_records: list[dict] | None) ->
     return score(items, baseline_predictions(items, source))
 
 
-def run_eval(model_uri: str, data: Path, *, images: Path | None, out: Path, max_new_tokens: int,
-             batch_size: int, limit: int | None = None, baseline_from: Path | None = None) -> dict | None:
+def run_eval(
+    model_uri: str,
+    data: Path,
+    *,
+    images: Path | None,
+    out: Path,
+    max_new_tokens: int,
+    batch_size: int,
+    limit: int | None = None,
+    baseline_from: Path | None = None,
+) -> dict | None:
     """Evaluate `model_uri` on `data`; rank 0 writes `out`/predictions.jsonl and metrics.json and
     returns the metrics (other ranks return None)."""
     from ..log import setup_logging
@@ -83,23 +92,45 @@ def run_eval(model_uri: str, data: Path, *, images: Path | None, out: Path, max_
     loaded = _load(model_uri, rank, world_size, dtype)
     loaded.model.to(device)
     loaded_at = time.monotonic()
-    rows, scores = generate_and_score(loaded.model, loaded.tokenizer, records, image_root,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                                      rank=rank, world_size=world_size)
+    rows, scores = generate_and_score(
+        loaded.model,
+        loaded.tokenizer,
+        records,
+        image_root,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
     if rank != 0:
         return None
     generated_at = time.monotonic()
     baseline = baseline_scores(records, baseline_records)
     metrics = {
-        "model": model_uri, "kind": loaded.kind, "base_model": loaded.base_model,
-        "data": str(data), "images": str(image_root), "num_records": len(records),
+        "model": model_uri,
+        "kind": loaded.kind,
+        "base_model": loaded.base_model,
+        "data": str(data),
+        "images": str(image_root),
+        "num_records": len(records),
         "counts": {task: int(values["num"]) for task, values in scores.tasks.items()},
-        "tasks": scores.tasks, "fallback_tasks": scores.fallback_tasks,
+        "tasks": scores.tasks,
+        "fallback_tasks": scores.fallback_tasks,
         "baseline": {"source": str(baseline_from) if baseline_from else "eval records", "tasks": baseline.tasks},
-        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                       "world_size": world_size, "device": device.type, "dtype": str(dtype).removeprefix("torch.")},
-        "wall_clock_s": {"load": loaded_at - started, "generate": generated_at - loaded_at,
-                         "total": time.monotonic() - started},
+        "generation": {
+            "greedy": True,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "device": device.type,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "wall_clock_s": {
+            "load": loaded_at - started,
+            "generate": generated_at - loaded_at,
+            "total": time.monotonic() - started,
+        },
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     out = Path(out)
@@ -123,22 +154,36 @@ def print_table(metrics: dict, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"{metrics['model']} on {metrics['data']}", title_justify="left")
-    for column, justify in (("task", "left"), ("n", "right"), ("metric", "left"), ("model", "right"),
-                            ("image-free baseline", "right")):
+    for column, justify in (
+        ("task", "left"),
+        ("n", "right"),
+        ("metric", "left"),
+        ("model", "right"),
+        ("image-free baseline", "right"),
+    ):
         table.add_column(column, justify=justify)
     for task, values in metrics["tasks"].items():
         baseline = metrics["baseline"]["tasks"].get(task, {})
         names = [name for name in values if name != "num"]
         for position, name in enumerate(names):
             unit = "" if name in ("cider", "mean_iou") else " %"
-            table.add_row(task if position == 0 else "", str(int(values["num"])) if position == 0 else "",
-                          name + unit, format_value(name, values[name]),
-                          format_value(name, baseline[name]) if name in baseline else "-")
+            table.add_row(
+                task if position == 0 else "",
+                str(int(values["num"])) if position == 0 else "",
+                name + unit,
+                format_value(name, values[name]),
+                format_value(name, baseline[name]) if name in baseline else "-",
+            )
         table.rows[-1].end_section = True
     console.print(table)
     fallback = metrics["fallback_tasks"]
-    console.print(f"exact-match fallback (unknown task): {', '.join(fallback)}" if fallback
-                  else "exact-match fallback: none (every task has its own metric)")
+    console.print(
+        f"exact-match fallback (unknown task): {', '.join(fallback)}"
+        if fallback
+        else "exact-match fallback: none (every task has its own metric)"
+    )
     seconds = metrics["wall_clock_s"]
-    console.print(f"{metrics['num_records']} records, {metrics['generation']['world_size']} rank(s): "
-                  f"load {seconds['load']:.1f} s, generate {seconds['generate']:.1f} s, total {seconds['total']:.1f} s")
+    console.print(
+        f"{metrics['num_records']} records, {metrics['generation']['world_size']} rank(s): "
+        f"load {seconds['load']:.1f} s, generate {seconds['generate']:.1f} s, total {seconds['total']:.1f} s"
+    )

@@ -51,7 +51,7 @@ def plan_batches(prompt_lengths: list[int], batch_size: int) -> list[tuple[int, 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
-    return [tuple(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+    return [tuple(order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
 
 
 def rank_batches(batches: list[tuple[int, ...]], rank: int, world_size: int, equal_counts: bool) -> list[Batch]:
@@ -86,8 +86,8 @@ def collate_prompts(prompts: list[EvalPrompt], pad_token_id: int, image_size: in
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt.input_ids):] = torch.tensor(prompt.input_ids)
-        attention_mask[row, width - len(prompt.input_ids):] = 1
+        input_ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
+        attention_mask[row, width - len(prompt.input_ids) :] = 1
     pixel_values = torch.stack([load_image(prompt.image, image_size) for prompt in prompts])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
@@ -102,26 +102,49 @@ def decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
     return texts
 
 
-def generate_batch(module: nn.Module, tokenizer, prompts: list[EvalPrompt], *, image_size: int,
-                   max_new_tokens: int, device: torch.device, synced: bool) -> list[str]:
+def generate_batch(
+    module: nn.Module,
+    tokenizer,
+    prompts: list[EvalPrompt],
+    *,
+    image_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    synced: bool,
+) -> list[str]:
     """Greedy continuations of `prompts` (one batch) with the KV cache. Settings a model's generation
     config may carry that would change greedy decoding (beams, sampling, repetition penalties, a
     minimum length) are set to their neutral values, so every model is decoded the same way."""
     inputs = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id, image_size).items()}
-    output = module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             synced_gpus=synced)
-    return decode_new_tokens(tokenizer, output[:, inputs["input_ids"].shape[1]:].cpu())
+    output = module.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced,
+    )
+    return decode_new_tokens(tokenizer, output[:, inputs["input_ids"].shape[1] :].cpu())
 
 
-def prediction_rows(records: list[dict], prompts: list[EvalPrompt], texts: dict[str, str],
-                    scores: Scores) -> list[dict]:
+def prediction_rows(
+    records: list[dict], prompts: list[EvalPrompt], texts: dict[str, str], scores: Scores
+) -> list[dict]:
     """One row per record, in file order: id, task, prompt, prediction, reference (+ answers), score."""
     rows = []
     for record, prompt in zip(records, prompts, strict=True):
-        row = {"id": prompt.id, "task": prompt.task, "prompt": prompt.text, "prediction": texts[prompt.id],
-               "reference": prompt.reference}
+        row = {
+            "id": prompt.id,
+            "task": prompt.task,
+            "prompt": prompt.text,
+            "prediction": texts[prompt.id],
+            "reference": prompt.reference,
+        }
         if record.get("answers") is not None:
             row["answers"] = record["answers"]
         rows.append({**row, "score": scores.per_record[prompt.id]})
@@ -131,13 +154,27 @@ def prediction_rows(records: list[dict], prompts: list[EvalPrompt], texts: dict[
 def metrics_record(scores: Scores, prefix: str = "eval") -> dict[str, float]:
     """Per-task aggregates as flat metrics-log keys: {"eval/<task>/<metric>": value} (counts left out),
     the keys `cosctl report` plots against the step."""
-    return {f"{prefix}/{task}/{metric}": float(value) for task, values in scores.tasks.items()
-            for metric, value in values.items() if metric != "num"}
+    return {
+        f"{prefix}/{task}/{metric}": float(value)
+        for task, values in scores.tasks.items()
+        for metric, value in values.items()
+        if metric != "num"
+    }
 
 
-def generate_and_score(model: nn.Module, tokenizer, records: list[dict], image_root, *, max_new_tokens: int,
-                       batch_size: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
-                       default_task: str = "unknown") -> tuple[list[dict], Scores]:
+def generate_and_score(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    image_root,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world_size: int = 1,
+    default_task: str = "unknown",
+) -> tuple[list[dict], Scores]:
     """Generate greedily for every record and score the predictions (`cosctl.scoring.score`).
 
     `model`: a CosForConditionalGeneration, a peft model around one, or a DeepSpeed engine holding
@@ -165,9 +202,15 @@ def generate_and_score(model: nn.Module, tokenizer, records: list[dict], image_r
     try:
         for number, batch in enumerate(mine, 1):
             chosen = [prompts[i] for i in batch.indices]
-            texts = generate_batch(module, tokenizer, chosen, image_size=config.image_size,
-                                   max_new_tokens=max_new_tokens, device=torch.device(device),
-                                   synced=partitioned and world_size > 1)
+            texts = generate_batch(
+                module,
+                tokenizer,
+                chosen,
+                image_size=config.image_size,
+                max_new_tokens=max_new_tokens,
+                device=torch.device(device),
+                synced=partitioned and world_size > 1,
+            )
             if batch.keep:
                 local.update((prompt.id, text) for prompt, text in zip(chosen, texts, strict=True))
             if number % math.ceil(len(mine) / 10) == 0 or number == len(mine):

@@ -55,8 +55,10 @@ def check_source(source: str, settings: StoreSettings | None = None) -> None:
     store = open_store(source, settings)
     if any(store.size(key) is not None for key in (f"model/{MANIFEST}", MANIFEST, "config.json")):
         return
-    raise StorageError(f"{source}: holds no model to evaluate (expected adapter/ or model/ with {MANIFEST}, "
-                       f"a published folder, or an exported model folder with config.json)")
+    raise StorageError(
+        f"{source}: holds no model to evaluate (expected adapter/ or model/ with {MANIFEST}, "
+        f"a published folder, or an exported model folder with config.json)"
+    )
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,13 @@ def load_fetched(fetched: Fetched, dtype: torch.dtype = torch.float32) -> Loaded
     if fetched.adapter_dir is None:
         return LoadedModel(model.eval(), load_tokenizer(fetched.model_dir), fetched.source, "model")
     merged = PeftModel.from_pretrained(model, fetched.adapter_dir).merge_and_unload()
-    return LoadedModel(merged.eval(), load_tokenizer(fetched.adapter_dir), fetched.source, "adapter",
-                       fetched.base_model)
+    return LoadedModel(
+        merged.eval(), load_tokenizer(fetched.adapter_dir), fetched.source, "adapter", fetched.base_model
+    )
 
 
-def load_for_eval(source: str, scratch: Path, *, dtype: torch.dtype = torch.float32,
-                  settings: StoreSettings | None = None) -> LoadedModel:
+def load_for_eval(
+    source: str, scratch: Path, *, dtype: torch.dtype = torch.float32, settings: StoreSettings | None = None
+) -> LoadedModel:
     """`fetch_for_eval` then `load_fetched`: the model `source` names, files under `scratch`."""
     return load_fetched(fetch_for_eval(source, scratch, settings), dtype)

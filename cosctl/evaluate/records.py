@@ -71,8 +71,14 @@ def _record_problem(record, seen: set[str], image_root: Path | None, images: dic
     return None
 
 
-def check_records(records: list, source: str, image_root: str | Path | None = None, *, skip_bad: bool = False,
-                  limit: int | None = None) -> list[dict]:
+def check_records(
+    records: list,
+    source: str,
+    image_root: str | Path | None = None,
+    *,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> list[dict]:
     """The records that can be evaluated: a mapping with an id, unique; a training-valid conversation;
     `answers`, when present, a non-empty list of strings; a box in each reference of a
     referring-expression task; an image, readable under `image_root` when one is given.
@@ -98,16 +104,19 @@ def check_records(records: list, source: str, image_root: str | Path | None = No
     if bad:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(bad.items()))
         checked = len(good) + sum(bad.values())
-        message = f"{source}: {sum(bad.values())} of {checked} records cannot be evaluated ({reasons}; first: " \
-                  f"{', '.join(bad_ids)})"
+        message = (
+            f"{source}: {sum(bad.values())} of {checked} records cannot be evaluated ({reasons}; first: "
+            f"{', '.join(bad_ids)})"
+        )
         if not skip_bad:
             raise DataError(message)
         log.warning(f"{message}; they are left out")
     return good
 
 
-def load_eval_records(path: str | Path, image_root: str | Path | None = None, limit: int | None = None, *,
-                      skip_bad: bool = False) -> list[dict]:
+def load_eval_records(
+    path: str | Path, image_root: str | Path | None = None, limit: int | None = None, *, skip_bad: bool = False
+) -> list[dict]:
     """The first `limit` (all when None) records of a LLaVA-format JSON file, checked by `check_records`;
     with `skip_bad`, the first `limit` good ones (the training loop's held-out samples)."""
     records = read_records(Path(path))
@@ -123,8 +132,9 @@ def render_prompt(turns: list[dict], bos: str, eos: str) -> str:
     return text + f"USER: {pairs[-1][0]['value']} ASSISTANT: "
 
 
-def build_prompt(record: dict, tokenizer, num_visual_tokens: int, image_root: str | Path,
-                 default_task: str = "unknown") -> EvalPrompt:
+def build_prompt(
+    record: dict, tokenizer, num_visual_tokens: int, image_root: str | Path, default_task: str = "unknown"
+) -> EvalPrompt:
     """The generation prompt of a checked record: the training ids of its conversation up to where the
     last answer's labels begin."""
     turns = record["conversations"]
@@ -133,6 +143,11 @@ def build_prompt(record: dict, tokenizer, num_visual_tokens: int, image_root: st
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     text = render_prompt(turns, tokenizer.bos_token or "", tokenizer.eos_token)
-    return EvalPrompt(str(record["id"]), record.get("task") or default_task,
-                      resolve_image_path(image_root, record["image"]), tuple(input_ids[:start]), text,
-                      turns[-1]["value"])
+    return EvalPrompt(
+        str(record["id"]),
+        record.get("task") or default_task,
+        resolve_image_path(image_root, record["image"]),
+        tuple(input_ids[:start]),
+        text,
+        turns[-1]["value"],
+    )

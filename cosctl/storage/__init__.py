@@ -23,8 +23,18 @@ from .base import (
 from .local import LocalStore
 
 __all__ = [
-    "BucketNotFound", "LocalStore", "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable",
-    "TransientStorageError", "check_key", "join_uri", "open_store", "sha256_file",
+    "BucketNotFound",
+    "LocalStore",
+    "ObjectNotFound",
+    "ObjectStore",
+    "StorageError",
+    "StoreSettings",
+    "StoreUnavailable",
+    "TransientStorageError",
+    "check_key",
+    "join_uri",
+    "open_store",
+    "sha256_file",
 ]
 
 

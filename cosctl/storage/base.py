@@ -15,8 +15,16 @@ from typing import Protocol
 from ..errors import BucketNotFound, ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
 
 __all__ = [
-    "BucketNotFound", "ObjectNotFound", "ObjectStore", "StorageError", "StoreSettings", "StoreUnavailable", "TransientStorageError",
-    "check_key", "join_uri", "sha256_file",
+    "BucketNotFound",
+    "ObjectNotFound",
+    "ObjectStore",
+    "StorageError",
+    "StoreSettings",
+    "StoreUnavailable",
+    "TransientStorageError",
+    "check_key",
+    "join_uri",
+    "sha256_file",
 ]
 
 

@@ -68,9 +68,18 @@ class S3Store:
     max_resumes: int = 10  # cut-off bodies tolerated per download stream before giving up
     resume_backoff_s: float = 0.2  # first wait before resuming a cut-off body; doubles, at most 5 s
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str | None = None, path_style: bool = False, max_concurrency: int = 8,
-                 chunk_bytes: int = 16 * MiB, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        path_style: bool = False,
+        max_concurrency: int = 8,
+        chunk_bytes: int = 16 * MiB,
+        timeout_s: float = 120.0,
+    ):
         if not bucket or "/" in bucket:
             raise StorageError(f"s3://{bucket}: invalid bucket name")
         self.bucket = bucket
@@ -97,9 +106,16 @@ class S3Store:
             raise StorageError(f"{uri}: not an s3:// URI")
         settings = settings or StoreSettings()
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        return cls(bucket, prefix, endpoint_url=settings.endpoint_url, region=settings.region,
-                   path_style=settings.path_style, max_concurrency=settings.max_concurrency,
-                   chunk_bytes=settings.multipart_chunk_mb * MiB, timeout_s=settings.timeout_s)
+        return cls(
+            bucket,
+            prefix,
+            endpoint_url=settings.endpoint_url,
+            region=settings.region,
+            path_style=settings.path_style,
+            max_concurrency=settings.max_concurrency,
+            chunk_bytes=settings.multipart_chunk_mb * MiB,
+            timeout_s=settings.timeout_s,
+        )
 
     # --- client and errors -------------------------------------------------------------------------
 
@@ -112,8 +128,10 @@ class S3Store:
     def _make_client(self) -> Any:
         session = boto3.session.Session()
         if session.get_credentials() is None:
-            raise StorageError(f"{self.uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment")
+            raise StorageError(
+                f"{self.uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment"
+            )
         config = Config(
             region_name=self.region or session.region_name or "us-east-1",
             signature_version="s3v4",
@@ -204,25 +222,33 @@ class S3Store:
         sha = hashlib.sha256(data).hexdigest()
         # Content-MD5 lets servers that check it (AWS, Ceph) refuse damaged bytes instead of storing them.
         content_md5 = base64.b64encode(md5.digest()).decode()
-        self._put_verified(key, len(data), md5.hexdigest, sha, lambda: self._call(
-            "put_object", key, Key=full, Body=data, ContentMD5=content_md5, Metadata={"sha256": sha}))
+        self._put_verified(
+            key,
+            len(data),
+            md5.hexdigest,
+            sha,
+            lambda: self._call(
+                "put_object", key, Key=full, Body=data, ContentMD5=content_md5, Metadata={"sha256": sha}
+            ),
+        )
 
     def _upload_file(self, local_path: Path, key: str, full: str, sha: str) -> None:
-        config = TransferConfig(multipart_threshold=self.chunk_bytes, multipart_chunksize=self.chunk_bytes,
-                                max_concurrency=self.max_concurrency,
-                                # the classic manager's part size is the one part_size() predicts
-                                preferred_transfer_client="classic")
+        config = TransferConfig(
+            multipart_threshold=self.chunk_bytes,
+            multipart_chunksize=self.chunk_bytes,
+            max_concurrency=self.max_concurrency,
+            # the classic manager's part size is the one part_size() predicts
+            preferred_transfer_client="classic",
+        )
         try:
             with create_transfer_manager(self._client(), config) as manager:
-                manager.upload(str(local_path), self.bucket, full,
-                               extra_args={"Metadata": {"sha256": sha}}).result()
+                manager.upload(str(local_path), self.bucket, full, extra_args={"Metadata": {"sha256": sha}}).result()
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, key, "upload") from err
         except OSError as err:
             raise StorageError(f"{self._where(key)}: cannot read {local_path}: {err}") from err
 
-    def _put_verified(self, key: str, size: int, etag: Callable[[], str], sha: str,
-                      upload: Callable[[], Any]) -> None:
+    def _put_verified(self, key: str, size: int, etag: Callable[[], str], sha: str, upload: Callable[[], Any]) -> None:
         """Upload, then check what the server stored against the local size, ETag and sha256; one more
         upload on a mismatch, then raise."""
         problem = ""
@@ -232,8 +258,12 @@ class S3Store:
             if not problem:
                 log.debug("%s: stored and verified (%d bytes, ETag %s)", self._where(key), size, etag())
                 return
-            log.warning("%s: stored object differs from the local data (%s)%s", self._where(key), problem,
-                        "; uploading again" if attempt == 1 else "")
+            log.warning(
+                "%s: stored object differs from the local data (%s)%s",
+                self._where(key),
+                problem,
+                "; uploading again" if attempt == 1 else "",
+            )
         raise StorageError(f"{self._where(key)}: upload not verified after 2 attempts: {problem}")
 
     def _mismatch(self, key: str, size: int, etag: str, sha: str) -> str:
@@ -330,10 +360,10 @@ class S3Store:
                 response["Body"].close()
             failures += 1
             if failures > self.max_resumes:
-                raise TransientStorageError(f"{self._where(key)}: download cut off {failures} times; "
-                                            f"giving up ({problem})")
-            log.info("%s: download cut off (%s, %d new bytes); resuming", self._where(key), problem,
-                     offset - before)
+                raise TransientStorageError(
+                    f"{self._where(key)}: download cut off {failures} times; giving up ({problem})"
+                )
+            log.info("%s: download cut off (%s, %d new bytes); resuming", self._where(key), problem, offset - before)
             self._wait_before_resume(failures)
 
     def _wait_before_resume(self, failures: int) -> None:
@@ -352,8 +382,9 @@ class S3Store:
             if code == "InvalidRange":
                 raise _RangeNotSatisfiable() from err
             if code == "PreconditionFailed":
-                raise StorageError(f"{self._where(key)}: object changed while it was being "
-                                   f"downloaded (ETag is no longer {etag})") from err
+                raise StorageError(
+                    f"{self._where(key)}: object changed while it was being downloaded (ETag is no longer {etag})"
+                ) from err
             raise self._error(err, key, "get_object") from err
         except BotoCoreError as err:
             raise self._error(err, key, "get_object") from err
@@ -371,10 +402,9 @@ class S3Store:
         root = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
         try:
-            pages = self._client().get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=root + prefix)
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
             for page in pages:
-                keys.extend(item["Key"][len(root):] for item in page.get("Contents", []))
+                keys.extend(item["Key"][len(root) :] for item in page.get("Contents", []))
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, prefix or None, "list") from err
         return sorted(keys)
@@ -386,8 +416,11 @@ class S3Store:
     def move(self, key: str, new_key: str) -> None:
         """Server-side copy to `new_key` (multipart for large objects), then delete `key`."""
         source = {"Bucket": self.bucket, "Key": self._full(key)}
-        config = TransferConfig(multipart_threshold=self.chunk_bytes, multipart_chunksize=self.chunk_bytes,
-                                max_concurrency=self.max_concurrency)
+        config = TransferConfig(
+            multipart_threshold=self.chunk_bytes,
+            multipart_chunksize=self.chunk_bytes,
+            max_concurrency=self.max_concurrency,
+        )
         try:
             self._client().copy(source, self.bucket, self._full(new_key), Config=config)
         except (ClientError, BotoCoreError) as err:
@@ -398,13 +431,15 @@ class S3Store:
         """Delete objects in batches of at most 1000 keys per request."""
         full = [self._full(key) for key in keys]
         for lo in range(0, len(full), DELETE_BATCH):
-            batch = [{"Key": key} for key in full[lo:lo + DELETE_BATCH]]
+            batch = [{"Key": key} for key in full[lo : lo + DELETE_BATCH]]
             response = self._call("delete_objects", None, Delete={"Objects": batch, "Quiet": True})
             errors = response.get("Errors", [])
             if errors:
                 first = errors[0]
-                raise StorageError(f"{self.uri}: {len(errors)} objects not deleted, e.g. "
-                                   f"{first.get('Key')}: {first.get('Code')} {first.get('Message') or ''}")
+                raise StorageError(
+                    f"{self.uri}: {len(errors)} objects not deleted, e.g. "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message') or ''}"
+                )
 
 
 class _RangeNotSatisfiable(Exception):

@@ -27,8 +27,15 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .base import BucketNotFound, ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
 
-TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                   "RequestTimeout", "InternalError", "ServiceUnavailable"}
+TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 # A body cut off, reset or stalled while being read: resumable with a ranged GET.
 STREAM_ERRORS = (HTTPClientError, BotoConnectionError, IncompleteReadError)
@@ -37,8 +44,10 @@ STREAM_ERRORS = (HTTPClientError, BotoConnectionError, IncompleteReadError)
 def storage_error(err: Exception, where: str, bucket: str, action: str, attempts: int) -> StorageError:
     """The storage error for a botocore failure of `action` on `where` (an object or store URI)."""
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{where}: {action}: no usable S3 credentials; set AWS_ACCESS_KEY_ID "
-                            "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+        return StorageError(
+            f"{where}: {action}: no usable S3 credentials; set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
     if isinstance(err, ClientError):
         info = err.response.get("Error", {})
         code = str(info.get("Code") or "")
@@ -53,8 +62,9 @@ def storage_error(err: Exception, where: str, bucket: str, action: str, attempts
         transient = status >= 500 or status == 429 or code in TRANSIENT_CODES
         return (TransientStorageError if transient else StorageError)(text)
     if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
-        return StoreUnavailable(f"{where}: {action} failed: the endpoint does not answer "
-                                f"({type(err).__name__} after {attempts} attempts)")
+        return StoreUnavailable(
+            f"{where}: {action} failed: the endpoint does not answer ({type(err).__name__} after {attempts} attempts)"
+        )
     if isinstance(err, STREAM_ERRORS):
         return TransientStorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
     return StorageError(f"{where}: {action} failed: {type(err).__name__}: {err}")
