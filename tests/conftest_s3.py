@@ -43,6 +43,21 @@ class S3Server:
         host, port = self.endpoint.removeprefix("http://").rsplit(":", 1)
         return host, int(port)
 
+    def client(self):
+        """A plain boto3 client of this server: another S3 client than the product's, as a user's tools
+        are (credentials passed explicitly, not through the environment)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
 
 def use_credentials(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
     """Point boto3's default chain at `server`'s credentials and nothing else."""
@@ -65,20 +80,9 @@ def use_credentials(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
 
 
 def create_bucket(server: S3Server, name: str | None = None) -> str:
-    """A fresh bucket on `server` (credentials are passed explicitly, not through the environment)."""
-    import boto3
-    from botocore.config import Config
-
+    """A fresh bucket on `server`."""
     name = name or f"cosctl-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
-    client.create_bucket(Bucket=name)
+    server.client().create_bucket(Bucket=name)
     return name
 
 

@@ -94,6 +94,15 @@ def run(cmd: list[str], tmp: Path, **extra_env: str) -> subprocess.CompletedProc
     return ok(_run_tree(cmd, REPO, env(tmp, **extra_env), 600))
 
 
+def run_script_on_two_ranks(source: str, tmp: Path, *args: str, timeout: int = 300) -> None:
+    """Write `source` to a script under `tmp` and run it on two ranks with torchrun (`args` after the
+    script); require exit 0. For tests that compare what DeepSpeed does on two ranks with one process."""
+    script = tmp / "two_ranks.py"
+    script.write_text(source)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    ok(_run_tree(cmd, REPO, env(tmp, PYTHONPATH=str(REPO)), timeout))
+
+
 def steps(run_dir: Path) -> dict[int, dict]:
     """Last record per step in metrics.jsonl (a resumed run appends)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

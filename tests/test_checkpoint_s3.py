@@ -103,8 +103,6 @@ def test_kill_during_an_upload_never_commits_a_partial_checkpoint(tiny_data, tmp
 def test_a_corrupted_byte_in_the_bucket_stops_the_resume_naming_the_file(tiny_data, tmp_path, server, bucket):
     """One flipped byte in a committed shard, rewritten by another S3 client: resuming stops with one
     line naming the file, on both ranks, without a hang."""
-    import boto3
-    from botocore.config import Config
 
     env_vars = s3_env(server, server.endpoint)
     run(
@@ -112,14 +110,7 @@ def test_a_corrupted_byte_in_the_bucket_stops_the_resume_naming_the_file(tiny_da
         tmp_path,
         **env_vars,
     )
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
+    client = server.client()
     key = next(
         k["Key"]
         for k in client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/step_00000002/zero/")["Contents"]

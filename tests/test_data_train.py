@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from cos_model import IGNORE_INDEX
 from cosctl.data import collate, load_examples, load_image, load_tokenizer
-from tests.harness import REPO, env
+from tests.harness import run_script_on_two_ranks
 from tests.llava import write_llava_set
 from tests.test_train import engine_gradient, relative_difference, tiny_spec
 
@@ -119,26 +117,7 @@ def test_zero3_step_where_one_rank_has_no_image(llava_data, tmp_path):
     process, to 1e-5 relative."""
     from tests.test_train import reference_gradient
 
-    script = tmp_path / "zero3.py"
-    script.write_text(ZERO3_SCRIPT)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(llava_data),
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env(tmp_path, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script_on_two_ranks(ZERO3_SCRIPT, tmp_path, str(llava_data), str(tmp_path))
     text, image, _ = mixed_batches(llava_data)
     assert text["pixel_values"].shape[0] == 0 and bool((text["labels"] != IGNORE_INDEX).any())
     expected = reference_gradient(llava_data, tiny_spec(llava_data, tmp_path / "run", 1), text, image)

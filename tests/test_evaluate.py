@@ -11,8 +11,6 @@ tokenizer, a published `model/` (random weights, saved with `save_pretrained`), 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +34,7 @@ from cosctl.spec_sections import LoraSpec
 from cosctl.stages import save_adapter
 from cosctl.storage import open_store
 from cosctl.synth import synthesize
-from tests.harness import REPO, cosctl, env, ok
+from tests.harness import REPO, cosctl, ok, run_script_on_two_ranks
 from tests.tiny import tiny_config, tiny_model
 
 runner = CliRunner()
@@ -384,26 +382,7 @@ def test_zero3_two_ranks_with_uneven_work_match_the_plain_model(built, tmp_path)
     and rows ending at different steps (eos chosen so), finish without hanging and agree with the
     plain model on one rank. Without the filler batch or the synced decoding the ranks' gathers
     mismatch and gloo aborts."""
-    script = tmp_path / "zero3.py"
-    script.write_text(ZERO3_SCRIPT)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(built["data"]),
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env(tmp_path, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script_on_two_ranks(ZERO3_SCRIPT, tmp_path, str(built["data"]), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["rows"] == ranks[1]["rows"] == ranks[0]["expected"]
     assert len(ranks[0]["rows"]) == 11

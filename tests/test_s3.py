@@ -9,9 +9,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
@@ -31,17 +29,6 @@ def make_store(endpoint: str, bucket: str, prefix: str = "run") -> S3Store:
 def write_random(path: Path, size: int, seed: int = 0) -> Path:
     path.write_bytes(random.Random(seed).randbytes(size))
     return path
-
-
-def raw_client(server: S3Server):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
 
 
 @pytest.fixture
@@ -70,7 +57,7 @@ def test_put_get_file_round_trip(store: S3Store, moto_server: S3Server, tmp_path
     store.put_file(source, "ckpt/shard.bin")
     store.get_file("ckpt/shard.bin", tmp_path / "out" / "copy.bin")
     assert sha256_file(tmp_path / "out" / "copy.bin") == sha256_file(source)
-    head = raw_client(moto_server).head_object(Bucket=store.bucket, Key="run/ckpt/shard.bin")
+    head = moto_server.client().head_object(Bucket=store.bucket, Key="run/ckpt/shard.bin")
     assert head["Metadata"]["sha256"] == sha256_file(source)
     assert head["ContentLength"] == size
     etag = head["ETag"].strip('"')
@@ -112,7 +99,7 @@ def test_get_bytes_of_multipart_object_range(store: S3Store, tmp_path: Path):
 
 def test_list_pages_past_1000_keys_and_delete_many_batches(store: S3Store, moto_server: S3Server):
     """list() returns all 1100 keys (several pages); delete_many sends batches of at most 1000."""
-    client = raw_client(moto_server)
+    client = moto_server.client()
     keys = [f"ckpt/step_{i:05d}/part" for i in range(1100)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=store.bucket, Key=f"run/{key}", Body=b"x"), keys))
@@ -174,7 +161,7 @@ def test_from_uri_prefix_and_open_store(s3_env: str, bucket: str, moto_server: S
     assert isinstance(store, S3Store)
     assert (store.uri, store.chunk_bytes, store.max_concurrency) == (f"s3://{bucket}/runs/exp1", CHUNK, 3)
     store.put_bytes(b"{}", "latest")
-    listed = raw_client(moto_server).list_objects_v2(Bucket=bucket)["Contents"]
+    listed = moto_server.client().list_objects_v2(Bucket=bucket)["Contents"]
     assert [item["Key"] for item in listed] == ["runs/exp1/latest"]
 
 
@@ -247,7 +234,7 @@ def corrupt_after_upload(store: S3Store, server: S3Server, monkeypatch: pytest.M
         if len(calls) <= times:
             damaged = bytearray(local_path.read_bytes())
             damaged[len(damaged) // 2] ^= 0xFF
-            raw_client(server).put_object(Bucket=store.bucket, Key=full, Body=bytes(damaged), Metadata={"sha256": sha})
+            server.client().put_object(Bucket=store.bucket, Key=full, Body=bytes(damaged), Metadata={"sha256": sha})
 
     monkeypatch.setattr(store, "_upload_file", upload)
     return calls
@@ -354,9 +341,7 @@ def test_object_replaced_during_download_is_detected(
     """If the object changes between a cut-off and the resume, If-Match fails and nothing is mixed."""
     proxied.put_bytes(b"a" * 100_000, "k")
     fault_proxy.truncate_response(10, method="GET", times=1)
-    replace = lambda _failures: raw_client(moto_server).put_object(
-        Bucket=proxied.bucket, Key="run/k", Body=b"b" * 100_000
-    )
+    replace = lambda _failures: moto_server.client().put_object(Bucket=proxied.bucket, Key="run/k", Body=b"b" * 100_000)
     monkeypatch.setattr(proxied, "_wait_before_resume", replace)
     with pytest.raises(StorageError, match="object changed while it was being downloaded"):
         proxied.get_bytes("k")

@@ -10,9 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from cosctl.spec_sections import StorageSpec
@@ -24,17 +22,6 @@ from tests.faultproxy import FaultProxy
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 
-def raw_client(server: S3Server):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
-
-
 @pytest.fixture
 def ceph_bucket(ceph_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh bucket with the Ceph credentials in the environment; emptied and removed afterwards so
@@ -42,7 +29,7 @@ def ceph_bucket(ceph_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     use_credentials(monkeypatch, ceph_s3)
     name = create_bucket(ceph_s3)
     yield name
-    client = raw_client(ceph_s3)
+    client = ceph_s3.client()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
         keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
         if keys:
@@ -67,7 +54,7 @@ def test_multipart_round_trip_64mib(ceph_s3: S3Server, ceph_bucket: str, tmp_pat
     source = write_random(tmp_path / "shard.bin", 64 * MiB, seed=1)
     store = ceph_store(ceph_s3, ceph_bucket)
     store.put_file(source, "ckpt/shard.bin")
-    head = raw_client(ceph_s3).head_object(Bucket=ceph_bucket, Key="run/ckpt/shard.bin")
+    head = ceph_s3.client().head_object(Bucket=ceph_bucket, Key="run/ckpt/shard.bin")
     assert head["ETag"].strip('"') == file_etag(source, 16 * MiB)
     assert head["ETag"].strip('"').endswith("-4")
     assert head["Metadata"]["sha256"] == sha256_file(source)
@@ -99,7 +86,7 @@ def test_wrong_secret_is_rejected_without_leaking(
 
 def test_list_and_delete_many_past_the_1000_key_limit(ceph_s3: S3Server, ceph_bucket: str):
     """Ceph refuses >1000 keys per DeleteObjects; delete_many batches 1100 keys and list pages them."""
-    client = raw_client(ceph_s3)
+    client = ceph_s3.client()
     keys = [f"ckpt/{i:05d}" for i in range(1100)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=ceph_bucket, Key=f"run/{key}", Body=b"x"), keys))

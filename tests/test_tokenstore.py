@@ -227,17 +227,8 @@ def test_store_records_and_examples_load_the_same_micro_batches(synth_dir, token
 
 
 def upload_folder(server, bucket: str, folder: Path, prefix: str) -> None:
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
+    """The set's files uploaded by another S3 client, as a user's bucket is filled."""
+    client = server.client()
     for path in sorted(folder.rglob("*")):
         if path.is_file() and "tokenizer" not in path.parts and "prepared" not in path.parts:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")

@@ -11,7 +11,7 @@ import torch
 from cos_model import IGNORE_INDEX
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
-from tests.harness import tiny_spec
+from tests.harness import run_script_on_two_ranks, tiny_spec
 
 
 def losses(run_dir) -> dict[int, tuple[float, float]]:
@@ -154,31 +154,7 @@ if torch.distributed.get_rank() == 0:
 def test_uneven_ranks_give_the_one_micro_batch_gradient(tiny_data, tmp_path):
     """Two ranks, one holding a 1-label sample and the other a many-label one: the step's gradient is
     that of both samples in one micro-batch on one rank, to 1e-5 relative."""
-    import subprocess
-    import sys
-
-    from tests.harness import REPO, env
-
-    script = tmp_path / "gradient.py"
-    script.write_text(GRADIENT_SCRIPT)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tiny_data),
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env(tmp_path, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script_on_two_ranks(GRADIENT_SCRIPT, tmp_path, str(tiny_data), str(tmp_path))
     a, b = two_uneven_micro_batches(tiny_data)
     expected = reference_gradient(tiny_data, tiny_spec(tiny_data, tmp_path / "run", 1), a, b)
     assert relative_difference(torch.load(tmp_path / "grads.pt"), expected) < 1e-5
