@@ -162,6 +162,19 @@ def largest_block_numel(model: nn.Module) -> int | None:
     return max(sizes, default=None)
 
 
+def leaf_classes(model: nn.Module) -> list[str]:
+    """The block classes ZeRO-3 may fetch whole: every one but the embeddings (CLIP's patch and
+    position embedding).
+
+    NOTE: DeepSpeed releases a leaf's parameters from its full backward hook. For a module none of
+    whose inputs needs a gradient (pixels, token ids) that hook fires as soon as the output's gradient
+    exists, before the module's own weight gradients are accumulated: a trainable vision tower then
+    fails in backward with "size of tensor a (0) must match". Embeddings are small; fetching them per
+    module costs nothing that matters.
+    """
+    return sorted(name for name in block_classes(model) if not name.endswith("Embeddings"))
+
+
 def fetch_whole_blocks(model: nn.Module) -> None:
     """Make each transformer block a ZeRO-3 leaf: its parameters are gathered in one go when the block
     runs, and its sub-modules get no hooks of their own.
@@ -171,7 +184,7 @@ def fetch_whole_blocks(model: nn.Module) -> None:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, sorted(block_classes(model)), raise_if_not_found=False)
+    set_z3_leaf_modules(model, leaf_classes(model), raise_if_not_found=False)
 
 
 def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_batch_size: int):

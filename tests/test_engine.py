@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cosctl.engine import block_classes, fetch_whole_blocks, largest_block_numel
+from cosctl.engine import block_classes, fetch_whole_blocks, largest_block_numel, leaf_classes
 from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config, tiny_model
 
@@ -16,13 +16,15 @@ def test_blocks_are_the_vit_resampler_and_llm_layers():
 
 
 def test_fetch_whole_blocks_marks_every_block_and_nothing_else():
-    """Every module of a block class (transformer layers, and CLIP's patch embedding) becomes a ZeRO-3
-    leaf; their children and the top-level modules do not."""
+    """Every transformer layer becomes a ZeRO-3 leaf; CLIP's embedding (fed pixels, which need no
+    gradient) does not, nor do the blocks' children or the top-level modules."""
     model = tiny_model(tiny_config())
     fetch_whole_blocks(model)
     leaves = {name for name, module in model.named_modules() if getattr(module, "_z3_leaf", False)}
-    blocks = {name for name, module in model.named_modules() if type(module).__name__ in block_classes(model)}
+    blocks = {name for name, module in model.named_modules() if type(module).__name__ in leaf_classes(model)}
     assert leaves == blocks
+    assert "CLIPVisionEmbeddings" in block_classes(model) and "CLIPVisionEmbeddings" not in leaf_classes(model)
+    assert not any(name.endswith("embeddings") for name in leaves)
     assert any(".encoder.layers.0" in name for name in leaves)
     assert any("language_model.model.layers.0" in name for name in leaves)
 
@@ -52,3 +54,24 @@ def test_block_fetch_trains_like_module_fetch(tiny_data, tmp_path):
     block, module = steps(tmp_path / "block"), steps(tmp_path / "module")
     assert block[1]["loss"] == module[1]["loss"]
     assert [block[s]["loss"] for s in (2, 3)] == pytest.approx([module[s]["loss"] for s in (2, 3)], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_zero3_trains_the_vision_tower(tiny_data, tmp_path):
+    """A 2-rank ZeRO-3 pretrain that trains the ViT too runs its steps (a leaf embedding once crashed
+    backward) and the ViT's patch embedding moves."""
+    from safetensors.torch import load_file
+
+    trainable = "model.trainable=[vision_tower,resampler,projector,language_model]"
+    for num_steps in (1, 2):
+        run(
+            train_command(
+                tiny_data, tmp_path / f"run{num_steps}", tmp_path / f"out{num_steps}", num_steps, 1, trainable
+            ),
+            tmp_path,
+        )
+    key = "vision_tower.embeddings.patch_embedding.weight"
+    one, two = (load_file(tmp_path / f"out{n}" / "model" / "model.safetensors")[key] for n in (1, 2))
+    assert steps(tmp_path / "run2")[2]["loss"] > 0
+    assert (two - one).abs().max() > 1e-5  # the second step's update; a frozen ViT would not move
