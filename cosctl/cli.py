@@ -342,13 +342,13 @@ def demo(
     num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200,
 ) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""
-    from .demo import run_demo
+    from .demo import print_summary, run_demo
 
     try:
         summary = run_demo(out, num_samples=num_samples)
     except UserError as err:
         fail(str(err))
-    typer.echo(json.dumps(summary, indent=1))
+    print_summary(summary, out.resolve())
 
 
 @spec_app.command("schema")

@@ -3,7 +3,8 @@
 A run is the local `--run-dir` of a training stage:
 
     metrics.jsonl   per step: {step, loss, lr, grad_norm, samples, tokens, ..., step_time_s, samples_per_s, ...},
-                    eval loss {step, eval_loss}, generation eval {step, "eval/<task>/<metric>": value}
+                    eval loss {step, eval_loss[, eval_loss_swapped_images]},
+                    generation eval {step, "eval/<task>/<metric>": value}
     summary.json    written at the end of the stage (stage, steps, times, losses, artefact, checkpoint)
     metrics.json    optional: the output of `cosctl eval --out RUN_DIR`
     spec.json/.yaml optional; else the resolved spec stored with the final checkpoint, when it is local
@@ -194,6 +195,7 @@ def final_figures(run: Run) -> dict[str, str]:
     summary = run.summary or {}
     losses = run.series("loss")[1]
     evals = list(zip(*run.series("eval_loss"), strict=True))
+    swapped = run.series("eval_loss_swapped_images")[1]
     best = min(evals, key=lambda pair: pair[1]) if evals else None
     rates = run.series("samples_per_s")[1][1:] or run.series("samples_per_s")[1]
     steps = [record["step"] for record in run.steps if "loss" in record]
@@ -210,6 +212,7 @@ def final_figures(run: Run) -> dict[str, str]:
         "mean samples/s (after step 1)": _fmt(sum(rates) / len(rates) if rates else None),
         "final train loss": _fmt(losses[-1] if losses else None),
         "final eval loss": _fmt(evals[-1][1] if evals else None),
+        "final eval loss, swapped images": _fmt(swapped[-1] if swapped else None),
         "best eval loss (step)": f"{_fmt(best[1])} ({best[0]})" if best else "-",
         **{f"final {key}": _fmt(run.series(key)[1][-1]) for key in run.eval_keys},
     }

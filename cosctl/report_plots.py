@@ -82,7 +82,19 @@ def loss_figure(runs: list[Run]):
                 ax.plot(
                     ex, ey, color=colours[run.name], linestyle="--", marker="o", markersize=4, label=f"{run.name} eval"
                 )
-            values += ys + ey
+            sx, sy = run.series("eval_loss_swapped_images", x)
+            sx = sx if x == "step" else [v / scale for v in sx]
+            if sy:  # the gap to the eval curve is how much the model uses the image
+                ax.plot(
+                    sx,
+                    sy,
+                    color=colours[run.name],
+                    linestyle=":",
+                    marker="x",
+                    markersize=4,
+                    label=f"{run.name} eval, swapped images",
+                )
+            values += ys + ey + sy
     log_scale = _spans_decades(values)
     for ax, x in zip(axes, ("step", "time"), strict=True):
         if log_scale:

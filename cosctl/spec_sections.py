@@ -287,6 +287,11 @@ class SlurmSpec(Section):
 class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval).")
     num_batches: int = Field(4, gt=0, description="Held-out micro-batches averaged per eval.")
+    swapped_images: bool = Field(
+        True,
+        description="Also the eval loss with each record given another record's image: the gap to the "
+        "eval loss is how much the model uses the image.",
+    )
     generate_every_steps: int | None = Field(
         None,
         gt=0,

@@ -30,6 +30,7 @@ from .conversation import IMAGE_TOKEN
 from .data import load_tokenizer
 from .dist import Dist, barrier, on_main, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
+from .log import log
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
 
@@ -242,5 +243,11 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
         "time_s": time.monotonic() - started,
         "artefact": join_uri(output, "model"),
     }
+    log.info(
+        f"{src_config.num_visual_tokens} -> {dst_config.num_visual_tokens} visual tokens, "
+        f"{src_config.image_size} -> {dst_config.image_size} px ({spec.plan_arg()}): new windows, queries and "
+        f"position table initialised from the source's; {summary['num_params']:,} parameters in "
+        f"{summary['artefact']} ({summary['time_s']:.1f} s)"
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -77,9 +77,9 @@ def run_training(
         ),
     )
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
-    first_eval = evaluate() if step == 0 else None
-    if sink and first_eval is not None:
-        sink.log({"step": 0, "eval_loss": first_eval})
+    first_eval = evaluate() if step == 0 else {}
+    if sink and first_eval:
+        sink.log({"step": 0, **first_eval})
     run.engine.train()
     while step < spec.optim.num_steps:
         step += 1
@@ -89,7 +89,7 @@ def run_training(
         stats = train_step(run.engine, micro_batches, run.dist.device, problem)
         record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
         if evaluate.due(step):
-            record["eval_loss"] = evaluate()
+            record.update(evaluate())
         if generate.due(step):
             record.update(generate())
         if sink:
@@ -115,8 +115,10 @@ def run_training(
         "image_size": run.stage.cos_config.image_size,
         "steps": step,
         **meter.loss_ends(),
-        "first_eval_loss": first_eval,
-        "final_eval_loss": final_eval,
+        "first_eval_loss": first_eval.get("eval_loss"),
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "first_eval_loss_swapped_images": first_eval.get("eval_loss_swapped_images"),
+        "final_eval_loss_swapped_images": final_eval.get("eval_loss_swapped_images"),
         "samples_per_s": meter.mean_rate(),
         "train_time_s": meter.train_time_s(),
         "trainable_params": run.trainable,
@@ -199,27 +201,39 @@ def accumulate(engine, micro_batches: list[dict], device, problem: Exception | N
 
 class Evaluator:
     """Mean loss per label token over the first `eval.num_batches` held-out micro-batches (the same
-    batches on every rank, every time); calling it without held-out data returns None."""
+    batches on every rank, every time), as `{"eval_loss": ...}`; with `eval.swapped_images` also the
+    loss with each micro-batch's images rolled by one (a record sees its neighbour's image), as
+    `eval_loss_swapped_images`. The gap between the two is how much the model uses the image; a
+    model that answers from the language prior alone has none. Without held-out data: `{}`."""
 
     def __init__(self, run: Run, budget):
         self.engine, self.device = run.engine, run.dist.device
         self.every = run.spec.eval.every_steps
+        self.swapped = run.spec.eval.swapped_images
         self.batches = run.eval_batches(budget)
 
     def due(self, step: int) -> bool:
         return bool(self.batches) and step % self.every == 0
 
     @torch.no_grad()
-    def __call__(self) -> float | None:
+    def __call__(self) -> dict[str, float]:
         if not self.batches:
-            return None
+            return {}
         self.engine.eval()
+        losses = {"eval_loss": self._loss(swap=False)}
+        if self.swapped:
+            losses["eval_loss_swapped_images"] = self._loss(swap=True)
+        self.engine.train()
+        return losses
+
+    def _loss(self, swap: bool) -> float:
         total, count = 0.0, 0
         for batch in self.batches:
             inputs = {k: v.to(self.device) for k, v in batch.items() if k != "num_samples"}
+            if swap and inputs.get("pixel_values") is not None:
+                inputs["pixel_values"] = inputs["pixel_values"].roll(1, dims=0)
             total += self.engine(**inputs, num_items_in_batch=torch.tensor(1.0)).loss.item()
             count += num_label_tokens(batch["labels"])
-        self.engine.train()
         return total / max(count, 1)
 
 

@@ -14,8 +14,9 @@ from tests.harness import cosctl, ok
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     """Demo: 32-token pretrain -> 528-token inflate -> LoRA finetune, loss falling clearly in both
-    training stages, artefacts loadable, summary.json complete."""
-    ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path))
+    training stages, artefacts loadable, summary.json complete, every stage reporting, and a closing
+    table with the eval loss beside the swapped-image eval loss."""
+    result = ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path))
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     pre, inf, fin = summary["pretrain"], summary["inflate"], summary["finetune"]
     assert (pre["visual_tokens"], inf["visual_tokens"], fin["visual_tokens"]) == (32, 528, 528)
@@ -29,3 +30,14 @@ def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     model = CosForConditionalGeneration.from_pretrained(inf["artefact"])
     assert model.config.num_visual_tokens == 528
     assert (Path(fin["artefact"]) / "adapter_model.safetensors").exists()
+    # every stage says what it did, and the end is a table and where to look next, not a JSON dump
+    for line in ("[data] 1080 train + 120 eval", "[inflate] 32 -> 528 visual tokens, 64 -> 128 px"):
+        assert line in result.stdout
+    rows = {
+        line.split()[0]: line for line in result.stdout.splitlines() if line.split()[:1] in (["pretrain"], ["finetune"])
+    }
+    for name, stage in (("pretrain", pre), ("finetune", fin)):
+        assert stage["final_eval_loss_swapped_images"] > 0
+        assert f"{stage['final_eval_loss']:.3f}" in rows[name]
+        assert f"{stage['final_eval_loss_swapped_images']:.3f}" in rows[name]
+    assert "cosctl report" in result.stdout and "cosctl export" in result.stdout

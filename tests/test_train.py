@@ -47,6 +47,20 @@ def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
     assert losses(tmp_path / "resumed") == {3: losses(tmp_path / "straight")[3]}
 
 
+def test_eval_logs_the_loss_with_swapped_images_beside_the_own_image_loss(tiny_data, tmp_path, in_process):
+    """Each eval logs eval_loss and eval_loss_swapped_images (images rolled within a batch: a different
+    number even for a random model, since its visual tokens depend on the image); off, only eval_loss."""
+    spec = tiny_spec(tiny_data, tmp_path / "out", 2, "eval.every_steps=2", "eval.num_batches=1")
+    summary = in_process(spec, tmp_path / "work")
+    records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_loss" in r}
+    assert sorted(evals) == [0, 2]
+    assert all(r["eval_loss_swapped_images"] != r["eval_loss"] > 0 for r in evals.values())
+    assert summary["final_eval_loss_swapped_images"] == evals[2]["eval_loss_swapped_images"]
+    off = tiny_spec(tiny_data, tmp_path / "out-off", 1, "eval.every_steps=1", "eval.swapped_images=false")
+    assert in_process(off, tmp_path / "off")["final_eval_loss_swapped_images"] is None
+
+
 # --- token-weighted loss: every label token of a step weighs the same --------------------------------
 
 
