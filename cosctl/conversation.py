@@ -213,3 +213,9 @@ def encode_records(
         )
     bad.sort()
     return encoded, bad
+
+
+def num_label_tokens(labels) -> int:
+    """Tokens that carry a loss: labels other than IGNORE_INDEX after the causal shift (the first
+    position predicts nothing), exactly as transformers' causal-LM loss counts them."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())

@@ -38,10 +38,8 @@ STAGE_KEYS = (
 )
 
 
-def run_demo(out: Path, num_samples: int = 1200, seed: int = 0, stage_overrides: dict | None = None) -> dict:
-    """Run the pipeline into `out`; `stage_overrides` maps "pretrain"/"finetune" to extra `--set`s."""
+def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     started = time.monotonic()
-    stage_overrides = stage_overrides or {}
     out = Path(out).resolve()
     data = out / "data"
     outputs = {stage: out / "runs" / stage for stage in ("pretrain", "inflate", "finetune")}
@@ -60,7 +58,6 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0, stage_overrides:
             f"model.tokenizer={data / 'tokenizer'}",
             f"run.output={outputs['pretrain']}",
             f"run.seed={seed}",
-            *stage_overrides.get("pretrain", []),
         ],
     )
     pre = run_training(
@@ -76,7 +73,6 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0, stage_overrides:
             f"model.source={outputs['inflate']}",
             f"run.output={outputs['finetune']}",
             f"run.seed={seed}",
-            *stage_overrides.get("finetune", []),
         ],
     )
     fin = run_training(

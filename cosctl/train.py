@@ -9,7 +9,7 @@ while step < num_steps:
     train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
                   by the step's label tokens over all ranks); engine.step() after the last one
     log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
-    if eval due: mean eval loss over a fixed set of held-out micro-batches
+    if eval due: mean eval loss over a fixed set of held-out micro-batches, also with swapped images
     stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
            (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
     if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cos_model import IGNORE_INDEX
-
 from .autobatch import MemoryMeter
 from .checkpoint import checkpoint_name, checkpoint_uri
 from .checkpointer import SaveClock
+from .conversation import num_label_tokens
 from .dist import agreed, all_reduce, any_rank, gather
 from .errors import StorageError, UserError
+from .heldout import Evaluator, GenerationEval
 from .log import log
 from .metrics import MetricsSink, SampleFlops, peak_tflops, sample_flops
 from .run import Run, choose_budget, setup_run
@@ -143,12 +143,6 @@ class StepStats:
     num_micro_batches: int  # this rank's, the same on every rank
 
 
-def num_label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss: labels other than IGNORE_INDEX after the causal shift (the first
-    position predicts nothing), exactly as transformers' causal-LM loss counts them."""
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
-
-
 def train_step(engine, micro_batches: list[dict], device, problem: Exception | None = None) -> StepStats:
     """One optimizer step over this rank's micro-batches of the step (`accumulate`, then the update);
     `problem`: this rank's loader failed (every rank then raises it, before any forward)."""
@@ -197,83 +191,6 @@ def accumulate(engine, micro_batches: list[dict], device, problem: Exception | N
         loss_sum += loss.item()
     total = all_reduce([loss_sum], device)[0] / world_size
     return StepStats(total, int(num_samples), int(num_tokens), int(step_labels), len(micro_batches))
-
-
-class Evaluator:
-    """Mean loss per label token over the first `eval.num_batches` held-out micro-batches (the same
-    batches on every rank, every time), as `{"eval_loss": ...}`; with `eval.swapped_images` also the
-    loss with each micro-batch's images rolled by one (a record sees its neighbour's image), as
-    `eval_loss_swapped_images`. The gap between the two is how much the model uses the image; a
-    model that answers from the language prior alone has none. Without held-out data: `{}`."""
-
-    def __init__(self, run: Run, budget):
-        self.engine, self.device = run.engine, run.dist.device
-        self.every = run.spec.eval.every_steps
-        self.swapped = run.spec.eval.swapped_images
-        self.batches = run.eval_batches(budget)
-
-    def due(self, step: int) -> bool:
-        return bool(self.batches) and step % self.every == 0
-
-    @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
-        if not self.batches:
-            return {}
-        self.engine.eval()
-        losses = {"eval_loss": self._loss(swap=False)}
-        if self.swapped:
-            losses["eval_loss_swapped_images"] = self._loss(swap=True)
-        self.engine.train()
-        return losses
-
-    def _loss(self, swap: bool) -> float:
-        total, count = 0.0, 0
-        for batch in self.batches:
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "num_samples"}
-            if swap and inputs.get("pixel_values") is not None:
-                inputs["pixel_values"] = inputs["pixel_values"].roll(1, dims=0)
-            total += self.engine(**inputs, num_items_in_batch=torch.tensor(1.0)).loss.item()
-            count += num_label_tokens(batch["labels"])
-        return total / max(count, 1)
-
-
-class GenerationEval:
-    """Every `eval.generate_every_steps` steps: greedy generation on the first `eval.generate_samples`
-    usable held-out records, scored per task like `cosctl eval` (collective; the same records on
-    every rank). Returns `eval/<task>/<metric>` entries for the step's record."""
-
-    def __init__(self, run: Run):
-        self.every = run.spec.eval.generate_every_steps
-        self.run = run
-        if self.every is None:
-            return
-        from .evaluate.records import load_eval_records
-
-        root = Path(run.spec.data.root)
-        self.records = load_eval_records(
-            root / run.spec.data.eval, root, limit=run.spec.eval.generate_samples, skip_bad=True
-        )
-
-    def due(self, step: int) -> bool:
-        return self.every is not None and step % self.every == 0
-
-    def __call__(self) -> dict[str, float]:
-        from .evaluate.generation import generate_and_score, metrics_record
-
-        run, spec = self.run, self.run.spec
-        _, scores = generate_and_score(
-            run.engine,
-            run.stage.tokenizer,
-            self.records,
-            Path(spec.data.root),
-            max_new_tokens=spec.eval.generate_max_new_tokens,
-            batch_size=spec.eval.generate_batch_size,
-            device=run.dist.device,
-            rank=run.dist.rank,
-            world_size=run.dist.world_size,
-        )
-        run.engine.train()
-        return metrics_record(scores)
 
 
 class StepMeter:

@@ -47,9 +47,22 @@ def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
     assert losses(tmp_path / "resumed") == {3: losses(tmp_path / "straight")[3]}
 
 
+def test_next_images_gives_every_record_the_next_image_across_micro_batches():
+    """Swapped held-out images: each image is replaced by the next one in held-out order, across
+    micro-batches and past the ones without images, the last by the first."""
+    from cosctl.heldout import next_images
+
+    pixels = [torch.tensor([0.0, 1.0]), None, torch.tensor([2.0]), torch.tensor([3.0, 4.0, 5.0])]
+    shifted = [next_images(pixels, index) for index in range(len(pixels))]
+    assert shifted[1] is None
+    assert [t.tolist() for t in (shifted[0], shifted[2], shifted[3])] == [[1.0, 2.0], [3.0], [4.0, 5.0, 0.0]]
+    assert next_images([torch.tensor([7.0, 8.0])], 0).tolist() == [8.0, 7.0]
+
+
 def test_eval_logs_the_loss_with_swapped_images_beside_the_own_image_loss(tiny_data, tmp_path, in_process):
-    """Each eval logs eval_loss and eval_loss_swapped_images (images rolled within a batch: a different
-    number even for a random model, since its visual tokens depend on the image); off, only eval_loss."""
+    """Each eval logs eval_loss and eval_loss_swapped_images (every record given the next one's image:
+    a different number even for a random model, whose visual tokens depend on the image); off, only
+    eval_loss."""
     spec = tiny_spec(tiny_data, tmp_path / "out", 2, "eval.every_steps=2", "eval.num_batches=1")
     summary = in_process(spec, tmp_path / "work")
     records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
@@ -88,9 +101,9 @@ def two_uneven_micro_batches(data) -> tuple[dict, dict]:
 def reference_gradient(data, spec, a: dict, b: dict) -> dict[str, torch.Tensor]:
     """The gradient of (sum of token losses of a and b) / (their label tokens), computed with plain
     PyTorch on one micro-batch holding both samples (no DeepSpeed, no accumulation)."""
+    from cosctl.conversation import num_label_tokens
     from cosctl.data import load_tokenizer
     from cosctl.engine import build_pretrain_model
-    from cosctl.train import num_label_tokens
 
     tokenizer = load_tokenizer(data / "tokenizer")
     model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
