@@ -339,7 +339,7 @@ def report(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
-    num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 6000,
+    num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200,
 ) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""
     from .demo import print_summary, run_demo

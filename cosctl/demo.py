@@ -38,7 +38,7 @@ STAGE_KEYS = (
 )
 
 
-def run_demo(out: Path, num_samples: int = 6000, seed: int = 0) -> dict:
+def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     started = time.monotonic()
     out = Path(out).resolve()
     data = out / "data"

@@ -8,10 +8,10 @@ usually a short text string in PIL's small default font, with every box known, a
     out_dir/tokenizer/              byte-level BPE trained on the set (loads with transformers)
     out_dir/synth.json              seed, sizes and counts per task per split
 
-The task mix follows the paper's pre-training mix: captioning, VQA (colour, shape, count, existence,
-the largest shape's colour and kind), OCR-style reading and referring expressions whose answer is the
-object's box as integer percent of the image width/height, e.g. `[12, 40, 30, 62]`. Each record also
-carries its scene (`objects` with pixel boxes, `text`), so answers can be checked against what was drawn.
+The task mix follows the paper's pre-training mix: captioning, VQA (colour, shape, count, existence),
+OCR-style reading and referring expressions whose answer is the object's box as integer percent of
+the image width/height, e.g. `[12, 40, 30, 62]`. Each record also carries its scene (`objects` with
+pixel boxes, `text`), so answers can be checked against what was drawn.
 
 Determinism: each sample draws from its own RNG seeded by (seed, index); PNGs carry no metadata and
 the BPE trainer breaks ties by token id, so equal arguments give byte-identical files.
@@ -170,29 +170,13 @@ def _caption_qa(rng: random.Random, scene: Scene, image_size: int) -> tuple[str,
     return rng.choice(["Describe the image briefly.", "Write a short caption.", "What is in this picture?"]), caption
 
 
-def largest(scene: Scene) -> SceneObject | None:
-    """The scene's largest shape, when no other is as large."""
-    sides = sorted((obj.box[2] - obj.box[0] for obj in scene.objects), reverse=True)
-    if len(sides) > 1 and sides[0] == sides[1]:
-        return None
-    return max(scene.objects, key=lambda obj: obj.box[2] - obj.box[0])
-
-
 def _vqa_qa(rng: random.Random, scene: Scene) -> tuple[str, str]:
     shapes = Counter(obj.shape for obj in scene.objects)
     colours = Counter(obj.colour for obj in scene.objects)
     kinds = ["count_shape", "count_all", "exists"]
     kinds += ["colour"] * any(shapes[obj.shape] == 1 for obj in scene.objects)
     kinds += ["shape"] * any(colours[obj.colour] == 1 for obj in scene.objects)
-    # The largest shape's colour and kind are read off the image without binding one attribute to
-    # another: the questions a small model learns to see with first (docs/design.md §10); 3/4 of VQA.
-    biggest = largest(scene)
-    kinds += ["largest_colour", "largest_shape"] * (3 * len(kinds) // 2) * (biggest is not None)
     kind = rng.choice(kinds)
-    if kind == "largest_colour":
-        return "What colour is the largest shape?", biggest.colour
-    if kind == "largest_shape":
-        return "What shape is the largest one?", biggest.shape
     if kind == "colour":
         target = rng.choice([obj for obj in scene.objects if shapes[obj.shape] == 1])
         return f"What colour is the {target.shape}?", target.colour
