@@ -113,7 +113,8 @@ def summary(pipeline, stage: str) -> dict:
 
 
 def test_pretrain_runs_two_ranks_and_learns(pipeline):
-    """Pretrain on 2 gloo ranks: 6 steps of 32-token batches, finite falling loss, metrics per step."""
+    """Pretrain on 2 gloo ranks: 6 steps of 32-token batches, finite falling loss, metrics per step,
+    eval losses with own and swapped images."""
     result = summary(pipeline, "pretrain")
     assert result["world_size"] == 2 and result["steps"] == 6 and result["visual_tokens"] == 32
     records = [json.loads(line) for line in (pipeline["root"] / "work/pre/metrics.jsonl").read_text().splitlines()]
@@ -122,6 +123,11 @@ def test_pretrain_runs_two_ranks_and_learns(pipeline):
     for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "tflops"):
         assert all(r[key] is not None for r in steps), key
     assert result["final_loss"] < result["first_loss"]
+    # the held-out loss with swapped images runs collectively on both ranks, beside the own-image one
+    evals = {r["step"]: r for r in records if "eval_loss" in r}
+    assert sorted(evals) == [0, 3, 6]
+    assert all(r["eval_loss_swapped_images"] > 0 and r["eval_loss"] > 0 for r in evals.values())
+    assert result["final_eval_loss_swapped_images"] == evals[6]["eval_loss_swapped_images"]
 
 
 def test_trainable_set_printed_equals_the_spec(pipeline):
