@@ -93,6 +93,7 @@ class Committer:
         self.outage_since: float | None = None
         self.last_committed: str | None = None  # rank 0: the newest checkpoint this run committed
         self._failure: str | None = None
+        self._failed_since_drain = False  # a save finished without success since `drain` last looked
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="ckpt-commit", daemon=True)
@@ -108,15 +109,18 @@ class Committer:
         return self._failure
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything submitted is done (at most `timeout_s`); True if every one succeeded
-        on this rank within the time."""
+        """Wait until everything submitted is done (at most `timeout_s`); True if every save submitted
+        since the last drain succeeded on this rank within the time, including saves that had already
+        finished (and failed) before this call."""
         with self._lock:
             pending = list(self.waiting)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for staged in pending:
             if not staged.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 return False
-        return all(staged.ok for staged in pending)
+        with self._lock:
+            failed, self._failed_since_drain = self._failed_since_drain, False
+        return not failed
 
     def close(self, abandon: bool = False) -> None:
         """Stop the worker: after the queue is done, or at once (`abandon`: an upload in flight stops at
@@ -145,10 +149,14 @@ class Committer:
                 remove_owned(staged.local_dir, self.rank)
                 with self._lock:
                     self.waiting.remove(staged)
+                    self._failed_since_drain |= not staged.ok
                 staged.done.set()
         while not self.queue.empty():  # closing: release anyone waiting on what is left
             leftover = self.queue.get_nowait()
             if leftover is not None:
+                with self._lock:
+                    self.waiting.remove(leftover)
+                    self._failed_since_drain = True
                 leftover.done.set()
 
     def _give_up(self, staged: Staged) -> None:
