@@ -42,6 +42,8 @@ class CosConfig(PreTrainedConfig):
             source scale they were initialised from.
         resampler_num_heads: attention heads in every resampler cross-attention.
         resampler_mlp_ratio: hidden width of the resampler MLP, as a multiple of the vision width.
+        bridge_init_std: std of the trunc-normal init of the bridge's queries and Linear weights. 0.02
+            is the reference for 1024-wide towers; narrow ones need about 1/sqrt(vision width).
         image_token_id: id of the `<image>` token; each image occupies `num_visual_tokens` of them.
     """
 
@@ -59,6 +61,7 @@ class CosConfig(PreTrainedConfig):
     scales: list[dict | Scale] | None = None
     resampler_num_heads: int = 16
     resampler_mlp_ratio: int = 4
+    bridge_init_std: float = 0.02
     image_token_id: int = 32000
     tie_word_embeddings: bool = False
 
@@ -77,6 +80,8 @@ class CosConfig(PreTrainedConfig):
         return output
 
     def _check(self) -> None:
+        if not self.bridge_init_std > 0:
+            raise ValueError(f"bridge_init_std: must be > 0, got {self.bridge_init_std}")
         vision = self.vision_config
         check_layout(
             image_size=vision.image_size,

@@ -35,7 +35,9 @@ class CosPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only the bridge is ours: the vision tower and the LLM are sub-models with their own init.
-        std = 0.02
+        # A fixed std does not scale with width: at 0.02 a 64-wide bridge's attention output is ~0.03
+        # per channel, the learned queries' drift swamps it and the bridge emits a constant prompt.
+        std = self.config.bridge_init_std
         if isinstance(module, WindowedCrossAttnResampler):
             init.trunc_normal_(module.queries, std=std)
         elif isinstance(module, nn.Linear):

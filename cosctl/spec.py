@@ -95,6 +95,12 @@ class PretrainModelSpec(Section):
         "default is the 32-token chain [{16, 16}, {4, 1}].",
     )
     resampler_num_heads: int = Field(16, gt=0, description="Attention heads of every resampler cross-attention.")
+    bridge_init_std: float = Field(
+        0.02,
+        gt=0.0,
+        description="Std of the new bridge's trunc-normal init (queries, Linear weights): 0.02 for 1024-wide "
+        "towers, about 1/sqrt(vision width) for narrow ones.",
+    )
     trainable: tuple[Module, ...] = Field(("resampler", "projector"), description="Top-level modules that train.")
     gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
 
@@ -130,6 +136,7 @@ class PretrainModelSpec(Section):
                 feature_layers=list(self.feature_layers),
                 scales=[s.to_scale() for s in self.scales],
                 resampler_num_heads=self.resampler_num_heads,
+                bridge_init_std=self.bridge_init_std,
                 image_token_id=image_token_id,
             )
         except Exception as err:  # transformers' strict configs raise their own error types

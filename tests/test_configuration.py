@@ -37,6 +37,7 @@ def test_eighty_token_variant():
         ({"feature_layers": [22, 15]}, "feature_layers"),
         ({"feature_layers": []}, "feature_layers"),
         ({"resampler_num_heads": 7}, "resampler_num_heads"),
+        ({"bridge_init_std": 0.0}, "bridge_init_std"),
         ({"vision_config": {"model_type": "clip_vision_model", "image_size": 230, "patch_size": 14}}, "image_size"),
     ],
 )

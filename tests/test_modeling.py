@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cos_model import CosForConditionalGeneration, expand_image_tokens
-from tests.tiny import TINY_IMAGE_TOKEN, tiny_inputs
+from tests.tiny import TINY_IMAGE_TOKEN, tiny_config, tiny_inputs
 
 
 def test_image_features_shape(model, config):
@@ -83,6 +83,20 @@ def test_generate_returns_prompt_then_new_tokens(model, config):
 def test_expand_image_tokens():
     """A single placeholder becomes num_visual_tokens copies; other ids keep their order."""
     assert expand_image_tokens([5, 9, 6], 9, 3) == [5, 9, 9, 9, 6]
+
+
+def test_bridge_init_std_scales_the_new_bridge_only():
+    """`bridge_init_std` sets the std of the bridge's queries and Linear weights (a narrow bridge needs
+    more than the reference 0.02); the LLM keeps its own init."""
+    config = tiny_config()
+    config.bridge_init_std = 0.125
+    torch.manual_seed(0)
+    model = CosForConditionalGeneration(config)
+    block = model.resampler.scales[1].levels[0]
+    for weight in (model.resampler.scales[0].queries, block.mlp[0].weight, block.attn.kv_proj.weight):
+        assert 0.11 < weight.std().item() < 0.14
+    assert 0.11 < model.projector.linear.weight.std().item() < 0.14
+    assert model.language_model.model.layers[0].mlp.up_proj.weight.std().item() < 0.03
 
 
 def test_bridge_initialisation(model):

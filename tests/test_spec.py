@@ -223,6 +223,7 @@ MALFORMED = [
     pytest.param(
         variant(PRETRAIN, {"model.resampler_num_heads": 5}), "model.resampler_num_heads:", id="heads-not-dividing-width"
     ),
+    pytest.param(variant(PRETRAIN, {"model.bridge_init_std": 0}), "model.bridge_init_std:", id="zero-init-std"),
     pytest.param(
         variant(PRETRAIN, {"model.image_size": 66}),
         "model.image_size: 66 px is not a multiple",

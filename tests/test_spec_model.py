@@ -321,3 +321,12 @@ def test_validate_reports_missing_files_one_line_each(tmp_path):
     path.write_text(yaml.safe_dump(_with_data(TINY, _data(tmp_path / "ok"))))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0 and result.output.startswith("OK"), result.output
+
+
+def test_bridge_init_std_reaches_the_model_config():
+    """`model.bridge_init_std` (default 0.02, the reference) arrives in the CosConfig that builds the model."""
+    unset = copy.deepcopy(TINY)
+    del unset["model"]["bridge_init_std"]
+    assert parse_spec(unset).model.to_config(vocab_size=100, image_token_id=99).bridge_init_std == 0.02
+    spec = parse_spec(_set(TINY, "model.bridge_init_std", 0.25))
+    assert spec.model.to_config(vocab_size=100, image_token_id=99).bridge_init_std == 0.25
