@@ -340,11 +340,19 @@ def report(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
     num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200,
+    compare: Annotated[
+        bool, typer.Option(help="Also train a baseline with 336 tokens throughout and compare (~4x longer).")
+    ] = False,
 ) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""
     from .demo import print_summary, run_demo
 
     try:
+        if compare:
+            from .compare import print_comparison, run_compare
+
+            print_comparison(run_compare(out, num_samples=num_samples))
+            return
         summary = run_demo(out, num_samples=num_samples)
     except UserError as err:
         fail(str(err))

@@ -1,11 +1,12 @@
 """`cosctl demo`: the whole Chain-of-Sight pipeline on CPU with tiny random models, in minutes.
 
     data synth -> pretrain (32 visual tokens, 64 px) -> inflate (32to528, 128 px) -> finetune (528, LoRA)
+               -> eval of both trained stages beside an image-free baseline
 
 Runs the same code as the stage commands, on `recipes/tiny/*.yaml`, one rank in this process. Every
 stage says what it did; the end is a table per trained stage (loss, eval loss with each record's own
-image and with another record's, samples/s) and where to look next. `OUT/summary.json` holds the same
-figures and the artefacts' paths.
+image and with another record's, samples/s), the held-out scores and where to look next.
+`OUT/summary.json` holds the same figures and the artefacts' paths.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ STAGE_KEYS = (
 )
 
 
-def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
+def synthesize_data(data: Path, num_samples: int, seed: int) -> dict:
+    """The built-in synthetic set at 128 px in `data`, said in one line."""
     started = time.monotonic()
-    out = Path(out).resolve()
-    data = out / "data"
-    outputs = {stage: out / "runs" / stage for stage in ("pretrain", "inflate", "finetune")}
-
     setup_logging(0, "data")
     synth = synthesize(data, num_samples=num_samples, seed=seed, image_size=128)
     log.info(
@@ -51,34 +49,30 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
         f"{', '.join(f'{task} {count}' for task, count in synth['tasks']['train'].items())}) and a "
         f"{synth['tokenizer_vocab_size']}-token tokenizer in {data} ({time.monotonic() - started:.1f} s)"
     )
-    pretrain = load_spec(
-        RECIPES / "pretrain.yaml",
-        [
-            f"data.root={data}",
-            f"model.tokenizer={data / 'tokenizer'}",
-            f"run.output={outputs['pretrain']}",
-            f"run.seed={seed}",
-        ],
-    )
-    pre = run_training(
-        pretrain, run_dir=out / "work" / "pretrain", output=str(outputs["pretrain"]), resume="never", overwrite=True
-    )
-    setup_logging(0, "inflate")
-    inflate = load_spec(RECIPES / "inflate.yaml", [f"source={outputs['pretrain']}", f"run.output={outputs['inflate']}"])
-    inf = run_inflate(inflate, run_dir=out / "work" / "inflate", output=str(outputs["inflate"]))
-    finetune = load_spec(
-        RECIPES / "finetune.yaml",
-        [
-            f"data.root={data}",
-            f"model.source={outputs['inflate']}",
-            f"run.output={outputs['finetune']}",
-            f"run.seed={seed}",
-        ],
-    )
-    fin = run_training(
-        finetune, run_dir=out / "work" / "finetune", output=str(outputs["finetune"]), resume="never", overwrite=True
-    )
+    return synth
 
+
+def train_stage(recipe: str, stage: str, out: Path, overrides: list[str]) -> dict:
+    """Train `recipes/tiny/<recipe>` with `overrides`: artefact in out/runs/<stage>, run in out/work/<stage>."""
+    output = out / "runs" / stage
+    spec = load_spec(RECIPES / recipe, [*overrides, f"run.output={output}"])
+    return run_training(spec, run_dir=out / "work" / stage, output=str(output), resume="never", overwrite=True)
+
+
+def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
+    started = time.monotonic()
+    out = Path(out).resolve()
+    data = out / "data"
+    synth = synthesize_data(data, num_samples, seed)
+    on_data = [f"data.root={data}", f"run.seed={seed}"]
+    pre = train_stage("pretrain.yaml", "pretrain", out, [*on_data, f"model.tokenizer={data / 'tokenizer'}"])
+    setup_logging(0, "inflate")
+    inflated = out / "runs" / "inflate"
+    inflate = load_spec(RECIPES / "inflate.yaml", [f"source={out / 'runs' / 'pretrain'}", f"run.output={inflated}"])
+    inf = run_inflate(inflate, run_dir=out / "work" / "inflate", output=str(inflated))
+    fin = train_stage("finetune.yaml", "finetune", out, [*on_data, f"model.source={inflated}"])
+
+    scores = score_stages({"pretrain": pre["artefact"], "finetune": fin["artefact"]}, data, out / "eval")
     summary = {
         "data": {"root": str(data), "num_samples": num_samples, "seed": seed, "tasks": synth["tasks"]},
         "pretrain": {**{k: pre[k] for k in STAGE_KEYS}, "artefact": pre["artefact"]},
@@ -89,10 +83,33 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
             "artefact": inf["artefact"],
         },
         "finetune": {**{k: fin[k] for k in STAGE_KEYS}, "artefact": fin["artefact"]},
+        "scores": scores,
         "total_time_s": time.monotonic() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def score_stages(artefacts: dict[str, str], data: Path, out: Path) -> dict:
+    """`cosctl eval` of each stage's artefact on the held-out split, and the image-free baseline (the
+    most common training answer per task and question type): {"stages": {stage: tasks}, "baseline": tasks}."""
+    from .evaluate.command import run_eval
+
+    setup_logging(0, "eval")
+    stages, baseline = {}, {}
+    for stage, artefact in artefacts.items():
+        metrics = run_eval(
+            artefact,
+            data / "eval.json",
+            images=data,
+            out=out / stage,
+            max_new_tokens=32,
+            batch_size=8,
+            baseline_from=data / "train.json",
+        )
+        stages[stage], baseline = metrics["tasks"], metrics["baseline"]["tasks"]
+        log.info(f"{stage}: {metrics['num_records']} held-out records scored in {out / stage}")
+    return {"stages": stages, "baseline": baseline}
 
 
 def swap_gap(stage: dict) -> float | None:
@@ -135,6 +152,7 @@ def print_summary(summary: dict, out: Path, console=None) -> None:
         "gap = swapped - own (about 0: the model does not use the image)",
         soft_wrap=True,
     )
+    console.print(_scores_table(summary["scores"]))
     runs = [str(out / "work" / stage) for stage in TRAINED_STAGES]
     finetune, data = out / "runs" / "finetune", summary["data"]["root"]
     for label, where in (
@@ -146,3 +164,22 @@ def print_summary(summary: dict, out: Path, console=None) -> None:
         ("export", f"cosctl export {finetune} --out {out / 'export'}"),
     ):
         console.print(f"  {label:<12} {where}", soft_wrap=True, highlight=False)
+
+
+def _scores_table(scores: dict):
+    """Generated answers scored per task and stage, beside the image-free baseline."""
+    from rich import box
+    from rich.table import Table
+
+    from .evaluate.command import format_value
+
+    table = Table(title="held-out scores (greedy answers)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("task", "metric", *TRAINED_STAGES, "image-free baseline"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, values in scores["stages"][TRAINED_STAGES[-1]].items():
+        for name in (name for name in values if name != "num"):
+            cells = [scores["stages"][stage].get(task, {}).get(name) for stage in TRAINED_STAGES]
+            cells.append(scores["baseline"].get(task, {}).get(name))
+            unit = "" if name in ("cider", "mean_iou") else " %"
+            table.add_row(task, name + unit, *("-" if v is None else format_value(name, v) for v in cells))
+    return table
