@@ -1,7 +1,7 @@
-"""`cosctl demo --compare`: Chain-of-Sight against a many-token baseline on the built-in set.
+"""`cosctl demo --compare`: Chain-of-Sight against 336 tokens throughout, on the built-in set.
 
-    cos        the demo: pretrain 32 tokens at 64 px -> inflate 32to528 -> finetune 528 at 128 px
-    baseline   pretrain 336 tokens at 128 px (recipes/tiny/pretrain-336.yaml) -> finetune 336 at 128 px
+    cos         the demo: pretrain 32 tokens at 64 px -> inflate 32to528 -> finetune 528 at 128 px
+    tokens336   pretrain 336 tokens at 128 px (recipes/tiny/pretrain-336.yaml) -> finetune 336 at 128 px
 
 Both arms train on the same synthetic data with the same seed, samples per step, steps and learning
 rates; only the visual tokens (and so the cost of a sample) differ. Both are scored by `cosctl eval`
@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from .demo import TRAINED_STAGES, run_demo, score_stages, swap_gap, train_stage
+from .demo import STAGE_KEYS, TRAINED_STAGES, run_demo, score_stages, swap_gap, train_stage
 from .report import write_report
 
-ARMS = ("cos", "baseline")
+ARMS = ("cos", "tokens336")
 
 
 def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
@@ -26,19 +26,19 @@ def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     out = Path(out).resolve()
     cos = run_demo(out / "cos", num_samples=num_samples, seed=seed)
     data = Path(cos["data"]["root"])
-    arm = out / "baseline"
+    arm = out / "tokens336"
     on_data = [f"data.root={data}", f"run.seed={seed}"]
     pre = train_stage("pretrain-336.yaml", "pretrain", arm, [*on_data, f"model.tokenizer={data / 'tokenizer'}"])
     fin = train_stage("finetune.yaml", "finetune", arm, [*on_data, f"model.source={arm / 'runs' / 'pretrain'}"])
-    scores = score_stages({"pretrain": pre["artefact"], "finetune": fin["artefact"]}, data, arm / "eval")
-    stages = {"pretrain": pre, "finetune": fin}
-    baseline = {name: {key: stages[name][key] for key in cos[name] if key in stages[name]} for name in stages}
+    trained = {"pretrain": pre, "finetune": fin}
+    scores = score_stages({name: stage["artefact"] for name, stage in trained.items()}, data, arm / "eval")
+    tokens336 = {name: {key: stage[key] for key in (*STAGE_KEYS, "artefact")} for name, stage in trained.items()}
     runs = [out / name / "work" / stage for name in ARMS for stage in TRAINED_STAGES]
     report = write_report(runs + [out / name / "eval" / "finetune" for name in ARMS], out / "report")
     comparison = {
         "data": cos["data"],
         "cos": {stage: cos[stage] for stage in TRAINED_STAGES} | {"scores": cos["scores"]["stages"]},
-        "baseline": baseline | {"scores": scores["stages"]},
+        "tokens336": tokens336 | {"scores": scores["stages"]},
         "image_free_baseline": scores["baseline"],
         "report": report["report"],
         "total_time_s": time.monotonic() - started,
@@ -48,8 +48,8 @@ def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
 
 
 def comparison_rows(comparison: dict) -> list[tuple[str, str, str, str]]:
-    """(what, Chain-of-Sight, 336-token baseline, image-free baseline) rows of the closing table."""
-    cos, base = comparison["cos"], comparison["baseline"]
+    """(what, Chain-of-Sight, 336 tokens throughout, image-free baseline) rows of the closing table."""
+    cos, base = comparison["cos"], comparison["tokens336"]
     rows = []
     for stage in TRAINED_STAGES:
         rows.append(
@@ -81,7 +81,7 @@ def print_comparison(comparison: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=max(Console().width, 100))
-    pre = comparison["cos"]["pretrain"]["train_time_s"] / comparison["baseline"]["pretrain"]["train_time_s"]
+    pre = comparison["cos"]["pretrain"]["train_time_s"] / comparison["tokens336"]["pretrain"]["train_time_s"]
     title = f"Chain-of-Sight vs 336 tokens throughout ({comparison['total_time_s']:.0f} s in all)"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("", "Chain-of-Sight 32->528", "336 tokens", "image-free"):
@@ -89,5 +89,5 @@ def print_comparison(comparison: dict, console=None) -> None:
     for row in comparison_rows(comparison):
         table.add_row(*row)
     console.print(table)
-    console.print(f"pre-training wall-clock: Chain-of-Sight took {100 * pre:.0f}% of the 336-token baseline's")
+    console.print(f"pre-training wall-clock: Chain-of-Sight took {100 * pre:.0f}% of the 336-token arm's")
     console.print(f"  report       {comparison['report']}", soft_wrap=True, highlight=False)

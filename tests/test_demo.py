@@ -52,3 +52,39 @@ def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     assert (tmp_path / "demo" / "eval" / "finetune" / "predictions.jsonl").is_file()
     assert "held-out scores" in result.stdout and "image-free baseline" in result.stdout
     assert "cosctl report" in result.stdout and "cosctl export" in result.stdout
+
+
+def test_the_closing_tables_show_gaps_and_scores_beside_the_image_free_baseline(tmp_path):
+    """The end of the demo: per trained stage the eval loss, swapped loss and their gap; then each task's
+    metrics for both stages beside the image-free baseline's (accuracies in percent)."""
+    from rich.console import Console
+
+    from cosctl.demo import print_summary
+
+    stage = {
+        "visual_tokens": 32,
+        "image_size": 64,
+        "steps": 300,
+        "first_loss": 6.0,
+        "final_loss": 1.0,
+        "final_eval_loss": 1.027,
+        "final_eval_loss_swapped_images": 1.093,
+        "samples_per_s": 70.0,
+    }
+    vqa = {"num": 47, "accuracy": 0.277}
+    summary = {
+        "pretrain": stage,
+        "finetune": stage | {"visual_tokens": 528, "final_eval_loss_swapped_images": 1.055},
+        "scores": {
+            "stages": {"pretrain": {"vqa": vqa}, "finetune": {"vqa": vqa | {"accuracy": 0.3}}},
+            "baseline": {"vqa": vqa | {"accuracy": 0.234}},
+        },
+        "data": {"root": str(tmp_path / "data")},
+        "total_time_s": 200.0,
+    }
+    console = Console(width=140, record=True)
+    print_summary(summary, tmp_path, console=console)
+    lines = console.export_text().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split()}
+    assert rows["pretrain"][-3:-1] == ["1.093", "0.0660"] and rows["finetune"][-2] == "0.0280"
+    assert rows["vqa"][-4:] == ["%", "27.7", "30.0", "23.4"]
