@@ -1,7 +1,7 @@
 """`cosctl demo --compare`: Chain-of-Sight against 336 tokens throughout, on the built-in set.
 
     cos         the demo: pretrain 32 tokens at 64 px -> inflate 32to528 -> finetune 528 at 128 px
-    tokens336   pretrain 336 tokens at 128 px (recipes/tiny/pretrain-336.yaml) -> finetune 336 at 128 px
+    tokens336   pretrain 336 tokens at 128 px (recipes/tiny-compare/pretrain.yaml) -> finetune 336 at 128 px
 
 Both arms train on the same synthetic data with the same seed, samples per step, steps and learning
 rates; only the visual tokens (and so the cost of a sample) differ. Both are scored by `cosctl eval`
@@ -28,8 +28,10 @@ def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     data = Path(cos["data"]["root"])
     arm = out / "tokens336"
     on_data = [f"data.root={data}", f"run.seed={seed}"]
-    pre = train_stage("pretrain-336.yaml", "pretrain", arm, [*on_data, f"model.tokenizer={data / 'tokenizer'}"])
-    fin = train_stage("finetune.yaml", "finetune", arm, [*on_data, f"model.source={arm / 'runs' / 'pretrain'}"])
+    pre = train_stage(
+        "tiny-compare/pretrain.yaml", "pretrain", arm, [*on_data, f"model.tokenizer={data / 'tokenizer'}"]
+    )
+    fin = train_stage("tiny/finetune.yaml", "finetune", arm, [*on_data, f"model.source={arm / 'runs' / 'pretrain'}"])
     trained = {"pretrain": pre, "finetune": fin}
     scores = score_stages({name: stage["artefact"] for name, stage in trained.items()}, data, arm / "eval")
     tokens336 = {name: {key: stage[key] for key in (*STAGE_KEYS, "artefact")} for name, stage in trained.items()}

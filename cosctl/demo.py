@@ -21,7 +21,7 @@ from .stages import run_inflate
 from .synth import synthesize
 from .train import run_training
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TRAINED_STAGES = ("pretrain", "finetune")
 STAGE_KEYS = (
     "visual_tokens",
@@ -53,7 +53,7 @@ def synthesize_data(data: Path, num_samples: int, seed: int) -> dict:
 
 
 def train_stage(recipe: str, stage: str, out: Path, overrides: list[str]) -> dict:
-    """Train `recipes/tiny/<recipe>` with `overrides`: artefact in out/runs/<stage>, run in out/work/<stage>."""
+    """Train `recipes/<recipe>` with `overrides`: artefact in out/runs/<stage>, run in out/work/<stage>."""
     output = out / "runs" / stage
     spec = load_spec(RECIPES / recipe, [*overrides, f"run.output={output}"])
     return run_training(spec, run_dir=out / "work" / stage, output=str(output), resume="never", overwrite=True)
@@ -65,12 +65,14 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     data = out / "data"
     synth = synthesize_data(data, num_samples, seed)
     on_data = [f"data.root={data}", f"run.seed={seed}"]
-    pre = train_stage("pretrain.yaml", "pretrain", out, [*on_data, f"model.tokenizer={data / 'tokenizer'}"])
+    pre = train_stage("tiny/pretrain.yaml", "pretrain", out, [*on_data, f"model.tokenizer={data / 'tokenizer'}"])
     setup_logging(0, "inflate")
     inflated = out / "runs" / "inflate"
-    inflate = load_spec(RECIPES / "inflate.yaml", [f"source={out / 'runs' / 'pretrain'}", f"run.output={inflated}"])
+    inflate = load_spec(
+        RECIPES / "tiny" / "inflate.yaml", [f"source={out / 'runs' / 'pretrain'}", f"run.output={inflated}"]
+    )
     inf = run_inflate(inflate, run_dir=out / "work" / "inflate", output=str(inflated))
-    fin = train_stage("finetune.yaml", "finetune", out, [*on_data, f"model.source={inflated}"])
+    fin = train_stage("tiny/finetune.yaml", "finetune", out, [*on_data, f"model.source={inflated}"])
 
     scores = score_stages({"pretrain": pre["artefact"], "finetune": fin["artefact"]}, data, out / "eval")
     summary = {
