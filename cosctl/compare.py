@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .demo import STAGE_KEYS, TRAINED_STAGES, run_demo, score_stages, swap_gap, train_stage
+from .evaluate.command import format_value
 from .report import write_report
 
 ARMS = ("cos", "tokens336")
@@ -49,35 +50,36 @@ def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     return comparison
 
 
+# Per trained stage: the row's label and how a stage summary fills its cell.
+STAGE_ROWS = (
+    ("visual tokens / px", lambda stage: f"{stage['visual_tokens']} / {stage['image_size']}"),
+    ("wall-clock s", lambda stage: f"{stage['train_time_s']:.0f}"),
+    ("samples/s", lambda stage: f"{stage['samples_per_s']:.1f}"),
+    ("eval loss", lambda stage: f"{stage['final_eval_loss']:.3f}"),
+    ("swap gap", lambda stage: f"{swap_gap(stage):.4f}"),
+)
+
+
 def comparison_rows(comparison: dict) -> list[tuple[str, str, str, str]]:
     """(what, Chain-of-Sight, 336 tokens throughout, image-free baseline) rows of the closing table."""
-    cos, base = comparison["cos"], comparison["tokens336"]
-    rows = []
-    for stage in TRAINED_STAGES:
-        rows.append(
-            (
-                f"{stage}: visual tokens / px",
-                *(f"{a[stage]['visual_tokens']} / {a[stage]['image_size']}" for a in (cos, base)),
-                "",
-            )
-        )
-        rows.append((f"{stage}: wall-clock s", *(f"{a[stage]['train_time_s']:.0f}" for a in (cos, base)), ""))
-        rows.append((f"{stage}: samples/s", *(f"{a[stage]['samples_per_s']:.1f}" for a in (cos, base)), ""))
-        rows.append((f"{stage}: eval loss", *(f"{a[stage]['final_eval_loss']:.3f}" for a in (cos, base)), ""))
-        rows.append((f"{stage}: swap gap", *(f"{swap_gap(a[stage]):.4f}" for a in (cos, base)), ""))
-    from .evaluate.command import format_value
-
+    arms = (comparison["cos"], comparison["tokens336"])
+    rows = [
+        (f"{stage}: {label}", *(cell(arm[stage]) for arm in arms), "")
+        for stage in TRAINED_STAGES
+        for label, cell in STAGE_ROWS
+    ]
     free = comparison["image_free_baseline"]
-    for task, values in cos["scores"]["finetune"].items():
+    for task, values in arms[0]["scores"]["finetune"].items():
         for name in (name for name in values if name != "num"):
             unit = "" if name in ("cider", "mean_iou") else " %"
-            cells = [a["scores"]["finetune"].get(task, {}).get(name) for a in (cos, base)]
+            cells = [arm["scores"]["finetune"].get(task, {}).get(name) for arm in arms]
             cells.append(free.get(task, {}).get(name))
             rows.append((f"{task} {name}{unit}", *("-" if v is None else format_value(name, v) for v in cells)))
     return rows
 
 
 def print_comparison(comparison: dict, console=None) -> None:
+    """The end of `cosctl demo --compare`: the table, the pre-training time ratio, the report's path."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
