@@ -341,7 +341,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, runs and summary.json.")] = Path("demo_out"),
     num_samples: Annotated[int, typer.Option(help="Synthetic samples.")] = 1200,
     compare: Annotated[
-        bool, typer.Option(help="Also train a baseline with 336 tokens throughout and compare (~4x longer).")
+        bool, typer.Option(help="Also train a model with 336 tokens throughout and compare (~3x as long).")
     ] = False,
 ) -> None:
     """The whole tiny pipeline on CPU: synth data -> pretrain 32 -> inflate 528 -> finetune LoRA."""
