@@ -2,20 +2,19 @@
 
 - Images: RGB, bicubic resize to the model's square `image_size`, [0, 1], CLIP mean/std; the same
   operations in the same order as the training loader, so inference sees bit-identical pixels.
-- Text: the training chat template (`CHAT_TEMPLATE`, shipped as `chat_template.jinja`):
+- Text: the training chat template (`cos_model.chat.CHAT_TEMPLATE`, shipped as `chat_template.jinja`):
 
       <s>USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ... ASSISTANT:
 
-  Each `<image>` placeholder becomes `num_visual_tokens` copies of the image token id, and the text is
-  cut after every "ASSISTANT: " before tokenising, so an answer tokenises as it was trained (on its own)
-  and as it is generated. Batches are left-padded for generation.
+  A templated string is cut back into the pieces training tokenises one by one (`cos_model.chat`:
+  after bos, at each eos, after each turn's " ASSISTANT: ", around each `<image>`), so its ids are
+  training's token for token, whatever the tokenizer. Each `<image>` placeholder becomes
+  `num_visual_tokens` copies of the image token id. Batches are left-padded for generation.
 
-Self-contained (torch, numpy, PIL, transformers): the export ships this file as remote code.
+Self-contained (torch, numpy, PIL, transformers and `chat.py`): the export ships it as remote code.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import torch
@@ -24,36 +23,10 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from .chat import CHAT_TEMPLATE, IMAGE_TOKEN, encode, template_pieces
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_TOKEN = "<image>"
-ANSWER_PREFIX = "ASSISTANT: "
-
-# User turns: images first (each "<image>\n"), then the text. Assistant turns end with eos.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- 'USER: ' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}"
-    "{{- item['text'] -}}{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- ' ASSISTANT: ' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- eos_token -}}"
-    "{%- else -%}"
-    "{{- raise_exception('only user and assistant turns are supported, got ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- ' ASSISTANT: ' -}}{%- endif -%}"
-)
 
 
 def image_to_pixels(image: Image.Image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -125,12 +98,18 @@ class CosProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(text token ids, image positions) of each templated text, tokenised as training does."""
+        tokenizer = self.tokenizer
+        pieces = [template_pieces(t, tokenizer.bos_token, tokenizer.eos_token, self.image_token) for t in texts]
+        return [(ids, images) for ids, _, images in encode(tokenizer, pieces)]
+
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of one templated text, bos first, each placeholder still one image token id."""
-        pieces = re.split(f"(?<={re.escape(ANSWER_PREFIX)})", text)
-        ids = [i for piece in pieces if piece for i in self.tokenizer.encode(piece, add_special_tokens=False)]
-        bos = self.tokenizer.bos_token_id
-        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+        """Token ids of one templated text, bos first, each placeholder one image token id."""
+        ((ids, images),) = self._encode([text])
+        for position in reversed(images):
+            ids.insert(position, self.image_token_id)
+        return ids
 
     def __call__(
         self,
@@ -150,20 +129,30 @@ class CosProcessor(ProcessorMixin):
             raise ValueError("CosProcessor: the model takes images and text only")
         if text is None:
             raise ValueError("CosProcessor: `text` is required (see `apply_chat_template`)")
-        rows = [self.tokenize(t) for t in ([text] if isinstance(text, str) else text)]
+        encoded = self._encode([text] if isinstance(text, str) else list(text))
         images = _flatten(images)
-        image_id = self.image_token_id
-        num_placeholders = sum(row.count(image_id) for row in rows)
+        num_placeholders = sum(len(positions) for _, positions in encoded)
         if num_placeholders != len(images):
             raise ValueError(
                 f"CosProcessor: the text has {num_placeholders} {self.image_token} placeholders "
                 f"but {len(images)} images were given"
             )
-        rows = [[i for t in row for i in ([t] * self.num_visual_tokens if t == image_id else [t])] for row in rows]
+        slots = [self.image_token_id] * self.num_visual_tokens
+        rows = [_insert(ids, positions, slots) for ids, positions in encoded]
         data = _pad(rows, self.tokenizer.pad_token_id, padding_side)
         if images:
             data["pixel_values"] = self.image_processor(images)["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)
+
+
+def _insert(ids: list[int], positions: list[int], slots: list[int]) -> list[int]:
+    """`ids` with `slots` before each of `positions` (ascending)."""
+    row: list[int] = []
+    start = 0
+    for position in positions:
+        row += ids[start:position] + slots
+        start = position
+    return row + ids[start:]
 
 
 def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, list[list[int]]]:

@@ -1,7 +1,9 @@
-"""One conversation record -> text token ids and labels: the chat template, validation and truncation
+"""One conversation record -> text token ids and labels: validation and truncation of training records
 (docs/design.md §5). Reading files of records and collating them is `cosctl.data`'s.
 
-Chat template, one sequence per record (`<s>`/`</s>` are the tokenizer's bos/eos ids):
+The chat template and how a conversation is cut into pieces and tokenised are `cos_model.chat`'s, the one
+definition that `cosctl eval` and the exported `CosProcessor` use too, so a conversation has the same ids
+on every path, whatever the tokenizer (ByteLevel BPE, Llama/Vicuna SentencePiece with Metaspace):
 
     <s>USER: {human_1} ASSISTANT: {gpt_1}</s>USER: {human_2} ASSISTANT: {gpt_2}</s>...
 
@@ -9,9 +11,6 @@ Chat template, one sequence per record (`<s>`/`</s>` are the tokenizer's bos/eos
   `num_visual_tokens` copies of the image token id, where the model writes the visual tokens. A record
   without `image` (LLaVA-1.5's text-only conversations) has no placeholder and no visual tokens.
 - Labels are IGNORE_INDEX everywhere except each answer and its `</s>`.
-- The text before `<image>`, the rest of each prompt and each answer are tokenised separately, so the
-  placeholder never merges with its neighbours and an answer tokenises as it is generated after
-  "ASSISTANT: ".
 - A record with more than `data.max_text_tokens` text tokens is cut there (visual tokens are never cut
   and never counted); one whose answers would all be cut off is a bad record (`too_long`).
 """
@@ -24,8 +23,25 @@ from typing import NamedTuple
 from transformers import PreTrainedTokenizerFast
 
 from cos_model import IGNORE_INDEX
+from cos_model.chat import IMAGE_TOKEN, Piece, encode, tokenize
+from cos_model.chat import assemble as assemble_pieces
+from cos_model.chat import conversation_pieces as chat_pieces
 
-IMAGE_TOKEN = "<image>"
+__all__ = [
+    "IMAGE_TOKEN",
+    "Encoded",
+    "assemble",
+    "conversation_pieces",
+    "conversation_problem",
+    "encode_conversation",
+    "encode_records",
+    "expand",
+    "image_token_id",
+    "num_label_tokens",
+    "record_id_of",
+    "record_image",
+    "tokenize",
+]
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
@@ -33,72 +49,19 @@ def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-class Pieces(NamedTuple):
-    """A conversation's text in tokenising order: prompts and answers, and where the visual tokens go
-    (before piece `image_before`; -1 for a text-only record)."""
-
-    texts: list[str]
-    is_answer: list[bool]
-    image_before: int
-
-
-def conversation_pieces(turns: list[dict]) -> Pieces:
-    texts: list[str] = []
-    is_answer: list[bool] = []
-    image_before = -1
-    for human, gpt in zip(turns[0::2], turns[1::2], strict=True):
-        before, placeholder, after = ("USER: " + human["value"] + " ASSISTANT: ").partition(IMAGE_TOKEN)
-        texts.append(before)
-        is_answer.append(False)
-        if placeholder:
-            image_before = len(texts)
-            texts.append(after)
-            is_answer.append(False)
-        texts.append(gpt["value"])
-        is_answer.append(True)
-    return Pieces(texts, is_answer, image_before)
-
-
-def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens, in one batched call; "" -> [].
-
-    The ids are `tokenizer(texts, add_special_tokens=False)["input_ids"]`'s. When the Rust backend is
-    set up as that call leaves it (no truncation, no padding, special tokens kept whole) it is called
-    directly: transformers' conversion of every encoding to Python costs as much as tokenising."""
-    wanted = list(dict.fromkeys(text for text in texts if text))  # each distinct text once ("USER: " ...)
-    if not wanted:
-        return [[] for _ in texts]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    if (
-        backend is not None
-        and backend.truncation is None
-        and backend.padding is None
-        and backend.encode_special_tokens == split_special
-    ):
-        ids = [encoding.ids for encoding in backend.encode_batch(wanted, add_special_tokens=False)]
-    else:  # also sets the backend up as above, for the next call
-        ids = tokenizer(wanted, add_special_tokens=False)["input_ids"]
-    encoded = dict(zip(wanted, ids, strict=True))
-    return [encoded[text] if text else [] for text in texts]
+def conversation_pieces(turns: list[dict]) -> list[Piece]:
+    """A validated record's turns cut into the pieces `cos_model.chat` tokenises one by one."""
+    return chat_pieces([(human["value"], gpt["value"]) for human, gpt in zip(turns[0::2], turns[1::2], strict=True)])
 
 
 def assemble(
-    pieces: Pieces, piece_ids: list[list[int]], bos_id: int | None, eos_id: int
+    pieces: list[Piece], piece_ids: Sequence[list[int]], bos_id: int | None, eos_id: int
 ) -> tuple[list[int], list[bool], int]:
-    """(text token ids, label mask, image position) of a conversation: the visual tokens go before
-    text token `image position` (-1: none); labels are the answers and their eos."""
-    ids: list[int] = [] if bos_id is None else [bos_id]
-    mask: list[bool] = [False] * len(ids)
-    image_pos = -1
-    for index, (piece, answer) in enumerate(zip(piece_ids, pieces.is_answer, strict=True)):
-        if index == pieces.image_before:
-            image_pos = len(ids)
-        if answer:
-            piece = [*piece, eos_id]
-        ids += piece
-        mask += [answer] * len(piece)
-    return ids, mask, image_pos
+    """(text token ids, label mask, image position) of a training conversation from the ids of its text
+    pieces: the visual tokens go before text token `image position` (-1: none); labels are the answers
+    and their eos."""
+    ids, mask, images = assemble_pieces(pieces, iter(piece_ids), bos_id, eos_id)
+    return ids, mask, _image_pos(images)
 
 
 def expand(
@@ -115,15 +78,16 @@ def expand(
     )
 
 
+def _image_pos(images: list[int]) -> int:
+    return images[0] if images else -1  # a training record has at most one image
+
+
 def encode_conversation(
     turns: list[dict], tokenizer: PreTrainedTokenizerFast, num_visual_tokens: int
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a validated conversation under the chat template above (not truncated)."""
-    pieces = conversation_pieces(turns)
-    ids, mask, image_pos = assemble(
-        pieces, tokenize(tokenizer, pieces.texts), tokenizer.bos_token_id, tokenizer.eos_token_id
-    )
-    return expand(ids, mask, image_pos, image_token_id(tokenizer), num_visual_tokens)
+    ids, mask, images = encode(tokenizer, [conversation_pieces(turns)])[0]
+    return expand(ids, mask, _image_pos(images), image_token_id(tokenizer), num_visual_tokens)
 
 
 def record_image(record: dict) -> str | None:
@@ -178,7 +142,7 @@ def encode_records(
 ) -> tuple[list[Encoded], list[tuple[int, str, str]]]:
     """Validate, tokenise (in one batched call) and truncate `records[i]` for i in `indices`: the
     encoded ones and the bad ones as (index, record id, reason). Images are not looked at."""
-    good: list[tuple[int, dict, Pieces]] = []
+    good: list[tuple[int, dict]] = []
     bad: list[tuple[int, str, str]] = []
     for index in indices:
         record = records[index]
@@ -186,13 +150,11 @@ def encode_records(
         if problem is not None:
             bad.append((index, record_id_of(record, index), problem))
         else:
-            good.append((index, record, conversation_pieces(record["conversations"])))
-    flat = tokenize(tokenizer, [text for _, _, pieces in good for text in pieces.texts])
+            good.append((index, record))
+    assembled = encode(tokenizer, [conversation_pieces(record["conversations"]) for _, record in good])
     encoded: list[Encoded] = []
-    start = 0
-    for index, record, pieces in good:
-        piece_ids, start = flat[start : start + len(pieces.texts)], start + len(pieces.texts)
-        ids, mask, image_pos = assemble(pieces, piece_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    for (index, record), (ids, mask, images) in zip(good, assembled, strict=True):
+        image_pos = _image_pos(images)
         truncated = len(ids) > max_text_tokens
         if truncated:  # text tokens only: the visual tokens sit inside the first prompt and are never cut
             ids, mask = ids[:max_text_tokens], mask[:max_text_tokens]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cos_model import IGNORE_INDEX
+from cos_model.chat import render
 
 from ..conversation import conversation_problem, encode_conversation
 from ..data import image_problem, read_records, resolve_image_path
@@ -127,9 +128,8 @@ def load_eval_records(
 
 def render_prompt(turns: list[dict], bos: str, eos: str) -> str:
     """The prompt as text under the training chat template (`<image>` as written)."""
-    pairs = list(zip(turns[0::2], turns[1::2], strict=True))
-    text = bos + "".join(f"USER: {human['value']} ASSISTANT: {gpt['value']}{eos}" for human, gpt in pairs[:-1])
-    return text + f"USER: {pairs[-1][0]['value']} ASSISTANT: "
+    pairs = [(human["value"], gpt["value"]) for human, gpt in zip(turns[0::2], turns[1::2], strict=True)]
+    return render(pairs[:-1] + [(pairs[-1][0], None)], bos, eos)
 
 
 def build_prompt(
