@@ -66,6 +66,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers and tokenizers raise many types for a broken folder
         raise DataError(f"{folder}: cannot load tokenizer: {exc}") from exc
+    if hasattr(tokenizer, "legacy"):
+        # Llama-style classes rebuild their Metaspace pre-tokenizer from `legacy` when loaded, and
+        # save_pretrained leaves it out: recorded, the published and exported copies tokenise as this one.
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
