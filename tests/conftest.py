@@ -11,7 +11,7 @@ from cos_model import CosConfig, CosForConditionalGeneration
 from tests.harness import cosctl, ok
 from tests.tiny import tiny_config, tiny_model
 
-pytest_plugins = ["tests.conftest_s3", "tests.conftest_slurm"]
+pytest_plugins = ["tests.conftest_s3", "tests.conftest_slurm", "tests.llama_tokenizer"]
 
 
 @pytest.fixture
