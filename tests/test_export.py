@@ -27,19 +27,25 @@ from cosctl.checkpoint import publish
 from cosctl.conversation import encode_conversation, image_token_id
 from cosctl.data import load_image, load_tokenizer
 from cosctl.engine import apply_lora
+from cosctl.evaluate.generation import generate_and_score
+from cosctl.evaluate.loading import load_for_eval
+from cosctl.evaluate.records import build_prompt
 from cosctl.export import export_merged
 from cosctl.remote_code import RemoteCodeError, module_sources
 from cosctl.spec_sections import LoraSpec
 from cosctl.stages import SOURCE_RECORD, save_adapter
 from cosctl.storage import open_store
 from cosctl.synth import synthesize
+from tests.llava import write_llava_set
+from tests.test_processing import messages_of
 from tests.tiny import tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What colour is the circle?", "How many shapes are there in this small picture?"]
 
-# Runs in a fresh interpreter that cannot import the project: transformers (and torch, PIL) only.
-FRESH_SCRIPT = r"""
+# Fresh-interpreter scripts start with this: they cannot import the project, only transformers (and
+# torch, PIL).
+NO_PROJECT = r"""
 import json, sys
 from pathlib import Path
 
@@ -48,7 +54,11 @@ class NoProject:
         if name.split(".")[0] in ("cos_model", "cosctl"):
             raise ImportError(f"{name} imported by a plain transformers user")
 sys.meta_path.insert(0, NoProject())
+"""
 
+FRESH_SCRIPT = (
+    NO_PROJECT
+    + r"""
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -84,6 +94,34 @@ torch.save({"pixel_values": inputs["pixel_values"], "logits": logits}, out / "te
     "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("cos_model", "cosctl")),
 }))
 """
+)
+
+# Greedy answers to whole conversations, one request at a time: [{"messages", "image"}] -> answers.json.
+FRESH_CHAT_SCRIPT = (
+    NO_PROJECT
+    + r"""
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+folder, out, max_new_tokens = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[4])
+requests = json.loads(Path(sys.argv[3]).read_text())
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+eos = processor.tokenizer.eos_token_id
+rows = []
+for request in requests:
+    prompt = processor.apply_chat_template(request["messages"], add_generation_prompt=True)
+    inputs = processor(images=[Image.open(request["image"])], text=prompt, return_tensors="pt")
+    new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    new = new.tolist()[: new.tolist().index(eos)] if eos in new.tolist() else new.tolist()
+    answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    rows.append({"prompt": prompt, "input_ids": inputs["input_ids"][0].tolist(), "answer": answer})
+(out / "answers.json").write_text(json.dumps({
+    "rows": rows,
+    "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("cos_model", "cosctl")),
+}))
+"""
+)
 
 
 def _publish_model(root: Path, tokenizer, seed: int = 0) -> None:
@@ -113,22 +151,26 @@ def _adapter_state(peft_model) -> dict:
     return {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
 
 
+def _build_runs(root: Path, tokenizer, exported: tuple[str, ...]) -> dict:
+    """A published base model and a published adapter on it under `root`, and the exports of `exported`."""
+    _publish_model(root, tokenizer)
+    peft_model = _lora_model(root / "base" / "model")
+    save_adapter(peft_model, _adapter_state(peft_model), tokenizer, str(root / "base"), root / "staging" / "adapter")
+    publish(open_store(str(root / "finetune")), root / "staging" / "adapter", "adapter")
+    exports = {name: export_merged(str(root / name), root / "exports" / name) for name in exported}
+    return {"root": root, "tokenizer": tokenizer, "peft_model": peft_model, "exports": exports}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Synthetic data, a published base model, a published adapter on it, and both exports."""
     root = tmp_path_factory.mktemp("export")
     synthesize(root / "data", num_samples=8, seed=0, image_size=64)
-    tokenizer = load_tokenizer(root / "data" / "tokenizer")
-    _publish_model(root, tokenizer)
-    peft_model = _lora_model(root / "base" / "model")
-    save_adapter(peft_model, _adapter_state(peft_model), tokenizer, str(root / "base"), root / "staging" / "adapter")
-    publish(open_store(str(root / "finetune")), root / "staging" / "adapter", "adapter")
     previous = os.umask(0o077)  # exports must be world-readable whatever the user's umask
     try:
-        exports = {name: export_merged(str(root / name), root / "exports" / name) for name in ("base", "finetune")}
+        return _build_runs(root, load_tokenizer(root / "data" / "tokenizer"), ("base", "finetune"))
     finally:
         os.umask(previous)
-    return {"root": root, "tokenizer": tokenizer, "peft_model": peft_model, "exports": exports}
 
 
 def _folder(built, name: str) -> Path:
@@ -147,21 +189,19 @@ def _images(built) -> list[Path]:
 def fresh(built):
     """The merged export run by the transformers-only script in a fresh process (not the repo's cwd)."""
     out = built["root"] / "fresh"
+    images = json.dumps([str(p) for p in _images(built)])
+    _run_fresh(FRESH_SCRIPT, _folder(built, "finetune"), out, images, json.dumps(QUESTIONS))
+    return {"report": json.loads((out / "report.json").read_text()), **torch.load(out / "tensors.pt")}
+
+
+def _run_fresh(script: str, folder: Path, out: Path, *args) -> None:
+    """`script FOLDER OUT ARGS...` in a fresh interpreter without the repository on its path, run in `out`."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(out / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-c",
-        FRESH_SCRIPT,
-        str(_folder(built, "finetune")),
-        str(out),
-        json.dumps([str(p) for p in _images(built)]),
-        json.dumps(QUESTIONS),
-    ]
+    cmd = [sys.executable, "-c", script, str(folder), str(out), *map(str, args)]
     result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"report": json.loads((out / "report.json").read_text()), **torch.load(out / "tensors.pt")}
 
 
 def _training_prompt(tokenizer, question: str, num_visual_tokens: int) -> list[int]:
@@ -286,6 +326,44 @@ def test_merged_export_equals_the_adapter_on_its_base(built):
         merged, peft = model(**inputs).logits, built["peft_model"](**inputs).logits
     assert torch.allclose(merged, peft, atol=1e-5, rtol=0)
     assert built["exports"]["finetune"]["merged"] is True
+
+
+@pytest.fixture(scope="module")
+def llama_built(built, llama_tokenizer_dirs, tmp_path_factory):
+    """`built`'s runs and finetune export with a Llama-style SentencePiece tokenizer (legacy=False: Metaspace,
+    prepend_scheme "first"), and eval records in the synthetic set's and LLaVA-1.5's shapes."""
+    root = tmp_path_factory.mktemp("export_llama")
+    runs = _build_runs(root, load_tokenizer(llama_tokenizer_dirs[False]), ("finetune",))
+    data = built["root"] / "data"
+    synthetic = [r for split in ("train", "eval") for r in json.loads((data / f"{split}.json").read_text())]
+    llava = [r for r in write_llava_set(data, root / "llava") if "image" in r]  # eval records have images
+    records = [{**r, "image": str(data / r["image"])} for r in synthetic]
+    records += [{**r, "id": f"llava-{r['id']}", "image": str(root / "llava" / r["image"])} for r in llava]
+    return {**runs, "records": records}
+
+
+def test_transformers_alone_answers_as_cosctl_eval_with_a_llama_tokenizer(llama_built):
+    """With a Llama/Vicuna-style tokenizer, the export used by transformers alone (chat template, processor,
+    greedy generate) gets `cosctl eval`'s prompt ids and answers on every record (single- and multi-turn,
+    image first or after the text)."""
+    root, records = llama_built["root"], llama_built["records"]
+    requests = [{"messages": messages_of(r["conversations"])[:-1], "image": r["image"]} for r in records]
+    (root / "requests.json").write_text(json.dumps(requests))
+    _run_fresh(FRESH_CHAT_SCRIPT, _folder(llama_built, "finetune"), root / "fresh", root / "requests.json", 8)
+    fresh = json.loads((root / "fresh" / "answers.json").read_text())
+    assert fresh["project_modules"] == []
+    loaded = load_for_eval(str(root / "finetune"), root / "scratch")  # as `cosctl eval` loads a finetune run
+    rows, _ = generate_and_score(
+        loaded.model, loaded.tokenizer, records, root, max_new_tokens=8, batch_size=4, device="cpu"
+    )
+    prompts = [list(build_prompt(r, loaded.tokenizer, 32, root).input_ids) for r in records]
+    agreement = {
+        "records": len(records),
+        "same_prompt_ids": sum(f["input_ids"] == p for f, p in zip(fresh["rows"], prompts, strict=True)),
+        "same_answers": sum(f["answer"] == r["prediction"] for f, r in zip(fresh["rows"], rows, strict=True)),
+    }
+    assert agreement == {"records": 13, "same_prompt_ids": 13, "same_answers": 13}
+    assert len({row["prediction"] for row in rows}) > 1  # the answers depend on the prompt
 
 
 def test_model_export_keeps_the_published_weights(built):
