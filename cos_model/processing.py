@@ -107,9 +107,7 @@ class CosProcessor(ProcessorMixin):
     def tokenize(self, text: str) -> list[int]:
         """Token ids of one templated text, bos first, each placeholder one image token id."""
         ((ids, images),) = self._encode([text])
-        for position in reversed(images):
-            ids.insert(position, self.image_token_id)
-        return ids
+        return _insert(ids, images, [self.image_token_id])
 
     def __call__(
         self,
