@@ -200,6 +200,9 @@ class ExampleRecords:
     def record_id(self, index: int) -> str:
         return self.examples[index].record_id
 
+    def image(self, index: int) -> str | None:
+        return self.examples[index].image_path
+
     def sample(self, index: int) -> Sample:
         example = self.examples[index]
         return Sample(

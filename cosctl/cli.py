@@ -260,7 +260,9 @@ def eval_(
             help="LLaVA-format eval records (JSON list); the last gpt turn is the reference.", show_default=False
         ),
     ],
-    images: Annotated[Optional[Path], typer.Option(help="Image root; default: the data file's folder.")] = None,
+    images: Annotated[
+        Optional[str], typer.Option(help="Image root, a folder or s3://BUCKET/PREFIX; default: the data file's folder.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; default evals/<model name>.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generated tokens per record at most.")] = 32,
     batch_size: Annotated[int, typer.Option(min=1, help="Records generated together per rank.")] = 8,
@@ -281,12 +283,10 @@ def eval_(
     try:
         if nproc > 1 and "RANK" not in os.environ:
             # Checked once here, so a mistake is one line rather than one per rank and a launcher trace.
+            from .evaluate.command import read_inputs
             from .evaluate.loading import check_source
-            from .evaluate.records import load_eval_records
 
-            load_eval_records(data, images or data.parent, limit)
-            if baseline_from is not None:
-                load_eval_records(baseline_from, skip_bad=True)
+            read_inputs(data, images or data.parent, limit, baseline_from)
             check_source(model)
     except UserError as err:
         fail(str(err))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from .autobatch import probe_micro_batch
-from .batching import MicroBatch, MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
+from .batching import MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
 from .checkpointer import Checkpointer, Restored
 from .data import LengthStats, length_stats
 from .dist import Dist, all_reduce, init_distributed
@@ -32,6 +32,16 @@ class Budget:
 
     tokens: int
     origin: Literal["spec", "probe", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class HeldOutBatch:
+    """A collated held-out micro-batch and the image name of each row of its `pixel_values`, in order
+    (None where the image failed to load: that row is blank and the sample's labels are ignored). A
+    text-only micro-batch has no rows and no names."""
+
+    inputs: dict
+    images: tuple[str | None, ...]
 
 
 @dataclass
@@ -73,18 +83,37 @@ class Run:
             loader.load_state_dict(position)
         return loader
 
-    def eval_batches(self, budget: Budget) -> list[dict]:
+    def eval_batches(self, budget: Budget) -> list[HeldOutBatch]:
         """The held-out micro-batches, collated once: every rank evaluates the same ones (a held-out set
         may be smaller than one micro-batch per rank, and ZeRO-3 forwards are collective)."""
         if self.eval_examples is None:
             return []
-        dataset = MicroBatchDataset(
-            self.eval_examples, None, self.stage.cos_config.image_size, self.stage.tokenizer.pad_token_id
+        return held_out_batches(
+            self.eval_examples,
+            image_size=self.stage.cos_config.image_size,
+            pad_token_id=self.stage.tokenizer.pad_token_id,
+            tokens_per_micro_batch=budget.tokens,
+            num_batches=self.spec.eval.num_batches,
         )
-        micro_batches: list[MicroBatch] = eval_micro_batches(
-            self.eval_examples, budget.tokens, self.spec.eval.num_batches
-        )
-        return [dataset[micro] for micro in micro_batches]
+
+
+def held_out_batches(
+    examples, *, image_size: int, pad_token_id: int, tokens_per_micro_batch: int, num_batches: int
+) -> list[HeldOutBatch]:
+    """The first `num_batches` micro-batches of held-out `examples` (a prepared store's records, or
+    `cosctl.batching.ExampleRecords`) in file order, collated as training collates them, each with the
+    names of its images."""
+    dataset = MicroBatchDataset(examples, None, image_size, pad_token_id)
+    held_out = []
+    for micro in eval_micro_batches(examples, tokens_per_micro_batch, num_batches):
+        inputs, failed = dataset.load(micro)
+        failed_indices = {index for index, _ in failed}
+        for _, reason in failed:
+            log.warning("%s; the held-out sample counts in no eval loss", reason)
+        names = [(index, dataset.records.image(index)) for index in micro.indices]
+        images = tuple(None if index in failed_indices else name for index, name in names if name is not None)
+        held_out.append(HeldOutBatch(inputs, images))
+    return held_out
 
 
 def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:

@@ -12,8 +12,13 @@ Tasks and what scores them (`TASK_FAMILIES` maps dataset names onto these):
 * any other task: exact match after `normalize_text`, listed in `Scores.fallback_tasks`.
 
 A record's references are its `answers` list when present (VQAv2's 10 human answers, several captions),
-else the last `gpt` turn. With several references, ocr/refexp/token F1/fallback take the best match.
-Records and predictions meet by `str(record["id"])`.
+else the last `gpt` turn; its question is the human turn that turn answers. With several references,
+ocr/refexp/token F1/fallback take the best match. Records and predictions meet by `str(record["id"])`.
+
+A record's task is its `task` field; without one (LLaVA's files have none) it is read from LLaVA-1.5's
+instructions in its question (`TASK_INSTRUCTIONS`: "Answer the question using a single word or
+phrase." is vqa, a bounding-box request answered by a box is refexp, ...), else `default_task`. Eval
+records and the records an image-free baseline counts get their tasks by this one rule (`infer_task`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ TASK_FAMILIES = {
 REFEXP_IOU = 0.5
 IOU_TOLERANCE = 1e-9  # boxes in percent become binary fractions: an IoU of exactly 0.5 may land at 0.4999...
 QUESTION_TYPE_WORDS = 3  # VQAv2's question types ("how many", "what color is the") are 1-5 leading words
+# LLaVA-1.5's task instructions, as its training mix (llava_v1_5_mix665k.json) and eval files write them,
+# lower-cased: a question holding one is of that task (refexp only when the answer is a box).
+TASK_INSTRUCTIONS = (
+    ("answer the question using a single word or phrase", "vqa"),
+    ("answer with the option's letter from the given choices directly", "vqa"),
+    ("please provide the bounding box coordinate of the region this sentence describes", "refexp"),
+    ("provide a one-sentence caption for the provided image", "caption"),
+)
 
 Box = tuple[float, float, float, float]
 
@@ -63,21 +76,54 @@ class Scores:
         return {"tasks": self.tasks, "fallback_tasks": self.fallback_tasks, "per_record": self.per_record}
 
 
+def infer_task(question: str, answer: str) -> str | None:
+    """The task LLaVA-1.5's instruction in `question` names (`TASK_INSTRUCTIONS`), or None."""
+    text = " ".join(question.lower().split())
+    for instruction, task in TASK_INSTRUCTIONS:
+        if instruction in text and (task != "refexp" or parse_box(answer) is not None):
+            return task
+    return None
+
+
+def _question(text: str) -> str:
+    return text.replace("<image>", "").strip()
+
+
 def eval_items(records: list[dict], default_task: str = "unknown") -> list[EvalItem]:
-    """EvalItems from LLaVA-format records; a record without `task` gets `default_task`."""
+    """EvalItems from LLaVA-format records: the question is the last human turn (the one the last gpt
+    turn answers); a record without `task` gets the task its question's LLaVA instruction names
+    (`infer_task`, judged on the last answer), else `default_task`."""
     items = []
     for record in records:
         turns = record["conversations"]
+        last_answer = next(turn["value"] for turn in reversed(turns) if turn["from"] == "gpt")
         answers = record.get("answers")
         if answers is None:
-            answers = [next(turn["value"] for turn in reversed(turns) if turn["from"] == "gpt")]
+            answers = [last_answer]
         elif isinstance(answers, str):
             answers = [answers]
         if not answers:
             raise ValueError(f"record {record['id']!r}: empty `answers`")
-        question = next((turn["value"] for turn in turns if turn["from"] == "human"), "")
-        question = question.replace("<image>", "").strip()
-        items.append(EvalItem(str(record["id"]), record.get("task") or default_task, tuple(answers), question))
+        question = _question(next((turn["value"] for turn in reversed(turns) if turn["from"] == "human"), ""))
+        task = record.get("task") or infer_task(question, last_answer) or default_task
+        items.append(EvalItem(str(record["id"]), task, tuple(answers), question))
+    return items
+
+
+def answer_items(records: list[dict], default_task: str = "unknown") -> list[EvalItem]:
+    """Every question/answer turn pair of `records` (e.g. a training file) as an EvalItem, for an
+    image-free baseline to count: the pair's task is the record's `task`, else the one its question's
+    LLaVA instruction names (`infer_task`), else `default_task`, as `eval_items` assigns an eval
+    record's. Text-only records (no `image`) ask nothing about an image and are left out."""
+    items = []
+    for record in records:
+        if not record.get("image"):
+            continue
+        turns = record["conversations"]
+        for number, (human, gpt) in enumerate(zip(turns[0::2], turns[1::2], strict=False)):
+            question = _question(human["value"])
+            task = record.get("task") or infer_task(question, gpt["value"]) or default_task
+            items.append(EvalItem(f"{record.get('id')}#{number}", task, (gpt["value"],), question))
     return items
 
 
@@ -304,6 +350,13 @@ def question_type(question: str) -> str:
     text = question.replace("<image>", " ").lower()
     text = "".join(" " if char in string.punctuation else char for char in text)
     return " ".join(text.split()[:QUESTION_TYPE_WORDS])
+
+
+def tasks_without_answers(items: list[EvalItem], source: list[EvalItem]) -> list[str]:
+    """The tasks of `items` (in order of first appearance) for which `source` holds no answer: an
+    image-free baseline counted over `source` would answer them with nothing."""
+    counted = {item.task for item in source}
+    return [task for task in dict.fromkeys(item.task for item in items) if task not in counted]
 
 
 def _answer_key(task: str, answer: str) -> str:

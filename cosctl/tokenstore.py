@@ -219,6 +219,9 @@ class StoreRecords:
     def record_id(self, index: int) -> str:
         return self.store.record_id(index)
 
+    def image(self, index: int) -> str | None:
+        return self.store.image(index)
+
     def sample(self, index: int) -> Sample:
         ids, mask, image_pos = self.store.text(index)
         ids = ids.astype(np.int64)

@@ -35,6 +35,7 @@ from cosctl.stages import save_adapter
 from cosctl.storage import open_store
 from cosctl.synth import synthesize
 from tests.harness import REPO, cosctl, ok, run_script_on_two_ranks
+from tests.llava import write_llava665k_set
 from tests.tiny import tiny_config, tiny_model
 
 runner = CliRunner()
@@ -345,14 +346,16 @@ engine.destroy()
 def eos_that_ends_ranks_apart(model, tokenizer, records, data, *, batch_size: int, world_size: int, steps: int):
     """Make the tokenizer's eos a token the model emits, chosen so that in some round of batches the
     ranks' decoding ends after different numbers of steps (the case ZeRO-3 must keep in step)."""
-    from cosctl.evaluate.generation import collate_prompts
+    from cosctl.evaluate.generation import collate_prompts, load_pixels
+    from cosctl.images import ImageSource
 
     prompts = [build_prompt(r, tokenizer, 32, data) for r in records]
     batches = plan_batches([len(p.input_ids) for p in prompts], batch_size)
     rows = {}
     for batch in batches:
         chosen = [prompts[i] for i in batch]
-        inputs = collate_prompts(chosen, tokenizer.pad_token_id, 64)
+        pixels = load_pixels(ImageSource(data), [records[i]["image"] for i in batch], 64)
+        inputs = collate_prompts(chosen, tokenizer.pad_token_id, pixels)
         out = model.generate(
             **inputs,
             max_new_tokens=steps,
@@ -577,3 +580,79 @@ def test_eval_reads_runs_from_a_bucket(built, tmp_path, moto_server, s3_env, mon
     )
     evaluated = [json.loads(line) for line in (tmp_path / "s3" / "predictions.jsonl").read_text().splitlines()]
     assert predictions(evaluated) == predictions(rows)  # fresh LoRA B is zero: the finetune equals its base
+
+
+# --------------------------------------------------------------- LLaVA-665K-shaped files, s3:// images
+
+
+def llava665k(built, tmp_path: Path, num_records: int = 160) -> Path:
+    """A training file shaped like llava_v1_5_mix665k.json (no `task` field) from the synthetic set."""
+    return write_llava665k_set(tmp_path / "llava", built["data"], num_records, seed=0)
+
+
+def eval_command(built, data: Path, out: Path, *extra: str, images: str | None = None):
+    """`cosctl eval` of the base run in this process (CliRunner), 4 new tokens per record."""
+    args = ["eval", str(built["root"] / "base"), "--data", str(data), "--images", images or str(built["data"])]
+    return runner.invoke(app, [*args, "--out", str(out), "--max-new-tokens", "4", *extra])
+
+
+def test_baseline_from_a_training_file_without_tasks_counts_its_answers(built, tmp_path):
+    """`--baseline-from` a LLaVA-665K-shaped training file (no `task`): its answers are typed by LLaVA's
+    instructions as eval types records, so the VQA baseline is a real one, not all zero; a task the file
+    has no answers for (ocr: OCR-VQA is asked as VQA) is named under the table and in metrics.json; a
+    file with answers for none of the eval tasks is refused in one line, before the model is loaded."""
+    train = llava665k(built, tmp_path)
+    records = [r for r in built["records"] if r["task"] in ("vqa", "refexp", "ocr")][:12]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    result = eval_command(built, data, tmp_path / "out", "--baseline-from", str(train))
+    assert result.exit_code == 0, result.output
+    baseline = json.loads((tmp_path / "out" / "metrics.json").read_text())["baseline"]
+    assert baseline["tasks"]["vqa"]["accuracy"] > 0 and "refexp" in baseline["tasks"]  # typed, with answers
+    assert baseline["tasks_without_answers"] == ["ocr"]
+    assert f"image-free baseline: {train} has no answers for ocr" in " ".join(result.output.split())
+    data.write_text(json.dumps([r for r in built["records"] if r["task"] == "ocr"]))
+    refused = eval_command(built, data, tmp_path / "refused", "--baseline-from", str(train))
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 1 and len(lines) == 1, refused.output
+    assert lines[0].startswith(f"error: {train}: no answers for the task(s) ocr of {data}")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_text_only_records_are_left_out_of_generation_as_text_only(built, tmp_path):
+    """Held-out generation skips a LLaVA file's text-only records (reason `text_only`, not a missing
+    image); a file of text-only records only leaves nothing to generate rather than failing."""
+    path = llava665k(built, tmp_path, 60)
+    records = json.loads(path.read_text())
+    text_only = [r for r in records if "image" not in r]
+    kept = load_eval_records(path, path.parent, limit=1000, skip_bad=True)
+    assert kept and all("image" in r for r in kept)
+    with pytest.raises(DataError, match=rf"text_only={len(text_only)}\b"):
+        load_eval_records(path, path.parent)
+    path.write_text(json.dumps(text_only))
+    assert load_eval_records(path, path.parent, limit=4, skip_bad=True) == []
+
+
+@pytest.mark.s3
+def test_eval_reads_images_from_a_bucket(built, tmp_path, moto_server, s3_env, monkeypatch):
+    """`cosctl eval --images s3://BUCKET/PREFIX` reads (and checks) the images through the object store
+    and predicts what the same images on disk give; a missing image there is one error line naming it."""
+    from tests.conftest_s3 import create_bucket
+
+    bucket = create_bucket(moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env)  # as a user points cosctl at an S3-compatible store
+    monkeypatch.setenv("COSCTL_CACHE", str(tmp_path / "cache"))
+    client = moto_server.client()
+    for image in sorted((built["data"] / "images").iterdir()):
+        client.upload_file(str(image), bucket, f"data/images/{image.name}")
+    data = eval_file(built, tmp_path / "eval.json", count=6)
+    remote = eval_command(built, data, tmp_path / "s3", images=f"s3://{bucket}/data")
+    local = eval_command(built, data, tmp_path / "disk")
+    assert remote.exit_code == local.exit_code == 0, remote.output
+    rows = {name: (tmp_path / name / "predictions.jsonl").read_text() for name in ("s3", "disk")}
+    assert rows["s3"] == rows["disk"] and len(rows["s3"].splitlines()) == 6
+    assert json.loads((tmp_path / "s3" / "metrics.json").read_text())["images"] == f"s3://{bucket}/data"
+    client.delete_object(Bucket=bucket, Key=f"data/{json.loads(data.read_text())[0]['image']}")
+    monkeypatch.setenv("COSCTL_CACHE", str(tmp_path / "cache2"))
+    missing = eval_command(built, data, tmp_path / "missing", images=f"s3://{bucket}/data")
+    assert missing.exit_code == 1 and "missing_image=1" in missing.output, missing.output

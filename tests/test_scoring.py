@@ -11,10 +11,12 @@ import pytest
 from cosctl.cider import cider, ptb_tokenize
 from cosctl.scoring import (
     EvalItem,
+    answer_items,
     baseline_predictions,
     box_iou,
     eval_items,
     exact_match,
+    infer_task,
     normalize_text,
     normalize_vqa_answer,
     parse_box,
@@ -22,6 +24,7 @@ from cosctl.scoring import (
     refexp_iou,
     refexp_score,
     score,
+    tasks_without_answers,
     token_f1,
     vqa_accuracy,
 )
@@ -282,13 +285,14 @@ def test_cider_edge_cases():
 
 
 def test_eval_items_from_records():
-    """References are `answers` when present, else the last gpt turn; the question loses `<image>`."""
+    """References are `answers` when present, else the last gpt turn; the question is the human turn
+    that turn answers, without `<image>`."""
     multi_turn = _record("m", "vqa", "What colour?", "red")
     multi_turn["conversations"] += [{"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "circle"}]
     items = eval_items([_record("a", "vqa", "Is it red?", "yes", answers=["yes"] * 9 + ["no"]), multi_turn,
                         _record("c", None, "What is it?", "cat")])  # fmt: skip
     assert items[0] == EvalItem("a", "vqa", ("yes",) * 9 + ("no",), "Is it red?")
-    assert items[1].references == ("circle",) and items[1].question == "What colour?"
+    assert items[1].references == ("circle",) and items[1].question == "And the shape?"
     assert items[2].task == "unknown"
     assert eval_items([_record("c", None, "q", "cat")], default_task="vqa")[0].task == "vqa"
     with pytest.raises(ValueError, match="empty"):
@@ -345,6 +349,53 @@ def test_question_type():
     assert question_type("<image>\nHow many circles are there?") == "how many circles"
     assert question_type("Is there a red square?") == "is there a"
     assert question_type("Why?") == "why"
+
+
+def test_records_without_task_are_typed_by_llava_instructions():
+    """A record without `task` takes the task its question's LLaVA-1.5 instruction names (a box request
+    only when answered by a box), else the default; its own `task` always wins."""
+    suffix = "\nAnswer the question using a single word or phrase."
+    box_request = "Please provide the bounding box coordinate of the region this sentence describes: the dog."
+    records = [
+        _record("v", None, "What colour is the bus?" + suffix, "Red"),
+        _record("r", None, box_request, "[0.12, 0.3, 0.55, 0.9]"),
+        _record("n", None, box_request, "the dog on the left"),
+        _record("c", None, "Provide a one-sentence caption for the provided image.", "A dog."),
+        _record("m", None, "A\nAnswer with the option's letter from the given choices directly.", "B"),
+        _record("t", "ocr", "What is the title of this book?" + suffix, "Emma"),
+        _record("u", None, "Describe the image in detail.", "A long text."),
+    ]
+    assert [item.task for item in eval_items(records)] == [
+        "vqa",
+        "refexp",
+        "unknown",
+        "caption",
+        "vqa",
+        "ocr",
+        "unknown",
+    ]
+    assert infer_task("how many?  ANSWER THE QUESTION USING A SINGLE WORD OR PHRASE.", "2") == "vqa"
+
+
+def test_answer_items_count_every_turn_of_image_records_as_eval_types_them():
+    """A training file's answers for the baseline: one item per question/answer pair of each record with
+    an image (ids may repeat across records), typed by the rule `eval_items` uses; text-only records
+    add nothing; `tasks_without_answers` names the eval tasks left with none."""
+    suffix = "\nAnswer the question using a single word or phrase."
+    vqa = _record("1", None, "How many dogs?" + suffix, "2")
+    vqa["conversations"] += [{"from": "human", "value": "Is it red?" + suffix}, {"from": "gpt", "value": "No"}]
+    same_id = _record("1", None, "How many cats?" + suffix, "3")
+    text_only = {"id": "sg_0", "model": "", "conversations": [{"from": "human", "value": "Hi" + suffix},
+                                                                {"from": "gpt", "value": "Hello"}]}  # fmt: skip
+    items = answer_items([vqa, same_id, text_only])
+    assert [(item.task, item.question, item.references) for item in items] == [
+        ("vqa", "How many dogs?" + suffix, ("2",)),
+        ("vqa", "Is it red?" + suffix, ("No",)),
+        ("vqa", "How many cats?" + suffix, ("3",)),
+    ]
+    wanted = eval_items([_record("e", "vqa", "How many dogs are there?", "2"), _record("o", "ocr", "q", "a")])
+    assert tasks_without_answers(wanted, items) == ["ocr"]
+    assert baseline_predictions(wanted[:1], source=items) == {"e": "2"}
 
 
 def test_baseline_predictions():

@@ -47,18 +47,6 @@ def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
     assert losses(tmp_path / "resumed") == {3: losses(tmp_path / "straight")[3]}
 
 
-def test_next_images_gives_every_record_the_next_image_across_micro_batches():
-    """Swapped held-out images: each image is replaced by the next one in held-out order, across
-    micro-batches and past the ones without images, the last by the first."""
-    from cosctl.heldout import next_images
-
-    pixels = [torch.tensor([0.0, 1.0]), None, torch.tensor([2.0]), torch.tensor([3.0, 4.0, 5.0])]
-    shifted = [next_images(pixels, index) for index in range(len(pixels))]
-    assert shifted[1] is None
-    assert [t.tolist() for t in (shifted[0], shifted[2], shifted[3])] == [[1.0, 2.0], [3.0], [4.0, 5.0, 0.0]]
-    assert next_images([torch.tensor([7.0, 8.0])], 0).tolist() == [8.0, 7.0]
-
-
 def test_eval_logs_the_loss_with_swapped_images_beside_the_own_image_loss(tiny_data, tmp_path, in_process):
     """Each eval logs eval_loss and eval_loss_swapped_images (every record given the next one's image:
     a different number even for a random model, whose visual tokens depend on the image); off, only

@@ -14,12 +14,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..scoring import Scores, baseline_predictions, eval_items, score
-from .records import load_eval_records
+from ..errors import DataError
+from ..scoring import EvalItem, Scores, answer_items, baseline_predictions, eval_items, score, tasks_without_answers
+from .records import load_answer_records, load_eval_records
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -58,11 +60,33 @@ def _load(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
     return loaded
 
 
-def baseline_scores(records: list[dict], baseline_records: list[dict] | None) -> Scores:
+def read_inputs(
+    data: Path, image_root: str | Path, limit: int | None, baseline_from: Path | None
+) -> tuple[list[dict], list[EvalItem] | None]:
+    """The eval records (checked, images read under `image_root`, a folder or an `s3://` root) and the
+    answers the image-free baseline counts from `baseline_from` (None: the eval records' own). Tasks
+    are assigned to both files by one rule (`cosctl.scoring`); a DataError when `baseline_from` has
+    answers for none of the eval records' tasks: the whole baseline would be zero."""
+    records = load_eval_records(data, image_root, limit)
+    if baseline_from is None:
+        return records, None
+    source = answer_items(load_answer_records(baseline_from))
+    tasks = list(dict.fromkeys(item.task for item in eval_items(records)))
+    if tasks_without_answers(eval_items(records), source) == tasks:
+        found = Counter(item.task for item in source)
+        counts = ", ".join(f"{task} {count}" for task, count in found.most_common()) or "none"
+        raise DataError(
+            f"{baseline_from}: no answers for the task(s) {', '.join(tasks)} of {data} (answers per task: "
+            f"{counts}; a record without `task` takes the one LLaVA's instruction in its question names, else "
+            "'unknown'): give the records a `task`, or leave out --baseline-from to count the eval records' own"
+        )
+    return records, source
+
+
+def baseline_scores(records: list[dict], source: list[EvalItem] | None) -> Scores:
     """The image-free baseline (`baseline_predictions`) scored like the model: answers counted over
-    `baseline_records` (e.g. the training set) when given, else over the eval records themselves."""
+    `source` (e.g. the training set's `answer_items`) when given, else over the eval records themselves."""
     items = eval_items(records)
-    source = None if baseline_records is None else eval_items(baseline_records)
     return score(items, baseline_predictions(items, source))
 
 
@@ -70,7 +94,7 @@ def run_eval(
     model_uri: str,
     data: Path,
     *,
-    images: Path | None,
+    images: str | Path | None,
     out: Path,
     max_new_tokens: int,
     batch_size: int,
@@ -79,13 +103,12 @@ def run_eval(
 ) -> dict | None:
     """Evaluate `model_uri` on `data`; rank 0 writes `out`/predictions.jsonl and metrics.json and
     returns the metrics (other ranks return None)."""
-    from ..log import setup_logging
+    from ..log import log, setup_logging
     from .generation import generate_and_score
 
     started = time.monotonic()
-    image_root = Path(images) if images is not None else Path(data).parent
-    records = load_eval_records(data, image_root, limit)
-    baseline_records = None if baseline_from is None else load_eval_records(baseline_from, skip_bad=True)
+    image_root = str(images) if images is not None else str(Path(data).parent)
+    records, baseline_source = read_inputs(data, image_root, limit, baseline_from)
     rank, world_size, device = _process_group()
     setup_logging(rank, "eval")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -106,7 +129,10 @@ def run_eval(
     if rank != 0:
         return None
     generated_at = time.monotonic()
-    baseline = baseline_scores(records, baseline_records)
+    baseline = baseline_scores(records, baseline_source)
+    unanswered = [] if baseline_source is None else tasks_without_answers(eval_items(records), baseline_source)
+    if unanswered:
+        log.warning(f"{baseline_from}: no answers for task(s) {', '.join(unanswered)}: their baseline scores 0")
     metrics = {
         "model": model_uri,
         "kind": loaded.kind,
@@ -117,7 +143,11 @@ def run_eval(
         "counts": {task: int(values["num"]) for task, values in scores.tasks.items()},
         "tasks": scores.tasks,
         "fallback_tasks": scores.fallback_tasks,
-        "baseline": {"source": str(baseline_from) if baseline_from else "eval records", "tasks": baseline.tasks},
+        "baseline": {
+            "source": str(baseline_from) if baseline_from else "eval records",
+            "tasks": baseline.tasks,
+            "tasks_without_answers": unanswered,
+        },
         "generation": {
             "greedy": True,
             "max_new_tokens": max_new_tokens,
@@ -176,6 +206,11 @@ def print_table(metrics: dict, console=None) -> None:
             )
         table.rows[-1].end_section = True
     console.print(table)
+    unanswered = metrics["baseline"].get("tasks_without_answers")
+    if unanswered:
+        console.print(
+            f"image-free baseline: {metrics['baseline']['source']} has no answers for {', '.join(unanswered)}"
+        )
     fallback = metrics["fallback_tasks"]
     console.print(
         f"exact-match fallback (unknown task): {', '.join(fallback)}"

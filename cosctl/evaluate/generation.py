@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import load_image
+from ..errors import DataError
+from ..images import ImageSource
 from ..log import log
 from ..scoring import Scores, eval_items, score
-from .records import EvalPrompt, build_prompt, check_records
+from .records import EvalPrompt, build_prompt, check_records, image_source
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,26 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(param, "ds_id") for param in module.parameters())
 
 
-def collate_prompts(prompts: list[EvalPrompt], pad_token_id: int, image_size: int) -> dict[str, torch.Tensor]:
-    """Left-padded `input_ids` and `attention_mask`, and the stacked images."""
+def load_pixels(images: ImageSource, names: list[str], image_size: int) -> torch.Tensor:
+    """The named images' model pixels, stacked (a folder or an `s3://` root; remote ones fetched
+    together); a DataError naming the first that cannot be read."""
+    pixels = images.load_many(names, image_size)
+    for loaded in pixels:
+        if isinstance(loaded, DataError):
+            raise loaded
+    return torch.stack(pixels)
+
+
+def collate_prompts(
+    prompts: list[EvalPrompt], pad_token_id: int, pixel_values: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Left-padded `input_ids` and `attention_mask`, beside the prompts' images (one row each)."""
     width = max(len(prompt.input_ids) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
         attention_mask[row, width - len(prompt.input_ids) :] = 1
-    pixel_values = torch.stack([load_image(prompt.image, image_size) for prompt in prompts])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
@@ -106,16 +119,17 @@ def generate_batch(
     module: nn.Module,
     tokenizer,
     prompts: list[EvalPrompt],
+    pixel_values: torch.Tensor,
     *,
-    image_size: int,
     max_new_tokens: int,
     device: torch.device,
     synced: bool,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (one batch) with the KV cache. Settings a model's generation
-    config may carry that would change greedy decoding (beams, sampling, repetition penalties, a
-    minimum length) are set to their neutral values, so every model is decoded the same way."""
-    inputs = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id, image_size).items()}
+    """Greedy continuations of `prompts` (one batch, one image each) with the KV cache. Settings a
+    model's generation config may carry that would change greedy decoding (beams, sampling, repetition
+    penalties, a minimum length) are set to their neutral values, so every model is decoded the same way."""
+    collated = collate_prompts(prompts, tokenizer.pad_token_id, pixel_values)
+    inputs = {k: v.to(device) for k, v in collated.items()}
     output = module.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
@@ -166,7 +180,7 @@ def generate_and_score(
     model: nn.Module,
     tokenizer,
     records: list[dict],
-    image_root,
+    image_root: str | Path | ImageSource,
     *,
     max_new_tokens: int,
     batch_size: int,
@@ -179,9 +193,10 @@ def generate_and_score(
 
     `model`: a CosForConditionalGeneration, a peft model around one, or a DeepSpeed engine holding
     either (ZeRO-3 included). `records`: LLaVA-format eval records (`cosctl.evaluate.records`; checked
-    here, images under `image_root`). Collective when `world_size` > 1: every rank passes the same
-    records and settings and gets the same result (see the module docstring for the split and for
-    ZeRO-3). The model is put in eval mode and returned to its previous mode.
+    here, images under `image_root`: a folder, an `s3://` root or an `ImageSource`; a record without
+    `task` is typed as `cosctl.scoring.eval_items` types it). Collective when `world_size` > 1: every
+    rank passes the same records and settings and gets the same result (see the module docstring for
+    the split and for ZeRO-3). The model is put in eval mode and returned to its previous mode.
 
     Returns the prediction rows in record order ({id, task, prompt, prediction, reference, answers
     when the record has them, score: that record's metrics}) and the `Scores`.
@@ -190,8 +205,14 @@ def generate_and_score(
         raise ValueError(f"world_size={world_size} needs an initialised process group")
     module = unwrap(model)
     config = cos_config(module)
-    records = check_records(list(records), "eval records", image_root)
-    prompts = [build_prompt(r, tokenizer, config.num_visual_tokens, image_root, default_task) for r in records]
+    images = image_source(image_root)
+    records = check_records(list(records), "eval records", images)
+    items = eval_items(records, default_task)
+    # Each record's task as scoring assigns it (its own, or inferred), so the rows and scores agree.
+    prompts = [
+        build_prompt(record, tokenizer, config.num_visual_tokens, images.root, item.task)
+        for record, item in zip(records, items, strict=True)
+    ]
     partitioned = is_partitioned(module)
     batches = plan_batches([len(prompt.input_ids) for prompt in prompts], batch_size)
     mine = rank_batches(batches, rank, world_size, equal_counts=partitioned and world_size > 1)
@@ -206,7 +227,7 @@ def generate_and_score(
                 module,
                 tokenizer,
                 chosen,
-                image_size=config.image_size,
+                load_pixels(images, [records[i]["image"] for i in batch.indices], config.image_size),
                 max_new_tokens=max_new_tokens,
                 device=torch.device(device),
                 synced=partitioned and world_size > 1,
@@ -221,5 +242,5 @@ def generate_and_score(
         gathered: list[dict[str, str] | None] = [None] * world_size
         dist.all_gather_object(gathered, local)
         local = {key: text for part in gathered for key, text in part.items()}
-    scores = score(eval_items(records, default_task), local)
+    scores = score(items, local)
     return prediction_rows(records, prompts, local, scores), scores

@@ -19,9 +19,10 @@ from pathlib import Path
 from cos_model import IGNORE_INDEX
 from cos_model.chat import render
 
-from ..conversation import conversation_problem, encode_conversation
-from ..data import image_problem, read_records, resolve_image_path
+from ..conversation import conversation_problem, encode_conversation, record_image
+from ..data import read_records, resolve_image_path
 from ..errors import DataError
+from ..images import ImageSource
 from ..log import log
 from ..scoring import TASK_FAMILIES, eval_items, parse_box
 
@@ -47,7 +48,12 @@ def _is_answer_list(answers) -> bool:
     return isinstance(answers, list) and bool(answers) and all(isinstance(a, str) for a in answers)
 
 
-def _record_problem(record, seen: set[str], image_root: Path | None, images: dict) -> str | None:
+def image_source(image_root: str | Path | ImageSource) -> ImageSource:
+    """Where eval images are read from: a folder or an `s3://` root (`cosctl.images.ImageSource`)."""
+    return image_root if isinstance(image_root, ImageSource) else ImageSource(image_root)
+
+
+def _record_problem(record, seen: set[str], images: ImageSource | None, checked: dict) -> str | None:
     if not isinstance(record, dict):
         return "not_a_mapping"
     if "id" not in record:
@@ -61,28 +67,31 @@ def _record_problem(record, seen: set[str], image_root: Path | None, images: dic
     answers = record.get("answers")
     if answers is not None and not _is_answer_list(answers):
         return "bad_answers"
-    if TASK_FAMILIES.get(record.get("task")) == "refexp":
-        if any(parse_box(reference) is None for reference in eval_items([record])[0].references):
-            return "reference_without_box"
-    image = record.get("image")
-    if not isinstance(image, str) or not image:
-        return "missing_image"
-    if image_root is not None:
-        return image_problem(resolve_image_path(image_root, image), images)
+    item = eval_items([record])[0]
+    if TASK_FAMILIES.get(item.task) == "refexp" and any(parse_box(ref) is None for ref in item.references):
+        return "reference_without_box"
+    image = record_image(record)
+    if image is None:
+        return "text_only"  # generation is scored against an image; LLaVA's ShareGPT records have none
+    if images is not None:
+        if image not in checked:
+            checked[image] = images.problem(image)
+        return checked[image]
     return None
 
 
 def check_records(
     records: list,
     source: str,
-    image_root: str | Path | None = None,
+    image_root: str | Path | ImageSource | None = None,
     *,
     skip_bad: bool = False,
     limit: int | None = None,
 ) -> list[dict]:
     """The records that can be evaluated: a mapping with an id, unique; a training-valid conversation;
     `answers`, when present, a non-empty list of strings; a box in each reference of a
-    referring-expression task; an image, readable under `image_root` when one is given.
+    referring-expression task; an image (text-only records are `text_only`), readable under
+    `image_root` (a folder, an `s3://` root or an `ImageSource`) when one is given.
 
     A bad record raises a `DataError` naming the problems and the first bad ids, unless `skip_bad`:
     then bad records are left out with a warning, and checking stops at `limit` good ones."""
@@ -90,12 +99,12 @@ def check_records(
     bad: Counter[str] = Counter()
     bad_ids: list[str] = []
     seen: set[str] = set()
-    images: dict = {}
-    root = None if image_root is None else Path(image_root)
+    checked: dict[str, str | None] = {}
+    images = None if image_root is None else image_source(image_root)
     for index, record in enumerate(records):
         if skip_bad and limit is not None and len(good) == limit:
             break
-        problem = _record_problem(record, seen, root, images)
+        problem = _record_problem(record, seen, images, checked)
         if problem is None:
             good.append(record)
             continue
@@ -116,7 +125,11 @@ def check_records(
 
 
 def load_eval_records(
-    path: str | Path, image_root: str | Path | None = None, limit: int | None = None, *, skip_bad: bool = False
+    path: str | Path,
+    image_root: str | Path | ImageSource | None = None,
+    limit: int | None = None,
+    *,
+    skip_bad: bool = False,
 ) -> list[dict]:
     """The first `limit` (all when None) records of a LLaVA-format JSON file, checked by `check_records`;
     with `skip_bad`, the first `limit` good ones (the training loop's held-out samples)."""
@@ -124,6 +137,25 @@ def load_eval_records(
     if limit is not None and not skip_bad:
         records = records[:limit]
     return check_records(records, str(path), image_root, skip_bad=skip_bad, limit=limit)
+
+
+def load_answer_records(path: str | Path) -> list[dict]:
+    """The records of a LLaVA-format JSON file (e.g. the training set) whose answers an image-free
+    baseline may count: every training-valid conversation. Ids may repeat (LLaVA's files give the
+    records of one image one id) and images are not read; others are left out with a warning."""
+    records = read_records(Path(path))
+    bad: Counter[str] = Counter()
+    good = []
+    for record in records:
+        problem = "not_a_mapping" if not isinstance(record, dict) else conversation_problem(record)
+        if problem is None:
+            good.append(record)
+        else:
+            bad[problem] += 1
+    if bad:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(bad.items()))
+        log.warning(f"{path}: {sum(bad.values())} of {len(records)} records left out of the baseline ({reasons})")
+    return good
 
 
 def render_prompt(turns: list[dict], bos: str, eos: str) -> str:
