@@ -8,9 +8,11 @@ count disagrees with the images it was given. Labels at visual positions are for
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -49,7 +51,7 @@ class CosPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class CosForConditionalGeneration(CosPreTrainedModel):
+class CosForConditionalGeneration(CosPreTrainedModel, GenerationMixin):
     """The Chain-of-Sight MLLM. Sub-modules (also the names used for trainability settings):
     `vision_tower`, `resampler`, `projector`, `language_model`."""
 
@@ -112,8 +114,12 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # peft's wrappers pass `inputs_embeds=None` along; the visual tokens need the ids.
+        if inputs_embeds is not None:
+            raise ValueError("pass input_ids (and pixel_values), not inputs_embeds: image positions come from the ids")
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
@@ -134,9 +140,13 @@ class CosForConditionalGeneration(CosPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Loaded through transformers' Auto classes, the model has a `generation_config` of its own
-        # (generation_config.json, edited by users): it, not the LLM's default, is the one to honour.
-        if getattr(self, "generation_config", None) is not None:
-            generate_kwargs.setdefault("generation_config", self.generation_config)
+        # (generation_config.json, edited by users): it, not the LLM's default, is the one to honour. It
+        # goes in as one config with this call's settings applied: transformers deprecates (and warns on
+        # every call about) a `generation_config` passed beside generation settings.
+        own = getattr(self, "generation_config", None)
+        if own is not None and "generation_config" not in generate_kwargs:
+            config = copy.deepcopy(own)
+            generate_kwargs = {**config.update(**generate_kwargs), "generation_config": config}
         out = self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )

@@ -349,25 +349,51 @@ def publish(store: ObjectStore, local_dir: Path, prefix: str) -> dict:
     return manifest
 
 
-def fetch_published(store: ObjectStore, prefix: str, local_dir: Path) -> Path:
-    """Download a published folder into `local_dir`, verifying every file against its manifest."""
+def _published_key(prefix: str, relative: str) -> str:
+    return check_key(f"{prefix}/{relative}" if prefix else relative)
 
-    def key_of(relative: str) -> str:
-        return check_key(f"{prefix}/{relative}" if prefix else relative)
 
+def read_published(store: ObjectStore, prefix: str) -> tuple[bytes, dict]:
+    """The manifest of the folder published at `prefix`, as stored and parsed; `NotPublished` if none."""
     try:
-        manifest = json.loads(store.get_bytes(key_of(MANIFEST)))
+        data = store.get_bytes(_published_key(prefix, MANIFEST))
+        return data, json.loads(data)
     except ObjectNotFound:
         raise NotPublished(f"{store.uri}/{prefix}: no {MANIFEST}; not a complete published folder") from None
     except ValueError as err:
         raise CheckpointError(f"{store.uri}/{prefix}/{MANIFEST}: not valid JSON ({err})") from None
+
+
+def fetch_published(store: ObjectStore, prefix: str, local_dir: Path) -> Path:
+    """Download a published folder into `local_dir`, verifying every file against its manifest; the
+    manifest itself is kept beside them (`MANIFEST`), as the record of what was fetched."""
+    data, manifest = read_published(store, prefix)
     local_dir = Path(local_dir)
     if local_dir.exists():
         shutil.rmtree(local_dir)
     for relative, entry in manifest["files"].items():
-        key = key_of(relative)
+        key = _published_key(prefix, relative)
         target = local_dir / relative
         store.get_file(key, target)
         if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
             raise CheckpointError(f"{store.uri}/{key}: content does not match its manifest")
+    (local_dir / MANIFEST).write_bytes(data)
     return local_dir
+
+
+def verify_published(store: ObjectStore, prefix: str, scratch: Path) -> tuple[dict, list[str]]:
+    """Re-hash every file of the folder published at `prefix`; return its manifest and the files that
+    are missing or do not match it (size or sha256)."""
+    _, manifest = read_published(store, prefix)
+    bad = []
+    for relative, entry in manifest["files"].items():
+        target = Path(scratch) / relative
+        try:
+            store.get_file(_published_key(prefix, relative), target)
+        except ObjectNotFound:
+            bad.append(f"{relative} (missing)")
+            continue
+        if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
+            bad.append(relative)
+        target.unlink()
+    return manifest, bad

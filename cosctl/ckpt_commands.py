@@ -1,5 +1,6 @@
 """`cosctl ckpt ls|verify|pull|push`: committed checkpoints inspected and copied between stores, from
-the command line. Thin commands over `cosctl.checkpoint`; user errors become one line and exit 1.
+the command line; `verify` also re-hashes a run's published `model/` or `adapter/`. Thin commands over
+`cosctl.checkpoint`; user errors become one line and exit 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import typer
 from .console import fail
 from .errors import UserError
 
-ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and copy committed checkpoints.")
+ckpt_app = typer.Typer(
+    no_args_is_help=True, help="Inspect, verify and copy committed checkpoints (verify: published artefacts too)."
+)
 
 
 TimeoutOpt = Annotated[
@@ -64,23 +67,60 @@ def ckpt_ls(uri: Annotated[str, typer.Argument(help="Run output URI.")], timeout
 
 @ckpt_app.command("verify")
 def ckpt_verify(
-    uri: Annotated[str, typer.Argument(help="Checkpoint URI (.../checkpoints/step_N) or run output (newest).")],
+    uri: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint URI (.../checkpoints/step_N), run output (its newest checkpoint and its published "
+            "model/ or adapter/) or a published folder."
+        ),
+    ],
     timeout_s: TimeoutOpt = 120.0,
 ) -> None:
-    """Re-hash every file of a checkpoint against its manifest; exit 1 naming any bad file."""
+    """Re-hash every file of a checkpoint, and of a run's published model/ or adapter/, against its
+    manifest (size and sha256); exit 1 naming any missing or altered file."""
     import tempfile
 
-    from .checkpoint import resolve_checkpoint, verify
-
     try:
-        store, committed = resolve_checkpoint(uri, _store_settings(timeout_s))
         with tempfile.TemporaryDirectory() as scratch:
-            bad = verify(store, committed, Path(scratch))
+            checked, problems = _verify_all(uri, timeout_s, Path(scratch))
     except UserError as err:
         fail(str(err))
-    if bad:
-        fail(f"{committed.name}: {len(bad)} file(s) do not match the manifest: {', '.join(bad)}")
-    typer.echo(f"OK: {committed.name} (step {committed.step}), {len(committed.manifest['files'])} files verified")
+    if problems:
+        fail("; ".join(problems))
+    for line in checked:
+        typer.echo(f"OK: {line}")
+
+
+def _verify_all(uri: str, timeout_s: float, scratch: Path) -> tuple[list[str], list[str]]:
+    """(what verified, one problem per bad checkpoint or artefact) for `ckpt verify URI`."""
+    from .checkpoint import MANIFEST, find_latest, resolve_checkpoint, split_checkpoint_uri, verify, verify_published
+    from .errors import CheckpointError
+
+    if split_checkpoint_uri(uri)[1] is not None:
+        store, committed = resolve_checkpoint(uri, _store_settings(timeout_s))
+        targets, artefacts = [committed], []
+    else:
+        store = _open_existing(uri, timeout_s)
+        newest = find_latest(store)
+        targets = [] if newest is None else [newest]
+        artefacts = [prefix for prefix in ("model", "adapter") if store.size(f"{prefix}/{MANIFEST}") is not None]
+        if not targets and not artefacts and store.size(MANIFEST) is not None:
+            artefacts = [""]  # the URI is a published folder itself
+    if not targets and not artefacts:
+        raise CheckpointError(f"{uri}: no committed checkpoint and no published model/ or adapter/ (no {MANIFEST})")
+    checked, problems = [], []
+    for committed in targets:
+        bad = verify(store, committed, scratch)
+        if bad:
+            problems.append(f"{committed.name}: {len(bad)} file(s) do not match the manifest: {', '.join(bad)}")
+        checked.append(f"{committed.name} (step {committed.step}), {len(committed.manifest['files'])} files verified")
+    for prefix in artefacts:
+        manifest, bad = verify_published(store, prefix, scratch)
+        where = f"{prefix}/" if prefix else uri
+        if bad:
+            problems.append(f"{where}: {len(bad)} file(s) do not match its manifest: {', '.join(bad)}")
+        checked.append(f"{where} (published), {len(manifest['files'])} files verified")
+    return checked, problems
 
 
 def _copy(source: str, destination: str, timeout_s: float) -> None:

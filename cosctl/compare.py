@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from .demo import STAGE_KEYS, TRAINED_STAGES, run_demo, score_stages, swap_gap, train_stage
+from .demo import STAGE_KEYS, TRAINED_STAGES, run_demo, run_folder, score_stages, swap_gap, train_stage
 from .evaluate.command import format_value
 from .report import write_report
 
@@ -34,10 +34,10 @@ def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     )
     fin = train_stage("tiny/finetune.yaml", "finetune", arm, [*on_data, f"model.source={arm / 'runs' / 'pretrain'}"])
     trained = {"pretrain": pre, "finetune": fin}
-    scores = score_stages({name: stage["artefact"] for name, stage in trained.items()}, data, arm / "eval")
+    scores = score_stages({name: stage["artefact"] for name, stage in trained.items()}, data, arm)
     tokens336 = {name: {key: stage[key] for key in (*STAGE_KEYS, "artefact")} for name, stage in trained.items()}
-    runs = [out / name / "work" / stage for name in ARMS for stage in TRAINED_STAGES]
-    report = write_report(runs + [out / name / "eval" / "finetune" for name in ARMS], out / "report")
+    runs = [run_folder(out / name, stage) for name in ARMS for stage in TRAINED_STAGES]
+    report = write_report(runs, out / "report")  # each run folder holds its stage's eval too
     comparison = {
         "data": cos["data"],
         "cos": {stage: cos[stage] for stage in TRAINED_STAGES} | {"scores": cos["scores"]["stages"]},

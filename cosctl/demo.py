@@ -5,13 +5,19 @@
 
 Runs the same code as the stage commands, on `recipes/tiny/*.yaml`, one rank in this process. Every
 stage says what it did; the end is a table per trained stage (loss, eval loss with each record's own
-image and with another record's, samples/s), the held-out scores and where to look next.
-`OUT/summary.json` holds the same figures and the artefacts' paths.
+image and with another record's, samples/s), the held-out scores and where to look next, as commands
+that run as printed (`cosctl_command`). Each stage's run folder (`run_folder`: metrics.jsonl,
+summary.json) also holds its `cosctl eval` results (metrics.json, predictions.jsonl), so `cosctl report`
+of the run folders shows them. `OUT/summary.json` holds the same figures and the artefacts' paths.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -52,11 +58,17 @@ def synthesize_data(data: Path, num_samples: int, seed: int) -> dict:
     return synth
 
 
+def run_folder(out: Path, stage: str) -> Path:
+    """A stage's run folder: its --run-dir (metrics.jsonl, summary.json, TensorBoard) and its `cosctl
+    eval` results (metrics.json, predictions.jsonl), which is where `cosctl report RUN` reads them."""
+    return out / "work" / stage
+
+
 def train_stage(recipe: str, stage: str, out: Path, overrides: list[str]) -> dict:
-    """Train `recipes/<recipe>` with `overrides`: artefact in out/runs/<stage>, run in out/work/<stage>."""
+    """Train `recipes/<recipe>` with `overrides`: artefact in out/runs/<stage>, run in `run_folder`."""
     output = out / "runs" / stage
     spec = load_spec(RECIPES / recipe, [*overrides, f"run.output={output}"])
-    return run_training(spec, run_dir=out / "work" / stage, output=str(output), resume="never", overwrite=True)
+    return run_training(spec, run_dir=run_folder(out, stage), output=str(output), resume="never", overwrite=True)
 
 
 def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
@@ -74,7 +86,7 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
     inf = run_inflate(inflate, run_dir=out / "work" / "inflate", output=str(inflated))
     fin = train_stage("tiny/finetune.yaml", "finetune", out, [*on_data, f"model.source={inflated}"])
 
-    scores = score_stages({"pretrain": pre["artefact"], "finetune": fin["artefact"]}, data, out / "eval")
+    scores = score_stages({"pretrain": pre["artefact"], "finetune": fin["artefact"]}, data, out)
     summary = {
         "data": {"root": str(data), "num_samples": num_samples, "seed": seed, "tasks": synth["tasks"]},
         "pretrain": {**{k: pre[k] for k in STAGE_KEYS}, "artefact": pre["artefact"]},
@@ -93,8 +105,9 @@ def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
 
 
 def score_stages(artefacts: dict[str, str], data: Path, out: Path) -> dict:
-    """`cosctl eval` of each stage's artefact on the held-out split, and the image-free baseline (the
-    most common training answer per task and question type): {"stages": {stage: tasks}, "baseline": tasks}."""
+    """`cosctl eval` of each stage's artefact on the held-out split into the stage's `run_folder` under
+    `out`, and the image-free baseline (the most common training answer per task and question type):
+    {"stages": {stage: tasks}, "baseline": tasks}."""
     from .evaluate.command import run_eval
 
     setup_logging(0, "eval")
@@ -104,13 +117,13 @@ def score_stages(artefacts: dict[str, str], data: Path, out: Path) -> dict:
             artefact,
             data / "eval.json",
             images=data,
-            out=out / stage,
+            out=run_folder(out, stage),
             max_new_tokens=32,
             batch_size=8,
             baseline_from=data / "train.json",
         )
         stages[stage], baseline = metrics["tasks"], metrics["baseline"]["tasks"]
-        log.info(f"{stage}: {metrics['num_records']} held-out records scored in {out / stage}")
+        log.info(f"{stage}: {metrics['num_records']} held-out records scored in {run_folder(out, stage)}")
     return {"stages": stages, "baseline": baseline}
 
 
@@ -118,6 +131,30 @@ def swap_gap(stage: dict) -> float | None:
     """Final eval loss with swapped images minus with the records' own: > 0 when the model uses the image."""
     own, swapped = stage.get("final_eval_loss"), stage.get("final_eval_loss_swapped_images")
     return None if own is None or swapped is None else swapped - own
+
+
+def cosctl_command() -> str:
+    """`cosctl` as this process was started, so a printed command runs as printed: `cosctl` when that
+    is what the shell finds, else the path typed (`.venv/bin/cosctl` in a venv not activated), or
+    `PYTHON -m cosctl`."""
+    started = sys.argv[0]
+    if Path(started).name == "__main__.py":  # python -m cosctl
+        return f"{shlex.quote(_short_path(sys.executable))} -m cosctl"
+    on_path = shutil.which("cosctl")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(started):
+        return "cosctl"
+    return shlex.quote(_short_path(started))
+
+
+def _script(name: str) -> str:
+    """A console script of this environment as a shell runs it: bare when on PATH, else its path."""
+    return name if shutil.which(name) else shlex.quote(_short_path(str(Path(sys.executable).parent / name)))
+
+
+def _short_path(path: str) -> str:
+    """`path` relative to the working directory when it lies below it, else as it is."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -155,15 +192,15 @@ def print_summary(summary: dict, out: Path, console=None) -> None:
         soft_wrap=True,
     )
     console.print(_scores_table(summary["scores"]))
-    runs = [str(out / "work" / stage) for stage in TRAINED_STAGES]
-    finetune, data = out / "runs" / "finetune", summary["data"]["root"]
+    runs = [str(run_folder(out, stage)) for stage in TRAINED_STAGES]
+    finetune, data, cosctl = out / "runs" / "finetune", summary["data"]["root"], cosctl_command()
     for label, where in (
         ("summary", str(out / "summary.json")),
         ("metrics", "  ".join(f"{run}/metrics.jsonl" for run in runs)),
-        ("TensorBoard", f"tensorboard --logdir {out / 'work'}"),
-        ("plots", f"cosctl report {' '.join(runs)} --out {out / 'report'}"),
-        ("scores", f"cosctl eval {finetune} --data {data}/eval.json --images {data}"),
-        ("export", f"cosctl export {finetune} --out {out / 'export'}"),
+        ("TensorBoard", f"{_script('tensorboard')} --logdir {out / 'work'}"),
+        ("plots", f"{cosctl} report {' '.join(runs)} --out {out / 'report'}"),
+        ("scores", f"{cosctl} eval {finetune} --data {data}/eval.json --images {data}"),
+        ("export", f"{cosctl} export {finetune} --out {out / 'export'}"),
     ):
         console.print(f"  {label:<12} {where}", soft_wrap=True, highlight=False)
 

@@ -68,19 +68,16 @@ def build_pretrain_model(
 
 
 def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32) -> CosForConditionalGeneration:
-    """A Chain-of-Sight model folder (the inflate stage's output), every tensor loaded or an error
-    naming the first keys: transformers only logs missing keys and initialises them at random."""
-    model, info = CosForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
-    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        detail = "; ".join(
-            f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"
-            + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            for kind, keys in problems.items()
-        )
-        raise CheckpointError(f"{model_dir}: does not hold this model's weights ({detail})")
-    return model
+    """A Chain-of-Sight model folder (a published `model/`, an export), every tensor loaded exactly
+    (`cos_model.saved`; `dtype="auto"` keeps the stored dtype) or one `CheckpointError` naming the
+    folder and the first missing, mis-shaped or foreign keys: transformers' `from_pretrained` only logs
+    missing keys and initialises them at random."""
+    from cos_model.saved import load_model_folder as load_exactly
+
+    try:
+        return load_exactly(model_dir, None if dtype == "auto" else dtype)
+    except CheckpointMismatchError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def build_finetune_model(spec: FinetuneSpec, model_dir: str, dtype: torch.dtype = torch.float32):

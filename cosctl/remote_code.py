@@ -1,5 +1,16 @@
-"""The model's Python source as transformers "remote code": the files an exported folder ships so that
-`Auto*.from_pretrained(folder, trust_remote_code=True)` needs neither `cos_model` nor `cosctl`.
+"""The model's Python source as transformers "remote code": the files an exported or published model
+folder ships so that `Auto*.from_pretrained(folder, trust_remote_code=True)` (and peft on top) needs
+neither `cos_model` nor `cosctl`.
+
+`write_loadable_files(folder, tokenizer)` turns a saved model folder (config.json, weights, tokenizer)
+into one transformers alone loads:
+
+    <module>.py             the cos_model modules the config, model and processor import
+    config.json             + `auto_map` (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                            AutoProcessor)
+    processor_config.json   CosProcessor (+ its `auto_map`): visual tokens per image, image size, CLIP mean/std
+    chat_template.jinja     the training chat template
+    generation_config.json  the tokenizer's bos/eos/pad ids
 
 transformers copies a remote-code module and, recursively, the files it names with `from .x import`
 into one flat package (`dynamic_module_utils.get_relative_import_files`). So `module_sources` starts
@@ -13,6 +24,7 @@ in a flat folder and is refused, naming the file and line.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -77,4 +89,76 @@ def write_sources(sources: dict[str, str], out_dir: Path) -> list[str]:
     return sorted(sources)
 
 
-__all__ = ["RemoteCodeError", "module_sources", "write_sources"]
+def class_reference(cls: type) -> str:
+    """`module.Class` as `auto_map` names a class of a remote-code folder."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def auto_classes() -> dict[str, type]:
+    """The transformers auto class -> the cos_model class it loads from a shipped folder."""
+    from cos_model import CosConfig, CosForConditionalGeneration
+    from cos_model.processing import CosImageProcessor, CosProcessor
+
+    return {
+        "AutoConfig": CosConfig,
+        "AutoModel": CosForConditionalGeneration,
+        "AutoModelForCausalLM": CosForConditionalGeneration,
+        "AutoModelForImageTextToText": CosForConditionalGeneration,
+        "AutoProcessor": CosProcessor,
+        "AutoImageProcessor": CosImageProcessor,
+    }
+
+
+def write_loadable_files(folder: Path, tokenizer) -> list[str]:
+    """Make the saved model folder `folder` loadable by transformers alone (see the module docstring);
+    returns the code files written."""
+    import cos_model
+    from cos_model import CosConfig
+
+    folder = Path(folder)
+    classes = auto_classes()
+    roots = sorted({cls.__module__.rsplit(".", 1)[-1] for cls in classes.values()})
+    files = write_sources(module_sources(Path(cos_model.__file__).parent, roots), folder)
+    auto_map = {name: class_reference(cls) for name, cls in classes.items() if name != "AutoImageProcessor"}
+    _update_json(folder / "config.json", lambda config: config.update(auto_map=auto_map))
+    _write_processor(folder, CosConfig.from_pretrained(folder), tokenizer, classes)
+    _write_generation_config(folder, tokenizer)
+    return files
+
+
+def _write_processor(folder: Path, config, tokenizer, classes: dict[str, type]) -> None:
+    from transformers.utils import PROCESSOR_NAME
+
+    image_processor = classes["AutoImageProcessor"](image_size=config.image_size)
+    processor = classes["AutoProcessor"](image_processor, tokenizer, num_visual_tokens=config.num_visual_tokens)
+    processor.save_pretrained(folder)
+
+    def add_auto_map(saved: dict) -> None:
+        saved["auto_map"] = {"AutoProcessor": class_reference(classes["AutoProcessor"])}
+        saved["image_processor"]["auto_map"] = {"AutoImageProcessor": class_reference(classes["AutoImageProcessor"])}
+
+    _update_json(folder / PROCESSOR_NAME, add_auto_map)
+
+
+def _write_generation_config(folder: Path, tokenizer) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(folder)
+
+
+def _update_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = [
+    "RemoteCodeError",
+    "auto_classes",
+    "class_reference",
+    "module_sources",
+    "write_loadable_files",
+    "write_sources",
+]

@@ -5,11 +5,16 @@ its gathered trainable weights, and which artefact a stage publishes.
     inflate   <source>/model -> cos_model.inflate_*               -> publishes <output>/model/   (HF folder)
     finetune  <source>/model + LoRA                               -> publishes <output>/adapter/ (peft folder)
 
-Published folders carry a manifest written last, so a folder with a manifest is complete.
+Published folders carry a manifest written last, so a folder with a manifest is complete. A published
+`model/` also carries the model's code (`cosctl.remote_code`), so transformers alone loads it
+(`trust_remote_code=True`) and peft alone puts an adapter on it. An adapter records its base: the URI
+and the sha256 of the base's manifest (`SOURCE_RECORD`); whoever loads it checks the base is still that
+one (`check_adapter_base`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -30,11 +35,16 @@ from .conversation import IMAGE_TOKEN
 from .data import load_tokenizer
 from .dist import Dist, barrier, on_main, on_node_main
 from .engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype
+from .errors import CheckpointError
 from .log import log
+from .remote_code import write_loadable_files
 from .spec import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from .storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
 
 SOURCE_RECORD = "cosctl_source.json"
+# peft's AutoPeftModel builds the base with this class (transformers' own, so neither cos_model nor an
+# `import_allowlist` is needed); the published base's `auto_map` sends it to the shipped code.
+AUTO_MAPPING = {"base_model_class": "AutoModelForCausalLM", "parent_library": "transformers"}
 
 
 @dataclass
@@ -58,6 +68,11 @@ def fetch_model(source: str, settings: StoreSettings | None, local_dir: Path) ->
     plain = Path(source.removeprefix("file://"))
     if "://" not in source.removeprefix("file://") and (plain / "config.json").is_file():
         return plain
+    if store.size(f"adapter/{MANIFEST}") is not None:
+        raise StorageError(
+            f"{source}: holds an adapter, not a model; `cosctl export {source} --out DIR` merges it into its "
+            "base, and DIR is a model folder"
+        )
     raise StorageError(f"{source}: neither a published model folder (with manifest.json) nor a local model folder")
 
 
@@ -79,16 +94,103 @@ def absolute_source(source: str) -> str:
     return str(Path(source.removeprefix("file://")).expanduser().resolve())
 
 
-def save_adapter(peft_model, state: dict, tokenizer, base_source: str, out_dir: Path) -> None:
-    """A finetune's adapter folder: peft weights (`state`), the tokenizer and the base model as an
-    absolute reference, both in `SOURCE_RECORD` (for `cosctl export`) and in `adapter_config.json`'s
-    `base_model_name_or_path` (the base's local folder, for peft's `AutoPeftModel`)."""
+def base_record(base_source: str, base_dir: Path | None = None) -> dict:
+    """What an adapter records of its base (`SOURCE_RECORD`): the base's absolute URI, the sha256 of its
+    published manifest and each file's sha256 (None and {} for a plain folder without a manifest). The
+    manifest is read from `base_dir` (the fetched copy the model was loaded from) when given, else from
+    the base's store."""
+    if base_dir is not None:
+        path = Path(base_dir) / MANIFEST
+        manifest = path.read_bytes() if path.is_file() else None
+    else:
+        manifest = published_manifest(base_source)
+    files = json.loads(manifest)["files"] if manifest is not None else {}
+    return {
+        "base_model": absolute_source(base_source),
+        "base_manifest_sha256": None if manifest is None else hashlib.sha256(manifest).hexdigest(),
+        "base_files": {name: entry["sha256"] for name, entry in files.items()},
+    }
+
+
+def published_manifest(source: str, settings: StoreSettings | None = None) -> bytes | None:
+    """The manifest of the model published at `source` (`model/` or the folder itself), None for a
+    plain folder."""
+    store = open_store(source, settings)
+    for key in (f"model/{MANIFEST}", MANIFEST):
+        if store.size(key) is not None:
+            return store.get_bytes(key)
+    return None
+
+
+def read_source_record(data: bytes, where: str) -> dict:
+    """An adapter's `SOURCE_RECORD`, or a one-line `CheckpointError` naming `where`."""
+    try:
+        record = json.loads(data)
+        if not isinstance(record.get("base_model"), str):
+            raise ValueError("no base_model")
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{where}: not a readable record of the adapter's base ({err})") from None
+    return record
+
+
+def check_adapter_base(adapter: str, record: dict, manifest: bytes | None) -> None:
+    """Refuse, in one line, an adapter whose base (`manifest`: the base's manifest now, None for a plain
+    folder) is not the one it was fine-tuned on. An adapter from before bases were recorded is used as
+    it is, with a warning."""
+    base = record["base_model"]
+    if "base_manifest_sha256" not in record:
+        log.warning(f"{adapter}: the adapter does not record which version of {base} it was trained on; used unchecked")
+        return
+    expected = record["base_manifest_sha256"]
+    if expected is None:
+        return  # trained on a plain folder: there was no manifest to record
+    if manifest is None:
+        raise CheckpointError(
+            f"{adapter}: was fine-tuned on the published model at {base}, which now holds no manifest.json: "
+            f"point the adapter at the original base, or re-run finetune on the new one"
+        )
+    now = hashlib.sha256(manifest).hexdigest()
+    if now == expected:
+        return
+    then_files, now_files = record.get("base_files", {}), json.loads(manifest)["files"]
+    changed = [
+        name
+        for name in sorted(set(then_files) | set(now_files))
+        if then_files.get(name) != now_files.get(name, {}).get("sha256")
+    ]
+    raise CheckpointError(
+        f"{adapter}: its base {base} changed since fine-tuning ({', '.join(changed) or 'the manifest'} differ; "
+        f"manifest sha256 {expected[:12]} then, {now[:12]} now): re-run finetune on the new base, or restore "
+        f"the original base at {base}"
+    )
+
+
+def save_adapter(
+    peft_model, state: dict, tokenizer, base_source: str, out_dir: Path, base_dir: Path | None = None
+) -> None:
+    """A finetune's adapter folder: peft weights (`state`), the tokenizer, and the base model: in
+    `SOURCE_RECORD` (its URI and manifest sha256, see `base_record`, for `cosctl export`/`eval`), in
+    `adapter_config.json` (`base_model_name_or_path`: the base's local folder, and `auto_mapping`, for
+    peft's `AutoPeftModel`) and in peft's README.md (`base_model`: the base's URI, not the folder the
+    model was staged in)."""
+    record = base_record(base_source, base_dir)
     base_folder = local_model_folder(base_source)
     for config in peft_model.peft_config.values():
-        config.base_model_name_or_path = str(base_folder) if base_folder else absolute_source(base_source)
-    peft_model.save_pretrained(out_dir, state_dict=state)
+        config.base_model_name_or_path = str(base_folder) if base_folder else record["base_model"]
+    base_config = peft_model.get_base_model().config
+    staged_name = base_config._name_or_path
+    base_config._name_or_path = record["base_model"]  # what peft's model card names as `base_model`
+    try:
+        peft_model.save_pretrained(out_dir, state_dict=state)
+    finally:
+        base_config._name_or_path = staged_name
+    config_path = Path(out_dir) / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    if saved.get("auto_mapping") is not None:
+        saved["auto_mapping"] = AUTO_MAPPING
+        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
-    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps({"base_model": absolute_source(base_source)}))
+    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps(record, indent=1))
 
 
 def _gathered(engine, params):
@@ -117,11 +219,21 @@ def _full_state(engine) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path) -> None:
+def save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path) -> None:
+    """A published model folder: config, weights, tokenizer, and the code and processor transformers
+    needs to load it alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
+    write_loadable_files(out_dir, tokenizer)
+
+
+def save_model(model: CosForConditionalGeneration, tokenizer, out_dir: Path) -> None:
+    """A model folder to publish, from the model itself (`save_pretrained`): as `save_model_folder`."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_loadable_files(out_dir, tokenizer)
 
 
 def _publish_on_main(store: ObjectStore, local_dir: Path, prefix: str, max_outage_s: float) -> str:
@@ -156,7 +268,7 @@ def _pretrain_stage(spec: PretrainSpec, store: ObjectStore, staging: Path, dist_
         local = staging / "final" / "model"
         if state is not None:
             shutil.rmtree(local, ignore_errors=True)
-            _save_model_folder(engine.module.config, state, tokenizer, local)
+            save_model_folder(engine.module.config, state, tokenizer, local)
         return _publish_on_main(store, local, "model", 60 * spec.storage.max_outage_minutes)
 
     return Stage(tokenizer, model, model.config, write_trainable, write_final)
@@ -186,7 +298,7 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
                     for k, v in engine.module.state_dict().items()
                     if "lora_" in k or "modules_to_save" in k
                 }
-                save_adapter(engine.module, state, tokenizer, spec.model.source, local_dir)
+                save_adapter(engine.module, state, tokenizer, spec.model.source, local_dir, model_dir)
 
     def write_trainable(engine, local_dir: Path) -> None:
         if uses_lora:
@@ -206,7 +318,7 @@ def _finetune_stage(spec: FinetuneSpec, store: ObjectStore, staging: Path, dist_
         else:
             state = _full_state(engine)
             if state is not None:
-                _save_model_folder(cos_config, state, tokenizer, local)
+                save_model_folder(cos_config, state, tokenizer, local)
         return _publish_on_main(store, local, local.name, 60 * spec.storage.max_outage_minutes)
 
     return Stage(tokenizer, model, cos_config, write_trainable, write_final)
@@ -230,8 +342,7 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
     materialize(model, dtype=next(iter(state.values())).dtype)  # the non-persistent buffers (rotary, ids)
     local = run_dir / "staging" / "model"
     shutil.rmtree(local, ignore_errors=True)
-    model.save_pretrained(local)
-    load_tokenizer(source_dir).save_pretrained(local)
+    save_model(model, load_tokenizer(source_dir), local)
     publish(open_store(output, settings), local, "model")
     summary = {
         "stage": "inflate",

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from cos_model import CosForConditionalGeneration
-from cosctl.demo import swap_gap
+from cosctl.checkpoint import publish
+from cosctl.conversation import image_token_id
+from cosctl.demo import TRAINED_STAGES, cosctl_command, print_summary, run_folder, score_stages, swap_gap
+from cosctl.report import write_report
+from cosctl.stages import save_model
+from cosctl.storage import open_store
 from tests.harness import cosctl, ok
+from tests.tiny import tiny_config, tiny_model
 
 
 @pytest.mark.slow
@@ -49,18 +57,18 @@ def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     for tasks in (scores["stages"]["pretrain"], scores["stages"]["finetune"], scores["baseline"]):
         assert set(tasks) == {"caption", "vqa", "ocr", "refexp"}
     assert scores["stages"]["finetune"]["vqa"]["num"] == summary["data"]["tasks"]["eval"]["vqa"]
-    assert (tmp_path / "demo" / "eval" / "finetune" / "predictions.jsonl").is_file()
+    assert (tmp_path / "demo" / "work" / "finetune" / "predictions.jsonl").is_file()
     assert "held-out scores" in result.stdout and "image-free baseline" in result.stdout
     assert "cosctl report" in result.stdout and "cosctl export" in result.stdout
+    # `cosctl report` of the run folders the demo names shows both stages' evals
+    report = write_report([run_folder(tmp_path / "demo", stage) for stage in TRAINED_STAGES], tmp_path / "report")
+    assert str(tmp_path / "report" / "eval_final.png") in report["figures"]
+    assert (tmp_path / "report" / "report.md").read_text().count("`cosctl eval` of") == 2
 
 
 def test_the_closing_tables_show_gaps_and_scores_beside_the_image_free_baseline(tmp_path):
     """The end of the demo: per trained stage the eval loss, swapped loss and their gap; then each task's
     metrics for both stages beside the image-free baseline's (accuracies in percent)."""
-    from rich.console import Console
-
-    from cosctl.demo import print_summary
-
     stage = {
         "visual_tokens": 32,
         "image_size": 64,
@@ -88,3 +96,58 @@ def test_the_closing_tables_show_gaps_and_scores_beside_the_image_free_baseline(
     rows = {line.split()[0]: line.split() for line in lines if line.split()}
     assert rows["pretrain"][-3:-1] == ["1.093", "0.0660"] and rows["finetune"][-2] == "0.0280"
     assert rows["vqa"][-4:] == ["%", "27.7", "30.0", "23.4"]
+
+
+@pytest.mark.parametrize(
+    ("started", "on_path", "expected"),
+    [
+        (".venv/bin/cosctl", False, ".venv/bin/cosctl"),  # the README's quick start: the venv not activated
+        (".venv/bin/cosctl", True, "cosctl"),  # activated: the shell finds this cosctl
+        ("MAIN", False, "PYTHON -m cosctl"),
+    ],
+    ids=["venv-not-activated", "activated", "python-m"],
+)
+def test_the_closing_commands_run_as_printed(tmp_path, monkeypatch, started, on_path, expected):
+    """The demo's "where to look next" commands start the way the demo was started: `.venv/bin/cosctl` when
+    that is what ran (a bare `cosctl` would not be found), `cosctl` when the shell finds that same script,
+    `python -m cosctl` under python -m."""
+    import cosctl.__main__ as main_module
+
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / ".venv" / "bin" / "cosctl"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(script.parent) if on_path else str(tmp_path / "empty"))
+    monkeypatch.setattr("sys.argv", [main_module.__file__ if started == "MAIN" else started, "demo"])
+    command = expected.replace("PYTHON", sys.executable)  # outside the working directory: shown absolute
+    assert cosctl_command() == command
+    console = Console(width=400, record=True)
+    summary = {
+        name: {"visual_tokens": 32, "image_size": 64, "steps": 1, "first_loss": 2.0, "final_loss": 1.0}
+        | {"final_eval_loss": 1.0, "final_eval_loss_swapped_images": 1.1, "samples_per_s": 1.0}
+        for name in TRAINED_STAGES
+    }
+    summary |= {"scores": {"stages": {n: {} for n in TRAINED_STAGES}, "baseline": {}}, "data": {"root": "d"}}
+    print_summary(summary | {"total_time_s": 1.0}, tmp_path / "out", console=console)
+    lines = [line.split(maxsplit=1) for line in console.export_text().splitlines() if line.startswith("  ")]
+    printed = {words[0]: words[1] for words in lines if len(words) == 2}
+    for label, verb in (("plots", "report"), ("scores", "eval"), ("export", "export")):
+        assert printed[label].startswith(f"{command} {verb} "), printed[label]
+
+
+def test_report_of_the_demo_runs_shows_their_evals(tmp_path, synth_dir, tokenizer):
+    """The demo scores a stage into that stage's run folder, so `cosctl report` of the run folders it
+    prints draws the eval plot and the eval table."""
+    config = tiny_config()
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = image_token_id(tokenizer)
+    save_model(tiny_model(config), tokenizer, tmp_path / "staging")
+    publish(open_store(str(tmp_path / "pretrain")), tmp_path / "staging", "model")
+    out = tmp_path / "demo"
+    scores = score_stages({"pretrain": str(tmp_path / "pretrain")}, synth_dir, out)
+    assert set(scores["stages"]["pretrain"]) == set(scores["baseline"])
+    report = write_report([run_folder(out, "pretrain")], tmp_path / "report")
+    assert str(tmp_path / "report" / "eval_final.png") in report["figures"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Eval results" in text and f"`cosctl eval` of {tmp_path / 'pretrain'}" in text

@@ -1,16 +1,19 @@
-"""The model `cosctl eval` evaluates, from any artefact the pipeline writes, through the store
-abstraction (a local path, file:// or s3://):
+"""The model `cosctl eval` (and `cosctl export`) reads, from any artefact the pipeline writes, through
+the store abstraction (a local path, file:// or s3://):
 
     finetune run output  <uri>/adapter/ (published, peft)  -> its base (`cosctl_source.json`) + the adapter, merged
     published adapter    <uri>/ = an adapter folder        -> the same
     pretrain/inflate run <uri>/model/ (published)          -> that model
     published model      <uri>/ with manifest.json         -> that model
     export / HF folder   a local folder with config.json   -> that model (`cosctl export` output)
+
+Every load is exact (`cos_model.saved`): a model folder with a missing, mis-shaped or foreign key and an
+adapter that does not fit its base are refused in one line naming the folder and the first keys. An
+adapter's base must be the one it was trained on (`cosctl.stages.check_adapter_base`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +21,9 @@ import torch
 
 from ..checkpoint import MANIFEST, fetch_published
 from ..data import load_tokenizer
-from ..errors import StorageError
-from ..stages import SOURCE_RECORD, fetch_model
-from ..storage import StoreSettings, open_store
+from ..errors import CheckpointError, StorageError
+from ..stages import SOURCE_RECORD, check_adapter_base, fetch_model, published_manifest, read_source_record
+from ..storage import ObjectNotFound, StoreSettings, open_store
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -48,9 +51,18 @@ def adapter_prefix(source: str, settings: StoreSettings | None = None) -> str | 
 
 
 def check_source(source: str, settings: StoreSettings | None = None) -> None:
-    """Raise a one-line `StorageError` unless `source` holds something `load_for_eval` can read; cheap
-    (a few size look-ups), so the CLI checks before it starts ranks."""
-    if adapter_prefix(source, settings) is not None:
+    """Raise a one-line `UserError` unless `source` holds something `load_for_eval` can read (an
+    adapter: on the base it was trained on); cheap (a few small reads), so the CLI checks before it
+    starts ranks."""
+    prefix = adapter_prefix(source, settings)
+    if prefix is not None:
+        store = open_store(source, settings)
+        key = f"{prefix}/{SOURCE_RECORD}" if prefix else SOURCE_RECORD
+        try:
+            record = read_source_record(store.get_bytes(key), f"{store.uri}/{key}")
+        except ObjectNotFound:
+            raise StorageError(f"{source}: the adapter has no {SOURCE_RECORD} naming its base model") from None
+        check_adapter_base(source, record, published_manifest(record["base_model"], settings))
         return
     store = open_store(source, settings)
     if any(store.size(key) is not None for key in (f"model/{MANIFEST}", MANIFEST, "config.json")):
@@ -70,33 +82,61 @@ class Fetched:
     adapter_dir: Path | None = None
     base_model: str | None = None
 
+    def named(self, err: Exception) -> CheckpointError:
+        """`err` as a `CheckpointError` that names the URIs the user gave, not the scratch folders."""
+        message = str(err).replace(str(self.model_dir), self.base_model or self.source)
+        if self.adapter_dir is not None:
+            message = message.replace(str(self.adapter_dir), self.source)
+        return CheckpointError(message)
+
 
 def fetch_for_eval(source: str, scratch: Path, settings: StoreSettings | None = None) -> Fetched:
     """Fetch the artefact `source` names into `scratch`, each file verified against its manifest (a
-    local model folder without one is read where it is)."""
+    local model folder without one is read where it is); an adapter's base must be the one it was
+    trained on."""
     scratch = Path(scratch)
     prefix = adapter_prefix(source, settings)
     if prefix is None:
         return Fetched(source, fetch_model(source, settings, scratch / "model"))
     adapter = fetch_published(open_store(source, settings), prefix, scratch / "adapter")
-    record = adapter / SOURCE_RECORD
-    if not record.is_file():
+    path = adapter / SOURCE_RECORD
+    if not path.is_file():
         raise StorageError(f"{source}: the adapter has no {SOURCE_RECORD} naming its base model")
-    base_uri = json.loads(record.read_text())["base_model"]
-    return Fetched(source, fetch_model(base_uri, settings, scratch / "base"), adapter, base_uri)
+    record = read_source_record(path.read_bytes(), f"{source}/{SOURCE_RECORD}")
+    base_dir = fetch_model(record["base_model"], settings, scratch / "base")
+    manifest = base_dir / MANIFEST
+    check_adapter_base(source, record, manifest.read_bytes() if manifest.is_file() else None)
+    return Fetched(source, base_dir, adapter, record["base_model"])
+
+
+def check_model(fetched: Fetched) -> None:
+    """Raise a one-line `CheckpointError` unless the fetched model folder holds exactly its model's
+    weights (keys and shapes; no tensor is read)."""
+    from cos_model.checkpoint_files import CheckpointMismatchError
+    from cos_model.saved import check_model_folder
+
+    try:
+        check_model_folder(fetched.model_dir)
+    except CheckpointMismatchError as err:
+        raise fetched.named(err) from None
 
 
 def load_fetched(fetched: Fetched, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The model in eval mode and its tokenizer; an adapter is applied to its base with peft and merged
-    (`merge_and_unload`)."""
-    from peft import PeftModel
+    """The model in eval mode and its tokenizer, loaded exactly; an adapter is applied to its base with
+    peft (every adapter key checked) and merged (`merge_and_unload`). A folder that does not fit raises a
+    one-line `CheckpointError`."""
+    from cos_model.checkpoint_files import CheckpointMismatchError
+    from cos_model.saved import load_adapter
 
-    from cos_model import CosForConditionalGeneration
+    from ..engine import load_model_folder
 
-    model = CosForConditionalGeneration.from_pretrained(fetched.model_dir, dtype=dtype)
-    if fetched.adapter_dir is None:
-        return LoadedModel(model.eval(), load_tokenizer(fetched.model_dir), fetched.source, "model")
-    merged = PeftModel.from_pretrained(model, fetched.adapter_dir).merge_and_unload()
+    try:
+        model = load_model_folder(str(fetched.model_dir), dtype)
+        if fetched.adapter_dir is None:
+            return LoadedModel(model, load_tokenizer(fetched.model_dir), fetched.source, "model")
+        merged = load_adapter(model, fetched.adapter_dir).merge_and_unload()
+    except (CheckpointError, CheckpointMismatchError) as err:
+        raise fetched.named(err) from None
     return LoadedModel(
         merged.eval(), load_tokenizer(fetched.adapter_dir), fetched.source, "adapter", fetched.base_model
     )
