@@ -19,7 +19,6 @@ The layout and the commit protocol are `cosctl.checkpoint`'s; this module only c
 from __future__ import annotations
 
 import json
-import pickle
 import random
 import secrets
 import shutil
@@ -50,6 +49,7 @@ from .checkpoint import (
 from .committer import Committer, Staged
 from .dist import Dist, agreed, all_reduce, barrier, broadcast, gather, on_main
 from .log import log
+from .safe_load import load_weights_only, weights_only_loads
 from .spec import spec_hash, spec_to_dict
 from .staging import RecordingWriter, filesystem_group, free_bytes, partition_bytes, write_problem
 from .storage import ObjectStore, open_store
@@ -67,20 +67,6 @@ RESUMABLE_CHANGES = (
     "run.output",
     "optim.num_steps",
 )
-
-
-def _weights_only_load(path: str, map_location=None):
-    """DeepSpeed's shard loader, but refusing to unpickle anything beyond tensors, containers and the
-    few DeepSpeed types its state holds (its own loader uses weights_only=False)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2's partition bookkeeping
-
-    try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint): {str(err)[:300]}") from None
 
 
 def rng_state() -> dict:
@@ -289,9 +275,10 @@ class Checkpointer:
         resharded = committed.manifest["world_size"] != self.dist.world_size
         local = self._fetch(store, committed, resharded)
         agreed(lambda: self._show_diff(local / "spec.json"))
-        # Hashes were verified by fetch(); load the shards without executing pickled code.
-        engine.checkpoint_engine.load = _weights_only_load
-        rank_file = agreed(lambda: self._load(engine, local, committed, resharded))
+        # Hashes were verified by fetch(); no file is unpickled beyond tensors (DeepSpeed's loads included).
+        engine.checkpoint_engine.load = load_weights_only
+        with weights_only_loads():
+            rank_file = agreed(lambda: self._load(engine, local, committed, resharded))
         barrier()
         if not resharded or self.dist.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
@@ -309,7 +296,7 @@ class Checkpointer:
                 f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
                 f"{self.dist.world_size} (universal checkpoint)"
             )
-            reshard.load_universal(engine, local, _weights_only_load)
+            reshard.load_universal(engine, local)
             torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
             return json.loads((local / "rank_00000.json").read_text())
         engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)

@@ -25,6 +25,7 @@ from cosctl.errors import StoreUnavailable
 from cosctl.storage import LocalStore
 from cosctl.train import Stopped
 from tests.harness import tiny_spec
+from tests.test_safe_load import plant_in_checkpoint
 
 
 def steps_in(run_dir) -> list[int]:
@@ -289,3 +290,18 @@ def test_rollback_uncommits_the_whole_branch_before_moving_files(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
     assert [c.step for _, c in list_abandoned(store)] == [2, 3]
     assert isinstance(newer[0], Committed)
+
+
+def test_a_resume_never_unpickles_a_planted_shard(tiny_data, tmp_path, in_process):
+    """A committed checkpoint whose optimizer shard (manifest hash correct) holds a pickle that would
+    create a file: the resume on the same world size is refused naming the shard; the file is never
+    created."""
+    from cosctl.errors import CheckpointError
+
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 1), tmp_path / "work")
+    marker = tmp_path / "marker"
+    plant_in_checkpoint(out / "checkpoints" / "step_00000001", "zero/zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(CheckpointError, match="optim_states.pt: refused to load"):
+        in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
+    assert not marker.exists()
