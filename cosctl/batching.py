@@ -85,6 +85,26 @@ def _check_fits(index: int, length: int, tokens_per_micro_batch: int) -> None:
         )
 
 
+def longest_sample(records) -> tuple[int, int]:
+    """(index, tokens) of the longest sample of a record set, visual tokens included (the first of
+    equals)."""
+    lengths = np.asarray(records.lengths)
+    index = int(np.argmax(lengths))
+    return index, int(lengths[index])
+
+
+def check_budget_fits(records, tokens_per_micro_batch: int, setting: str, split: str) -> None:
+    """Refuse a token budget below the longest sample before any step runs: a sample is never split
+    across micro-batches, so the step holding it could not run (it may come hours in)."""
+    index, tokens = longest_sample(records)
+    if tokens > tokens_per_micro_batch:
+        raise DataError(
+            f"{split}: the longest sample, {records.record_id(index)!r}, has {tokens} tokens (visual tokens "
+            f"included), more than {setting}={tokens_per_micro_batch}: raise {setting} to at least {tokens} "
+            "or lower data.max_text_tokens"
+        )
+
+
 def fill_micro_batches(indices: Sequence[int], lengths: Sequence[int], tokens_per_micro_batch: int) -> list[list[int]]:
     """Cut `indices`, in order, into micro-batches whose padded size `max_len * num_samples` fits."""
     micro_batches: list[list[int]] = []
