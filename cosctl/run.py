@@ -143,9 +143,9 @@ def _check_fits(spec: TrainingSpec, train, held_out, tokens: int, setting: str) 
 
 
 def choose_budget(run: Run, restored: Restored | None) -> Budget:
-    """The token budget: the checkpoint's when resuming, else the spec's number, else (`auto`) the
-    probed one, never below the longest example (training or held-out)."""
-    if restored is not None:
+    """The token budget: the checkpoint's when resuming its data order, else the spec's number, else
+    (`auto`) the probed one, never below the longest example (training or held-out)."""
+    if restored is not None and restored.loader_state is not None:
         tokens = int(restored.loader_state["tokens_per_micro_batch"])
         setting = "tokens_per_micro_batch (the checkpoint's)"
         _check_fits(run.spec, run.train_examples, run.eval_examples, tokens, setting)

@@ -1,11 +1,13 @@
 """The training loop of the pretrain and finetune stages.
 
 run = setup_run(spec)                 # process group, output store, stage, data, engine, checkpointer
-restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never
+restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never;
+                                      # its data pin must match (or --new-data: a new data order)
 budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
 while step < num_steps:
     step += 1
     micro-batches = loader.next_step()  # this rank's share of the step's samples_per_step samples
+    share bad samples: images that failed on any rank join the run's skip list (data.max_bad_fraction)
     train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
                   by the step's label tokens over all ranks); engine.step() after the last one
     log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
@@ -50,11 +52,13 @@ def run_training(
     resume: str = "auto",
     overwrite: bool = False,
     save_on_stop: bool = False,
+    new_data: bool = False,
 ) -> dict:
-    """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary."""
+    """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary. With
+    `new_data`, a checkpoint trained on other data continues on this run's from a new data order."""
     signals = StopRequest()
     run = setup_run(spec, run_dir=Path(run_dir), output=output)
-    restored = run.checkpointer.restore(run.engine, resume, overwrite)
+    restored = run.checkpointer.restore(run.engine, resume, overwrite, run.train_examples.data_pin(), new_data)
     budget = choose_budget(run, restored)
     loader = run.train_loader(budget, position=restored.loader_state if restored else None)
     log.info(
@@ -85,9 +89,11 @@ def run_training(
         step += 1
         lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
         micro_batches, problem = _next_step(loader)
+        share_bad_samples(loader, run.dist.device)
         data_time = time.monotonic() - started
         stats = train_step(run.engine, micro_batches, run.dist.device, problem)
         record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
+        record["skipped_samples"] = len(loader.bad_samples)
         if evaluate.due(step):
             record.update(evaluate())
         if generate.due(step):
@@ -125,6 +131,7 @@ def run_training(
         "world_size": run.dist.world_size,
         "tokens_per_micro_batch": budget.tokens,
         "budget_origin": budget.origin,
+        "skipped_samples": sorted(loader.bad_samples),
         "checkpoint": checkpoint_uri(output, checkpoint_name(step)),
         "artefact": artefact,
     }
@@ -157,6 +164,19 @@ def _next_step(loader) -> tuple[list[dict], Exception | None]:
         return loader.next_step(), None
     except UserError as err:
         return [], err
+
+
+def share_bad_samples(loader, device) -> None:
+    """Every rank adds the samples whose image failed on any rank in this step to the run's skip list
+    (collective: one flag per step, a gather only when some rank found one); past the allowance every
+    rank raises the same DataError here, before the step's forwards."""
+    found = loader.take_new_bad_samples()
+    if not any_rank([bool(found)], device)[0]:
+        return
+    merged: dict[int, str] = {}
+    for part in gather(found):
+        merged.update(part)
+    loader.add_bad_samples(merged)
 
 
 def accumulate(engine, micro_batches: list[dict], device, problem: Exception | None = None) -> StepStats:
