@@ -11,7 +11,8 @@ RNG states and data-loader position, the step, the resolved spec and the gathere
              same world size: DeepSpeed's shards; another world size: the universal form (`reshard`)
     save:    every rank checks its staging disk -> writes its files -> all agree it worked -> queued
              for upload (one upload in flight; newer saves wait in the queue, training goes on)
-    stop:    `stop_reason()` when the store has failed past the outage limit or staging ran out of disk
+    stop:    `stop_reason()` when the store has failed past the outage limit or staging ran out of disk;
+             `finish_uploads(grace)` lets what is uploading commit before a stop without a save
 
 The layout and the commit protocol are `cosctl.checkpoint`'s; this module only calls them.
 """
@@ -47,7 +48,7 @@ from .checkpoint import (
     split_checkpoint_uri,
 )
 from .committer import Committer, Staged
-from .dist import Dist, agreed, all_reduce, barrier, broadcast, gather, on_main
+from .dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
 from .log import log
 from .safe_load import load_weights_only, weights_only_loads
 from .spec import spec_hash, spec_to_dict
@@ -249,6 +250,21 @@ class Checkpointer:
                 f" within {timeout_s:.0f} s" if timeout_s is not None else ""
             )
         return False
+
+    def finish_uploads(self, timeout_s: float) -> str:
+        """Collective: wait up to `timeout_s` for the checkpoints queued or uploading to commit (a stop
+        with no save due lets an upload that is nearly done finish). Returns what happened, for the
+        stop's message; empty when nothing was pending on any rank."""
+        pending = self.committer.pending()
+        if not any_rank([bool(pending)], self.dist.device)[0]:
+            return ""
+        started = time.monotonic()
+        ok = self.committer.drain(timeout_s)
+        committed = all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0] > 0
+        names = ", ".join(pending) or "its checkpoint"
+        if committed:
+            return f"waited {time.monotonic() - started:.1f} s for the upload of {names} to commit"
+        return f"the upload of {names} did not commit within storage.stop_grace_s={timeout_s:g} s and was abandoned"
 
     def last_committed(self) -> str:
         """Rank 0: the newest committed checkpoint of this run's line, as a URI (or "none")."""

@@ -107,6 +107,11 @@ class Committer:
             self.waiting.append(staged)
         self.queue.put(staged)
 
+    def pending(self) -> list[str]:
+        """Names of the checkpoints submitted and not finished (queued or uploading), oldest first."""
+        with self._lock:
+            return [staged.name for staged in self.waiting]
+
     def failure(self) -> str | None:
         """Why this rank gave up on the store (it failed for longer than the outage limit), or None."""
         return self._failure

@@ -13,7 +13,8 @@ while step < num_steps:
     log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
     if eval due: mean eval loss over a fixed set of held-out micro-batches, also with swapped images
     stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
-           (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
+           (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130;
+           an upload under way may commit within storage.stop_grace_s)
     if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
     if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
 final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
@@ -336,8 +337,9 @@ def at_boundary(run: Run, save_due: bool, signals: StopRequest, save_on_stop: bo
 
 
 def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) -> Stopped:
-    """End the run at this boundary: commit first when the stop asks for it (within its time), then
-    stop uploading; the exception says why, with the last committed checkpoint."""
+    """End the run at this boundary: commit first when the stop asks for it (within its time), or else,
+    for SIGTERM / Ctrl-C, let an upload under way commit (within `storage.stop_grace_s`); then stop
+    uploading. The exception says why, with the last committed checkpoint."""
     if stop.save and not run.checkpointer.save(
         run.engine, loader.state_dict(), step, wait=True, timeout_s=stop.timeout_s
     ):
@@ -346,6 +348,11 @@ def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) 
             stop.exit_code,
             save=False,
         )
+    elif not stop.save and stop.exit_code in (130, 143) and run.spec.storage.stop_grace_s > 0:
+        # No save due: an upload already under way may still commit (within storage.stop_grace_s)
+        # instead of being deleted with the staging folder.
+        waited = run.checkpointer.finish_uploads(run.spec.storage.stop_grace_s)
+        stop = Stop(f"{stop.reason}; {waited}", stop.exit_code, save=False) if waited else stop
     last = run.checkpointer.last_committed() if run.dist.is_main else ""
     _close(run, sink, abandon=True)
     return Stopped(step, stop, last)

@@ -4,6 +4,8 @@ what a committed checkpoint leaves behind, and a store or disk that fails while 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -305,3 +307,43 @@ def test_a_resume_never_unpickles_a_planted_shard(tiny_data, tmp_path, in_proces
     with pytest.raises(CheckpointError, match="optim_states.pt: refused to load"):
         in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
     assert not marker.exists()
+
+
+class SlowStore(LocalStore):
+    """A local store whose uploads of step 2's files take `delay_s` each; the first one sends this
+    process SIGTERM (a stop that arrives while that checkpoint is uploading)."""
+
+    delay_s = 0.5
+    signalled = False
+
+    def put_file(self, local_path, key):
+        if key.startswith("checkpoints/step_00000002/"):
+            if not SlowStore.signalled:
+                SlowStore.signalled = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(SlowStore.delay_s)
+        super().put_file(local_path, key)
+
+
+@pytest.mark.parametrize("grace_s", [120.0, 0.0])
+def test_sigterm_during_an_upload_lets_it_commit_within_the_grace(
+    tiny_data, tmp_path, in_process, monkeypatch, grace_s
+):
+    """SIGTERM while step 2's checkpoint uploads (slowly) and no save is due: the run waits for it, it
+    commits, and the exit line names it; with storage.stop_grace_s=0 the upload is abandoned as before
+    and nothing is committed."""
+    SlowStore.signalled = False
+    monkeypatch.setattr(run_module, "open_store", lambda uri, settings=None: SlowStore(uri))
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_data, out, 12, "checkpoint.every_steps=2", f"storage.stop_grace_s={grace_s}")
+    with pytest.raises(Stopped) as stopped:
+        in_process(spec, tmp_path / "work")
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 143 and SlowStore.signalled
+    latest = find_latest(LocalStore(out))
+    if grace_s:
+        assert latest is not None and latest.step == 2 and verify(LocalStore(out), latest, tmp_path / "s") == []
+        assert "the upload of step_00000002 to commit" in message
+        assert message.endswith(f"last committed checkpoint: file://{out}/checkpoints/step_00000002")
+    else:
+        assert latest is None and message.endswith("SIGTERM; last committed checkpoint: none")
