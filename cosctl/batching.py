@@ -426,6 +426,8 @@ class StepLoader:
             self._count_failed(failed)
             micro_batches.append(batch)
         self.step += 1
+        if self.world_size == 1:  # alone, what this rank found is what every rank found
+            self.add_bad_samples(self.take_new_bad_samples())
         return micro_batches
 
     def _count_failed(self, failed: list[tuple[int, str]]) -> None:
@@ -435,7 +437,7 @@ class StepLoader:
 
     def take_new_bad_samples(self) -> dict[int, str]:
         """This rank's samples whose image failed since the last call (index -> reason), to be shared
-        with the other ranks (`add_bad_samples`)."""
+        with the other ranks (`add_bad_samples`; a single rank's `next_step` adds them itself)."""
         found, self._new_bad = self._new_bad, {}
         return found
 
