@@ -132,7 +132,7 @@ def run_training(
         "world_size": run.dist.world_size,
         "tokens_per_micro_batch": budget.tokens,
         "budget_origin": budget.origin,
-        "skipped_samples": sorted(loader.bad_samples),
+        "skipped_samples": len(loader.bad_samples),
         "checkpoint": checkpoint_uri(output, checkpoint_name(step)),
         "artefact": artefact,
     }
