@@ -94,7 +94,9 @@ def test_kill_during_an_upload_never_commits_a_partial_checkpoint(tiny_data, tmp
     """kill -9 while step 2's shards are stuck uploading: step 1 stays the newest committed checkpoint,
     verifies, and the run resumes from it to the end."""
     env_vars = s3_env(server, proxy.endpoint)
-    proxy.stall(30.0, method="PUT", contains="step_00000002/zero", times=4)
+    # Rank 0's shards: its uploader reaches step 2 only after committing step 1 (rank 1's may get there
+    # first, and a kill then would find nothing committed yet).
+    proxy.stall(30.0, method="PUT", contains="step_00000002/zero/zero_pp_rank_0_", times=4)
     store = bucket_store(bucket, server.endpoint)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true")
     kill_when(cmd, tmp_path, lambda: proxy.injected >= 1, **env_vars)
