@@ -17,7 +17,8 @@ rank makes in a step (which may vary from step to step):
 Everything is a pure function of (lengths, seed, epoch, step, world size, budget, packing), so every
 rank knows the whole step without talking to the others, and a run resumed on another world size sees
 the same samples in the same steps. The position `{epoch, step}` (steps read in the epoch) is what a
-checkpoint stores, with the budget and the samples per step it was read under.
+checkpoint stores, with the budget and the samples per step it was read under, the data it was read
+from (`data_pin()`: the number of records and the data key) and the skip list.
 
 Records come as a list of `cosctl.data.Example`s or as a prepared store
 (`cosctl.tokenstore.StoreRecords`); the loader keeps only an array of lengths (one int32 per record)
@@ -25,7 +26,10 @@ and builds each micro-batch from the records when it is loaded, in DataLoader wo
 
 A sample whose image cannot be read at run time is kept in its micro-batch with its labels ignored
 and a blank image (a label-free filler of itself): token counts, image counts and collectives stay as
-planned, and `accumulate` weighs it zero. Such samples count against `data.max_bad_fraction`.
+planned, and `accumulate` weighs it zero. Each step, the ranks share what they found
+(`take_new_bad_samples` -> gathered -> `add_bad_samples`), so the run's skip list is the same on every
+rank; it is saved with the position, its samples are never read again, and it counts against
+`data.max_bad_fraction` (which a resume may raise).
 """
 
 from __future__ import annotations
@@ -82,6 +86,26 @@ def _check_fits(index: int, length: int, tokens_per_micro_batch: int) -> None:
             f"example {index} has {length} tokens, more than tokens_per_micro_batch="
             f"{tokens_per_micro_batch}: raise batch.tokens_per_micro_batch or lower "
             "data.max_text_tokens"
+        )
+
+
+def longest_sample(records) -> tuple[int, int]:
+    """(index, tokens) of the longest sample of a record set, visual tokens included (the first of
+    equals)."""
+    lengths = np.asarray(records.lengths)
+    index = int(np.argmax(lengths))
+    return index, int(lengths[index])
+
+
+def check_budget_fits(records, tokens_per_micro_batch: int, setting: str, split: str) -> None:
+    """Refuse a token budget below the longest sample before any step runs: a sample is never split
+    across micro-batches, so the step holding it could not run (it may come hours in)."""
+    index, tokens = longest_sample(records)
+    if tokens > tokens_per_micro_batch:
+        raise DataError(
+            f"{split}: the longest sample, {records.record_id(index)!r}, has {tokens} tokens (visual tokens "
+            f"included), more than {setting}={tokens_per_micro_batch}: raise {setting} to at least {tokens} "
+            "or lower data.max_text_tokens"
         )
 
 
@@ -203,6 +227,13 @@ class ExampleRecords:
     def image(self, index: int) -> str | None:
         return self.examples[index].image_path
 
+    def data_pin(self) -> dict:
+        """The number of examples and a sha256 of what they hold (ids, tokens, labels, images)."""
+        digest = hashlib.sha256()
+        for example in self.examples:
+            digest.update(repr((example.record_id, example.input_ids, example.labels, example.image_path)).encode())
+        return {"records": len(self.examples), "key": digest.hexdigest()}
+
     def sample(self, index: int) -> Sample:
         example = self.examples[index]
         return Sample(
@@ -228,17 +259,23 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.skipped: set[int] = set()  # samples whose image failed before: never read again in the run
 
     def load(self, micro_batch: MicroBatch) -> tuple[dict, list[tuple[int, str]]]:
-        """The collated micro-batch, and (index, reason) of each sample whose image failed (those
-        samples are kept with a blank image and no labels)."""
+        """The collated micro-batch, and (index, reason) of each sample whose image failed or is in
+        `skipped` (those samples are kept with a blank image and no labels)."""
         samples = [self.records.sample(index) for index in micro_batch.indices]
-        loaded = iter(self.records.images.load_many([s.image for s in samples if s.image is not None], self.image_size))
+        wanted = [
+            s.image
+            for i, s in zip(micro_batch.indices, samples, strict=True)
+            if s.image is not None and i not in self.skipped
+        ]
+        loaded = iter(self.records.images.load_many(wanted, self.image_size))
         images, failed = [], []
         for position, (index, sample) in enumerate(zip(micro_batch.indices, samples, strict=True)):
             if sample.image is None:
                 continue
-            pixels = next(loaded)
+            pixels = DataError(f"{sample.image}: skipped") if index in self.skipped else next(loaded)
             if isinstance(pixels, DataError):
                 failed.append((index, str(pixels)))
                 pixels = torch.zeros(3, self.image_size, self.image_size)
@@ -320,10 +357,13 @@ class StepLoader:
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.packing = packing
         self.order = ORDER
+        self.data_pin = records.data_pin()
         # Images failing at run time may use what preparation left of the data.max_bad_fraction budget.
         self.max_bad_fraction = max_bad_fraction
         self.bad_allowance = int(max_bad_fraction * records.num_source_records) - records.num_bad
-        self.bad_samples: set[int] = set()
+        # The run's skip list, the same on every rank (`add_bad_samples`); the dataset reads it.
+        self.bad_samples: set[int] = self.dataset.skipped
+        self._new_bad: dict[int, str] = {}  # this rank's failures not yet shared
         self.epoch, self.step = 0, 0
         self._iterator: Iterator[tuple] | None = None
         self._order: tuple[int, Sequence[int]] | None = None
@@ -389,27 +429,43 @@ class StepLoader:
             self._count_failed(failed)
             micro_batches.append(batch)
         self.step += 1
+        if self.world_size == 1:  # alone, what this rank found is what every rank found
+            self.add_bad_samples(self.take_new_bad_samples())
         return micro_batches
 
     def _count_failed(self, failed: list[tuple[int, str]]) -> None:
         for index, reason in failed:
-            if index in self.bad_samples:
-                continue
-            self.bad_samples.add(index)
-            if len(self.bad_samples) > self.bad_allowance:
-                raise DataError(
-                    f"{reason}: {len(self.bad_samples)} images failed during training on this rank, "
-                    f"beyond what data.max_bad_fraction={self.max_bad_fraction:.1%} allows after "
-                    f"{self.records.num_bad} bad records at preparation; fix the images or raise "
-                    "data.max_bad_fraction"
-                )
-            log.warning(
-                "%s; sample %s trains nothing (%d of %d allowed by data.max_bad_fraction)",
-                reason,
-                self.records.record_id(index),
-                len(self.bad_samples),
-                self.bad_allowance,
+            if index not in self.bad_samples:
+                self._new_bad.setdefault(index, reason)
+
+    def take_new_bad_samples(self) -> dict[int, str]:
+        """This rank's samples whose image failed since the last call (index -> reason), to be shared
+        with the other ranks (`add_bad_samples`; a single rank's `next_step` adds them itself)."""
+        found, self._new_bad = self._new_bad, {}
+        return found
+
+    def add_bad_samples(self, found: dict[int, str]) -> None:
+        """Add what every rank found (the same dict on every rank) to the run's skip list; past
+        `data.max_bad_fraction`, the same DataError on every rank, naming the first image."""
+        new = {index: reason for index, reason in sorted(found.items()) if index not in self.bad_samples}
+        if not new:
+            return
+        self.bad_samples.update(new)
+        if len(self.bad_samples) > self.bad_allowance:
+            raise DataError(
+                f"{next(iter(new.values()))}: {len(self.bad_samples)} images failed during training, beyond "
+                f"what data.max_bad_fraction={self.max_bad_fraction:.1%} allows after {self.records.num_bad} bad "
+                "records at preparation; fix the images or raise data.max_bad_fraction (it may change on resume)"
             )
+        if self.rank == 0:
+            for index, reason in new.items():
+                log.warning(
+                    "%s; sample %s is skipped for the rest of the run (%d of %d allowed by data.max_bad_fraction)",
+                    reason,
+                    self.records.record_id(index),
+                    len(self.bad_samples),
+                    self.bad_allowance,
+                )
 
     def state_dict(self) -> dict:
         return {
@@ -418,12 +474,14 @@ class StepLoader:
             "tokens_per_micro_batch": self.tokens_per_micro_batch,
             "samples_per_step": self.samples_per_step,
             "order": self.order,
+            "data": self.data_pin,
             "bad_samples": sorted(self.bad_samples),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a saved position, with the budget it was read under (the micro-batches of a
-        step depend on it). The samples per step must be the spec's: they are the optimisation."""
+        step depend on it) and its skip list. The samples per step must be the spec's (they are the
+        optimisation), and the data those it pinned (a position written before pins is taken as is)."""
         if "step" not in state or "samples_per_step" not in state:
             raise DataError(
                 f"loader state {state} predates batch.samples_per_step (steps were sized by the token "
@@ -440,12 +498,19 @@ class StepLoader:
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
             raise DataError(f"loader state {state} is outside the {self.steps_per_epoch} steps of an epoch")
+        if state.get("data", self.data_pin) != self.data_pin:
+            raise DataError(
+                f"loader state {state['data']} was saved on other data than these ({self.data_pin}): "
+                "its position would repeat or skip samples"
+            )
         order = state.get("order", "legacy")
         if order not in (ORDER, "legacy"):
             raise DataError(f"loader state {state}: unknown data order {order!r} (written by a newer cosctl?)")
         if budget != self.tokens_per_micro_batch or order != self.order:
             self.tokens_per_micro_batch, self.order, self._plans, self._order = budget, order, {}, None
-        self.bad_samples = {int(index) for index in state.get("bad_samples", [])}
+        self.bad_samples.clear()  # in place: the dataset reads the same set
+        self.bad_samples.update(int(index) for index in state.get("bad_samples", []))
+        self._new_bad = {}
         self.epoch, self.step, self._iterator = epoch, step, None
 
 

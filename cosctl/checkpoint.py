@@ -15,7 +15,8 @@ Layout under the run's output URI (every key is built by `checkpoint_key`):
     abandoned/<when>_from_step_N/checkpoints/... checkpoints of a branch abandoned by a rollback to step N
     model/ or adapter/ + manifest.json           the stage's published artefact
 
-Commit order: every rank writes and uploads its files -> rank 0 verifies every object's size ->
+Commit order: every rank writes and uploads its files -> rank 0 checks every object's size and sha256
+against the rank's receipt (what the store reports, else a read) ->
 `manifest.json` -> only then `latest`. A checkpoint without a manifest is not a checkpoint; a reader
 re-hashes every file it uses against the manifest before loading it. Only `ObjectNotFound` means that
 something is absent; any other storage error is raised as itself.
@@ -144,13 +145,39 @@ def upload_tree(store: ObjectStore, local_dir: Path, prefix: str, rank: int, sto
     return entries
 
 
+class ContentMismatch(CheckpointError):
+    """A stored object is not what its rank uploaded (size or sha256): retrying cannot fix it, and the
+    checkpoint is never committed."""
+
+
+def stored_sha256(store: ObjectStore, key: str, chunk_bytes: int = 8 << 20) -> str:
+    """The sha256 of the object at `key`: as the store reports it without a download (a local store
+    hashes the file where it lies; S3 the sha256 recorded with the object at upload), else hashed
+    from ranged reads when the store cannot say (an object another client rewrote)."""
+    reported = store.sha256(key)
+    if reported is not None:
+        return reported
+    digest, offset = hashlib.sha256(), 0
+    while chunk := store.get_bytes(key, offset, offset + chunk_bytes):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 def commit(store: ObjectStore, name: str, files: dict[str, dict], meta: dict) -> Committed:
-    """Rank 0: check every object exists at its size, write the manifest, then move `latest`."""
+    """Rank 0: check every object is the one its rank uploaded (size, then sha256 against the
+    receipt), write the manifest, then move `latest`. A missing object is a CheckpointError (the
+    committer retries it); a different one is a ContentMismatch."""
     for relative, entry in files.items():
-        size = store.size(checkpoint_key(name, relative))
+        key = checkpoint_key(name, relative)
+        size = store.size(key)
+        if size is None:
+            raise CheckpointError(f"{store.uri}/{key}: missing, expected {entry['size']} bytes")
         if size != entry["size"]:
-            raise CheckpointError(
-                f"{store.uri}/{checkpoint_key(name, relative)}: expected {entry['size']} bytes, found {size}"
+            raise ContentMismatch(f"{store.uri}/{key}: expected {entry['size']} bytes, found {size}; not committed")
+        if stored_sha256(store, key) != entry["sha256"]:
+            raise ContentMismatch(
+                f"{store.uri}/{key}: its sha256 is not the one uploaded (changed in the store since); not committed"
             )
     manifest = {"format": FORMAT_VERSION, "name": name, **meta, "files": dict(sorted(files.items()))}
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()

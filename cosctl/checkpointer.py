@@ -11,7 +11,8 @@ RNG states and data-loader position, the step, the resolved spec and the gathere
              same world size: DeepSpeed's shards; another world size: the universal form (`reshard`)
     save:    every rank checks its staging disk -> writes its files -> all agree it worked -> queued
              for upload (one upload in flight; newer saves wait in the queue, training goes on)
-    stop:    `stop_reason()` when the store has failed past the outage limit or staging ran out of disk
+    stop:    `stop_reason()` when the store has failed past the outage limit or staging ran out of disk;
+             `finish_uploads(grace)` lets what is uploading commit before a stop without a save
 
 The layout and the commit protocol are `cosctl.checkpoint`'s; this module only calls them.
 """
@@ -19,7 +20,6 @@ The layout and the commit protocol are `cosctl.checkpoint`'s; this module only c
 from __future__ import annotations
 
 import json
-import pickle
 import random
 import secrets
 import shutil
@@ -48,8 +48,9 @@ from .checkpoint import (
     split_checkpoint_uri,
 )
 from .committer import Committer, Staged
-from .dist import Dist, agreed, all_reduce, barrier, broadcast, gather, on_main
+from .dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
 from .log import log
+from .safe_load import load_weights_only, weights_only_loads
 from .spec import spec_hash, spec_to_dict
 from .staging import RecordingWriter, filesystem_group, free_bytes, partition_bytes, write_problem
 from .storage import ObjectStore, open_store
@@ -64,23 +65,18 @@ RESUMABLE_CHANGES = (
     "data.prepared",
     "data.cache_dir",
     "data.image_cache_mb",
+    "data.max_bad_fraction",  # images damaged after a run started are skipped within it (docs/design.md §5)
     "run.output",
     "optim.num_steps",
 )
-
-
-def _weights_only_load(path: str, map_location=None):
-    """DeepSpeed's shard loader, but refusing to unpickle anything beyond tensors, containers and the
-    few DeepSpeed types its state holds (its own loader uses weights_only=False)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2's partition bookkeeping
-
-    try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint): {str(err)[:300]}") from None
+# With --new-data the data order starts again: the data and how it is cut into micro-batches may change.
+NEW_DATA_CHANGES = (
+    "data.",
+    "batch.tokens_per_micro_batch",
+    "batch.max_tokens_per_micro_batch",
+    "batch.memory_fraction",
+    "batch.packing",
+)
 
 
 def rng_state() -> dict:
@@ -122,11 +118,12 @@ def spec_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
 @dataclass(frozen=True)
 class Restored:
     """Where a resumed run continues: the step, the checkpoint's URI and this rank's loader position
-    (which carries the token budget the checkpoint was trained with)."""
+    (which carries the token budget the checkpoint was trained with), or None when the run continues
+    on other data from the start of a new data order (`--new-data`)."""
 
     step: int
     uri: str
-    loader_state: dict
+    loader_state: dict | None
 
 
 class Checkpointer:
@@ -254,6 +251,21 @@ class Checkpointer:
             )
         return False
 
+    def finish_uploads(self, timeout_s: float) -> str:
+        """Collective: wait up to `timeout_s` for the checkpoints queued or uploading to commit (a stop
+        with no save due lets an upload that is nearly done finish). Returns what happened, for the
+        stop's message; empty when nothing was pending on any rank."""
+        pending = self.committer.pending()
+        if not any_rank([bool(pending)], self.dist.device)[0]:
+            return ""
+        started = time.monotonic()
+        ok = self.committer.drain(timeout_s)
+        committed = all_reduce([1.0 if ok else 0.0], self.dist.device, op="min")[0] > 0
+        names = ", ".join(pending) or "its checkpoint"
+        if committed:
+            return f"waited {time.monotonic() - started:.1f} s for the upload of {names} to commit"
+        return f"the upload of {names} did not commit within storage.stop_grace_s={timeout_s:g} s and was abandoned"
+
     def last_committed(self) -> str:
         """Rank 0: the newest committed checkpoint of this run's line, as a URI (or "none")."""
         name = self.committer.last_committed or self.resumed_from
@@ -274,10 +286,15 @@ class Checkpointer:
 
     # --- restoring -------------------------------------------------------------------------------
 
-    def restore(self, engine, resume: str, overwrite: bool) -> Restored | None:
+    def restore(
+        self, engine, resume: str, overwrite: bool, data_pin: dict | None = None, new_data: bool = False
+    ) -> Restored | None:
         """Restore the engine and this rank's RNG from the chosen checkpoint; None when starting fresh.
         Rank 0 chooses; every rank checks the manifest it reads is the one rank 0 chose; a failure on
-        any rank stops all of them with its message. Only then is a newer branch rolled aside."""
+        any rank stops all of them with its message. Only then is a newer branch rolled aside.
+        `data_pin` is the training data's (`data_pin()` of its records): a checkpoint whose loader
+        position pinned other data is refused, unless `new_data` continues its weights on these data
+        from a new data order (checked before any weight is loaded)."""
         chosen = on_main(lambda: self._choose(resume, overwrite))
         if chosen is None:
             log.info(f"starting fresh (no committed checkpoint in {self.store.uri})")
@@ -288,10 +305,12 @@ class Checkpointer:
         self._check_compatible(committed)
         resharded = committed.manifest["world_size"] != self.dist.world_size
         local = self._fetch(store, committed, resharded)
-        agreed(lambda: self._show_diff(local / "spec.json"))
-        # Hashes were verified by fetch(); load the shards without executing pickled code.
-        engine.checkpoint_engine.load = _weights_only_load
-        rank_file = agreed(lambda: self._load(engine, local, committed, resharded))
+        agreed(lambda: self._show_diff(local / "spec.json", new_data))
+        position = agreed(lambda: self._position(local, committed, resharded, data_pin, new_data))
+        # Hashes were verified by fetch(); no file is unpickled beyond tensors (DeepSpeed's loads included).
+        engine.checkpoint_engine.load = load_weights_only
+        with weights_only_loads():
+            agreed(lambda: self._load(engine, local, committed, resharded))
         barrier()
         if not resharded or self.dist.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
@@ -300,22 +319,20 @@ class Checkpointer:
         on_main(lambda: self._roll_back(committed, store is self.store))
         uri = checkpoint_uri(store.uri, committed.name)
         log.info(f"resuming from {uri} at step {committed.step} (manifest sha256 {committed.manifest_sha256})")
-        return Restored(committed.step, uri, rank_file["loader"])
+        return Restored(committed.step, uri, position)
 
-    def _load(self, engine, local: Path, committed: Committed, resharded: bool) -> dict:
-        """Load the engine's state and this rank's RNG; returns this rank's file (loader position)."""
+    def _load(self, engine, local: Path, committed: Committed, resharded: bool) -> None:
+        """Load the engine's state and this rank's RNG."""
         if resharded:
             log.info(
                 f"re-partitioning {committed.name} from {committed.manifest['world_size']} ranks to "
                 f"{self.dist.world_size} (universal checkpoint)"
             )
-            reshard.load_universal(engine, local, _weights_only_load)
+            reshard.load_universal(engine, local)
             torch.manual_seed(hash((self.spec.run.seed, committed.step, self.dist.rank)) & 0x7FFFFFFF)
-            return json.loads((local / "rank_00000.json").read_text())
+            return
         engine.load_checkpoint(str(local), tag=ZERO_TAG, load_module_strict=False)
-        rank_file = json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())
-        set_rng_state(rank_file["rng"])
-        return rank_file
+        set_rng_state(json.loads((local / f"rank_{self.dist.rank:05d}.json").read_text())["rng"])
 
     def _choose(self, resume: str, overwrite: bool) -> tuple[str, str, str] | None:
         """Rank 0: (run URI, checkpoint name, manifest sha256) to resume from, or None."""
@@ -383,19 +400,48 @@ class Checkpointer:
                 f"checkpoint {committed.name} is from stage {manifest.get('stage')!r}, not {self.spec.stage!r}"
             )
 
-    def _show_diff(self, saved_spec: Path) -> None:
+    def _show_diff(self, saved_spec: Path, new_data: bool) -> None:
         diff = spec_diff(json.loads(saved_spec.read_text()), spec_to_dict(self.spec))
         if not diff:
             return
         log.info("the spec differs from the checkpoint's:")
         for key, old, new in diff:
             log.info(f"  {key}: {old!r} -> {new!r}")
-        blocking = [k for k, _, _ in diff if not k.startswith(RESUMABLE_CHANGES)]
+        allowed = RESUMABLE_CHANGES + (NEW_DATA_CHANGES if new_data else ())
+        blocking = [k for k, _, _ in diff if not k.startswith(allowed)]
         if blocking:
+            data_only = all(k.startswith(NEW_DATA_CHANGES) for k in blocking)
             raise CheckpointError(
-                f"cannot resume with changed {', '.join(blocking)}: they change the model, "
-                "the optimisation or the data order; start a new run instead"
+                f"cannot resume with changed {', '.join(blocking)}: they change the model, the optimisation "
+                "or the data order; " + (NEW_DATA_WAY if data_only else "start a new run instead")
             )
+
+    def _position(
+        self, local: Path, committed: Committed, resharded: bool, data_pin: dict | None, new_data: bool
+    ) -> dict | None:
+        """This rank's loader position in the checkpoint, if it continues on these data; None when it
+        goes on with other data from a new data order (`new_data`); refused when the data changed."""
+        rank_file = local / ("rank_00000.json" if resharded else f"rank_{self.dist.rank:05d}.json")
+        position = json.loads(rank_file.read_text())["loader"]
+        saved = position.get("data")
+        if data_pin is None:
+            return position
+        if saved is None:
+            log.info(f"{committed.name} predates data pins in checkpoints: its training data are not checked")
+            return position
+        if saved == data_pin:
+            return position
+        change = (
+            f"{committed.name} was trained on other data ({saved['records']} records, data key "
+            f"{saved['key'][:12]}; now {data_pin['records']} records, {data_pin['key'][:12]})"
+        )
+        if not new_data:
+            raise CheckpointError(f"{change}: its data order would repeat or skip samples; {NEW_DATA_WAY}")
+        log.info(f"{change}: continuing its weights from the start of a new data order (--new-data)")
+        return None
+
+
+NEW_DATA_WAY = "to continue these weights on the new data from a new data order on purpose, add --new-data"
 
 
 def _num_nodes(dist_info: Dist) -> int:

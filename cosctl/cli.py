@@ -43,6 +43,13 @@ OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and ar
 ResumeOpt = Annotated[str, typer.Option(help="auto (newest committed checkpoint), never, or a checkpoint URI.")]
 NprocOpt = Annotated[int, typer.Option(help="Local ranks to launch through torchrun (1 = in this process).")]
 SaveOnStopOpt = Annotated[bool, typer.Option(help="Commit a checkpoint when SIGTERM or Ctrl-C stops the run.")]
+NewDataOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Resume a checkpoint trained on other data: continue its weights and optimizer on this "
+        "spec's data from a new data order (without it such a resume is refused)."
+    ),
+]
 
 
 def _load(spec_path: Path, overrides: list[str] | None, stage: str | None = None):
@@ -75,7 +82,9 @@ def _fail_in_rank(err: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc, save_on_stop) -> None:
+def _train(
+    stage: str, spec_path, overrides, run_dir, output, resume, overwrite, nproc, save_on_stop, new_data=False
+) -> None:
     from .launch import STOP_CODES, launch_local_ranks, report
 
     try:
@@ -99,6 +108,7 @@ def _train(stage: str, spec_path, overrides, run_dir, output, resume, overwrite,
             resume=resume,
             overwrite=overwrite,
             save_on_stop=save_on_stop,
+            new_data=new_data,
         )
     except UserError as err:
         _fail_in_rank(err)
@@ -195,9 +205,10 @@ def pretrain(
     overwrite: bool = False,
     nproc: NprocOpt = 1,
     save_on_stop: SaveOnStopOpt = False,
+    new_data: NewDataOpt = False,
 ) -> None:
     """Pre-train the bridge with the few-token chain (32 visual tokens by default)."""
-    _train("pretrain", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
+    _train("pretrain", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop, new_data)
 
 
 @app.command()
@@ -210,9 +221,10 @@ def finetune(
     overwrite: bool = False,
     nproc: NprocOpt = 1,
     save_on_stop: SaveOnStopOpt = False,
+    new_data: NewDataOpt = False,
 ) -> None:
     """Fine-tune the inflated model (528 tokens) with LoRA on the LLM."""
-    _train("finetune", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop)
+    _train("finetune", spec, set_, run_dir, output, resume, overwrite, nproc, save_on_stop, new_data)
 
 
 @app.command()

@@ -6,14 +6,16 @@ takes them in order, one at a time:
     every rank:  upload the files it owns            (retried with backoff while the store is down)
                  write its receipt parts/<save id>/rank_NNNNN.json (sizes and hashes of those files)
                  delete its staged files
-    rank 0:      wait for every rank's receipt -> check the objects' sizes -> manifest.json -> latest
-                 -> retention -> delete the receipts
+    rank 0:      wait for every rank's receipt -> check each object's size and sha256 against it
+                 -> manifest.json -> latest -> retention -> delete the receipts
 
 Training never waits on the store and never dies of it: failures are retried (`backoff_s`, doubling
 up to `max_backoff_s`) for as long as the store keeps failing for less than `max_outage_s`; past that,
 `failure()` says why, and the training loop stops at the next step boundary so the job is requeued.
 Receipts carry a save id drawn at save time, so receipts of an interrupted earlier attempt at the same
-step are never mistaken for this one's.
+step are never mistaken for this one's. An object whose bytes are not the ones uploaded (another
+writer on the same output?) is not retried: the checkpoint is not committed and the run stops at the
+next step boundary saying which object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from .checkpoint import (
     PARTS,
     CheckpointError,
+    ContentMismatch,
     apply_retention,
     checkpoint_key,
     commit,
@@ -103,6 +106,11 @@ class Committer:
         with self._lock:
             self.waiting.append(staged)
         self.queue.put(staged)
+
+    def pending(self) -> list[str]:
+        """Names of the checkpoints submitted and not finished (queued or uploading), oldest first."""
+        with self._lock:
+            return [staged.name for staged in self.waiting]
 
     def failure(self) -> str | None:
         """Why this rank gave up on the store (it failed for longer than the outage limit), or None."""
@@ -236,6 +244,8 @@ class Committer:
             except (StorageError, CheckpointError, OSError) as err:
                 if isinstance(err, InterruptedError):  # closing mid-upload
                     raise GaveUp() from err
+                if isinstance(err, ContentMismatch):  # the store holds other bytes: retrying cannot help
+                    raise
                 now = time.monotonic()
                 self.outage_since = self.outage_since or now
                 down_for = now - self.outage_since

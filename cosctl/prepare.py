@@ -89,15 +89,25 @@ class SplitSource:
         return target
 
     def key(self, json_sha256: str, tokenizer_sha256: str) -> str:
-        inputs = {
+        """The store's name: what decides its arrays, and where its images are (`data_key` + root)."""
+        inputs = {**self._content(json_sha256, tokenizer_sha256), "root": self.root_id}
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+    def data_key(self, json_sha256: str, tokenizer_sha256: str) -> str:
+        """What identifies the records a run trains on, wherever they lie: the store's key without the
+        image root (a checkpoint pins it, docs/design.md §5)."""
+        return hashlib.sha256(
+            json.dumps(self._content(json_sha256, tokenizer_sha256), sort_keys=True).encode()
+        ).hexdigest()
+
+    def _content(self, json_sha256: str, tokenizer_sha256: str) -> dict:
+        return {
             "format": FORMAT,
             "json_sha256": json_sha256,
             "tokenizer_sha256": tokenizer_sha256,
-            "root": self.root_id,
             "max_text_tokens": self.max_text_tokens,
             "image_check": self.image_check,
         }
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
     def folder_name(self, key: str) -> str:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.name).stem) or "split"
@@ -142,7 +152,7 @@ def prepare_split(
     `child_min_bytes`, else in the rank itself."""
     started = time.monotonic()
     # The preparation's own id keeps the parts of two jobs preparing the same store at once apart.
-    key, json_path, attempt = on_main(lambda: (*_split_key(source, tokenizer), uuid.uuid4().hex[:8]))
+    key, data_key, json_path, attempt = on_main(lambda: (*_split_key(source, tokenizer), uuid.uuid4().hex[:8]))
     location = StoreLocation(source, key, attempt)
     found = on_main(location.published)
     if found:
@@ -164,6 +174,7 @@ def prepare_split(
     store = TokenStore(location.local)
     store.reused = found
     store.uri = location.uri
+    store.data_key = data_key
     return store
 
 
@@ -200,11 +211,13 @@ def prepare_spec(spec, tokenizer, *, workers: int | None = None) -> list[dict]:
     return summary
 
 
-def _split_key(source: SplitSource, tokenizer) -> tuple[str, Path]:
+def _split_key(source: SplitSource, tokenizer) -> tuple[str, str, Path]:
+    """(the store's key, the data key a checkpoint pins, the data file on this machine)."""
     json_path = source.local_json()
     if not json_path.is_file():
         raise DataError(f"{source.json_uri()}: data file not found (data.root={source.root})")
-    return source.key(sha256_file(json_path), tokenizer_fingerprint(tokenizer)), json_path
+    json_sha256, tokenizer_sha256 = sha256_file(json_path), tokenizer_fingerprint(tokenizer)
+    return source.key(json_sha256, tokenizer_sha256), source.data_key(json_sha256, tokenizer_sha256), json_path
 
 
 class StoreLocation:

@@ -6,6 +6,10 @@ parameter: fp32 weights and both AdamW moments, full and unpartitioned; `ds_to_u
 rank loads it with `load_universal`, which re-partitions for W'. Frozen parameters are not in it; they
 come from the model the stage built, as they do on every resume.
 
+DeepSpeed's conversion and its universal load call `torch.load(weights_only=False)` on every file; both
+run here under `safe_load.weights_only_loads`, so no checkpoint file is unpickled beyond tensors (the
+conversion runs with one worker, in this process, where that holds).
+
 Two DeepSpeed 0.19.8 ZeRO-3 universal-load bugs are repaired after the load (both measured to change
 the continuation when they apply): every optimizer sub-group receives the same AdamW `step` tensor, so
 it is advanced once per sub-group; and every param group receives group 0's hyper-parameters.
@@ -17,6 +21,8 @@ import argparse
 from pathlib import Path
 
 import torch
+
+from .safe_load import load_weights_only, weights_only_loads
 
 CONVERTED_MARKER = "CONVERTED_OK"
 UNIVERSAL_TAG = "universal"
@@ -30,32 +36,34 @@ def convert_to_universal(tag_dir: Path, checkpoint_dir: Path) -> Path:
     out_dir = Path(checkpoint_dir) / UNIVERSAL_TAG
     if (out_dir / CONVERTED_MARKER).is_file():
         return out_dir
-    ds_to_universal.main(
-        argparse.Namespace(
-            input_folder=str(tag_dir),
-            output_folder=str(out_dir),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
+    with weights_only_loads():  # one worker each: DeepSpeed's ProcessPool would escape the guard
+        ds_to_universal.main(
+            argparse.Namespace(
+                input_folder=str(tag_dir),
+                output_folder=str(out_dir),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
         )
-    )
     (out_dir / CONVERTED_MARKER).write_text(str(tag_dir))
     return out_dir
 
 
-def load_universal(engine, checkpoint_dir: Path, load_file) -> None:
-    """Load `checkpoint_dir/universal` into `engine` (collective), re-partitioned for this world size;
-    `load_file` is the loader used for the optimizer-state file (the caller's weights-only one)."""
+def load_universal(engine, checkpoint_dir: Path) -> None:
+    """Load `checkpoint_dir/universal` into `engine` (collective), re-partitioned for this world size,
+    every file weights-only."""
     config = engine._config
     config.load_universal_checkpoint = True
     try:
-        engine.load_checkpoint(str(checkpoint_dir), tag=UNIVERSAL_TAG, load_module_strict=False)
+        with weights_only_loads():
+            engine.load_checkpoint(str(checkpoint_dir), tag=UNIVERSAL_TAG, load_module_strict=False)
     finally:
         config.load_universal_checkpoint = False
     _separate_step_counters(engine)
-    _restore_param_group_settings(engine, Path(checkpoint_dir) / UNIVERSAL_TAG, load_file)
+    _restore_param_group_settings(engine, Path(checkpoint_dir) / UNIVERSAL_TAG)
 
 
 def _separate_step_counters(engine) -> None:
@@ -67,9 +75,9 @@ def _separate_step_counters(engine) -> None:
             state["step"] = state["step"].clone()
 
 
-def _restore_param_group_settings(engine, universal_dir: Path, load_file) -> None:
+def _restore_param_group_settings(engine, universal_dir: Path) -> None:
     """Each param group's own saved lr, weight decay, ... (the load copies group 0's into all)."""
-    saved = load_file(str(universal_dir / "zero" / "optimizer_state.pt"), map_location="cpu")
+    saved = load_weights_only(str(universal_dir / "zero" / "optimizer_state.pt"), map_location="cpu")
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups
     if len(saved_groups) != len(groups):

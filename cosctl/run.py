@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 from .autobatch import probe_micro_batch
-from .batching import MicroBatchDataset, StepLoader, eval_micro_batches, samples_per_micro_batch
+from .batching import (
+    MicroBatchDataset,
+    StepLoader,
+    check_budget_fits,
+    eval_micro_batches,
+    longest_sample,
+    samples_per_micro_batch,
+)
 from .checkpointer import Checkpointer, Restored
 from .data import LengthStats, length_stats
 from .dist import Dist, all_reduce, init_distributed
@@ -128,6 +135,7 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     train_examples = _load_split(spec, stage, spec.data.train, spec.data.max_bad_fraction)
     evaluated = spec.data.eval is not None and spec.eval.every_steps
     eval_examples = _load_split(spec, stage, spec.data.eval, 1.0) if evaluated else None
+    check_budget(spec, train_examples, eval_examples)  # before the engine: not when that step comes
     engine, scheduler, trainable = _build_checked_engine(spec, stage, length_stats(train_examples), dist_info)
     checkpointer = Checkpointer(spec, store, run_dir / "staging", dist_info, stage.write_trainable)
     return Run(
@@ -145,11 +153,31 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     )
 
 
+def check_budget(spec: TrainingSpec, train: StoreRecords, held_out: StoreRecords | None) -> None:
+    """Refuse, at start, a fixed `batch.tokens_per_micro_batch` (or `auto`'s explicit cap) below the
+    longest training or held-out sample. `auto` without a cap never is: it is raised to the longest."""
+    budget, setting = spec.batch.tokens_per_micro_batch, "batch.tokens_per_micro_batch"
+    if budget == "auto":
+        if spec.batch.max_tokens_per_micro_batch is None:
+            return
+        budget, setting = spec.batch.max_tokens_per_micro_batch, "batch.max_tokens_per_micro_batch"
+    _check_fits(spec, train, held_out, budget, setting)
+
+
+def _check_fits(spec: TrainingSpec, train, held_out, tokens: int, setting: str) -> None:
+    for name, records in ((spec.data.train, train), (spec.data.eval, held_out)):
+        if records is not None:
+            check_budget_fits(records, tokens, setting, name)
+
+
 def choose_budget(run: Run, restored: Restored | None) -> Budget:
-    """The token budget: the checkpoint's when resuming, else the spec's number, else (`auto`) the
-    probed one, never below the longest example."""
-    if restored is not None:
-        return Budget(int(restored.loader_state["tokens_per_micro_batch"]), "checkpoint")
+    """The token budget: the checkpoint's when resuming its data order, else the spec's number, else
+    (`auto`) the probed one, never below the longest example (training or held-out)."""
+    if restored is not None and restored.loader_state is not None:
+        tokens = int(restored.loader_state["tokens_per_micro_batch"])
+        setting = "tokens_per_micro_batch (the checkpoint's)"
+        _check_fits(run.spec, run.train_examples, run.eval_examples, tokens, setting)
+        return Budget(tokens, "checkpoint")
     spec = run.spec
     if spec.batch.tokens_per_micro_batch != "auto":
         return Budget(spec.batch.tokens_per_micro_batch, "spec")
@@ -165,7 +193,9 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
         device=run.dist.device,
     )
     log.info(probe.summary())
-    return Budget(max(probe.tokens_per_micro_batch, lengths.max_tokens), "probe")
+    splits = [records for records in (run.train_examples, run.eval_examples) if records is not None]
+    longest = max(longest_sample(records)[1] for records in splits)
+    return Budget(max(probe.tokens_per_micro_batch, longest), "probe")
 
 
 def host_rss_gib(field: str = "VmRSS") -> float:

@@ -237,10 +237,16 @@ class StorageSpec(Section):
         "while training goes on; past it the run stops at a step boundary with exit "
         "75 so the scheduler requeues it.",
     )
+    stop_grace_s: float = Field(
+        120.0,
+        ge=0.0,
+        description="On SIGTERM or Ctrl-C with no save due, how long the run waits for a checkpoint "
+        "upload already queued or in flight to commit before it exits; 0 abandons it at once.",
+    )
 
     def to_settings(self) -> StoreSettings:
         """The plain settings the storage package takes (it never sees the spec)."""
-        return StoreSettings(**self.model_dump(exclude={"max_outage_minutes"}))
+        return StoreSettings(**self.model_dump(exclude={"max_outage_minutes", "stop_grace_s"}))
 
 
 class SlurmSpec(Section):

@@ -66,6 +66,7 @@ class TokenStore:
 
     reused: bool = True  # set by prepare_split: found (True) or prepared by this call
     uri: str = ""  # where it is published (a folder or s3:// URI); `folder` is where it is mapped from
+    data_key: str = ""  # set by prepare_split: the key without the image root (`SplitSource.data_key`)
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -92,7 +93,13 @@ class TokenStore:
         self.tasks: list[str] = list(self.meta["tasks"])
 
     def __getstate__(self) -> dict:
-        return {"folder": self.folder, "meta": self.meta, "reused": self.reused, "uri": self.uri}
+        return {
+            "folder": self.folder,
+            "meta": self.meta,
+            "reused": self.reused,
+            "uri": self.uri,
+            "data_key": self.data_key,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -221,6 +228,11 @@ class StoreRecords:
 
     def image(self, index: int) -> str | None:
         return self.store.image(index)
+
+    def data_pin(self) -> dict:
+        """What a checkpoint's loader position records of the data it reads: the number of records and
+        the data key (the JSON's content, tokenizer and data settings; not where the files lie)."""
+        return {"records": len(self), "key": self.store.data_key or self.store.key}
 
     def sample(self, index: int) -> Sample:
         ids, mask, image_pos = self.store.text(index)

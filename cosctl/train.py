@@ -1,17 +1,20 @@
 """The training loop of the pretrain and finetune stages.
 
 run = setup_run(spec)                 # process group, output store, stage, data, engine, checkpointer
-restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never
+restored = checkpointer.restore()     # --resume auto: newest committed checkpoint / URI / never;
+                                      # its data pin must match (or --new-data: a new data order)
 budget = checkpoint's | spec's | probed (auto)      # tokens per micro-batch, and where they came from
 while step < num_steps:
     step += 1
     micro-batches = loader.next_step()  # this rank's share of the step's samples_per_step samples
+    share bad samples: images that failed on any rank join the run's skip list (data.max_bad_fraction)
     train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
                   by the step's label tokens over all ranks); engine.step() after the last one
     log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
     if eval due: mean eval loss over a fixed set of held-out micro-batches, also with swapped images
     stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
-           (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130)
+           (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130;
+           an upload under way may commit within storage.stop_grace_s)
     if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
     if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
 final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
@@ -50,11 +53,13 @@ def run_training(
     resume: str = "auto",
     overwrite: bool = False,
     save_on_stop: bool = False,
+    new_data: bool = False,
 ) -> dict:
-    """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary."""
+    """Train one stage to `spec.optim.num_steps`; return (and, on rank 0, write) its summary. With
+    `new_data`, a checkpoint trained on other data continues on this run's from a new data order."""
     signals = StopRequest()
     run = setup_run(spec, run_dir=Path(run_dir), output=output)
-    restored = run.checkpointer.restore(run.engine, resume, overwrite)
+    restored = run.checkpointer.restore(run.engine, resume, overwrite, run.train_examples.data_pin(), new_data)
     budget = choose_budget(run, restored)
     loader = run.train_loader(budget, position=restored.loader_state if restored else None)
     log.info(
@@ -85,9 +90,11 @@ def run_training(
         step += 1
         lr, started = run.scheduler.get_last_lr()[0], time.monotonic()
         micro_batches, problem = _next_step(loader)
+        share_bad_samples(loader, run.dist.device)
         data_time = time.monotonic() - started
         stats = train_step(run.engine, micro_batches, run.dist.device, problem)
         record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
+        record["skipped_samples"] = len(loader.bad_samples)
         if evaluate.due(step):
             record.update(evaluate())
         if generate.due(step):
@@ -125,6 +132,7 @@ def run_training(
         "world_size": run.dist.world_size,
         "tokens_per_micro_batch": budget.tokens,
         "budget_origin": budget.origin,
+        "skipped_samples": len(loader.bad_samples),
         "checkpoint": checkpoint_uri(output, checkpoint_name(step)),
         "artefact": artefact,
     }
@@ -157,6 +165,19 @@ def _next_step(loader) -> tuple[list[dict], Exception | None]:
         return loader.next_step(), None
     except UserError as err:
         return [], err
+
+
+def share_bad_samples(loader, device) -> None:
+    """Every rank adds the samples whose image failed on any rank in this step to the run's skip list
+    (collective: one flag per step, a gather only when some rank found one); past the allowance every
+    rank raises the same DataError here, before the step's forwards."""
+    found = loader.take_new_bad_samples()
+    if not any_rank([bool(found)], device)[0]:
+        return
+    merged: dict[int, str] = {}
+    for part in gather(found):
+        merged.update(part)
+    loader.add_bad_samples(merged)
 
 
 def accumulate(engine, micro_batches: list[dict], device, problem: Exception | None = None) -> StepStats:
@@ -316,8 +337,9 @@ def at_boundary(run: Run, save_due: bool, signals: StopRequest, save_on_stop: bo
 
 
 def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) -> Stopped:
-    """End the run at this boundary: commit first when the stop asks for it (within its time), then
-    stop uploading; the exception says why, with the last committed checkpoint."""
+    """End the run at this boundary: commit first when the stop asks for it (within its time), or else,
+    for SIGTERM / Ctrl-C, let an upload under way commit (within `storage.stop_grace_s`); then stop
+    uploading. The exception says why, with the last committed checkpoint."""
     if stop.save and not run.checkpointer.save(
         run.engine, loader.state_dict(), step, wait=True, timeout_s=stop.timeout_s
     ):
@@ -326,6 +348,11 @@ def stop_run(run: Run, sink: MetricsSink | None, loader, step: int, stop: Stop) 
             stop.exit_code,
             save=False,
         )
+    elif not stop.save and stop.exit_code in (130, 143) and run.spec.storage.stop_grace_s > 0:
+        # No save due: an upload already under way may still commit (within storage.stop_grace_s)
+        # instead of being deleted with the staging folder.
+        waited = run.checkpointer.finish_uploads(run.spec.storage.stop_grace_s)
+        stop = Stop(f"{stop.reason}; {waited}", stop.exit_code, save=False) if waited else stop
     last = run.checkpointer.last_committed() if run.dist.is_main else ""
     _close(run, sink, abandon=True)
     return Stopped(step, stop, last)

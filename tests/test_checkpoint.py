@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cosctl.checkpoint import (
     CheckpointError,
+    ContentMismatch,
     apply_retention,
     commit,
     fetch,
@@ -57,6 +58,24 @@ def test_commit_writes_manifest_then_latest(tmp_path):
     assert (tmp_path / "out/checkpoints/latest").read_text() == "step_00000005"
     files = latest.manifest["files"]
     assert len(files) == 5 and all(len(f["sha256"]) == 64 and f["size"] > 0 for f in files.values())
+
+
+def test_commit_refuses_an_object_changed_in_the_store_after_its_upload(tmp_path):
+    """A shard rewritten in the store between its upload and the commit (same size, other bytes) is not
+    committed: commit raises naming it, and neither the manifest nor `latest` is written."""
+    store = LocalStore(tmp_path / "out")
+    local = tmp_path / "stage"
+    (local / "zero").mkdir(parents=True)
+    shard = local / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(bytes(range(200)))
+    (local / "spec.json").write_text("{}")
+    files = {**upload_tree(store, local, "checkpoints/step_00000001", 0)}
+    files.update(upload_tree(store, local, "checkpoints/step_00000001", 1))
+    stored = tmp_path / "out" / "checkpoints" / "step_00000001" / "zero" / shard.name
+    stored.write_bytes(bytes(reversed(range(200))))
+    with pytest.raises(ContentMismatch, match=f"{shard.name}: its sha256 is not the one uploaded"):
+        commit(store, "step_00000001", files, {"step": 1, "world_size": 2})
+    assert read_manifest(store, "step_00000001") is None and not (tmp_path / "out/checkpoints/latest").exists()
 
 
 def test_uncommitted_checkpoint_is_never_latest(tmp_path):

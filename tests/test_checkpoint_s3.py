@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from cosctl.checkpoint import find_latest, list_abandoned, list_committed, verify
+from cosctl.checkpoint import (
+    ContentMismatch,
+    commit,
+    find_latest,
+    list_abandoned,
+    list_committed,
+    read_manifest,
+    upload_tree,
+    verify,
+)
 from cosctl.spec_sections import StorageSpec
 from cosctl.storage.s3 import S3Store
 from tests.conftest_s3 import CEPH_SCRIPT, _ceph_dir, create_bucket
@@ -85,7 +94,9 @@ def test_kill_during_an_upload_never_commits_a_partial_checkpoint(tiny_data, tmp
     """kill -9 while step 2's shards are stuck uploading: step 1 stays the newest committed checkpoint,
     verifies, and the run resumes from it to the end."""
     env_vars = s3_env(server, proxy.endpoint)
-    proxy.stall(30.0, method="PUT", contains="step_00000002/zero", times=4)
+    # Rank 0's shards: its uploader reaches step 2 only after committing step 1 (rank 1's may get there
+    # first, and a kill then would find nothing committed yet).
+    proxy.stall(30.0, method="PUT", contains="step_00000002/zero/zero_pp_rank_0_", times=4)
     store = bucket_store(bucket, server.endpoint)
     cmd = train_command(tiny_data, tmp_path / "work", f"s3://{bucket}/run", 6, 1, "storage.path_style=true")
     kill_when(cmd, tmp_path, lambda: proxy.injected >= 1, **env_vars)
@@ -126,6 +137,29 @@ def test_a_corrupted_byte_in_the_bucket_stops_the_resume_naming_the_file(tiny_da
     assert result.returncode == 1
     assert f"{key.rsplit('/', 1)[1]}: content does not match its manifest" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_commit_compares_sha256s_without_downloading_and_refuses_a_rewritten_object(tmp_path, server, bucket, proxy):
+    """The commit reads each object's sha256 from what its upload recorded (HEADs only, no GET of the
+    shard), and an object rewritten by another S3 client (same size, other bytes) is not committed."""
+    store = bucket_store(bucket, proxy.endpoint)
+    local = tmp_path / "stage"
+    (local / "zero").mkdir(parents=True)
+    shard = local / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(bytes(range(256)) * 64)
+    files = upload_tree(store, local, "checkpoints/step_00000001", 0)
+    proxy.log.clear()
+    commit(store, "step_00000001", files, {"step": 1, "world_size": 1})
+    reads = [seen for seen in proxy.log if seen.method == "GET" and "zero_pp_rank" in seen.target]
+    assert reads == [] and read_manifest(store, "step_00000001") is not None
+    upload_tree(store, local, "checkpoints/step_00000002", 0)
+    server.client().put_object(
+        Bucket=bucket, Key="run/checkpoints/step_00000002/zero/" + shard.name, Body=bytes(reversed(range(256))) * 64
+    )
+    with pytest.raises(ContentMismatch, match=f"{shard.name}: its sha256 is not the one uploaded"):
+        commit(store, "step_00000002", files, {"step": 2, "world_size": 1})
+    assert read_manifest(store, "step_00000002") is None
+    assert store.get_bytes("checkpoints/latest") == b"step_00000001"
 
 
 def test_rollback_in_the_bucket_keeps_the_abandoned_branch(tiny_data, tmp_path, server, bucket):

@@ -4,6 +4,8 @@ what a committed checkpoint leaves behind, and a store or disk that fails while 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from cosctl.errors import StoreUnavailable
 from cosctl.storage import LocalStore
 from cosctl.train import Stopped
 from tests.harness import tiny_spec
+from tests.test_safe_load import plant_in_checkpoint
 
 
 def steps_in(run_dir) -> list[int]:
@@ -289,3 +292,58 @@ def test_rollback_uncommits_the_whole_branch_before_moving_files(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
     assert [c.step for _, c in list_abandoned(store)] == [2, 3]
     assert isinstance(newer[0], Committed)
+
+
+def test_a_resume_never_unpickles_a_planted_shard(tiny_data, tmp_path, in_process):
+    """A committed checkpoint whose optimizer shard (manifest hash correct) holds a pickle that would
+    create a file: the resume on the same world size is refused naming the shard; the file is never
+    created."""
+    from cosctl.errors import CheckpointError
+
+    out = tmp_path / "out"
+    in_process(tiny_spec(tiny_data, out, 1), tmp_path / "work")
+    marker = tmp_path / "marker"
+    plant_in_checkpoint(out / "checkpoints" / "step_00000001", "zero/zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(CheckpointError, match="optim_states.pt: refused to load"):
+        in_process(tiny_spec(tiny_data, out, 2), tmp_path / "work")
+    assert not marker.exists()
+
+
+class SlowStore(LocalStore):
+    """A local store whose uploads of step 2's files take `delay_s` each; the first one sends this
+    process SIGTERM (a stop that arrives while that checkpoint is uploading)."""
+
+    delay_s = 0.5
+    signalled = False
+
+    def put_file(self, local_path, key):
+        if key.startswith("checkpoints/step_00000002/"):
+            if not SlowStore.signalled:
+                SlowStore.signalled = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(SlowStore.delay_s)
+        super().put_file(local_path, key)
+
+
+@pytest.mark.parametrize("grace_s", [120.0, 0.0])
+def test_sigterm_during_an_upload_lets_it_commit_within_the_grace(
+    tiny_data, tmp_path, in_process, monkeypatch, grace_s
+):
+    """SIGTERM while step 2's checkpoint uploads (slowly) and no save is due: the run waits for it, it
+    commits, and the exit line names it; with storage.stop_grace_s=0 the upload is abandoned as before
+    and nothing is committed."""
+    SlowStore.signalled = False
+    monkeypatch.setattr(run_module, "open_store", lambda uri, settings=None: SlowStore(uri))
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_data, out, 12, "checkpoint.every_steps=2", f"storage.stop_grace_s={grace_s}")
+    with pytest.raises(Stopped) as stopped:
+        in_process(spec, tmp_path / "work")
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 143 and SlowStore.signalled
+    latest = find_latest(LocalStore(out))
+    if grace_s:
+        assert latest is not None and latest.step == 2 and verify(LocalStore(out), latest, tmp_path / "s") == []
+        assert "the upload of step_00000002 to commit" in message
+        assert message.endswith(f"last committed checkpoint: file://{out}/checkpoints/step_00000002")
+    else:
+        assert latest is None and message.endswith("SIGTERM; last committed checkpoint: none")

@@ -4,10 +4,12 @@ batch and the samples of every step stay the same, and the losses continue as if
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from tests.harness import run, steps, train_command
+from tests.harness import REPO, env, run, steps, train_command
+from tests.test_safe_load import plant_in_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -41,3 +43,21 @@ def test_resume_on_another_world_size_continues_the_run(tiny_data, tmp_path, ran
         assert got[step]["lr"] == pytest.approx(expected[step]["lr"], rel=1e-9)
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["world_size"] == second
+
+
+def test_a_resume_on_another_world_size_never_unpickles_a_planted_shard(tiny_data, tmp_path):
+    """A committed 1-rank checkpoint whose optimizer shard (manifest hash correct) holds a pickle that
+    would create a file: resuming it on 2 ranks, through DeepSpeed's universal conversion, stops with
+    exit 1 and one line naming the shard, and the file is never created."""
+    out = tmp_path / "out"
+    run(one_rank(train_command(tiny_data, tmp_path / "work", out, 1, 1)), tmp_path)
+    marker = tmp_path / "marker"
+    shard = "zero/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plant_in_checkpoint(out / "checkpoints" / "step_00000001", shard, marker)
+    cmd = train_command(tiny_data, tmp_path / "work2", tmp_path / "out2", 2, 1)
+    cmd += ["--resume", f"{out}/checkpoints/step_00000001"]
+    result = subprocess.run(cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{shard.split('/')[-1]}: refused to load" in errors[0], result.stderr[-3000:]
+    assert not marker.exists()

@@ -5,6 +5,7 @@ N steps == N/2 steps + kill -9 + resume + N/2 steps: same loss and learning rate
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -12,7 +13,8 @@ import pytest
 
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
-from tests.harness import REPO, env, kill_when, run, steps, train_command
+from tests.harness import REPO, cosctl, env, kill_when, run, steps, train_command
+from tests.test_resume_data import copy_data, damage_an_image_of_step, loader_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -81,3 +83,38 @@ def test_a_zero2_run_resumes_on_two_ranks(tiny_data, tmp_path):
     assert "at step 2" in resumed.stdout
     expected, got = steps(full / "work"), steps(part / "work")
     assert [got[s]["loss"] for s in (3, 4)] == [expected[s]["loss"] for s in (3, 4)]
+
+
+def test_two_ranks_skip_an_image_damaged_between_segments_alike(tiny_data, tmp_path):
+    """2 ranks, an image of step 3 damaged after step 2: the resume with data.max_bad_fraction raised
+    trains to step 4, and both ranks' checkpoints hold the same skip list (the rank that read the
+    image told the other)."""
+    data = copy_data(tiny_data, tmp_path / "data")
+    out = tmp_path / "out"
+    run(train_command(data, tmp_path / "work", out, 2, 1), tmp_path)
+    index, _, _ = damage_an_image_of_step(data, 2)
+    run(train_command(data, tmp_path / "work", out, 4, 1, "data.max_bad_fraction=0.05"), tmp_path)
+    for step in (3, 4):
+        assert (
+            loader_state(out, step, rank=0)["bad_samples"] == loader_state(out, step, rank=1)["bad_samples"] == [index]
+        )
+    assert [steps(tmp_path / "work")[s]["skipped_samples"] for s in (2, 3, 4)] == [0, 1, 1]
+
+
+def test_a_resume_on_edited_data_exits_1_in_one_line_and_new_data_continues(tiny_data, tmp_path):
+    """2 ranks: train.json edited after 2 steps; the resume exits 1 with one line that names
+    --new-data; with --new-data the run continues to step 3 from the start of a new data order."""
+    data = copy_data(tiny_data, tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = train_command(data, tmp_path / "work", out, 2, 1)
+    run(cmd, tmp_path)
+    records = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps(records[:-1]))
+    longer = train_command(data, tmp_path / "work", out, 3, 1)
+    refused = cosctl(*longer[3:], tmp=tmp_path)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr[-3000:]
+    assert lines[0].startswith("error: step_00000002 was trained on other data") and "--new-data" in lines[0]
+    resumed = run(longer + ["--new-data"], tmp_path)
+    assert "continuing its weights from the start of a new data order" in resumed.stdout
+    assert (loader_state(out, 3)["epoch"], loader_state(out, 3)["step"]) == (0, 1)

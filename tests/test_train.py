@@ -11,7 +11,7 @@ import torch
 from cos_model import IGNORE_INDEX
 from cosctl.checkpoint import find_latest, verify
 from cosctl.storage import LocalStore
-from tests.harness import run_script_on_two_ranks, tiny_spec
+from tests.harness import cosctl, run_script_on_two_ranks, tiny_spec, train_command
 
 
 def losses(run_dir) -> dict[int, tuple[float, float]]:
@@ -45,6 +45,59 @@ def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
     resumed = in_process(spec, tmp_path / "resumed", resume=f"{out}/checkpoints/step_00000002")
     assert resumed["budget_origin"] == "checkpoint" and resumed["steps"] == 3
     assert losses(tmp_path / "resumed") == {3: losses(tmp_path / "straight")[3]}
+
+
+def longest_training_sample(data) -> tuple[str, int]:
+    """(record id, tokens with the 32 visual ones) of the synthetic set's longest training sample."""
+    from cosctl.data import load_examples, load_tokenizer
+
+    examples, _ = load_examples(data / "train.json", data, load_tokenizer(data / "tokenizer"), 32, 96, 0.0)
+    longest = max(examples, key=lambda example: example.num_tokens)
+    return longest.record_id, longest.num_tokens
+
+
+@pytest.mark.parametrize("setting", ["batch.tokens_per_micro_batch", "batch.max_tokens_per_micro_batch"])
+def test_a_budget_below_the_longest_sample_is_refused_before_the_engine_is_built(
+    tiny_data, tmp_path, in_process, monkeypatch, setting
+):
+    """A fixed batch.tokens_per_micro_batch (or auto's cap) one token short of the longest sample stops
+    the run at start, before DeepSpeed is set up, naming the sample, its tokens and the setting to
+    change (not at the step that would hold it)."""
+    from cosctl import run as run_module
+    from cosctl.errors import DataError
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the budget was checked")
+
+    monkeypatch.setattr(run_module, "build_engine", no_engine)
+    record_id, tokens = longest_training_sample(tiny_data)
+    auto = ["batch.tokens_per_micro_batch=auto"] if setting == "batch.max_tokens_per_micro_batch" else []
+    spec = tiny_spec(tiny_data, tmp_path / "out", 2, *auto, f"{setting}={tokens - 1}")
+    with pytest.raises(DataError) as refused:
+        in_process(spec, tmp_path / "work")
+    assert str(refused.value) == (
+        f"train.json: the longest sample, {record_id!r}, has {tokens} tokens (visual tokens included), more than "
+        f"{setting}={tokens - 1}: raise {setting} to at least {tokens} or lower data.max_text_tokens"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_budget_below_the_longest_sample_exits_1_in_one_line_on_two_ranks(tiny_data, tmp_path):
+    """Through the CLI on 2 ranks, a budget below the longest sample exits 1 with one line naming the
+    sample, before any rank builds its engine or trains a step."""
+    record_id, tokens = longest_training_sample(tiny_data)
+    cmd = train_command(tiny_data, tmp_path / "work", tmp_path / "out", 4, 2)
+    cmd += ["--set", f"batch.tokens_per_micro_batch={tokens - 1}"]
+    result = cosctl(*cmd[3:], tmp=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == [
+        f"error: train.json: the longest sample, {record_id!r}, has {tokens} tokens (visual tokens included), "
+        f"more than batch.tokens_per_micro_batch={tokens - 1}: raise batch.tokens_per_micro_batch to at least "
+        f"{tokens} or lower data.max_text_tokens"
+    ], result.stderr[-3000:]
+    assert "trainable parameters" not in result.stdout and not (tmp_path / "work" / "metrics.jsonl").exists()
 
 
 def test_eval_logs_the_loss_with_swapped_images_beside_the_own_image_loss(tiny_data, tmp_path, in_process):

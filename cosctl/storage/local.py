@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .base import ObjectNotFound, StorageError, check_key
+from .base import ObjectNotFound, StorageError, check_key, sha256_file
 
 
 class LocalStore:
@@ -61,6 +61,11 @@ class LocalStore:
     def size(self, key: str) -> int | None:
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
+
+    def sha256(self, key: str) -> str | None:
+        """The sha256 of the object's bytes, hashed where they lie (None: no such object)."""
+        path = self._path(key)
+        return sha256_file(path) if path.is_file() else None
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root / prefix if prefix else self.root

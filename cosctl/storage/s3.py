@@ -395,6 +395,12 @@ class S3Store:
         head = self._head(key)
         return None if head is None else int(head["ContentLength"])
 
+    def sha256(self, key: str) -> str | None:
+        """The sha256 this store's uploads record with the object (`x-amz-meta-sha256`), read with a
+        HEAD; None when the object has none (another client rewrote it) or is missing."""
+        head = self._head(key)
+        return None if head is None else head.get("Metadata", {}).get("sha256")
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` (a plain string prefix, relative to the store root), sorted."""
         if prefix.strip("/"):
