@@ -37,8 +37,8 @@ def make_folders(root: Path, hidden: int, layers: int) -> dict:
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(HERE))
-    from cosctl.data import load_tokenizer
-    from cosctl.synth import synthesize
+    from cosctl.data.records import load_tokenizer
+    from cosctl.data.synth import synthesize
 
     if not (root / "data" / "train.json").is_file():
         synthesize(root / "data", num_samples=24, seed=0, image_size=224)

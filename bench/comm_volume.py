@@ -1,5 +1,5 @@
 """Communication volume: the bytes DeepSpeed actually moves per optimizer step, counted on the real engine,
-against what `cosctl.comm` (the model `cosctl plan` prints) predicts.
+against what `cosctl.plan.comm` (the model `cosctl plan` prints) predicts.
 
 Every collective of `torch.distributed` is wrapped before DeepSpeed starts (DeepSpeed's torch backend
 keeps references to the functions it finds at start, so they must be the counting ones), and each call
@@ -7,10 +7,10 @@ adds the logical size of its tensor to its kind: the full gathered buffer of an 
 input of a reduce-scatter, the tensor of an all-reduce, reduce or broadcast. The model predicts the same
 logical sizes; a rank's traffic is (W-1)/W of them for all-gather and reduce-scatter in a ring.
 
-Each variant builds the tiny recipe's model with `cosctl.engine.build_pretrain_model`, wraps it with
-`cosctl.engine.build_engine` (the spec's DeepSpeed template: fp32 and gloo on CPU), runs warm-up steps
+Each variant builds the tiny recipe's model with `cosctl.train.engine.build_pretrain_model`, wraps it with
+`cosctl.train.engine.build_engine` (the spec's DeepSpeed template: fp32 and gloo on CPU), runs warm-up steps
 (ZeRO-3 records its parameter trace in the first) and then counts `--steps` optimizer steps of
-`--micro-batches` micro-batches each (`cosctl.train.train_step`, synthetic batches). Variants: ZeRO-3 and
+`--micro-batches` micro-batches each (`cosctl.train.loop.train_step`, synthetic batches). Variants: ZeRO-3 and
 ZeRO-2, with the LLM trained and frozen (only the bridge trains, so the LLM back-propagates without
 weight gradients).
 
@@ -107,7 +107,7 @@ def install(counter: Counter) -> None:
 
 
 def variant_spec(template: str, trainable: list[str], samples_per_step: int, overrides: list[str]):
-    from cosctl.spec import load_spec
+    from cosctl.spec.specs import load_spec
 
     return load_spec(
         REPO / "recipes/tiny/pretrain.yaml",
@@ -123,10 +123,10 @@ def variant_spec(template: str, trainable: list[str], samples_per_step: int, ove
 
 
 def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
-    from cosctl.autobatch import synthetic_micro_batch
-    from cosctl.comm import param_counts, step_volume
-    from cosctl.engine import build_engine, build_pretrain_model
-    from cosctl.train import train_step
+    from cosctl.plan.comm import param_counts, step_volume
+    from cosctl.train.autobatch import synthetic_micro_batch
+    from cosctl.train.engine import build_engine, build_pretrain_model
+    from cosctl.train.loop import train_step
 
     template, trainable = VARIANTS[name]
     world = dist_info.world_size
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     counter = Counter()
     install(counter)
-    from cosctl.dist import init_distributed
+    from cosctl.launch.dist import init_distributed
 
     dist_info = init_distributed()
     import logging

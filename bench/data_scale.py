@@ -1,6 +1,6 @@
 """Start-up time and host memory per rank for the data, at 10K, 100K and 1M LLaVA-shaped records:
 the path before prepared token stores (every rank parses the JSON and holds an `Example` per record)
-against the prepared, memory-mapped store (`cosctl.prepare`, `cosctl.tokenstore`).
+against the prepared, memory-mapped store (`cosctl.data.prepare`, `cosctl.data.tokenstore`).
 
     python bench/data_scale.py --records 10000,100000,1000000 --ranks 2 --json data_scale.json
 
@@ -51,8 +51,8 @@ RANK_SCRIPT = r"""
 import json, os, sys, time
 path, root, out, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 import torch
-from cosctl.data import load_tokenizer
-from cosctl.batching import StepLoader
+from cosctl.data.records import load_tokenizer
+from cosctl.train.batching import StepLoader
 
 def status():
     fields = {}
@@ -70,12 +70,12 @@ if path != "before":
 base = status()
 started = time.monotonic()
 if path == "before":
-    from cosctl.data import load_examples
+    from cosctl.data.records import load_examples
     records, _ = load_examples(os.path.join(root, "train.json"), root, tokenizer, settings["visual"],
                                settings["text"], 1.0)
     options = {"image_root": root}
 else:
-    from cosctl.prepare import SplitSource, load_split
+    from cosctl.data.prepare import SplitSource, load_split
     source = SplitSource(root=root, name="train.json", max_text_tokens=settings["text"], image_check="decode")
     records = load_split(source, tokenizer, num_visual_tokens=settings["visual"], max_bad_fraction=1.0)
     options = {}
@@ -129,7 +129,7 @@ def write_dataset(folder: Path, num_records: int, unique_text: bool = False) -> 
     sys.path.insert(0, str(REPO))
     from PIL import Image
 
-    from cosctl.synth import synthesize
+    from cosctl.data.synth import synthesize
     from tests.llava import llava_records
 
     synth = folder.parent / "synth"

@@ -5,10 +5,10 @@
 The data is the synthetic set rewritten as LLaVA-1.5 files (`tests/llava.py`): a quarter single-turn
 image records, a quarter multi-turn, a quarter text-only (ShareGPT-like) and a quarter long multi-turn
 ones cut at `data.max_text_tokens`. Each variant trains the tiny pretraining recipe (`recipes/tiny`,
-ZeRO-3, one rank, in this process) for `--steps` steps through `cosctl.train.run_training` and reports:
+ZeRO-3, one rank, in this process) for `--steps` steps through `cosctl.train.loop.run_training` and reports:
 
     padding    share of the computed token positions that are padding, over the steps run
-               (`cosctl.batching.padding_fraction` over this rank's micro-batches)
+               (`cosctl.train.batching.padding_fraction` over this rank's micro-batches)
     passes     micro-batches per step (forward/backward passes)
     samples/s  the run's mean after its first step (summary.json's samples_per_s)
 
@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_variant(data: Path, work: Path, packing: bool, args) -> dict:
-    from cosctl.spec import load_spec
-    from cosctl.train import run_training
+    from cosctl.spec.specs import load_spec
+    from cosctl.train.loop import run_training
 
     overrides = [
         f"data.root={data}",
@@ -82,9 +82,9 @@ def run_variant(data: Path, work: Path, packing: bool, args) -> dict:
 
 def padding(data: Path, spec, args) -> dict:
     """Padding share over the steps the run took (the loader's plans are a pure function)."""
-    from cosctl.batching import StepLoader, padding_fraction
-    from cosctl.data import load_tokenizer
-    from cosctl.prepare import load_split, split_source
+    from cosctl.data.prepare import load_split, split_source
+    from cosctl.data.records import load_tokenizer
+    from cosctl.train.batching import StepLoader, padding_fraction
 
     tokenizer = load_tokenizer(data / "tokenizer")
     records = load_split(
@@ -117,7 +117,7 @@ def padding(data: Path, spec, args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from cosctl.synth import synthesize
+    from cosctl.data.synth import synthesize
     from tests.llava import write_llava_set
 
     work = args.work or Path(tempfile.mkdtemp(prefix="packing-"))

@@ -4,7 +4,7 @@ product's own step records.
 For each row `stage_speed.py` gives a pretrain spec (a dict, the row's model shape, scales, image size
 and batch settings); this module
 
-1. makes the row's data with `cosctl.synth.synthesize` at the row's resolution, cached per resolution
+1. makes the row's data with `cosctl.data.synth.synthesize` at the row's resolution, cached per resolution
    under the work folder (`data/<px>px/`, made again only when it holds fewer training records than
    the row reads in one epoch). The synthetic tokenizer is small (a BPE of ~470-770 entries, depending
    on the number of records). When the LLM is random the product sizes its vocabulary from
@@ -91,8 +91,8 @@ def _synth_metadata(root: Path) -> dict | None:
 def prepare_data(work: Path, image_size: int, min_train: int, vocab_size: int, seed: int = 0) -> DataSet:
     """The cached synthetic set at `image_size` px with at least `min_train` training records, and a
     tokenizer of at least `vocab_size` entries (padded when the synthetic one is smaller)."""
-    from cosctl.data import load_tokenizer
-    from cosctl.synth import synthesize
+    from cosctl.data.records import load_tokenizer
+    from cosctl.data.synth import synthesize
 
     root = Path(work) / "data" / f"{image_size}px"
     meta = _synth_metadata(root)
@@ -395,7 +395,7 @@ def time_loader(
     step of a row, alone in this process: the data loading a product step with `data.num_workers: 0`
     does inside its step time. Per step: seconds, samples, padded tokens (what the model computes on)
     and non-padding tokens (what the product's tokens/s counts)."""
-    from cosctl.batching import StepLoader
+    from cosctl.train.batching import StepLoader
 
     loader = StepLoader(
         examples,

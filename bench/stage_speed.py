@@ -6,7 +6,7 @@ Two paths time a row (`--path`; `both` runs the product row, then a direct row m
 product (default)  the product itself: for each row, a pretrain spec YAML (the row's model shape with
     random towers, its scales and image size, `batch.samples_per_step` and `tokens_per_micro_batch`,
     the `--set` overrides; no periodic checkpoint, no eval) and a synthetic set at the row's resolution
-    (`cosctl.synth.synthesize`, cached per resolution under `--work`), then `python -m cosctl pretrain
+    (`cosctl.data.synth.synthesize`, cached per resolution under `--work`), then `python -m cosctl pretrain
     ROW.yaml --nproc N --run-dir .. --output .. --resume never --overwrite` in a subprocess: the same
     spec -> `setup_run` (build on the host, data, engine, `auto` probe) -> `StepLoader` (images read,
     resized and collated, `data.num_workers` workers) -> loop as any run. The row's figures are the
@@ -19,15 +19,15 @@ product (default)  the product itself: for each row, a pretrain spec YAML (the r
     `--tokens-per-micro-batch auto`. The synthetic records have their own text lengths (14-53 tokens,
     mean ~28), shorter than the default 64, so such a step is one micro-batch per rank.
 direct (the old path, kept until the product path is shown equal on a GPU)  builds the model in this
-    process (`cosctl.engine.build_pretrain_model` from a `PretrainSpec` made by `parse_spec`), wraps it
-    with `cosctl.engine.build_engine` (the zero3 template resolved from the spec: ZeRO-3, bf16 + nccl on
-    GPU, fp32 + gloo on CPU) and times `cosctl.train.train_step` itself (forward -> engine.backward ->
+    process (`cosctl.train.engine.build_pretrain_model` from a `PretrainSpec` made by `parse_spec`), wraps it
+    with `cosctl.train.engine.build_engine` (the zero3 template resolved from the spec: ZeRO-3, bf16 + nccl on
+    GPU, fp32 + gloo on CPU) and times `cosctl.train.loop.train_step` itself (forward -> engine.backward ->
     engine.step, loss and counts all-reduced) on one synthetic micro-batch
-    (`cosctl.autobatch.synthetic_micro_batch`: random pixels and token ids, on the host as the loader
+    (`cosctl.train.autobatch.synthetic_micro_batch`: random pixels and token ids, on the host as the loader
     hands it over) built once and fed every step: the engine is measured, not the data pipeline. A
     micro-batch holds as many samples as the token budget allows,
     `samples_per_micro_batch(visual, text, tokens_per_micro_batch)`; with `auto` the budget is what
-    `cosctl.autobatch` probes on the row's engine. After a product row (`--path both`) the direct row is
+    `cosctl.train.autobatch` probes on the row's engine. After a product row (`--path both`) the direct row is
     matched to it: the same LLM vocabulary, the product's mean text tokens per sample and its samples
     per micro-batch, so both count the same model FLOPs per sample, and the gap between them is what
     the product does besides: data loading, computing on padding, the model built on the host, the
@@ -62,17 +62,17 @@ Columns: "text" is the mean text tokens per sample; "samples/step", "micro" (sam
 and "ub" (micro-batches per step per rank); s/step is the median of the timed steps (the JSON keeps each
 step and the mean; for the product, `loop_s_per_step` is the whole loop iteration, records apart);
 tokens/s counts visual + text tokens (the product: non-padding ones); TFLOP/s and MFU use the model
-FLOPs of `cosctl.metrics.sample_flops` (LLM 6·N per token trained, 4·N frozen under the trained bridge,
+FLOPs of `cosctl.train.metrics.sample_flops` (LLM 6·N per token trained, 4·N frozen under the trained bridge,
 ViT forward, resampler 6·N, attention; docs/design.md §8), HFU the hardware FLOPs (+ the LLM forward
 recomputed under `--gradient-checkpointing`); peak memory is, for a direct row, the GPU's max allocated
 or, on CPU, the process's peak RSS during the row, and for a product row the peak RSS of the run's
 largest process (CPU) or the GPU memory in use above the baseline (nvidia-smi, sampled);
 "data s" is rank 0's data loading per step, timed alone in this process after the run
 (`StepLoader.next_step()` over the same steps, no workers: what a step with `data.num_workers: 0`
-spends loading); "pred s/step" is the model FLOPs over peak x `cosctl.metrics.ASSUMED_MFU` (the
+spends loading); "pred s/step" is the model FLOPs over peak x `cosctl.train.metrics.ASSUMED_MFU` (the
 prediction `cosctl plan` prints); "x336" is the row's samples/s over the same path's 336-token row at
 448 (or, without it, any 336-token row's). The peak is `--peak-tflops`, else a measured matmul peak
-with `--measure-peak`, else `cosctl.metrics.peak_tflops` (COSCTL_PEAK_TFLOPS or the card's datasheet
+with `--measure-peak`, else `cosctl.train.metrics.peak_tflops` (COSCTL_PEAK_TFLOPS or the card's datasheet
 bf16 peak; none on CPU).
 
 Direct rows build the model straight on the GPU in the training dtype (`--build-on device`), so the 7b
@@ -119,13 +119,13 @@ from product_path import (
 
 from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
-from cosctl.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
-from cosctl.batching import samples_per_micro_batch
-from cosctl.dist import init_distributed
-from cosctl.engine import build_engine, build_pretrain_model, num_params, run_dtype, trainable_summary
-from cosctl.metrics import ASSUMED_MFU, peak_tflops, predict_step_seconds, sample_flops
-from cosctl.spec import PretrainSpec, apply_overrides, parse_spec
-from cosctl.train import train_step
+from cosctl.launch.dist import init_distributed
+from cosctl.spec.specs import PretrainSpec, apply_overrides, parse_spec
+from cosctl.train.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
+from cosctl.train.batching import samples_per_micro_batch
+from cosctl.train.engine import build_engine, build_pretrain_model, num_params, run_dtype, trainable_summary
+from cosctl.train.loop import train_step
+from cosctl.train.metrics import ASSUMED_MFU, peak_tflops, predict_step_seconds, sample_flops
 
 REFERENCE_TOKENS = 336
 BASE_GRID = 16  # patches per side of the 32-token pre-training chain
@@ -320,7 +320,7 @@ def build_model(spec: PretrainSpec, vocab_size: int, device: torch.device, build
 
 
 class RepeatedMicroBatch:
-    """Stands in for `cosctl.batching.StepLoader`: every step is the same single micro-batch."""
+    """Stands in for `cosctl.train.batching.StepLoader`: every step is the same single micro-batch."""
 
     def __init__(self, batch: dict, num_samples: int):
         self.batch, self.num_samples = batch, num_samples
@@ -586,8 +586,8 @@ def run_product_row(
     shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | None, peak: float | None, cuda: bool
 ) -> dict:
     """One `cosctl pretrain` run for the row (bench/product_path.py) and its figures."""
-    from cosctl.conversation import IMAGE_TOKEN
-    from cosctl.data import length_stats, load_examples, load_tokenizer
+    from cosctl.data.conversation import IMAGE_TOKEN
+    from cosctl.data.records import length_stats, load_examples, load_tokenizer
 
     image_size, scales = layout(shape, num_tokens, args, grid)
     name = f"stage-speed-{args.shape}-{num_tokens}-{image_size}px"

@@ -1,5 +1,5 @@
 """The chat template and how a conversation becomes text token ids: the one definition that training
-(`cosctl.conversation`), `cosctl eval` and the exported `CosProcessor` share (docs/design.md §5).
+(`cosctl.data.conversation`), `cosctl eval` and the exported `CosProcessor` share (docs/design.md §5).
 
     <s>USER: {human_1} ASSISTANT: {answer_1}</s>USER: {human_2} ASSISTANT: {answer_2}</s>...
 

@@ -1,6 +1,6 @@
 """`python -m cosctl` (what torchrun launches for multi-rank runs)."""
 
-from .cli import main
+from .cli.app import main
 
 # Guarded: a spawned child process (data preparation) imports this module again under another name.
 if __name__ == "__main__":

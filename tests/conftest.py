@@ -36,7 +36,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def in_process():
     """Run the training loop in this process (one rank), without leaking the launcher variables it
     sets into later subprocesses: `in_process(spec, run_dir, resume="auto", **options) -> summary`."""
-    from cosctl.train import run_training
+    from cosctl.train.loop import run_training
 
     saved = dict(os.environ)
     yield lambda spec, run_dir, resume="auto", **options: run_training(
@@ -49,7 +49,7 @@ def in_process():
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic set (48 samples, 64 px) written in this process, read-only for the tests."""
-    from cosctl.synth import synthesize
+    from cosctl.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, num_samples=48, seed=0, image_size=64)
@@ -59,6 +59,6 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(synth_dir):
     """The synthetic set's tokenizer, with `<image>` and a pad token."""
-    from cosctl.data import load_tokenizer
+    from cosctl.data.records import load_tokenizer
 
     return load_tokenizer(synth_dir / "tokenizer")

@@ -136,7 +136,7 @@ def kill_when(cmd: list[str], tmp: Path, ready, **extra_env: str) -> None:
 
 def tiny_spec(data: Path, output, num_steps: int, *extra: str):
     """The tiny pretrain recipe on the synthetic set at `data`, saving after every step."""
-    from cosctl.spec import load_spec
+    from cosctl.spec.specs import load_spec
 
     return load_spec(
         RECIPES / "tiny" / "pretrain.yaml",

@@ -9,7 +9,7 @@ of tokenizer_config.json, which then loads as legacy=False whatever tokenizer.js
 Llama-2/Vicuna folders (written by transformers 4) record it, so it is written back here.
 
 `llama_tokenizer_dirs` (a session fixture, registered in conftest.py) builds both once per session:
-{False: folder, True: folder}; load them with `cosctl.data.load_tokenizer`.
+{False: folder, True: folder}; load them with `cosctl.data.records.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ NUM_CORPUS_SAMPLES = 200
 
 def corpus(num_samples: int = NUM_CORPUS_SAMPLES) -> list[str]:
     """The synthetic set's conversations as chat text (the placeholder left out)."""
-    from cosctl.synth import make_sample
+    from cosctl.data.synth import make_sample
 
     texts = []
     for index in range(num_samples):

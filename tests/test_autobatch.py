@@ -1,4 +1,4 @@
-"""cosctl.autobatch: the `tokens_per_micro_batch: auto` fit, its synthetic batches, and a probed run
+"""cosctl.train.autobatch: the `tokens_per_micro_batch: auto` fit, its synthetic batches, and a probed run
 that trains exactly like one given the probed budget."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl.autobatch import (
+from cosctl.train.autobatch import (
     MemoryMeter,
     _extrapolate_and_confirm,
     optimizer_state_gib,
@@ -153,7 +153,7 @@ def test_optimizer_state_is_kept_free():
 def test_one_sample_that_does_not_fit_is_one_clear_line(monkeypatch):
     """When a single sample's pass already reads over the usable memory, the probe ends with one line
     naming the setting and what to change, before any larger pass."""
-    from cosctl import autobatch
+    from cosctl.train import autobatch
 
     monkeypatch.setattr(autobatch, "_peak_of_pass", lambda *args: 100.0)
     monkeypatch.setattr(autobatch, "_release", lambda *args: None)

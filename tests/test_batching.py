@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl.batching import (
+from cosctl.data.records import DataError, load_examples
+from cosctl.train.batching import (
     MicroBatch,
     StepLoader,
     deal_to_ranks,
@@ -20,7 +21,6 @@ from cosctl.batching import (
     samples_per_micro_batch,
     split_step,
 )
-from cosctl.data import DataError, load_examples
 
 IMAGE_SIZE = 64
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cosctl.metrics import ASSUMED_MFU
-from cosctl.plan import build_plan, format_plan
-from cosctl.spec import load_spec
+from cosctl.plan.summary import build_plan, format_plan
+from cosctl.spec.specs import load_spec
+from cosctl.train.metrics import ASSUMED_MFU
 from tests.harness import REPO
 
 STAGE_SPEED = REPO / "bench" / "stage_speed.py"
@@ -154,7 +154,7 @@ def test_product_data_pads_the_tokenizer_to_the_shapes_vocabulary(tmp_path):
     than the LLM's vocabulary is padded with unused added tokens, and every record encodes as before."""
     _stage_speed()
     product_path = sys.modules["product_path"]
-    from cosctl.data import load_examples, load_tokenizer
+    from cosctl.data.records import load_examples, load_tokenizer
 
     data = product_path.prepare_data(tmp_path, 64, 40, 1000)
     assert data.num_train >= 40 and data.vocab_size == 1000 and data.tokenizer_vocab_size < 1000
@@ -368,7 +368,7 @@ def test_tiny_product_rows_come_from_the_products_own_metrics(tmp_path):
 @pytest.mark.timeout(600)
 def test_the_communication_model_matches_what_deepspeed_moves(tmp_path):
     """bench/comm_volume.py on 2 CPU ranks, one micro-batch per step: the bytes ZeRO-3 and ZeRO-2 all-gather,
-    reduce-scatter and all-reduce per step are what `cosctl.comm` predicts (the loss, counts and gradient
+    reduce-scatter and all-reduce per step are what `cosctl.plan.comm` predicts (the loss, counts and gradient
     norm add a few bytes of all-reduce that the model leaves out)."""
     out = tmp_path / "comm.json"
     env = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cosctl.checkpoint import (
+from cosctl.checkpoint.layout import (
     CheckpointError,
     ContentMismatch,
     apply_retention,
@@ -21,7 +21,7 @@ from cosctl.checkpoint import (
     upload_tree,
     verify,
 )
-from cosctl.cli import app
+from cosctl.cli.app import app
 from cosctl.storage import LocalStore, StorageError, check_key
 
 

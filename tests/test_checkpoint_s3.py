@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cosctl.checkpoint import (
+from cosctl.checkpoint.layout import (
     ContentMismatch,
     commit,
     find_latest,
@@ -21,7 +21,7 @@ from cosctl.checkpoint import (
     upload_tree,
     verify,
 )
-from cosctl.spec_sections import StorageSpec
+from cosctl.spec.sections import StorageSpec
 from cosctl.storage.s3 import S3Store
 from tests.conftest_s3 import CEPH_SCRIPT, _ceph_dir, create_bucket
 from tests.faultproxy import FaultProxy

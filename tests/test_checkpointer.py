@@ -1,4 +1,4 @@
-"""cosctl.checkpointer and cosctl.committer in one process on a local store: rollback, retention,
+"""cosctl.checkpoint.checkpointer and cosctl.checkpoint.committer in one process on a local store: rollback, retention,
 what a committed checkpoint leaves behind, and a store or disk that fails while training goes on."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from cosctl import run as run_module
-from cosctl.checkpoint import (
+from cosctl.checkpoint.layout import (
     ABANDONED,
     MANIFEST,
     delete_checkpoint,
@@ -23,9 +22,10 @@ from cosctl.checkpoint import (
     read_manifest,
     verify,
 )
-from cosctl.errors import StoreUnavailable
+from cosctl.common.errors import StoreUnavailable
 from cosctl.storage import LocalStore
-from cosctl.train import Stopped
+from cosctl.train import run as run_module
+from cosctl.train.loop import Stopped
 from tests.harness import tiny_spec
 from tests.test_safe_load import plant_in_checkpoint
 
@@ -133,7 +133,7 @@ def flaky(monkeypatch):
 def test_training_goes_on_through_an_outage_and_commits_afterwards(tiny_data, tmp_path, in_process, flaky, monkeypatch):
     """The store goes down during the run: steps keep training, uploads retry in the background, and
     once it is back every checkpoint commits; none is lost and the run ends normally."""
-    from cosctl import committer
+    from cosctl.checkpoint import committer
 
     monkeypatch.setattr(committer.Committer, "__init__", _short_backoff(committer.Committer.__init__))
     out = tmp_path / "out"
@@ -150,7 +150,7 @@ def test_an_outage_past_the_limit_stops_at_a_step_boundary_for_requeue(
 ):
     """A store that stays down past storage.max_outage_minutes stops the run at a step boundary with
     exit code 75 (requeue) and a reason naming the store, without committing anything partial."""
-    from cosctl import committer
+    from cosctl.checkpoint import committer
 
     monkeypatch.setattr(committer.Committer, "__init__", _short_backoff(committer.Committer.__init__))
     out = tmp_path / "out"
@@ -166,7 +166,7 @@ def test_a_full_staging_disk_stops_for_requeue_naming_the_path(tiny_data, tmp_pa
     run stops with exit 75 and 'no space left on <path>'."""
     import shutil
 
-    from cosctl import checkpointer
+    from cosctl.checkpoint import checkpointer
 
     monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(Stopped) as stopped:
@@ -228,7 +228,7 @@ def test_a_write_that_fails_inside_deepspeeds_save_stops_for_requeue(tiny_data, 
 def test_a_rank_that_fails_unexpectedly_stops_rank_0_waiting(tmp_path):
     """Rank 1's upload fails with an error the retries do not cover: it says it gave up, rank 0 stops
     waiting for its receipt at once, and both know they can no longer checkpoint."""
-    from cosctl.committer import Committer, Staged
+    from cosctl.checkpoint.committer import Committer, Staged
 
     store = LocalStore(tmp_path / "store")
     ranks = [Committer(store, rank, 2, keep_last=2, backoff_s=0.01) for rank in (0, 1)]
@@ -255,7 +255,7 @@ def test_a_rank_that_fails_unexpectedly_stops_rank_0_waiting(tmp_path):
 def test_a_failed_resume_leaves_the_newer_branch_committed(tiny_data, tmp_path, in_process):
     """Resuming from step 2 with a changed learning rate is refused, and steps 3-4 stay committed:
     nothing is rolled aside before every rank has restored the checkpoint."""
-    from cosctl.errors import CheckpointError
+    from cosctl.common.errors import CheckpointError
 
     out = tmp_path / "out"
     in_process(tiny_spec(tiny_data, out, 4), tmp_path / "work")
@@ -270,7 +270,7 @@ def test_a_failed_resume_leaves_the_newer_branch_committed(tiny_data, tmp_path, 
 def test_rollback_uncommits_the_whole_branch_before_moving_files(tmp_path):
     """move_aside takes every newer manifest out of the current line before it moves any file: a move
     that fails midway leaves no part of the abandoned branch committed there."""
-    from cosctl.checkpoint import Committed, move_aside
+    from cosctl.checkpoint.layout import Committed, move_aside
 
     class FailingMove(LocalStore):
         moves = 0
@@ -298,7 +298,7 @@ def test_a_resume_never_unpickles_a_planted_shard(tiny_data, tmp_path, in_proces
     """A committed checkpoint whose optimizer shard (manifest hash correct) holds a pickle that would
     create a file: the resume on the same world size is refused naming the shard; the file is never
     created."""
-    from cosctl.errors import CheckpointError
+    from cosctl.common.errors import CheckpointError
 
     out = tmp_path / "out"
     in_process(tiny_spec(tiny_data, out, 1), tmp_path / "work")

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cosctl.cli import app
-from cosctl.spec import load_spec
+from cosctl.cli.app import app
+from cosctl.spec.specs import load_spec
 from tests.harness import REPO, cosctl
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

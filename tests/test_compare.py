@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cosctl import compare, demo
+from cosctl.demo import compare
+from cosctl.demo import pipeline as demo
 
 
 def _arm(tokens: tuple[int, int], px: tuple[int, int], seconds: tuple[float, float], vqa: float) -> dict:

@@ -12,8 +12,9 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cosctl.conversation import IMAGE_TOKEN, image_token_id
-from cosctl.data import (
+from cosctl.data.conversation import IMAGE_TOKEN, image_token_id
+from cosctl.data.images import ImageSource
+from cosctl.data.records import (
     CLIP_MEAN,
     CLIP_STD,
     IGNORE_INDEX,
@@ -24,7 +25,6 @@ from cosctl.data import (
     load_image,
     load_tokenizer,
 )
-from cosctl.images import ImageSource
 from tests.llava import truncated_jpeg, write_llava_set
 
 IMAGE_SIZE = 64
@@ -296,7 +296,7 @@ def test_long_records_are_truncated_keeping_every_visual_token(tmp_path, synth_d
 
 
 def data_encode(record, tokenizer):
-    from cosctl.conversation import encode_conversation
+    from cosctl.data.conversation import encode_conversation
 
     return encode_conversation(record["conversations"], tokenizer, 32)
 
@@ -336,7 +336,7 @@ def test_collate_text_only_and_packed(synth_dir, tokenizer):
 def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
     """`tokenize` (the Rust backend called directly once it is set up) gives exactly what calling the
     tokenizer gives, special tokens in the text included, also after truncation was switched on."""
-    from cosctl.conversation import tokenize
+    from cosctl.data.conversation import tokenize
 
     texts = ["USER: What colour is the square? ASSISTANT: ", "red</s> and <image> too", "", " 12, 40, 30, 62"]
     expected = [tokenizer.encode(text, add_special_tokens=False) if text else [] for text in texts]
@@ -348,7 +348,7 @@ def test_batched_tokenising_gives_the_tokenizers_own_ids(synth_dir, tokenizer):
 
 def test_image_problem_decodes_each_file_once(tmp_path, synth_dir):
     """image_problem (used by eval records) tells missing from damaged, decoding every pixel."""
-    from cosctl.data import image_problem
+    from cosctl.data.records import image_problem
 
     truncated_jpeg(synth_dir / "images/synth-000000.png", tmp_path / "cut.jpg")
     cache: dict = {}

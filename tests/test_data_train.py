@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl.data import collate, load_examples, load_image, load_tokenizer
+from cosctl.data.records import collate, load_examples, load_image, load_tokenizer
 from tests.harness import run_script_on_two_ranks
 from tests.llava import write_llava_set
 from tests.test_train import engine_gradient, relative_difference, tiny_spec
@@ -59,8 +59,8 @@ def test_training_on_llava_records_reuses_its_prepared_store(llava_data, tmp_pat
     """Two packed steps over text-only, multi-turn and truncated records (one damaged JPEG skipped at
     preparation), then a restart that resumes: the second start maps the same store without
     tokenising again (its files keep their mtimes) and logs that it does."""
-    from cosctl import prepare_parts
-    from cosctl.train import run_training
+    from cosctl.data import prepare_parts
+    from cosctl.train.loop import run_training
 
     out = tmp_path / "out"
     overrides = [

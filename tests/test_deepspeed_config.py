@@ -12,10 +12,10 @@ import textwrap
 
 import pytest
 
-from cosctl.deepspeed_config import TEMPLATE_DIR, load_template, resolve_deepspeed
-from cosctl.dist import comm_backend
-from cosctl.spec import FinetuneSpec, parse_spec
-from cosctl.spec_sections import DeepSpeedSpec
+from cosctl.launch.dist import comm_backend
+from cosctl.plan.deepspeed_config import TEMPLATE_DIR, load_template, resolve_deepspeed
+from cosctl.spec.sections import DeepSpeedSpec
+from cosctl.spec.specs import FinetuneSpec, parse_spec
 
 TEMPLATES = ["zero3", "zero2", "zero3_offload"]
 DEVICES = ["cpu", "cuda"]

@@ -1,11 +1,11 @@
-"""cosctl.engine: which modules ZeRO-3 fetches whole, the bucket size that follows from them, and that
+"""cosctl.train.engine: which modules ZeRO-3 fetches whole, the bucket size that follows from them, and that
 fetching per block changes speed only, never the numbers."""
 
 from __future__ import annotations
 
 import pytest
 
-from cosctl.engine import block_classes, fetch_whole_blocks, largest_block_numel, leaf_classes
+from cosctl.train.engine import block_classes, fetch_whole_blocks, largest_block_numel, leaf_classes
 from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config, tiny_model
 

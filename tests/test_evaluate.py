@@ -20,20 +20,20 @@ from typer.testing import CliRunner
 
 from cos_model import CosForConditionalGeneration
 from cos_model.processing import CosImageProcessor, CosProcessor
-from cosctl.checkpoint import publish
-from cosctl.cli import app
-from cosctl.conversation import IMAGE_TOKEN, encode_conversation, image_token_id
-from cosctl.data import load_tokenizer
-from cosctl.engine import apply_lora
-from cosctl.errors import DataError
+from cosctl.checkpoint.layout import publish
+from cosctl.cli.app import app
+from cosctl.common.errors import DataError
+from cosctl.data.conversation import IMAGE_TOKEN, encode_conversation, image_token_id
+from cosctl.data.records import load_tokenizer
+from cosctl.data.synth import synthesize
 from cosctl.evaluate.generation import generate_and_score, metrics_record, plan_batches, rank_batches
 from cosctl.evaluate.loading import load_for_eval
 from cosctl.evaluate.records import build_prompt, load_eval_records
-from cosctl.export import export_merged
-from cosctl.spec_sections import LoraSpec
-from cosctl.stages import save_adapter
+from cosctl.export.folder import export_merged
+from cosctl.spec.sections import LoraSpec
+from cosctl.stages.stage import save_adapter
 from cosctl.storage import open_store
-from cosctl.synth import synthesize
+from cosctl.train.engine import apply_lora
 from tests.harness import REPO, cosctl, ok, run_script_on_two_ranks
 from tests.llava import write_llava665k_set
 from tests.tiny import tiny_config, tiny_model
@@ -161,7 +161,7 @@ def test_bad_records_are_one_error_naming_them(built, tmp_path):
 
 def greedy_without_cache(model, tokenizer, prompt, image_size: int, steps: int) -> str:
     """Greedy decoding by full forwards over the whole sequence, one record, no padding, no cache."""
-    from cosctl.data import load_image
+    from cosctl.data.records import load_image
 
     ids = torch.tensor([prompt.input_ids])
     pixels = load_image(prompt.image, image_size)[None]
@@ -220,7 +220,7 @@ def test_batches_are_the_same_whatever_the_number_of_ranks():
 
 def test_metrics_record_flattens_task_aggregates_for_the_metrics_log():
     """Scores become the `eval/<task>/<metric>` keys `cosctl report` plots; counts stay out."""
-    from cosctl.scoring import EvalItem, score
+    from cosctl.evaluate.scoring import EvalItem, score
 
     items = [
         EvalItem("1", "vqa", ("red",)),
@@ -251,7 +251,7 @@ def test_an_adapter_run_evaluates_as_its_merged_export(built):
 
 
 def tiny_spec(data: Path, output: Path):
-    from cosctl.spec import load_spec
+    from cosctl.spec.specs import load_spec
 
     return load_spec(
         REPO / "recipes" / "tiny" / "pretrain.yaml",
@@ -267,8 +267,8 @@ def tiny_spec(data: Path, output: Path):
 
 def zero3_engine(spec):
     """A ZeRO-3 engine around the tiny pretrain model, as the training loop builds it."""
-    from cosctl.dist import init_distributed
-    from cosctl.engine import build_engine, build_pretrain_model
+    from cosctl.launch.dist import init_distributed
+    from cosctl.train.engine import build_engine, build_pretrain_model
 
     tokenizer = load_tokenizer(spec.model.tokenizer)
     dist_info = init_distributed()
@@ -291,7 +291,7 @@ def restore_env():
 def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
     """On a one-rank ZeRO-3 engine (partitioned weights) the in-process eval gives the plain model's
     predictions and scores, and leaves the engine in training mode."""
-    from cosctl.engine import build_pretrain_model
+    from cosctl.train.engine import build_pretrain_model
 
     spec = tiny_spec(built["data"], tmp_path / "out")
     tokenizer, records = built["tokenizer"], built["records"][:10]
@@ -323,13 +323,13 @@ def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
 ZERO3_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from cosctl.engine import build_pretrain_model
+from cosctl.train.engine import build_pretrain_model
 from cosctl.evaluate.generation import generate_and_score
 from tests.test_evaluate import eos_that_ends_ranks_apart, tiny_spec, zero3_engine
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = tiny_spec(data, out / "run")
-from cosctl.data import load_tokenizer
-from cosctl.conversation import image_token_id
+from cosctl.data.records import load_tokenizer
+from cosctl.data.conversation import image_token_id
 tokenizer = load_tokenizer(data / "tokenizer")
 records = json.loads((data / "train.json").read_text())[:11]
 plain = build_pretrain_model(spec, len(tokenizer), image_token_id(tokenizer))
@@ -346,8 +346,8 @@ engine.destroy()
 def eos_that_ends_ranks_apart(model, tokenizer, records, data, *, batch_size: int, world_size: int, steps: int):
     """Make the tokenizer's eos a token the model emits, chosen so that in some round of batches the
     ranks' decoding ends after different numbers of steps (the case ZeRO-3 must keep in step)."""
+    from cosctl.data.images import ImageSource
     from cosctl.evaluate.generation import collate_prompts, load_pixels
-    from cosctl.images import ImageSource
 
     prompts = [build_prompt(r, tokenizer, 32, data) for r in records]
     batches = plan_batches([len(p.input_ids) for p in prompts], batch_size)

@@ -1,4 +1,4 @@
-"""Held-out evaluation during training (cosctl.heldout) on sets shaped like LLaVA-1.5's published mix:
+"""Held-out evaluation during training (cosctl.train.heldout) on sets shaped like LLaVA-1.5's published mix:
 micro-batches collated by the real collate, text-only micro-batches and runs of them, swapped images
 that always differ from a record's own, and the held-out file and images under an s3:// data root."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosctl.batching import ExampleRecords
-from cosctl.data import load_examples, load_tokenizer
-from cosctl.heldout import ImageSwap, swap_partners
-from cosctl.run import held_out_batches
+from cosctl.data.records import load_examples, load_tokenizer
+from cosctl.train.batching import ExampleRecords
+from cosctl.train.heldout import ImageSwap, swap_partners
+from cosctl.train.run import held_out_batches
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.harness import run, steps, tiny_spec, train_command
 from tests.llava import write_llava665k_set
@@ -37,7 +37,7 @@ def text_only_at_both_ends(path: Path, num_first: int = 6, num_last: int = 6) ->
 
 
 def collated(path: Path, tokenizer, num_batches: int = 64):
-    """The held-out micro-batches of `path` exactly as a run builds them (`cosctl.run.held_out_batches`)."""
+    """The held-out micro-batches of `path` exactly as a run builds them (`cosctl.train.run.held_out_batches`)."""
     examples, _ = load_examples(path, path.parent, tokenizer, 32, 96, 1.0)
     records = ExampleRecords(examples, path.parent)
     return held_out_batches(

@@ -29,20 +29,20 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cos_model import CosForConditionalGeneration
-from cosctl.checkpoint import publish
-from cosctl.cli import app
-from cosctl.conversation import image_token_id
-from cosctl.data import load_image, load_tokenizer
-from cosctl.engine import apply_lora, build_finetune_model, load_model_folder
-from cosctl.errors import CheckpointError
+from cosctl.checkpoint.layout import publish
+from cosctl.cli.app import app
+from cosctl.common.errors import CheckpointError
+from cosctl.common.log import log
+from cosctl.data.conversation import image_token_id
+from cosctl.data.records import load_image, load_tokenizer
+from cosctl.data.synth import synthesize
 from cosctl.evaluate.loading import check_source, load_for_eval
-from cosctl.export import export_merged
-from cosctl.log import log
-from cosctl.spec import load_spec
-from cosctl.spec_sections import LoraSpec
-from cosctl.stages import SOURCE_RECORD, save_adapter, save_model
+from cosctl.export.folder import export_merged
+from cosctl.spec.sections import LoraSpec
+from cosctl.spec.specs import load_spec
+from cosctl.stages.stage import SOURCE_RECORD, save_adapter, save_model
 from cosctl.storage import open_store
-from cosctl.synth import synthesize
+from cosctl.train.engine import apply_lora, build_finetune_model, load_model_folder
 from tests.harness import RECIPES
 from tests.tiny import tiny_config, tiny_model
 

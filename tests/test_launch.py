@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cosctl.checkpoint import find_latest
-from cosctl.launch import continue_command
+from cosctl.checkpoint.layout import find_latest
+from cosctl.launch.local import continue_command
 from cosctl.storage import LocalStore
 from tests.harness import REPO, env, train_command
 

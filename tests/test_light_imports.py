@@ -18,7 +18,7 @@ RUN_CLI = f"""
 import json, sys
 HEAVY = {HEAVY!r}
 sys.argv = ["cosctl", *json.loads(sys.argv[1])]
-from cosctl.cli import main
+from cosctl.cli.app import main
 try:
     main()
 except SystemExit as stop:

@@ -337,8 +337,8 @@ def tokenizer_folder(path):
 
 def test_embeddings_grow_to_the_tokenizer_with_image_token(tmp_path, llama_folders):
     """Adding <image> grows embed_tokens and lm_head to len(tokenizer): source rows untouched, new row = mean."""
-    from cosctl.conversation import IMAGE_TOKEN
-    from cosctl.data import load_tokenizer
+    from cosctl.data.conversation import IMAGE_TOKEN
+    from cosctl.data.records import load_tokenizer
 
     llm, sharded, _ = llama_folders
     tokenizer = load_tokenizer(tokenizer_folder(tmp_path / "tok"))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cos_model import IGNORE_INDEX
-from cosctl.batching import MicroBatchDataset, padding_fraction, split_step
-from cosctl.data import Example, collate
+from cosctl.data.records import Example, collate
+from cosctl.train.batching import MicroBatchDataset, padding_fraction, split_step
 from tests.tiny import TINY_VOCAB, tiny_config, tiny_model
 
 
@@ -126,7 +126,7 @@ def test_a_packed_micro_batch_keeps_its_images_in_sample_order(tmp_path):
                 example.record_id, "t", str(path), example.input_ids, example.labels, example.num_text_tokens
             )
     dataset = MicroBatchDataset(examples, tmp_path, config.image_size, 0, packing=True)
-    from cosctl.batching import MicroBatch
+    from cosctl.train.batching import MicroBatch
 
     batch = dataset[MicroBatch((3, 1, 0))]
     assert batch["input_ids"].shape[0] == 1 and batch["num_samples"] == 3

@@ -1,4 +1,4 @@
-"""`cosctl plan`: model and hardware FLOPs, the communication model of `cosctl.comm`, and the ZeRO advice."""
+"""`cosctl plan`: model and hardware FLOPs, the communication model of `cosctl.plan.comm`, and the ZeRO advice."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cosctl.cli import app
-from cosctl.comm import ParamCounts, link_gbps, memory_gib, param_counts, step_volume
-from cosctl.plan import build_plan, format_plan
-from cosctl.spec import load_spec
+from cosctl.cli.app import app
+from cosctl.plan.comm import ParamCounts, link_gbps, memory_gib, param_counts, step_volume
+from cosctl.plan.summary import build_plan, format_plan
+from cosctl.spec.specs import load_spec
 from tests.harness import REPO
 
 TINY = REPO / "recipes/tiny/pretrain.yaml"
@@ -24,7 +24,7 @@ def _plan(tmp_path, *overrides: str, **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# cosctl.comm
+# cosctl.plan.comm
 
 
 def test_step_volumes_follow_what_deepspeed_moves():

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cosctl.errors import SpecError, StorageError
-from cosctl.preflight import preflight
+from cosctl.common.errors import SpecError, StorageError
+from cosctl.launch.preflight import preflight
 from tests.harness import REPO, env, tiny_spec, train_command
 
 

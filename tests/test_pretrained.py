@@ -13,8 +13,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, Ll
 
 from cos_model import CosForConditionalGeneration
 from cos_model.loading import read_checkpoint
-from cosctl.data import load_tokenizer
-from cosctl.synth import synthesize
+from cosctl.data.records import load_tokenizer
+from cosctl.data.synth import synthesize
 from tests.harness import RECIPES, cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]

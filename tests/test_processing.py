@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from cos_model import IGNORE_INDEX
 from cos_model.processing import CosImageProcessor, CosProcessor
-from cosctl.conversation import encode_conversation
-from cosctl.data import load_tokenizer, tokenizer_fingerprint
+from cosctl.data.conversation import encode_conversation
+from cosctl.data.records import load_tokenizer, tokenizer_fingerprint
 from cosctl.evaluate.records import build_prompt, render_prompt
 
 NUM_VISUAL_TOKENS = 3

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cosctl.cli import app
-from cosctl.data import load_tokenizer
-from cosctl.errors import DataError
-from cosctl.metrics import MetricsSink
-from cosctl.report import Run, loss_figure, read_metrics, run_names, write_report
-from cosctl.spec import load_spec, spec_to_dict
-from cosctl.synth import synthesize
+from cosctl.cli.app import app
+from cosctl.common.errors import DataError
+from cosctl.data.records import load_tokenizer
+from cosctl.data.synth import synthesize
+from cosctl.report.write import Run, loss_figure, read_metrics, run_names, write_report
+from cosctl.spec.specs import load_spec, spec_to_dict
+from cosctl.train.metrics import MetricsSink
 from tests.harness import RECIPES
 from tests.test_evaluate import publish_model
 
@@ -26,7 +26,7 @@ runner = CliRunner()
 
 
 def step_record(step: int, loss: float, lr: float, seconds: float) -> dict:
-    """A training step's record, with the keys `cosctl.train.StepMeter.record` writes."""
+    """A training step's record, with the keys `cosctl.train.loop.StepMeter.record` writes."""
     return {
         "step": step,
         "loss": loss,

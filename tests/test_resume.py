@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cosctl.checkpoint import find_latest, verify
+from cosctl.checkpoint.layout import find_latest, verify
 from cosctl.storage import LocalStore
 from tests.harness import REPO, cosctl, env, kill_when, run, steps, train_command
 from tests.test_resume_data import copy_data, damage_an_image_of_step, loader_state

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cosctl.batching import epoch_order
-from cosctl.checkpoint import list_committed
-from cosctl.errors import CheckpointError, DataError
+from cosctl.checkpoint.layout import list_committed
+from cosctl.common.errors import CheckpointError, DataError
 from cosctl.storage import LocalStore
+from cosctl.train.batching import epoch_order
 from tests.harness import tiny_spec
 
 SAMPLES_PER_STEP = 16  # the tiny recipe's

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cosctl.spec_sections import StorageSpec
+from cosctl.spec.sections import StorageSpec
 from cosctl.storage import LocalStore, StorageError, TransientStorageError, open_store, sha256_file
 from cosctl.storage.s3 import MiB, S3Store, file_etag
 from tests.conftest_s3 import TEST_SECRET, S3Server, create_bucket
@@ -394,7 +394,7 @@ def test_twenty_faults_across_a_checkpoint_sequence(proxied: S3Store, fault_prox
 
 def test_a_missing_bucket_is_not_a_missing_object(moto_server, s3_env):
     """A HEAD on a key of a bucket that does not exist says the bucket is missing, not the object."""
-    from cosctl.errors import BucketNotFound
+    from cosctl.common.errors import BucketNotFound
 
     store = S3Store("no-such-bucket-here", "run", endpoint_url=moto_server.endpoint, path_style=True)
     with pytest.raises(BucketNotFound, match="bucket 'no-such-bucket-here' does not exist"):

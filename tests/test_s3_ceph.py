@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from cosctl.spec_sections import StorageSpec
+from cosctl.spec.sections import StorageSpec
 from cosctl.storage import StorageError, TransientStorageError, sha256_file
 from cosctl.storage.s3 import MiB, S3Store, file_etag
 from tests.conftest_s3 import S3Server, create_bucket, use_credentials

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosctl.errors import CheckpointError
-from cosctl.safe_load import load_weights_only, weights_only_loads
+from cosctl.checkpoint.safe_load import load_weights_only, weights_only_loads
+from cosctl.common.errors import CheckpointError
 
 
 class Plant:
@@ -68,7 +68,7 @@ def test_deepspeeds_own_torch_load_calls_are_weights_only_inside_the_guard(tmp_p
 def test_the_universal_conversion_refuses_a_planted_shard(tmp_path):
     """DeepSpeed's ds_to_universal, as `reshard.convert_to_universal` runs it, stops at a planted
     optimizer shard without running it."""
-    from cosctl.reshard import convert_to_universal
+    from cosctl.checkpoint.reshard import convert_to_universal
 
     marker = tmp_path / "marker"
     plant(tmp_path / "ckpt" / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)

@@ -1,4 +1,4 @@
-"""Scoring for `cosctl eval` (cosctl.scoring, cosctl.cider): hand-made cases with known answers."""
+"""Scoring for `cosctl eval` (cosctl.evaluate.scoring, cosctl.evaluate.cider): hand-made cases with known answers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cosctl.cider import cider, ptb_tokenize
-from cosctl.scoring import (
+from cosctl.evaluate.cider import cider, ptb_tokenize
+from cosctl.evaluate.scoring import (
     EvalItem,
     answer_items,
     baseline_predictions,
@@ -427,7 +427,7 @@ def test_baseline_is_order_independent_and_scored_like_a_model():
 def test_synthetic_records_score_perfectly():
     """The built-in synthetic set's own answers score 1.0 on vqa, ocr and refexp, and their captions
     beat the image-free baseline's on CIDEr."""
-    from cosctl.synth import make_sample
+    from cosctl.data.synth import make_sample
 
     records = [make_sample(seed=0, index=index, image_size=64)[0] for index in range(60)]
     items = eval_items(records)
@@ -443,7 +443,7 @@ def test_synthetic_records_score_perfectly():
 
 
 def test_scoring_imports_neither_torch_nor_numpy():
-    """cosctl.scoring is pure Python: importing it loads no torch and no numpy."""
-    code = "import sys, cosctl.scoring\nassert not {'torch', 'numpy'} & set(sys.modules), 'heavy import'\n"
+    """cosctl.evaluate.scoring is pure Python: importing it loads no torch and no numpy."""
+    code = "import sys, cosctl.evaluate.scoring\nassert not {'torch', 'numpy'} & set(sys.modules), 'heavy import'\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from cos_model import Scale
-from cosctl.spec import (
+from cosctl.spec.specs import (
     FinetuneSpec,
     InflateSpec,
     PretrainSpec,
@@ -443,7 +443,7 @@ def test_inflate_plan_arg():
 
 def test_every_spec_field_is_described_in_the_schema():
     """Every field of every run-spec section carries a description in `cosctl spec schema`."""
-    from cosctl.spec import json_schema
+    from cosctl.spec.specs import json_schema
 
     schema = json_schema()
     missing = []

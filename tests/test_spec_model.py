@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cosctl.cli import app
-from cosctl.spec import SpecError, load_spec, parse_spec
-from cosctl.spec_checks import check_paths
+from cosctl.cli.app import app
+from cosctl.spec.checks import check_paths
+from cosctl.spec.specs import SpecError, load_spec, parse_spec
 from tests.harness import REPO
 
 runner = CliRunner()
@@ -122,7 +122,7 @@ def test_known_fields_are_what_transformers_takes():
     names, kinds and defaults), so an upgrade that changes them fails here rather than in a run."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from cosctl.subconfigs import KNOWN_FIELDS, fields_of
+    from cosctl.spec.subconfigs import KNOWN_FIELDS, fields_of
 
     assert KNOWN_FIELDS["clip_vision_model"] == fields_of(CLIPVisionConfig)
     assert KNOWN_FIELDS["llama"] == fields_of(LlamaConfig)
@@ -133,7 +133,7 @@ def test_known_activations_and_rotary_types_are_what_transformers_has():
     from transformers.activations import ACT2CLS
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from cosctl.subconfigs import ACTIVATIONS, ROPE_TYPES
+    from cosctl.spec.subconfigs import ACTIVATIONS, ROPE_TYPES
 
     assert ACTIVATIONS == set(ACT2CLS)
     assert ROPE_TYPES == set(ROPE_INIT_FUNCTIONS) | {"default"}

@@ -1,4 +1,4 @@
-"""cosctl.stages: where each stage's model comes from and where it is staged."""
+"""cosctl.stages.stage: where each stage's model comes from and where it is staged."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from cos_model import CosConfig, CosForConditionalGeneration
-from cosctl.checkpoint import publish
-from cosctl.conversation import IMAGE_TOKEN
-from cosctl.data import load_tokenizer
+from cosctl.checkpoint.layout import publish
+from cosctl.data.conversation import IMAGE_TOKEN
+from cosctl.data.records import load_tokenizer
 from cosctl.storage import LocalStore
 from tests.harness import RECIPES, REPO, env
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from cosctl.synth import PALETTE, TASKS, box_to_text, size_name, synthesize
+from cosctl.data.synth import PALETTE, TASKS, box_to_text, size_name, synthesize
 
 NUM_SAMPLES = 40
 IMAGE_SIZE = 64

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl import prepare, prepare_parts, tokenstore
-from cosctl.batching import StepLoader
-from cosctl.data import DataError, load_examples, load_tokenizer
-from cosctl.errors import StorageError
-from cosctl.log import setup_logging
-from cosctl.prepare import SplitSource, load_split, prepare_split
+from cosctl.common.errors import StorageError
+from cosctl.common.log import setup_logging
+from cosctl.data import prepare, prepare_parts, tokenstore
+from cosctl.data.prepare import SplitSource, load_split, prepare_split
+from cosctl.data.records import DataError, load_examples, load_tokenizer
+from cosctl.data.tokenstore import TokenStore
 from cosctl.storage import StoreSettings
-from cosctl.tokenstore import TokenStore
+from cosctl.train.batching import StepLoader
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.llava import truncated_jpeg, write_llava_set
 
@@ -290,7 +290,7 @@ def test_cosctl_data_prepare_writes_then_reuses(llava_dir, tmp_path):
     call finds both (reused) and the files keep their mtimes."""
     from typer.testing import CliRunner
 
-    from cosctl.cli import app
+    from cosctl.cli.app import app
     from tests.harness import RECIPES
 
     shutil.copy(llava_dir / "train.json", llava_dir / "eval.json")

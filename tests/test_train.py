@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cos_model import IGNORE_INDEX
-from cosctl.checkpoint import find_latest, verify
+from cosctl.checkpoint.layout import find_latest, verify
 from cosctl.storage import LocalStore
 from tests.harness import cosctl, run_script_on_two_ranks, tiny_spec, train_command
 
@@ -49,7 +49,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path, in_process):
 
 def longest_training_sample(data) -> tuple[str, int]:
     """(record id, tokens with the 32 visual ones) of the synthetic set's longest training sample."""
-    from cosctl.data import load_examples, load_tokenizer
+    from cosctl.data.records import load_examples, load_tokenizer
 
     examples, _ = load_examples(data / "train.json", data, load_tokenizer(data / "tokenizer"), 32, 96, 0.0)
     longest = max(examples, key=lambda example: example.num_tokens)
@@ -63,8 +63,8 @@ def test_a_budget_below_the_longest_sample_is_refused_before_the_engine_is_built
     """A fixed batch.tokens_per_micro_batch (or auto's cap) one token short of the longest sample stops
     the run at start, before DeepSpeed is set up, naming the sample, its tokens and the setting to
     change (not at the step that would hold it)."""
-    from cosctl import run as run_module
-    from cosctl.errors import DataError
+    from cosctl.common.errors import DataError
+    from cosctl.train import run as run_module
 
     def no_engine(*args, **kwargs):
         raise AssertionError("the engine was built before the budget was checked")
@@ -120,7 +120,7 @@ def test_eval_logs_the_loss_with_swapped_images_beside_the_own_image_loss(tiny_d
 
 def two_uneven_micro_batches(data) -> tuple[dict, dict]:
     """Two single-sample micro-batches from the synthetic set: one answer token against a full caption."""
-    from cosctl.data import collate, load_examples, load_image, load_tokenizer, resolve_image_path
+    from cosctl.data.records import collate, load_examples, load_image, load_tokenizer, resolve_image_path
 
     tokenizer = load_tokenizer(data / "tokenizer")
     examples, _ = load_examples(data / "train.json", data, tokenizer, 32, 96, 0.0)
@@ -142,9 +142,9 @@ def two_uneven_micro_batches(data) -> tuple[dict, dict]:
 def reference_gradient(data, spec, a: dict, b: dict) -> dict[str, torch.Tensor]:
     """The gradient of (sum of token losses of a and b) / (their label tokens), computed with plain
     PyTorch on one micro-batch holding both samples (no DeepSpeed, no accumulation)."""
-    from cosctl.conversation import num_label_tokens
-    from cosctl.data import load_tokenizer
-    from cosctl.engine import build_pretrain_model
+    from cosctl.data.conversation import num_label_tokens
+    from cosctl.data.records import load_tokenizer
+    from cosctl.train.engine import build_pretrain_model
 
     tokenizer = load_tokenizer(data / "tokenizer")
     model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
@@ -171,10 +171,10 @@ def engine_gradient(spec, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
     """The gradient the trainer's `accumulate` leaves in a ZeRO-3 engine (full tensors, gathered)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from cosctl.data import load_tokenizer
-    from cosctl.dist import init_distributed
-    from cosctl.engine import build_engine, build_pretrain_model
-    from cosctl.train import accumulate
+    from cosctl.data.records import load_tokenizer
+    from cosctl.launch.dist import init_distributed
+    from cosctl.train.engine import build_engine, build_pretrain_model
+    from cosctl.train.loop import accumulate
 
     dist_info = init_distributed()
     tokenizer = load_tokenizer(spec.model.tokenizer)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
-from ..scoring import EvalItem, Scores, answer_items, baseline_predictions, eval_items, score, tasks_without_answers
+from ..common.errors import DataError
 from .records import load_answer_records, load_eval_records
+from .scoring import EvalItem, Scores, answer_items, baseline_predictions, eval_items, score, tasks_without_answers
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -30,7 +30,7 @@ METRICS = "metrics.json"
 def _process_group():
     """(rank, world size, device): joins the process group under a launcher, else one rank here."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from ..dist import init_distributed
+        from ..launch.dist import init_distributed
 
         info = init_distributed()
         return info.rank, info.world_size, info.device
@@ -46,7 +46,7 @@ def _load(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
     if world_size == 1:
         with tempfile.TemporaryDirectory(prefix="cosctl-eval-") as scratch:
             return load_fetched(fetch_for_eval(model_uri, Path(scratch)), dtype)
-    from ..dist import barrier, on_main
+    from ..launch.dist import barrier, on_main
 
     # NOTE: one node (torchrun --standalone), so rank 0's local folder is every rank's.
     scratch = Path(tempfile.mkdtemp(prefix="cosctl-eval-")) if rank == 0 else None
@@ -65,7 +65,7 @@ def read_inputs(
 ) -> tuple[list[dict], list[EvalItem] | None]:
     """The eval records (checked, images read under `image_root`, a folder or an `s3://` root) and the
     answers the image-free baseline counts from `baseline_from` (None: the eval records' own). Tasks
-    are assigned to both files by one rule (`cosctl.scoring`); a DataError when `baseline_from` has
+    are assigned to both files by one rule (`cosctl.evaluate.scoring`); a DataError when `baseline_from` has
     answers for none of the eval records' tasks: the whole baseline would be zero."""
     records = load_eval_records(data, image_root, limit)
     if baseline_from is None:
@@ -103,7 +103,7 @@ def run_eval(
 ) -> dict | None:
     """Evaluate `model_uri` on `data`; rank 0 writes `out`/predictions.jsonl and metrics.json and
     returns the metrics (other ranks return None)."""
-    from ..log import log, setup_logging
+    from ..common.log import log, setup_logging
     from .generation import generate_and_score
 
     started = time.monotonic()

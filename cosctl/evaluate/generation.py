@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import DataError
-from ..images import ImageSource
-from ..log import log
-from ..scoring import Scores, eval_items, score
+from ..common.errors import DataError
+from ..common.log import log
+from ..data.images import ImageSource
 from .records import EvalPrompt, build_prompt, check_records, image_source
+from .scoring import Scores, eval_items, score
 
 
 @dataclass(frozen=True)
@@ -189,12 +189,12 @@ def generate_and_score(
     world_size: int = 1,
     default_task: str = "unknown",
 ) -> tuple[list[dict], Scores]:
-    """Generate greedily for every record and score the predictions (`cosctl.scoring.score`).
+    """Generate greedily for every record and score the predictions (`cosctl.evaluate.scoring.score`).
 
     `model`: a CosForConditionalGeneration, a peft model around one, or a DeepSpeed engine holding
     either (ZeRO-3 included). `records`: LLaVA-format eval records (`cosctl.evaluate.records`; checked
     here, images under `image_root`: a folder, an `s3://` root or an `ImageSource`; a record without
-    `task` is typed as `cosctl.scoring.eval_items` types it). Collective when `world_size` > 1: every
+    `task` is typed as `cosctl.evaluate.scoring.eval_items` types it). Collective when `world_size` > 1: every
     rank passes the same records and settings and gets the same result (see the module docstring for
     the split and for ZeRO-3). The model is put in eval mode and returned to its previous mode.
 

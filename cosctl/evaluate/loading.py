@@ -9,7 +9,7 @@ the store abstraction (a local path, file:// or s3://):
 
 Every load is exact (`cos_model.saved`): a model folder with a missing, mis-shaped or foreign key and an
 adapter that does not fit its base are refused in one line naming the folder and the first keys. An
-adapter's base must be the one it was trained on (`cosctl.stages.check_adapter_base`).
+adapter's base must be the one it was trained on (`cosctl.stages.stage.check_adapter_base`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import MANIFEST, fetch_published
-from ..data import load_tokenizer
-from ..errors import CheckpointError, StorageError
-from ..stages import SOURCE_RECORD, check_adapter_base, fetch_model, published_manifest, read_source_record
+from ..checkpoint.layout import MANIFEST, fetch_published
+from ..common.errors import CheckpointError, StorageError
+from ..data.records import load_tokenizer
+from ..stages.stage import SOURCE_RECORD, check_adapter_base, fetch_model, published_manifest, read_source_record
 from ..storage import ObjectNotFound, StoreSettings, open_store
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,7 +128,7 @@ def load_fetched(fetched: Fetched, dtype: torch.dtype = torch.float32) -> Loaded
     from cos_model.checkpoint_files import CheckpointMismatchError
     from cos_model.saved import load_adapter
 
-    from ..engine import load_model_folder
+    from ..train.engine import load_model_folder
 
     try:
         model = load_model_folder(str(fetched.model_dir), dtype)

@@ -2,7 +2,7 @@
 
 A record is a training record whose last `gpt` turn is the reference (`{"id", "image", "task"?,
 "answers"?, "conversations": [human, gpt, ..., human, gpt]}`). Its prompt is the conversation up to and
-including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.conversation.encode_conversation`
+including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.data.conversation.encode_conversation`
 itself: the prompt ids are exactly the ids training produced for the same conversation, cut where the
 last answer's labels start.
 
@@ -19,12 +19,12 @@ from pathlib import Path
 from cos_model import IGNORE_INDEX
 from cos_model.chat import render
 
-from ..conversation import conversation_problem, encode_conversation, record_image
-from ..data import read_records, resolve_image_path
-from ..errors import DataError
-from ..images import ImageSource
-from ..log import log
-from ..scoring import TASK_FAMILIES, eval_items, parse_box
+from ..common.errors import DataError
+from ..common.log import log
+from ..data.conversation import conversation_problem, encode_conversation, record_image
+from ..data.images import ImageSource
+from ..data.records import read_records, resolve_image_path
+from .scoring import TASK_FAMILIES, eval_items, parse_box
 
 MAX_REPORTED_IDS = 5
 
@@ -49,7 +49,7 @@ def _is_answer_list(answers) -> bool:
 
 
 def image_source(image_root: str | Path | ImageSource) -> ImageSource:
-    """Where eval images are read from: a folder or an `s3://` root (`cosctl.images.ImageSource`)."""
+    """Where eval images are read from: a folder or an `s3://` root (`cosctl.data.images.ImageSource`)."""
     return image_root if isinstance(image_root, ImageSource) else ImageSource(image_root)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from ..errors import BucketNotFound, ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
+from ..common.errors import BucketNotFound, ObjectNotFound, StorageError, StoreUnavailable, TransientStorageError
 
 __all__ = [
     "BucketNotFound",

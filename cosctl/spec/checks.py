@@ -1,0 +1,210 @@
+"""Checks of a run spec beyond its field types: the model section's problems (names, types, shapes
+and geometry, in plain Python through `cosctl.spec.subconfigs`, so checking a spec never imports torch),
+and `check_paths`: the local files a valid spec names (data, tokenizer, model folders and their
+config.json), which `cosctl validate` and every training command's pre-flight run.
+
+Every problem is one `key: what is wrong` line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cos_model.scales import check_layout
+
+from .subconfigs import (
+    KNOWN_FIELDS,
+    VISION_MODEL_TYPE,
+    describe,
+    field_problems,
+    fields_for,
+    resolve,
+    shape_problems,
+)
+
+if TYPE_CHECKING:
+    from .specs import DataSpec, PretrainModelSpec
+
+
+def _config_error_message(err: Exception) -> str:
+    """One line naming the spec key for an error of CosConfig or a transformers config class."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(err).__name__
+    if type(err).__module__.split(".")[0] == "huggingface_hub":
+        return f"model: {message}"
+    # The resolution is model.image_size in the spec, not a vision config field.
+    return message.replace("vision_config.image_size", "image_size").replace("vision_config.", "vision.config.")
+
+
+def _model_problems(model: PretrainModelSpec) -> list[str]:
+    """Every problem of the model section as `key: problem` lines (keys relative to `model`), checked
+    in plain Python: field names and value types first, then the shapes (heads, geometry) of whatever
+    the spec alone determines. Shapes that depend on a model folder's config.json are `check_paths`'s."""
+    if not model.trainable:
+        return ["trainable: at least one module must train"]
+    vision, text = model.vision.config, model.text.config
+    vision_fields = KNOWN_FIELDS[VISION_MODEL_TYPE]
+    problems = []
+    if "image_size" in vision:
+        problems.append("vision.config.image_size: set the resolution with model.image_size instead")
+    if vision.get("model_type", VISION_MODEL_TYPE) != VISION_MODEL_TYPE:
+        problems.append(
+            f"vision.config.model_type: the vision tower is a CLIP ViT ({VISION_MODEL_TYPE}), "
+            f"got {describe(vision['model_type'])}"
+        )
+    problems += field_problems({k: v for k, v in vision.items() if k != "image_size"}, vision_fields, "vision.config")
+    model_type, text_fields = text.get("model_type"), None
+    if model_type is None:
+        if model.text.path is None:
+            problems.append("text.config.model_type: required when text.path is null (e.g. llama)")
+    elif not isinstance(model_type, str):
+        problems.append(f"text.config.model_type: unknown model type {model_type!r}")
+    else:
+        text_fields = fields_for(model_type)
+        if text_fields is None:
+            problems.append(f"text.config.model_type: unknown model type {model_type!r}")
+    if model_type is None or text_fields is not None:
+        problems += field_problems(text, text_fields, "text.config")
+    if problems:
+        return problems
+    if model.text.path is None:
+        problems += shape_problems(resolve(text, text_fields), text_fields, "text.config")
+    if model.vision.path is None:
+        resolved = resolve(vision, vision_fields)
+        problems += shape_problems(resolved, vision_fields, "vision.config") or _layout_problems(model, resolved)
+    return problems
+
+
+def _layout_problems(model: PretrainModelSpec, vision: Mapping) -> list[str]:
+    """The geometry rule of `CosConfig` (resolution, feature blocks, scales, resampler heads) for a
+    resolved vision config, as `key: problem` lines relative to `model`."""
+    for key in ("patch_size", "num_hidden_layers", "hidden_size"):
+        value = vision.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # possible in a folder's config.json
+            return [f"vision.config.{key}: must be a positive integer, got {describe(value)}"]
+    try:
+        check_layout(
+            image_size=model.image_size,
+            patch_size=vision["patch_size"],
+            vision_layers=vision["num_hidden_layers"],
+            vision_width=vision["hidden_size"],
+            feature_layers=model.feature_layers,
+            scales=[s.to_scale() for s in model.scales],
+            resampler_num_heads=model.resampler_num_heads,
+        )
+    except ValueError as err:
+        return [_config_error_message(err)]
+    return []
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_paths(spec) -> list[str]:
+    """What is missing among the local files a valid spec names, as `key: problem` lines (empty when
+    nothing is): the data root and its train/eval JSON files (an `s3://` root only for its syntax), the
+    tokenizer folder, and the model folders with their config.json, whose shapes are then checked with
+    the spec's overrides as `cosctl validate` checks a random-init spec. Reads no weights, imports no
+    torch: the pre-flight of `cosctl validate`, for training commands to run before launching ranks."""
+    problems: list[str] = []
+    if getattr(spec, "data", None) is not None:  # the training stages
+        problems += _data_problems(spec.data)
+    if spec.stage == "pretrain":
+        problems += _model_folder_problems(spec.model)
+    return problems
+
+
+def _data_problems(data: DataSpec) -> list[str]:
+    root = data.root
+    if root.startswith("s3://"):
+        bucket = root[len("s3://") :].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            return [
+                f"data.root: {root!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, "
+                "dots and hyphens)"
+            ]
+        return []
+    if "://" in root and not root.startswith("file://"):
+        return [f"data.root: unsupported URI scheme in {root!r}; use a path, file:// or s3://"]
+    folder = Path(root.removeprefix("file://"))
+    if not folder.is_dir():
+        return [f"data.root: {root} {'is not a folder' if folder.exists() else 'does not exist'}"]
+    return [
+        f"data.{key}: {folder / name} {'is not a file' if (folder / name).exists() else 'does not exist'}"
+        for key, name in (("train", data.train), ("eval", data.eval))
+        if name is not None and not (folder / name).is_file()
+    ]
+
+
+def _model_folder_problems(model: PretrainModelSpec) -> list[str]:
+    tokenizer = Path(model.tokenizer)
+    if not tokenizer.is_dir():
+        state = "is not a folder" if tokenizer.exists() else "does not exist"
+        found = [f"model.tokenizer: {model.tokenizer} {state} (a local tokenizer folder)"]
+    else:
+        found = []
+    problems: list[str] = []
+    folders: dict[str, dict] = {}
+    for name, component in (("vision", model.vision), ("text", model.text)):
+        if component.path is None:
+            continue
+        config_file = Path(component.path) / "config.json"
+        if not config_file.is_file():
+            problems.append(f"model.{name}.path: {component.path} is not a local model folder with a config.json")
+            continue
+        try:
+            folders[name] = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problems.append(f"model.{name}.path: cannot read {config_file}: {err}")
+            continue
+        if not isinstance(folders[name], dict):
+            problems.append(f"model.{name}.path: {config_file} is not a JSON object")
+            del folders[name]
+    if folders and not problems:
+        problems += _folder_shape_problems(model, folders)
+    return found + problems
+
+
+def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -> list[str]:
+    """The shapes of components built from a folder's config.json plus the spec's overrides."""
+    problems = []
+    vision_fields = KNOWN_FIELDS[VISION_MODEL_TYPE]
+    if "vision" in folders:
+        stored = folders["vision"]
+        if stored.get("model_type") == "clip":  # a whole CLIP model's config: the tower's part
+            stored = stored.get("vision_config") or {}
+        vision = resolve(
+            {**{k: v for k, v in stored.items() if k in vision_fields}, **model.vision.config}, vision_fields
+        )
+        where = f"{model.vision.path}/config.json"
+        found = shape_problems(vision, vision_fields, "vision.config") or _layout_problems(model, vision)
+        problems += [_blame(line, model.vision.config, where, "vision") for line in found]
+    if "text" in folders:
+        model_type = model.text.config.get("model_type", folders["text"].get("model_type"))
+        text_fields = fields_for(model_type) if isinstance(model_type, str) else None
+        where = f"{model.text.path}/config.json"
+        if text_fields is None:
+            return problems + [f"model.text.path: {where}: unknown model_type {model_type!r}"]
+        overrides = {k: v for k, v in model.text.config.items() if k != "model_type"}
+        problems += [f"model.{line}" for line in field_problems(overrides, text_fields, "text.config")]
+        if not problems:
+            text = resolve({**folders["text"], **overrides}, text_fields)
+            problems += [
+                _blame(line, model.text.config, where, "text")
+                for line in shape_problems(text, text_fields, "text.config")
+            ]
+    return problems
+
+
+def _blame(line: str, overrides: Mapping, config_file: str, name: str) -> str:
+    """A shape problem found in `{name}.config.<field>: ...` named after the spec key when the spec sets
+    that field, else after the folder's config.json."""
+    key, _, message = line.partition(": ")
+    field = key.rsplit(".", 1)[-1]
+    if not key.startswith(f"{name}.config.") or field in overrides:
+        return f"model.{line}"
+    return f"model.{name}.path: {config_file}: {field}: {message}"
