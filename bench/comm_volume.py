@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     counter = Counter()
     install(counter)
-    from cosctl.launch.dist import init_distributed
+    from cosctl.common.dist import init_distributed
 
     dist_info = init_distributed()
     import logging

@@ -119,7 +119,7 @@ from product_path import (
 
 from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
-from cosctl.launch.dist import init_distributed
+from cosctl.common.dist import init_distributed
 from cosctl.spec.specs import PretrainSpec, apply_overrides, parse_spec
 from cosctl.train.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
 from cosctl.train.batching import samples_per_micro_batch

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from cosctl.launch.dist import comm_backend
+from cosctl.common.dist import comm_backend
 from cosctl.plan.deepspeed_config import TEMPLATE_DIR, load_template, resolve_deepspeed
 from cosctl.spec.sections import DeepSpeedSpec
 from cosctl.spec.specs import FinetuneSpec, parse_spec

@@ -1,12 +1,12 @@
-"""The object collectives of cosctl.launch.dist in one process with no process group (how `cosctl data
+"""The object collectives of cosctl.common.dist in one process with no process group (how `cosctl data
 prepare` runs them); their multi-rank behaviour runs in every `--nproc 2` test."""
 
 from __future__ import annotations
 
 import pytest
 
+from cosctl.common.dist import agreed, gather, on_main, rank_and_world
 from cosctl.common.errors import DataError
-from cosctl.launch.dist import agreed, gather, on_main, rank_and_world
 
 
 def test_without_a_group_this_process_is_rank_0_of_1():

@@ -267,7 +267,7 @@ def tiny_spec(data: Path, output: Path):
 
 def zero3_engine(spec):
     """A ZeRO-3 engine around the tiny pretrain model, as the training loop builds it."""
-    from cosctl.launch.dist import init_distributed
+    from cosctl.common.dist import init_distributed
     from cosctl.train.engine import build_engine, build_pretrain_model
 
     tokenizer = load_tokenizer(spec.model.tokenizer)

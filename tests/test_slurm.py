@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cosctl.checkpoint.layout import list_committed
-from cosctl.launch.slurm import SlurmError, render_sbatch, slurm_app, submit, time_limit_s, write_spec_snapshot
+from cosctl.cli.slurm import slurm_app
+from cosctl.launch.slurm import SlurmError, render_sbatch, submit, time_limit_s, write_spec_snapshot
 from cosctl.spec.specs import SpecError, load_spec
 from cosctl.storage import open_store
 from tests.harness import REPO

@@ -171,8 +171,8 @@ def engine_gradient(spec, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
     """The gradient the trainer's `accumulate` leaves in a ZeRO-3 engine (full tensors, gathered)."""
     from deepspeed.utils import safe_get_full_grad
 
+    from cosctl.common.dist import init_distributed
     from cosctl.data.records import load_tokenizer
-    from cosctl.launch.dist import init_distributed
     from cosctl.train.engine import build_engine, build_pretrain_model
     from cosctl.train.loop import accumulate
 

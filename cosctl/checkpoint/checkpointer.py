@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common.dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
 from ..common.log import log
-from ..launch.dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
 from ..spec.specs import spec_hash, spec_to_dict
 from ..storage import ObjectStore, open_store
 from . import reshard

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.dist import agreed, on_main, rank_and_world
 from ..common.errors import DataError, ObjectNotFound, StorageError
 from ..common.log import log
-from ..launch.dist import agreed, on_main, rank_and_world
 from ..storage import LocalStore, ObjectStore, StoreSettings, join_uri, open_store, sha256_file
 from .conversation import image_token_id
 from .images import DEFAULT_CACHE_BYTES, ImageSource, default_cache_dir

@@ -30,7 +30,7 @@ METRICS = "metrics.json"
 def _process_group():
     """(rank, world size, device): joins the process group under a launcher, else one rank here."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from ..launch.dist import init_distributed
+        from ..common.dist import init_distributed
 
         info = init_distributed()
         return info.rank, info.world_size, info.device
@@ -46,7 +46,7 @@ def _load(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
     if world_size == 1:
         with tempfile.TemporaryDirectory(prefix="cosctl-eval-") as scratch:
             return load_fetched(fetch_for_eval(model_uri, Path(scratch)), dtype)
-    from ..launch.dist import barrier, on_main
+    from ..common.dist import barrier, on_main
 
     # NOTE: one node (torchrun --standalone), so rank 0's local folder is every rank's.
     scratch = Path(tempfile.mkdtemp(prefix="cosctl-eval-")) if rank == 0 else None

@@ -25,16 +25,26 @@ STOP_CODES = (75, 130, 143)  # requeue, SIGINT, SIGTERM: the run can continue fr
 SHUTDOWN_TIMEOUT_S = 600  # a step + a stop save (train.STOP_SAVE_TIMEOUT_S) fit in it
 
 
+def under_launcher() -> bool:
+    """Whether this process is one rank of a launcher (ours, or SLURM's torchrun): it has a RANK."""
+    return "RANK" in os.environ
+
+
+def is_rank0() -> bool:
+    """Whether this process speaks for the job: rank 0 of a launcher, or a process started alone. Usable
+    before any process group exists (it reads the launcher's environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def report(code: int, message: str, continue_hint: bool = False) -> None:
     """How this rank ends: left for our launcher to print once, or printed here by rank 0."""
     folder = os.environ.get(REPORT_DIR_ENV)
     if folder:
-        rank = int(os.environ.get("RANK", "0"))
-        Path(folder, f"rank_{rank:05d}.json").write_text(
+        Path(folder, f"rank_{int(os.environ.get('RANK', '0')):05d}.json").write_text(
             json.dumps({"code": code, "message": message, "continue": continue_hint})
         )
         return
-    if int(os.environ.get("RANK", "0")) != 0:  # another launcher (SLURM's torchrun): rank 0 says it
+    if not is_rank0():  # another launcher (SLURM's torchrun): rank 0 says it
         return
     print(message, file=sys.stderr, flush=True)
     if continue_hint:

@@ -25,19 +25,17 @@ from the script: SLURM is ending the job on purpose, and requeueing would undo a
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
 import yaml
 
-from ..cli.console import fail
-from ..common.errors import SlurmError, SpecError
+from ..common.errors import SlurmError
 from ..spec.sections import SlurmSpec
-from ..spec.specs import TrainingSpec, load_spec, spec_to_dict
+from ..spec.specs import TrainingSpec, spec_to_dict
 
 TRAIN_STAGES = ("pretrain", "finetune")
 JOB_SCRIPT = "job.sbatch"
@@ -234,63 +232,28 @@ def _check_extra(extra: list[str]) -> None:
             )
 
 
-def _job(
-    spec_path: Path, overrides: list[str] | None, run_dir: Path | None, output: str | None, extra: list[str] | None
-) -> tuple[TrainingSpec, list[str], Path]:
-    """Load the spec; the stage command line and the (absolute) run folder of its job."""
-    spec = load_spec(spec_path, overrides or [])
+def job_command(
+    spec: TrainingSpec, spec_path: Path, run_dir: Path, output: str | None, extra: list[str] | None
+) -> tuple[list[str], Path]:
+    """The stage command line a job runs for `spec` and the (absolute) run folder of its job."""
     if spec.stage not in TRAIN_STAGES:
         raise SlurmError(f"{spec_path}: stage: {spec.stage} runs as one process; run `cosctl {spec.stage}` directly")
     _check_extra(extra or [])
-    folder = (run_dir or Path("runs") / spec.run.name).resolve()  # the job may start elsewhere
+    folder = Path(run_dir).resolve()  # the job may start elsewhere
     argv = [spec.stage, str(folder / "slurm" / SPEC_SNAPSHOT)]
     if output:
         argv += ["--output", output]
-    return spec, argv + list(extra or []), folder
+    return argv + list(extra or []), folder
 
 
-slurm_app = typer.Typer(
-    no_args_is_help=True, help="Run pretrain/finetune as a SLURM job that requeues itself on preemption."
-)
+def ask_for_requeue(run_dir: Path, message: str) -> None:
+    """A run inside a SLURM job stopped for a requeue on its own (exit 75 with no warning): rank 0
+    leaves `REQUEUE_MARKER` for the job script, which then requeues as after a warning. Outside SLURM
+    and on other ranks, nothing."""
+    from .local import is_rank0
 
-SpecArg = Annotated[Path, typer.Argument(help="YAML run spec (pretrain or finetune).", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: a.b=value (repeatable).")]
-RunDirOpt = Annotated[
-    Optional[Path], typer.Option(help="Run folder (logs, job script, spec snapshot); default runs/<run name>.")
-]
-OutputOpt = Annotated[Optional[str], typer.Option(help="Where checkpoints and artefacts go (overrides run.output).")]
-ExtraArg = Annotated[Optional[list[str]], typer.Argument(help="Extra stage arguments, after `--`.", show_default=False)]
-
-
-@slurm_app.command("render")
-def render_cmd(
-    spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None, extra: ExtraArg = None
-) -> None:
-    """Print the batch script for a spec (nothing is written or submitted)."""
-    try:
-        loaded, argv, folder = _job(spec, set_, run_dir, output, extra)
-        typer.echo(render_sbatch(loaded, argv, str(folder)), nl=False)
-    except (SpecError, SlurmError) as err:
-        fail(str(err))
-
-
-@slurm_app.command("submit")
-def submit_cmd(
-    spec: SpecArg,
-    set_: SetOpt = None,
-    run_dir: RunDirOpt = None,
-    output: OutputOpt = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the script instead of submitting it.")] = False,
-    extra: ExtraArg = None,
-) -> None:
-    """Submit a spec as a batch job; print the job id (the log is <run dir>/slurm/<job id>.out)."""
-    try:
-        loaded, argv, folder = _job(spec, set_, run_dir, output, extra)
-        script = render_sbatch(loaded, argv, str(folder))
-        if dry_run:
-            typer.echo(script, nl=False)
-            return
-        write_spec_snapshot(loaded, folder)
-        typer.echo(submit(script, folder))
-    except (SpecError, SlurmError) as err:
-        fail(str(err))
+    if not os.environ.get("SLURM_JOB_ID") or not is_rank0():
+        return
+    marker = Path(run_dir) / REQUEUE_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(message)

@@ -31,12 +31,12 @@ from cos_model.building import materialize
 
 from ..checkpoint.committer import retrying
 from ..checkpoint.layout import MANIFEST, NotPublished, fetch_published, publish
+from ..common.dist import Dist, barrier, on_main, on_node_main
 from ..common.errors import CheckpointError
 from ..common.log import log
 from ..data.conversation import IMAGE_TOKEN
 from ..data.records import load_tokenizer
 from ..export.remote_code import write_loadable_files
-from ..launch.dist import Dist, barrier, on_main, on_node_main
 from ..spec.specs import FinetuneSpec, InflateSpec, PretrainSpec, TrainingSpec
 from ..storage import ObjectStore, StorageError, StoreSettings, join_uri, open_store
 from ..train.engine import build_finetune_model, build_pretrain_model, load_model_folder, run_dtype

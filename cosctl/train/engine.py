@@ -16,9 +16,9 @@ from cos_model import CosForConditionalGeneration
 from cos_model.building import build_pretrained
 from cos_model.loading import CheckpointMismatchError
 
+from ..common.dist import Dist
 from ..common.errors import CheckpointError
 from ..common.log import log
-from ..launch.dist import Dist
 from ..plan.deepspeed_config import load_template, resolve_deepspeed, use_bf16
 from ..spec.sections import LoraSpec
 from ..spec.specs import MODULES, FinetuneSpec, PretrainSpec, TrainingSpec

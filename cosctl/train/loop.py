@@ -33,10 +33,10 @@ import torch
 
 from ..checkpoint.checkpointer import SaveClock
 from ..checkpoint.layout import checkpoint_name, checkpoint_uri
+from ..common.dist import agreed, all_reduce, any_rank, gather
 from ..common.errors import StorageError, UserError
 from ..common.log import log
 from ..data.conversation import num_label_tokens
-from ..launch.dist import agreed, all_reduce, any_rank, gather
 from ..spec.specs import TrainingSpec
 from ..storage import join_uri
 from .autobatch import MemoryMeter

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from ..checkpoint.checkpointer import Checkpointer, Restored
+from ..common.dist import Dist, all_reduce, init_distributed
 from ..common.log import log, setup_logging
 from ..data.prepare import load_split, split_source
 from ..data.records import LengthStats, length_stats
 from ..data.tokenstore import StoreRecords
-from ..launch.dist import Dist, all_reduce, init_distributed
 from ..spec.specs import TrainingSpec
 from ..stages.stage import Stage, prepare_stage
 from ..storage import ObjectStore, open_store

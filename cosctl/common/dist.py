@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from ..common import errors
+from . import errors
 
 T = TypeVar("T")
 
