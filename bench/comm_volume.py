@@ -124,15 +124,16 @@ def variant_spec(template: str, trainable: list[str], samples_per_step: int, ove
 
 def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     from cosctl.plan.comm import param_counts, step_volume
+    from cosctl.stages.pretrain import build_pretrain_model, pretrain_config
     from cosctl.train.autobatch import synthetic_micro_batch
-    from cosctl.train.engine import build_engine, build_pretrain_model
+    from cosctl.train.engine import build_engine
     from cosctl.train.loop import train_step
 
     template, trainable = VARIANTS[name]
     world = dist_info.world_size
     spec = variant_spec(template, trainable, args.micro_batch * args.micro_batches * world, args.overrides)
     vocab, image_token = 512, 511
-    config = spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
+    config = pretrain_config(spec, vocab_size=vocab, image_token_id=image_token)
     model = build_pretrain_model(spec, vocab, image_token)
     engine, _, ds_config = build_engine(model, spec, dist_info, args.micro_batch)
     zero = ds_config["zero_optimization"]

@@ -120,12 +120,14 @@ from product_path import (
 from cos_model import DEFAULT_SCALES, PRESETS, CosConfig, inflate_config
 from cos_model.configuration import VIT_L14_224
 from cosctl.common.dist import init_distributed
+from cosctl.plan.flops import ASSUMED_MFU, peak_tflops, predict_step_seconds, sample_flops
+from cosctl.plan.resolve import samples_per_micro_batch
 from cosctl.spec.specs import PretrainSpec, apply_overrides, parse_spec
+from cosctl.stages.base import num_params, run_dtype, trainable_summary
+from cosctl.stages.pretrain import build_pretrain_model, pretrain_config
 from cosctl.train.autobatch import MemoryMeter, probe_micro_batch, synthetic_micro_batch
-from cosctl.train.batching import samples_per_micro_batch
-from cosctl.train.engine import build_engine, build_pretrain_model, num_params, run_dtype, trainable_summary
+from cosctl.train.engine import build_engine
 from cosctl.train.loop import train_step
-from cosctl.train.metrics import ASSUMED_MFU, peak_tflops, predict_step_seconds, sample_flops
 
 REFERENCE_TOKENS = 336
 BASE_GRID = 16  # patches per side of the 32-token pre-training chain
@@ -284,7 +286,7 @@ def layout(shape: Shape, num_tokens: int, args: argparse.Namespace, grid: int | 
     if num_tokens == 32 and grid == BASE_GRID:
         return BASE_GRID * patch, [s.to_dict() for s in DEFAULT_SCALES]
     if num_tokens in INFLATE_PRESETS and grid == 2 * BASE_GRID:
-        base = row_spec(shape, 32, args).model.to_config(shape.vocab_size, shape.image_token_id)
+        base = pretrain_config(row_spec(shape, 32, args), shape.vocab_size, shape.image_token_id)
         inflated = inflate_config(base, INFLATE_PRESETS[num_tokens])
         return inflated.image_size, [s.to_dict() for s in inflated.scales]
     if num_tokens in INFLATE_PRESETS and grid == BASE_GRID:  # the preset with every window halved
@@ -433,7 +435,7 @@ def run_row(
     spec = row_spec(shape, num_tokens, args, grid)
     vocab = match["vocab_size"] if match else shape.vocab_size
     text_tokens = max(1, round(match["text_tokens"])) if match else args.text_tokens
-    config = spec.model.to_config(vocab_size=vocab, image_token_id=vocab - 1)
+    config = pretrain_config(spec, vocab_size=vocab, image_token_id=vocab - 1)
     budget, device = spec.batch.tokens_per_micro_batch, dist_info.device
     if match:
         micro = max(1, round(match["micro_batch"]))
@@ -596,7 +598,7 @@ def run_product_row(
     draft = parse_spec(
         product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", 1), source=f"<{name}>"
     )
-    num_visual = draft.model.to_config(shape.vocab_size, shape.image_token_id).num_visual_tokens
+    num_visual = pretrain_config(draft, shape.vocab_size, shape.image_token_id).num_visual_tokens
     samples = default_samples_per_step(args, draft, num_visual)
     draft = parse_spec(
         product_spec(shape, image_size, scales, args, name, row_dir, "unused", "unused", samples), source=f"<{name}>"
@@ -646,7 +648,7 @@ def run_product_row(
 
     # The FLOPs per sample as the product's StepMeter counts them: the same function on the same inputs.
     tokenizer = load_tokenizer(data.tokenizer)
-    config = spec.model.to_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config = pretrain_config(spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     examples, _ = load_examples(
         data.root / spec.data.train,
         data.root,

@@ -10,6 +10,7 @@ import torch
 
 from cos_model import IGNORE_INDEX
 from cosctl.data.records import DataError, load_examples
+from cosctl.plan.resolve import samples_per_micro_batch
 from cosctl.train.batching import (
     MicroBatch,
     StepLoader,
@@ -18,7 +19,6 @@ from cosctl.train.batching import (
     eval_micro_batches,
     fill_micro_batches,
     legacy_epoch_order,
-    samples_per_micro_batch,
     split_step,
 )
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cosctl.plan.flops import ASSUMED_MFU
 from cosctl.plan.summary import build_plan, format_plan
 from cosctl.spec.specs import load_spec
-from cosctl.train.metrics import ASSUMED_MFU
+from cosctl.stages.pretrain import pretrain_config
 from tests.harness import REPO
 
 STAGE_SPEED = REPO / "bench" / "stage_speed.py"
@@ -38,7 +39,7 @@ def test_every_row_layout_gives_its_token_count(shape):
     patch = bench.SHAPES[shape].vision["patch_size"]
     for tokens in bench.SUPPORTED_TOKENS:
         spec = bench.row_spec(bench.SHAPES[shape], tokens, args)
-        config = spec.model.to_config(vocab_size=32000, image_token_id=0)
+        config = pretrain_config(spec, vocab_size=32000, image_token_id=0)
         assert config.num_visual_tokens == tokens
         expected_grid = {32: 16, 576: 24}.get(tokens, 32)
         assert spec.model.image_size == expected_grid * patch
@@ -55,7 +56,7 @@ def test_every_resolution_row_gives_its_tokens_at_its_resolution(shape):
     for tokens, resolution in bench.SUPPORTED_ROWS:
         grid = bench.RESOLUTION_GRIDS[resolution]
         spec = bench.row_spec(bench.SHAPES[shape], tokens, args, grid)
-        config = spec.model.to_config(vocab_size=32000, image_token_id=0)
+        config = pretrain_config(spec, vocab_size=32000, image_token_id=0)
         assert (config.num_visual_tokens, config.grid_size, config.image_size) == (tokens, grid, grid * patch)
 
 

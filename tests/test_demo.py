@@ -10,11 +10,11 @@ import pytest
 from rich.console import Console
 
 from cos_model import CosForConditionalGeneration
+from cosctl.artefacts.published import save_model
 from cosctl.checkpoint.layout import publish
 from cosctl.data.conversation import image_token_id
 from cosctl.demo.pipeline import TRAINED_STAGES, cosctl_command, print_summary, run_folder, score_stages, swap_gap
 from cosctl.report.write import write_report
-from cosctl.stages.stage import save_model
 from cosctl.storage import open_store
 from tests.harness import cosctl, ok
 from tests.tiny import tiny_config, tiny_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cosctl.train.engine import block_classes, fetch_whole_blocks, largest_block_numel, leaf_classes
+from cosctl.plan.resolve import block_classes, largest_block_numel
+from cosctl.train.engine import fetch_whole_blocks, leaf_classes
 from tests.harness import run, steps, train_command
 from tests.tiny import tiny_config, tiny_model
 

@@ -20,6 +20,9 @@ from typer.testing import CliRunner
 
 from cos_model import CosForConditionalGeneration
 from cos_model.processing import CosImageProcessor, CosProcessor
+from cosctl.artefacts.export import export_merged
+from cosctl.artefacts.loading import load_for_eval
+from cosctl.artefacts.published import save_adapter
 from cosctl.checkpoint.layout import publish
 from cosctl.cli.app import app
 from cosctl.common.errors import DataError
@@ -27,13 +30,10 @@ from cosctl.data.conversation import IMAGE_TOKEN, encode_conversation, image_tok
 from cosctl.data.records import load_tokenizer
 from cosctl.data.synth import synthesize
 from cosctl.evaluate.generation import generate_and_score, metrics_record, plan_batches, rank_batches
-from cosctl.evaluate.loading import load_for_eval
 from cosctl.evaluate.records import build_prompt, load_eval_records
-from cosctl.export.folder import export_merged
 from cosctl.spec.sections import LoraSpec
-from cosctl.stages.stage import save_adapter
+from cosctl.stages.finetune import apply_lora
 from cosctl.storage import open_store
-from cosctl.train.engine import apply_lora
 from tests.harness import REPO, cosctl, ok, run_script_on_two_ranks
 from tests.llava import write_llava665k_set
 from tests.tiny import tiny_config, tiny_model
@@ -268,7 +268,8 @@ def tiny_spec(data: Path, output: Path):
 def zero3_engine(spec):
     """A ZeRO-3 engine around the tiny pretrain model, as the training loop builds it."""
     from cosctl.common.dist import init_distributed
-    from cosctl.train.engine import build_engine, build_pretrain_model
+    from cosctl.stages.pretrain import build_pretrain_model
+    from cosctl.train.engine import build_engine
 
     tokenizer = load_tokenizer(spec.model.tokenizer)
     dist_info = init_distributed()
@@ -291,7 +292,7 @@ def restore_env():
 def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
     """On a one-rank ZeRO-3 engine (partitioned weights) the in-process eval gives the plain model's
     predictions and scores, and leaves the engine in training mode."""
-    from cosctl.train.engine import build_pretrain_model
+    from cosctl.stages.pretrain import build_pretrain_model
 
     spec = tiny_spec(built["data"], tmp_path / "out")
     tokenizer, records = built["tokenizer"], built["records"][:10]
@@ -323,7 +324,7 @@ def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
 ZERO3_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from cosctl.train.engine import build_pretrain_model
+from cosctl.stages.pretrain import build_pretrain_model
 from cosctl.evaluate.generation import generate_and_score
 from tests.test_evaluate import eos_that_ends_ranks_apart, tiny_spec, zero3_engine
 data, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -23,19 +23,19 @@ from safetensors.torch import load_file
 
 from cos_model import IGNORE_INDEX, CosForConditionalGeneration
 from cos_model.processing import CosImageProcessor, CosProcessor
+from cosctl.artefacts.export import export_merged
+from cosctl.artefacts.loading import load_for_eval
+from cosctl.artefacts.published import SOURCE_RECORD, save_adapter
+from cosctl.artefacts.remote_code import RemoteCodeError, module_sources
 from cosctl.checkpoint.layout import publish
 from cosctl.data.conversation import encode_conversation, image_token_id
 from cosctl.data.records import load_image, load_tokenizer
 from cosctl.data.synth import synthesize
 from cosctl.evaluate.generation import generate_and_score
-from cosctl.evaluate.loading import load_for_eval
 from cosctl.evaluate.records import build_prompt
-from cosctl.export.folder import export_merged
-from cosctl.export.remote_code import RemoteCodeError, module_sources
 from cosctl.spec.sections import LoraSpec
-from cosctl.stages.stage import SOURCE_RECORD, save_adapter
+from cosctl.stages.finetune import apply_lora
 from cosctl.storage import open_store
-from cosctl.train.engine import apply_lora
 from tests.llava import write_llava_set
 from tests.test_processing import messages_of
 from tests.tiny import tiny_config, tiny_model

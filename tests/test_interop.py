@@ -29,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cos_model import CosForConditionalGeneration
+from cosctl.artefacts.export import export_merged
+from cosctl.artefacts.loading import check_source, load_for_eval, load_model_folder
+from cosctl.artefacts.published import SOURCE_RECORD, save_adapter, save_model
 from cosctl.checkpoint.layout import publish
 from cosctl.cli.app import app
 from cosctl.common.errors import CheckpointError
@@ -36,13 +39,10 @@ from cosctl.common.log import log
 from cosctl.data.conversation import image_token_id
 from cosctl.data.records import load_image, load_tokenizer
 from cosctl.data.synth import synthesize
-from cosctl.evaluate.loading import check_source, load_for_eval
-from cosctl.export.folder import export_merged
 from cosctl.spec.sections import LoraSpec
 from cosctl.spec.specs import load_spec
-from cosctl.stages.stage import SOURCE_RECORD, save_adapter, save_model
+from cosctl.stages.finetune import apply_lora, build_finetune_model
 from cosctl.storage import open_store
-from cosctl.train.engine import apply_lora, build_finetune_model, load_model_folder
 from tests.harness import RECIPES
 from tests.tiny import tiny_config, tiny_model
 

@@ -13,8 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from cosctl.cli.app import app
-from cosctl.spec.checks import check_paths
+from cosctl.spec.paths import check_paths
 from cosctl.spec.specs import SpecError, load_spec, parse_spec
+from cosctl.stages.pretrain import pretrain_config
 from tests.harness import REPO
 
 runner = CliRunner()
@@ -157,7 +158,7 @@ def test_valid_model_configs_pass_and_build(key, value):
     """What the spec-time check accepts, transformers builds: the config comes out with the value (an
     integer given for a float field arrives as a float)."""
     spec = parse_spec(_set(TINY, key, value))
-    config = spec.model.to_config(vocab_size=100, image_token_id=99)
+    config = pretrain_config(spec, vocab_size=100, image_token_id=99)
     part = config.text_config if ".text." in key else config.vision_config
     field = key.rsplit(".", 1)[-1]
     if field != "model_type":
@@ -167,7 +168,7 @@ def test_valid_model_configs_pass_and_build(key, value):
 def test_an_integer_for_a_float_field_becomes_a_float():
     """YAML `1` for a float field is accepted and reaches transformers (which refuses ints there) as 1.0."""
     spec = parse_spec(_set(TINY, "model.text.config.rms_norm_eps", 1))
-    assert isinstance(spec.model.to_config(vocab_size=100, image_token_id=99).text_config.rms_norm_eps, float)
+    assert isinstance(pretrain_config(spec, vocab_size=100, image_token_id=99).text_config.rms_norm_eps, float)
 
 
 def test_several_model_mistakes_give_one_line_each(tmp_path):
@@ -327,6 +328,6 @@ def test_bridge_init_std_reaches_the_model_config():
     """`model.bridge_init_std` (default 0.02, the reference) arrives in the CosConfig that builds the model."""
     unset = copy.deepcopy(TINY)
     del unset["model"]["bridge_init_std"]
-    assert parse_spec(unset).model.to_config(vocab_size=100, image_token_id=99).bridge_init_std == 0.02
+    assert pretrain_config(parse_spec(unset), vocab_size=100, image_token_id=99).bridge_init_std == 0.02
     spec = parse_spec(_set(TINY, "model.bridge_init_std", 0.25))
-    assert spec.model.to_config(vocab_size=100, image_token_id=99).bridge_init_std == 0.25
+    assert pretrain_config(spec, vocab_size=100, image_token_id=99).bridge_init_std == 0.25

@@ -1,4 +1,4 @@
-"""cosctl.stages.stage: where each stage's model comes from and where it is staged."""
+"""cosctl.stages: where each stage's model comes from and where it is staged."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def reference_gradient(data, spec, a: dict, b: dict) -> dict[str, torch.Tensor]:
     PyTorch on one micro-batch holding both samples (no DeepSpeed, no accumulation)."""
     from cosctl.data.conversation import num_label_tokens
     from cosctl.data.records import load_tokenizer
-    from cosctl.train.engine import build_pretrain_model
+    from cosctl.stages.pretrain import build_pretrain_model
 
     tokenizer = load_tokenizer(data / "tokenizer")
     model = build_pretrain_model(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
@@ -173,7 +173,8 @@ def engine_gradient(spec, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
 
     from cosctl.common.dist import init_distributed
     from cosctl.data.records import load_tokenizer
-    from cosctl.train.engine import build_engine, build_pretrain_model
+    from cosctl.stages.pretrain import build_pretrain_model
+    from cosctl.train.engine import build_engine
     from cosctl.train.loop import accumulate
 
     dist_info = init_distributed()

@@ -47,7 +47,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check a run spec and the local files it names; print OK or every problem (exit 1)."""
-    from ..spec.checks import check_paths
+    from ..spec.paths import check_paths
 
     try:
         loaded = load_spec_for(spec, set_)

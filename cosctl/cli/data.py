@@ -55,15 +55,7 @@ def data_prepare(
 
 
 def _spec_tokenizer(spec) -> Path:
-    """The tokenizer folder a training stage would use, when it is on this machine."""
-    if spec.stage == "pretrain":
-        return Path(spec.model.tokenizer)
-    from ..stages.stage import local_model_folder
+    """The tokenizer folder the spec's stage would use, when it is on this machine."""
+    from ..stages import stage_for
 
-    folder = local_model_folder(spec.model.source)
-    if folder is None:
-        raise SpecError(
-            f"model.source: {spec.model.source} is not a local model folder; pass --tokenizer "
-            "with the model's tokenizer folder"
-        )
-    return folder
+    return stage_for(spec).tokenizer_folder()

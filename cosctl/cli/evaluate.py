@@ -22,8 +22,8 @@ def export(
 ) -> None:
     """Merge LoRA into the base and write one HF folder (model, processor, code) that transformers
     alone loads: Auto*.from_pretrained(OUT, trust_remote_code=True)."""
-    from ..export.folder import export_merged
-    from ..export.remote_code import RemoteCodeError
+    from ..artefacts.export import export_merged
+    from ..artefacts.remote_code import RemoteCodeError
 
     try:
         typer.echo(json.dumps(export_merged(source, out), indent=1))
@@ -68,7 +68,7 @@ def eval_(
         if nproc > 1 and not under_launcher():
             # Checked once here, so a mistake is one line rather than one per rank and a launcher trace.
             from ..evaluate.command import read_inputs
-            from ..evaluate.loading import check_source
+            from ..artefacts.loading import check_source
 
             read_inputs(data, images or data.parent, limit, baseline_from)
             check_source(model)

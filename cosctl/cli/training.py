@@ -64,7 +64,7 @@ def finetune(
 
 def inflate(spec: SpecArg, set_: SetOpt = None, run_dir: RunDirOpt = None, output: OutputOpt = None) -> None:
     """Grow a pre-trained model's visual tokens (e.g. 32 -> 528) by parameter inflation."""
-    from ..stages.stage import run_inflate
+    from ..stages.inflate import run_inflate
 
     try:
         loaded = load_spec_for(spec, set_, "inflate")

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..common.log import log, setup_logging
 from ..data.synth import synthesize
 from ..spec.specs import load_spec
-from ..stages.stage import run_inflate
+from ..stages.inflate import run_inflate
 from ..train.loop import run_training
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -41,7 +41,7 @@ def _process_group():
 def _load(model_uri: str, rank: int, world_size: int, dtype: torch.dtype):
     """Rank 0 fetches the artefact into a scratch folder (an error there is raised on every rank);
     every rank loads it from that folder, which is removed once all have."""
-    from .loading import fetch_for_eval, load_fetched
+    from ..artefacts.loading import fetch_for_eval, load_fetched
 
     if world_size == 1:
         with tempfile.TemporaryDirectory(prefix="cosctl-eval-") as scratch:

@@ -14,7 +14,7 @@ import uuid
 
 from ..checkpoint.layout import PREFIX, split_checkpoint_uri
 from ..common.errors import SpecError, StorageError, StoreUnavailable, TransientStorageError
-from ..spec.checks import check_paths
+from ..spec.paths import check_paths
 from ..spec.specs import TrainingSpec
 from ..storage import ObjectNotFound, open_store
 

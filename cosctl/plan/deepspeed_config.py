@@ -66,7 +66,7 @@ def resolve_deepspeed(
         train_batch_size=micro_batch_size * accumulation * world_size,
         gradient_clipping=float(spec.optim.grad_clip),  # 0.0 disables clipping in DeepSpeed
     )
-    config["bf16"] = {**config.get("bf16", {}), "enabled": use_bf16(spec.deepspeed.precision, device_type)}
+    config["bf16"] = {**config.get("bf16", {}), "enabled": spec.deepspeed.trains_in_bf16(device_type)}
     config["optimizer"] = _optimizer(config.get("optimizer", {}), spec.optim, device_type)
     if "zero_optimization" in config:
         zero = config["zero_optimization"]
@@ -78,14 +78,6 @@ def resolve_deepspeed(
     config = deep_merge(config, spec.deepspeed.overrides)
     _check_resolved(config, world_size)
     return config
-
-
-def use_bf16(precision: str, device_type: str) -> bool:
-    """Whether a spec precision ("auto", "bf16", "fp32") trains in bf16 on this device type."""
-    choices = {"auto": device_type == "cuda", "bf16": True, "fp32": False}
-    if precision not in choices:
-        raise ValueError(f"deepspeed.precision: unknown {precision!r}; use one of {', '.join(choices)}")
-    return choices[precision]
 
 
 def _optimizer(block: dict, optim: OptimSpec, device_type: str) -> dict:

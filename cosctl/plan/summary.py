@@ -4,8 +4,10 @@ world size, a ZeRO-2 / ZeRO-3 recommendation, and the checkpoint it would resume
 on the meta device (no weights, no memory), reads at most config.json and the tokenizer from local
 folders.
 
-The compute prediction is the FLOP model (`cosctl.train.metrics.sample_flops`: model FLOPs, what MFU counts)
-over the per-rank peak times `cosctl.train.metrics.ASSUMED_MFU`; without a known peak (`--peak-tflops`,
+The batch geometry, DeepSpeed config and FLOP model are the resolver's (`cosctl.plan.resolve`), on the
+prepared training split's lengths as the run measures them: what `cosctl pretrain` logs at start. The
+compute prediction is the model FLOPs (what MFU counts) over the per-rank peak times
+`cosctl.plan.flops.ASSUMED_MFU`; without a known peak (`--peak-tflops`,
 COSCTL_PEAK_TFLOPS, or this machine's GPU) it is null. Hardware FLOPs (HFU) add gradient
 checkpointing's recomputation. The communication is `cosctl.plan.comm`'s model of what DeepSpeed moves.
 """
@@ -14,21 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from cos_model import CosConfig
-
 from ..checkpoint.layout import find_latest
-from ..common.errors import DataError
-from ..data.conversation import IMAGE_TOKEN
-from ..data.records import load_tokenizer
-from ..spec.specs import FinetuneSpec, InflateSpec, PretrainSpec
-from ..storage import ObjectNotFound, StorageError, StoreSettings, join_uri, open_store
-from ..train.batching import samples_per_micro_batch
-from ..train.engine import largest_block_numel, set_trainable
-from ..train.metrics import ASSUMED_MFU, passes, peak_tflops, predict_step_seconds, sample_flops
+from ..stages import stage_for
+from ..stages.base import scale_table
+from ..storage import join_uri, open_store
 from .comm import (
     DEFAULT_INTER_NODE_GBPS,
     DEFAULT_INTRA_NODE_GBPS,
@@ -38,58 +32,13 @@ from .comm import (
     param_counts,
     step_volume,
 )
-from .deepspeed_config import load_template, resolve_deepspeed, use_bf16
+from .flops import ASSUMED_MFU, passes, peak_tflops, predict_step_seconds
+from .resolve import World, model_shape, resolve
 
 # ZeRO-2 is recommended only when its whole weights and optimizer state leave at least half of a GPU to
 # activations and buffers.
 ZERO2_MEMORY_SHARE = 0.5
 DEFAULT_GPU_MEMORY_GIB = 80.0
-
-
-def source_config(source: str, settings: StoreSettings | None) -> CosConfig:
-    """The CosConfig of a model URI (published `<source>/model/`, `<source>/`, or a local folder)."""
-    store = open_store(source, settings)
-    for key in ("model/config.json", "config.json"):
-        try:
-            return CosConfig.from_dict(json.loads(store.get_bytes(key)))
-        except ObjectNotFound:
-            continue
-    raise StorageError(f"{source}: no config.json (looked in model/ and the folder itself)")
-
-
-def _pretrain_config(spec: PretrainSpec) -> CosConfig:
-    vocab = spec.model.text.config.get("vocab_size", 32000)
-    image_token = 0
-    try:
-        tokenizer = load_tokenizer(spec.model.tokenizer)
-        vocab, image_token = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    except DataError:
-        pass  # the plan still works before the tokenizer folder exists
-    try:
-        return spec.model.to_config(vocab_size=vocab, image_token_id=image_token)
-    except OSError as err:  # transformers' answer to a model.vision.path / model.text.path that is not there
-        paths = ", ".join(p for p in (spec.model.vision.path, spec.model.text.path) if p)
-        raise ValueError(f"model: cannot read the config of the local model folders ({paths}): {err}") from None
-
-
-def lora_params(model: torch.nn.Module, targets: list[str], rank: int) -> int:
-    total = 0
-    for name, module in model.language_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            total += rank * (module.in_features + module.out_features)
-    return total
-
-
-def scale_table(config: CosConfig) -> list[dict]:
-    return [
-        {
-            "window": s.window,
-            "queries_per_window": s.queries_per_window,
-            "windows": s.num_windows(config.grid_size),
-            "tokens": s.num_tokens(config.grid_size),
-        }
-        for s in config.scales
-    ]
 
 
 def device_peak_tflops(device_type: str, given: float | None = None) -> float | None:
@@ -116,29 +65,26 @@ def _speed(flops, samples_per_step: int, world_size: int, peak: float | None) ->
     }
 
 
-def batch_plan(spec, num_visual_tokens: int, text_tokens: int, world_size: int) -> dict:
-    """Samples per step (the spec's), and how a rank's share splits into micro-batches at the assumed
-    length (unknown for an `auto` budget, which is probed at start); steps per epoch when the training
-    records can be counted."""
-    samples_per_step = spec.batch.samples_per_step
-    share = -(-samples_per_step // world_size)
-    budget = spec.batch.tokens_per_micro_batch
-    micro = None if budget == "auto" else min(share, samples_per_micro_batch(num_visual_tokens, text_tokens, budget))
-    return {
-        "samples_per_step": samples_per_step,
-        "samples_per_micro_batch": micro,
-        "micro_batches_per_step": -(-share // micro) if micro else None,
-        "steps_per_epoch": _steps_per_epoch(spec),
-    }
+def training_lengths(spec, stage, num_visual_tokens: int) -> tuple[object | None, int | None]:
+    """The training split's lengths and record count as the run measures them: its prepared token store
+    (prepared now, in this process, when missing: the run then maps the same one). (None, None) when the
+    data or the tokenizer is not on this machine: the plan then assumes lengths and says so."""
+    from ..common.errors import StorageError, UserError
+    from ..data.prepare import load_split, split_source
+    from ..data.records import length_stats, load_tokenizer
 
-
-def _steps_per_epoch(spec) -> int | None:
-    path = Path(spec.data.root) / spec.data.train
     try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return len(records) // spec.batch.samples_per_step if isinstance(records, list) else None
+        tokenizer = load_tokenizer(stage.tokenizer_folder())
+        records = load_split(
+            split_source(spec.data, spec.data.train, spec.storage.to_settings()),
+            tokenizer,
+            num_visual_tokens=num_visual_tokens,
+            max_bad_fraction=spec.data.max_bad_fraction,
+            workers=spec.data.num_workers,
+        )
+    except (UserError, StorageError):
+        return None, None
+    return length_stats(records), len(records)
 
 
 def build_plan(
@@ -154,55 +100,19 @@ def build_plan(
 ) -> dict:
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
-    if isinstance(spec, InflateSpec):
-        from cos_model import inflate_config
-
-        src = source_config(spec.source, spec.storage.to_settings())
-        dst = inflate_config(src, spec.plan_arg())
-        return {
-            "stage": "inflate",
-            "visual_tokens": dst.num_visual_tokens,
-            "image_size": dst.image_size,
-            "scales": scale_table(dst),
-            "source_visual_tokens": src.num_visual_tokens,
-            "source_image_size": src.image_size,
-            "output": join_uri(spec.run.output, "model"),
-        }
-    from cos_model import CosForConditionalGeneration
-
-    if isinstance(spec, PretrainSpec):
-        config = _pretrain_config(spec)
-    else:
-        config = source_config(spec.model.source, spec.storage.to_settings())
-    with torch.device("meta"):
-        model = CosForConditionalGeneration(config)
-    set_trainable(model, list(spec.model.trainable))
+    stage = stage_for(spec)
+    if not stage.trains:
+        return stage.describe()
+    model, lora = stage.plan_model()
+    config = model.config
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lora = 0
-    if isinstance(spec, FinetuneSpec) and spec.lora is not None:
-        lora = lora_params(model, spec.lora.target_modules, spec.lora.r)
-    trainable += lora
-    text_tokens = spec.data.max_text_tokens // 2  # assumed mean; the run measures the real one
-    batch = batch_plan(spec, config.num_visual_tokens, text_tokens, world_size)
-    micro = batch["samples_per_micro_batch"]
-    ds_config = resolve_deepspeed(
-        load_template(spec.deepspeed.template),
-        spec,
-        world_size=world_size,
-        micro_batch_size=micro or 1,
-        device_type=device_type,
-        hidden_size=config.text_config.hidden_size,
-        block_numel=largest_block_numel(model),
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + lora
+    lengths, num_records = training_lengths(spec, stage, config.num_visual_tokens)
+    resolved = resolve(
+        spec, model_shape(model, config, spec, lora), World(world_size, device_type), lengths, num_records
     )
-    bytes_per_param = 2 if use_bf16(spec.deepspeed.precision, device_type) else 4
-    flops = sample_flops(
-        config,
-        text_tokens,
-        spec.model.trainable,
-        lora_params=lora,
-        gradient_checkpointing=spec.model.gradient_checkpointing,
-    )
+    flops, ds_config = resolved.flops, resolved.deepspeed
+    bytes_per_param = 2 if resolved.bf16 else 4
     samples_per_step = spec.batch.samples_per_step
     speed = _speed(flops, samples_per_step, world_size, device_peak_tflops(device_type, peak))
     threshold = ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold")
@@ -213,7 +123,7 @@ def build_plan(
         counts,
         spec.deepspeed.template,
         world_size,
-        batch["micro_batches_per_step"],
+        resolved.micro_batches_per_step,
         bytes_per_param,
         ranks_per_node or _ranks_per_node(spec),
         bandwidth_gbps,
@@ -231,8 +141,12 @@ def build_plan(
         "trainable_params": trainable,
         "total_params": total,
         "world_size": world_size,
-        **batch,
-        "assumed_text_tokens": text_tokens,
+        "samples_per_step": resolved.samples_per_step,
+        "samples_per_micro_batch": resolved.samples_per_micro_batch,
+        "micro_batches_per_step": resolved.micro_batches_per_step,
+        "steps_per_epoch": resolved.steps_per_epoch,
+        "assumed_text_tokens": None if resolved.lengths_measured else resolved.mean_text_tokens,
+        "mean_text_tokens": resolved.mean_text_tokens,
         "flop_passes": passes(spec.model.trainable, lora=lora > 0),
         "lora_params": lora,
         "gradient_checkpointing": spec.model.gradient_checkpointing,
@@ -246,6 +160,7 @@ def build_plan(
         "communication": communication,
         "resume": ({"uri": join_uri(store.uri, "checkpoints", latest.name), "step": latest.step} if latest else None),
         "deepspeed": ds_config,
+        "resolved": resolved.to_dict(),
     }
 
 
@@ -366,9 +281,14 @@ def _format_micro_batch(plan: dict) -> str:
     step = f"step           {plan['samples_per_step']} samples (all ranks){epoch}\n"
     if plan["samples_per_micro_batch"] is None:
         return step + "micro-batch    auto: probed on the device at start to fill its memory"
+    lengths = (
+        f"assuming {plan['assumed_text_tokens']} text tokens: the training data is not on this machine"
+        if plan["assumed_text_tokens"] is not None
+        else f"{plan['mean_text_tokens']} text tokens on average, measured on the prepared training split"
+    )
     return step + (
         f"micro-batch    ~{plan['samples_per_micro_batch']} samples, ~{plan['micro_batches_per_step']} "
-        f"per step per rank (assuming {plan['assumed_text_tokens']} text tokens)"
+        f"per step per rank ({lengths})"
     )
 
 

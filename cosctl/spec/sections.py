@@ -203,6 +203,10 @@ class DeepSpeedSpec(Section):
             raise ValueError(f"{clash} come from the batch/optim/precision settings; set those instead")
         return overrides
 
+    def trains_in_bf16(self, device_type: str) -> bool:
+        """Whether the run trains in bf16 on this device type ("cpu", "cuda"): auto = bf16 on a GPU."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
 
 class CheckpointSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="Save every N optimizer steps.")

@@ -4,15 +4,16 @@
 problem becomes one `SpecError` whose lines read `<file>: <yaml.key.path>: <what is wrong>`. Specs are
 deeply immutable: sections are frozen models, list fields are tuples and the free-form mappings
 (`model.*.config`, `deepspeed.overrides`) are `FrozenDict`s, so `spec_hash` cannot drift after loading.
-Secrets never live in specs (storage credentials come from the environment or an AWS profile).
-`PretrainModelSpec.to_config()` is the only bridge from a spec into `cos_model`. The sections that say
-how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, LoRA) live in
-`cosctl.spec.sections`; this module holds the model sections, the stage specs and the loading.
+Secrets never live in specs (storage credentials come from the environment or an AWS profile). The
+sections that say how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, LoRA)
+live in `cosctl.spec.sections`, the model sections in `cosctl.spec.model`; this module holds the stage
+specs and the loading. A stage object (`cosctl.stages`) makes the model config from a spec.
 
 Loading a spec never imports torch or transformers: the model sub-configs are checked by
 `cosctl.spec.subconfigs` and the geometry by `cos_model.scales.check_layout`, both plain Python, so
-`cosctl validate` answers in a fraction of a second. `spec_checks.check_paths(spec)` is the separate pre-flight that
-looks at the files a spec names (data, tokenizer, model folders and their config.json).
+`cosctl validate` answers in a fraction of a second. `cosctl.spec.paths.check_paths(spec)` is the
+separate pre-flight that looks at the files a spec names (data, tokenizer, model folders and their
+config.json).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -33,18 +34,16 @@ from pydantic import (
     model_validator,
 )
 
-from cos_model import DEFAULT_SCALES, PRESETS, Scale
+from cos_model import PRESETS
 
 from ..common.errors import SpecError
-from .checks import _config_error_message, _model_problems
-from .frozen import FrozenDict, thaw
+from .model import FinetuneModelSpec, PositiveScale, PretrainModelSpec
 from .sections import (
     BatchSpec,
     CheckpointSpec,
     DataSpec,
     DeepSpeedSpec,
     EvalSpec,
-    FreeMapping,
     LoraSpec,
     OptimSpec,
     RunSection,
@@ -52,117 +51,11 @@ from .sections import (
     SlurmSpec,
     StorageSpec,
 )
-from .subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, coerce_floats, fields_for
 
-if TYPE_CHECKING:
-    from cos_model import CosConfig
-
-MODULES = ("vision_tower", "resampler", "projector", "language_model")
-Module = Literal["vision_tower", "resampler", "projector", "language_model"]
 InflatePreset = Literal[tuple(PRESETS)]  # the names cos_model defines; nothing to keep in sync here
 INFLATE_PRESETS: tuple[str, ...] = get_args(InflatePreset)
 _PLAN_ERROR = f"must be one of {', '.join(INFLATE_PRESETS)} or a mapping with image_size and scales"
 _STAGES = ("pretrain", "inflate", "finetune")
-
-
-class ComponentSpec(Section):
-    path: str | None = Field(
-        None, description="Local folder of a pretrained checkpoint; null = random init from `config`."
-    )
-    config: FreeMapping = Field(default_factory=FrozenDict, description="Config fields (random init) or overrides.")
-
-
-class ScaleItem(Section):
-    """One resampler scale as YAML writes it; `to_scale()` gives the `cos_model.Scale` it describes."""
-
-    window: int = Field(gt=0, description="Window side in patches.")
-    queries_per_window: int = Field(gt=0, description="Learned queries per window.")
-    parent: int | None = Field(None, ge=0, description="Source scale this one was inflated from (inflate plans).")
-
-    def to_scale(self) -> Scale:
-        return Scale(self.window, self.queries_per_window, self.parent)
-
-
-class PretrainModelSpec(Section):
-    vision: ComponentSpec = Field(description="CLIP vision tower.")
-    text: ComponentSpec = Field(description="Causal LM (config needs model_type when random).")
-    tokenizer: str = Field(description="Local tokenizer folder (the LLM's, or the synthetic set's).")
-    image_size: int = Field(224, gt=0, description="Input resolution in pixels.")
-    feature_layers: tuple[int, ...] = Field((15, 22), description="0-indexed ViT blocks read.")
-    scales: tuple[ScaleItem, ...] = Field(
-        default_factory=lambda: tuple(ScaleItem(**s.to_dict()) for s in DEFAULT_SCALES),
-        description="Resampler scales, global first: window (patches per side) and queries per window; the "
-        "default is the 32-token chain [{16, 16}, {4, 1}].",
-    )
-    resampler_num_heads: int = Field(16, gt=0, description="Attention heads of every resampler cross-attention.")
-    bridge_init_std: float = Field(
-        0.02,
-        gt=0.0,
-        description="Std of the new bridge's trunc-normal init (queries, Linear weights): 0.02 for 1024-wide "
-        "towers, about 1/sqrt(vision width) for narrow ones.",
-    )
-    trainable: tuple[Module, ...] = Field(("resampler", "projector"), description="Top-level modules that train.")
-    gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
-
-    @model_validator(mode="after")
-    def _components_are_buildable(self) -> PretrainModelSpec:
-        problems = _model_problems(self)
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    def to_config(self, vocab_size: int, image_token_id: int) -> CosConfig:
-        """The CosConfig this spec describes (reads config.json from local paths; builds no weights)."""
-        from transformers import AutoConfig, CLIPVisionConfig
-
-        from cos_model import CosConfig
-
-        vision = _local_config(CLIPVisionConfig, self.vision.path, "model.vision.path")
-        vision.update(
-            coerce_floats(thaw(self.vision.config), KNOWN_FIELDS[VISION_MODEL_TYPE]),
-            image_size=self.image_size,
-            model_type=VISION_MODEL_TYPE,
-        )
-        text = _local_config(AutoConfig, self.text.path, "model.text.path")
-        overrides = thaw(self.text.config)
-        model_type = overrides.get("model_type", text.get("model_type"))
-        text.update(coerce_floats(overrides, fields_for(model_type) if isinstance(model_type, str) else None))
-        if self.text.path is None:
-            text["vocab_size"] = vocab_size
-        try:
-            return CosConfig(
-                vision_config=vision,
-                text_config=text,
-                feature_layers=list(self.feature_layers),
-                scales=[s.to_scale() for s in self.scales],
-                resampler_num_heads=self.resampler_num_heads,
-                bridge_init_std=self.bridge_init_std,
-                image_token_id=image_token_id,
-            )
-        except Exception as err:  # transformers' strict configs raise their own error types
-            if not isinstance(err, (ValueError, TypeError)) and type(err).__module__.split(".")[0] != "huggingface_hub":
-                raise
-            raise ValueError(_config_error_message(err)) from None
-
-
-def _local_config(config_class, path: str | None, key: str) -> dict:
-    """config.json of a local model folder as a dict ({} for none); nothing is ever downloaded."""
-    if path is None:
-        return {}
-    if not (Path(path) / "config.json").is_file():
-        raise SpecError(f"{key}: {path} is not a local model folder with a config.json")
-    try:
-        return config_class.from_pretrained(path, local_files_only=True).to_dict()
-    except (OSError, ValueError) as err:
-        raise SpecError(f"{key}: cannot read {path}/config.json: {err}") from None
-
-
-class FinetuneModelSpec(Section):
-    source: str = Field(description="URI of an inflated model folder (the inflate stage's output).")
-    trainable: tuple[Module, ...] = Field(
-        ("resampler", "projector"), description="Top-level modules trained in full (the LLM trains through lora)."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute LLM activations in the backward pass.")
 
 
 class TrainingSpec(Section):
@@ -205,7 +98,7 @@ class FinetuneSpec(TrainingSpec):
 
 class InflatePlan(Section):
     image_size: int = Field(gt=0, description="Resolution of the inflated model in pixels.")
-    scales: tuple[ScaleItem, ...] = Field(min_length=1, description="Scales of the inflated model, global first.")
+    scales: tuple[PositiveScale, ...] = Field(min_length=1, description="Scales of the inflated model, global first.")
 
 
 # `plan` is a preset name or a mapping; the input's type picks the branch, so an error names one of them
@@ -238,7 +131,7 @@ class InflateSpec(Section):
         """The plan in the form `cos_model.inflate_config` takes."""
         if isinstance(self.plan, str):
             return self.plan
-        return {"image_size": self.plan.image_size, "scales": [s.to_scale() for s in self.plan.scales]}
+        return {"image_size": self.plan.image_size, "scales": list(self.plan.scales)}
 
 
 RunSpec = Annotated[Union[PretrainSpec, InflateSpec, FinetuneSpec], Field(discriminator="stage")]
@@ -284,7 +177,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
             message = message.replace("Tuple ", "List ", 1)
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             key, message = "stage", f"must be one of {', '.join(_STAGES)}"
-        elif e["type"] == "extra_forbidden":
+        elif e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's key, a Scale's
             message = "unknown key (check the spelling; see `cosctl spec schema`)"
         elif e["type"] == "missing":
             message = "required key is missing" + MISSING_HINTS.get(_yaml_key(_yaml_loc(loc)), "")

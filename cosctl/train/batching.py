@@ -51,6 +51,7 @@ from ..common.errors import DataError, UserError
 from ..data.images import ImageSource
 from ..data.records import Example, collate
 from ..data.tokenstore import Sample
+from ..plan.resolve import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +182,6 @@ def split_step(
             plan += [MicroBatch((shortest,), filler=True)] * (target - len(plan))
         plans.append(plan)
     return plans
-
-
-def samples_per_micro_batch(num_visual_tokens: int, num_text_tokens: int, tokens_per_micro_batch: int) -> int:
-    """How many samples of this length fit a micro-batch of `tokens_per_micro_batch` padded tokens."""
-    sample_length = num_visual_tokens + num_text_tokens
-    if sample_length <= 0 or tokens_per_micro_batch <= 0:
-        raise ValueError(f"lengths and budget must be positive, got {sample_length} and {tokens_per_micro_batch}")
-    return tokens_per_micro_batch // sample_length
-
-
-def steps_per_epoch(num_examples: int, samples_per_step: int) -> int:
-    return num_examples // samples_per_step
 
 
 def padding_fraction(micro_batches: Sequence[MicroBatch], lengths: Sequence[int], packing: bool) -> float:

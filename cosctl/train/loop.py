@@ -37,11 +37,12 @@ from ..common.dist import agreed, all_reduce, any_rank, gather
 from ..common.errors import StorageError, UserError
 from ..common.log import log
 from ..data.conversation import num_label_tokens
+from ..plan.flops import SampleFlops, peak_tflops
 from ..spec.specs import TrainingSpec
 from ..storage import join_uri
 from .autobatch import MemoryMeter
 from .heldout import Evaluator, GenerationEval
-from .metrics import MetricsSink, SampleFlops, peak_tflops, sample_flops
+from .metrics import MetricsSink
 from .run import Run, choose_budget, setup_run
 
 
@@ -71,16 +72,7 @@ def run_training(
     if run.dist.is_main:
         trim_metrics(run.run_dir / "metrics.jsonl", step)
     sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
-    meter = StepMeter(
-        run,
-        sample_flops(
-            run.stage.cos_config,
-            run.lengths.mean_text_tokens,
-            trainable=[m for m in run.trainable if m != "lora"],
-            lora_params=run.trainable.get("lora", 0),
-            gradient_checkpointing=spec.model.gradient_checkpointing,
-        ),
-    )
+    meter = StepMeter(run, run.resolved.flops)
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else {}
     if sink and first_eval:
@@ -112,7 +104,7 @@ def run_training(
     if not run.checkpointer.save(run.engine, loader.state_dict(), step, wait=True):
         raise stop_run(run, sink, loader, step, Stop(run.checkpointer.stop_reason(), REQUEUE, save=False))
     try:
-        artefact = join_uri(output, run.stage.write_final(run.engine))
+        artefact = join_uri(output, run.stage.write_final(run.engine, run.store, run.run_dir / "staging"))
     except StorageError as err:  # the store stayed down past its limit: requeue and publish then
         raise stop_run(run, sink, loader, step, Stop(str(err), REQUEUE, save=False)) from None
     _close(run, sink)

@@ -6,6 +6,7 @@ model in its DeepSpeed engine and makes the checkpointer; `Run` holds the result
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +18,16 @@ from ..common.log import log, setup_logging
 from ..data.prepare import load_split, split_source
 from ..data.records import LengthStats, length_stats
 from ..data.tokenstore import StoreRecords
+from ..plan.resolve import Resolved, World, model_shape, resolve
 from ..spec.specs import TrainingSpec
-from ..stages.stage import Stage, prepare_stage
+from ..stages import TrainingStage, stage_for
+from ..stages.base import trainable_summary
 from ..storage import ObjectStore, open_store
 from .autobatch import probe_micro_batch
-from .batching import (
-    MicroBatchDataset,
-    StepLoader,
-    check_budget_fits,
-    eval_micro_batches,
-    longest_sample,
-    samples_per_micro_batch,
-)
-from .engine import build_engine, expected_trainable_groups, trainable_summary
+from .batching import MicroBatchDataset, StepLoader, check_budget_fits, eval_micro_batches, longest_sample
+from .engine import build_engine
+
+RESOLVED_FILE = "resolved.json"  # under the run dir: what the run resolved its spec to (`cosctl plan`'s numbers)
 
 
 @dataclass(frozen=True)
@@ -59,13 +57,14 @@ class Run:
     dist: Dist
     store: ObjectStore  # the run's output: checkpoints and the published artefact
     run_dir: Path  # local: metrics, TensorBoard, staging
-    stage: Stage
+    stage: TrainingStage  # its tokenizer, model and cos_config are built
     engine: object  # deepspeed.DeepSpeedEngine
     scheduler: object
     checkpointer: Checkpointer
     train_examples: StoreRecords  # memory-mapped prepared records (cosctl.data.tokenstore)
     eval_examples: StoreRecords | None
     trainable: dict[str, int]  # trainable parameters per top-level module
+    resolved: Resolved  # the spec's numbers on this world and data (`cosctl plan` prints the same)
 
     @property
     def lengths(self) -> LengthStats:
@@ -130,13 +129,14 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     run_dir = Path(run_dir)
     store = open_store(output, spec.storage.to_settings())
     started, before = time.monotonic(), host_rss_gib()
-    stage = prepare_stage(spec, store, run_dir / "staging", dist_info)
+    stage = stage_for(spec).build(run_dir / "staging", dist_info)
     _log_build(time.monotonic() - started, before, dist_info)
     train_examples = _load_split(spec, stage, spec.data.train, spec.data.max_bad_fraction)
     evaluated = spec.data.eval is not None and spec.eval.every_steps
     eval_examples = _load_split(spec, stage, spec.data.eval, 1.0) if evaluated else None
     check_budget(spec, train_examples, eval_examples)  # before the engine: not when that step comes
-    engine, scheduler, trainable = _build_checked_engine(spec, stage, length_stats(train_examples), dist_info)
+    resolved = _resolve(spec, stage, train_examples, dist_info, run_dir)
+    engine, scheduler, trainable = _build_checked_engine(spec, stage, resolved, dist_info)
     checkpointer = Checkpointer(spec, store, run_dir / "staging", dist_info, stage.write_trainable)
     return Run(
         spec,
@@ -150,7 +150,29 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
         train_examples,
         eval_examples,
         trainable,
+        resolved,
     )
+
+
+def _resolve(spec: TrainingSpec, stage: TrainingStage, train: StoreRecords, dist_info: Dist, run_dir: Path) -> Resolved:
+    """The spec resolved on this world and the prepared training split (`cosctl.plan.resolve`: the
+    numbers `cosctl plan` prints), logged and written to `<run dir>/resolved.json` by rank 0."""
+    lora = trainable_summary(stage.model).get("lora", 0)
+    shape = model_shape(stage.model, stage.cos_config, spec, lora)
+    world = World(dist_info.world_size, dist_info.device.type)
+    resolved = resolve(spec, shape, world, length_stats(train), len(train))
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESOLVED_FILE).write_text(json.dumps(resolved.to_dict(), indent=1, sort_keys=True))
+    micro = resolved.samples_per_micro_batch
+    log.info(
+        f"resolved on {world.size} rank(s): {resolved.samples_per_step} samples per step "
+        f"({resolved.samples_per_rank} on the busiest rank), {resolved.steps_per_epoch} steps per epoch, "
+        f"{resolved.mean_text_tokens} text tokens per sample on average, "
+        + (f"~{micro} samples per micro-batch" if micro else "micro-batches probed (auto)")
+        + f", {resolved.flops.model:.3g} model FLOPs per sample"
+    )
+    return resolved
 
 
 def check_budget(spec: TrainingSpec, train: StoreRecords, held_out: StoreRecords | None) -> None:
@@ -182,14 +204,13 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
     if spec.batch.tokens_per_micro_batch != "auto":
         return Budget(spec.batch.tokens_per_micro_batch, "spec")
     lengths = run.lengths
-    share = -(-spec.batch.samples_per_step // run.dist.world_size)  # a rank's samples in a step
     probe = probe_micro_batch(
         run.engine,
         run.stage.cos_config,
         lengths.min_text_tokens,
         memory_fraction=spec.batch.memory_fraction,
         max_tokens=spec.batch.max_tokens_per_micro_batch,
-        max_samples=share,
+        max_samples=run.resolved.samples_per_rank,
         device=run.dist.device,
     )
     log.info(probe.summary())
@@ -216,7 +237,7 @@ def _log_build(seconds: float, before_gib: float, dist_info: Dist) -> None:
     )
 
 
-def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: float) -> StoreRecords:
+def _load_split(spec: TrainingSpec, stage: TrainingStage, name: str, max_bad_fraction: float) -> StoreRecords:
     """The split's prepared token store (prepared now, over all ranks, unless a run already did),
     memory-mapped on every rank (docs/design.md §5)."""
     source = split_source(spec.data, name, spec.storage.to_settings())
@@ -229,21 +250,17 @@ def _load_split(spec: TrainingSpec, stage: Stage, name: str, max_bad_fraction: f
     )
 
 
-def _build_checked_engine(spec: TrainingSpec, stage: Stage, lengths: LengthStats, dist_info: Dist):
-    """The DeepSpeed engine around the stage's model; refuses a trainable set other than the spec's."""
-    budget = spec.batch.tokens_per_micro_batch
+def _build_checked_engine(spec: TrainingSpec, stage: TrainingStage, resolved: Resolved, dist_info: Dist):
+    """The DeepSpeed engine around the stage's model, with the resolved config; refuses a trainable set
+    other than the stage's."""
     # DeepSpeed uses the micro-batch size only for its batch bookkeeping; auto is probed on the engine.
-    share = max(1, spec.batch.samples_per_step // dist_info.world_size)  # samples per rank and step
-    micro_estimate = (
-        1
-        if budget == "auto"
-        else samples_per_micro_batch(stage.cos_config.num_visual_tokens, lengths.mean_text_tokens, budget)
-    )
-    engine, scheduler, _ = build_engine(stage.model, spec, dist_info, max(1, min(micro_estimate, share)))
+    engine, scheduler, ds_config = build_engine(stage.model, spec, dist_info, resolved.samples_per_micro_batch or 1)
+    if ds_config != resolved.deepspeed:
+        raise RuntimeError("the engine's DeepSpeed config differs from the resolved one")
     trainable = trainable_summary(engine.module)
     log.info("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
-    if set(trainable) != expected_trainable_groups(spec):
+    if set(trainable) != stage.trainable_groups():
         raise RuntimeError(
-            f"trainable modules {sorted(trainable)} differ from the spec's {sorted(expected_trainable_groups(spec))}"
+            f"trainable modules {sorted(trainable)} differ from the spec's {sorted(stage.trainable_groups())}"
         )
     return engine, scheduler, trainable

@@ -1,9 +1,6 @@
-"""Checks of a run spec beyond its field types: the model section's problems (names, types, shapes
-and geometry, in plain Python through `cosctl.spec.subconfigs`, so checking a spec never imports torch),
-and `check_paths`: the local files a valid spec names (data, tokenizer, model folders and their
-config.json), which `cosctl validate` and every training command's pre-flight run.
-
-Every problem is one `key: what is wrong` line.
+"""`check_paths`: the local files a valid spec names (data, tokenizer, model folders and their
+config.json), which `cosctl validate` and every training command's pre-flight run. Reads no weights and
+imports no torch. Every problem is one `key: what is wrong` line.
 """
 
 from __future__ import annotations
@@ -12,94 +9,10 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cos_model.scales import check_layout
-
-from .subconfigs import (
-    KNOWN_FIELDS,
-    VISION_MODEL_TYPE,
-    describe,
-    field_problems,
-    fields_for,
-    resolve,
-    shape_problems,
-)
-
-if TYPE_CHECKING:
-    from .specs import DataSpec, PretrainModelSpec
-
-
-def _config_error_message(err: Exception) -> str:
-    """One line naming the spec key for an error of CosConfig or a transformers config class."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    message = lines[-1] if lines else type(err).__name__
-    if type(err).__module__.split(".")[0] == "huggingface_hub":
-        return f"model: {message}"
-    # The resolution is model.image_size in the spec, not a vision config field.
-    return message.replace("vision_config.image_size", "image_size").replace("vision_config.", "vision.config.")
-
-
-def _model_problems(model: PretrainModelSpec) -> list[str]:
-    """Every problem of the model section as `key: problem` lines (keys relative to `model`), checked
-    in plain Python: field names and value types first, then the shapes (heads, geometry) of whatever
-    the spec alone determines. Shapes that depend on a model folder's config.json are `check_paths`'s."""
-    if not model.trainable:
-        return ["trainable: at least one module must train"]
-    vision, text = model.vision.config, model.text.config
-    vision_fields = KNOWN_FIELDS[VISION_MODEL_TYPE]
-    problems = []
-    if "image_size" in vision:
-        problems.append("vision.config.image_size: set the resolution with model.image_size instead")
-    if vision.get("model_type", VISION_MODEL_TYPE) != VISION_MODEL_TYPE:
-        problems.append(
-            f"vision.config.model_type: the vision tower is a CLIP ViT ({VISION_MODEL_TYPE}), "
-            f"got {describe(vision['model_type'])}"
-        )
-    problems += field_problems({k: v for k, v in vision.items() if k != "image_size"}, vision_fields, "vision.config")
-    model_type, text_fields = text.get("model_type"), None
-    if model_type is None:
-        if model.text.path is None:
-            problems.append("text.config.model_type: required when text.path is null (e.g. llama)")
-    elif not isinstance(model_type, str):
-        problems.append(f"text.config.model_type: unknown model type {model_type!r}")
-    else:
-        text_fields = fields_for(model_type)
-        if text_fields is None:
-            problems.append(f"text.config.model_type: unknown model type {model_type!r}")
-    if model_type is None or text_fields is not None:
-        problems += field_problems(text, text_fields, "text.config")
-    if problems:
-        return problems
-    if model.text.path is None:
-        problems += shape_problems(resolve(text, text_fields), text_fields, "text.config")
-    if model.vision.path is None:
-        resolved = resolve(vision, vision_fields)
-        problems += shape_problems(resolved, vision_fields, "vision.config") or _layout_problems(model, resolved)
-    return problems
-
-
-def _layout_problems(model: PretrainModelSpec, vision: Mapping) -> list[str]:
-    """The geometry rule of `CosConfig` (resolution, feature blocks, scales, resampler heads) for a
-    resolved vision config, as `key: problem` lines relative to `model`."""
-    for key in ("patch_size", "num_hidden_layers", "hidden_size"):
-        value = vision.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # possible in a folder's config.json
-            return [f"vision.config.{key}: must be a positive integer, got {describe(value)}"]
-    try:
-        check_layout(
-            image_size=model.image_size,
-            patch_size=vision["patch_size"],
-            vision_layers=vision["num_hidden_layers"],
-            vision_width=vision["hidden_size"],
-            feature_layers=model.feature_layers,
-            scales=[s.to_scale() for s in model.scales],
-            resampler_num_heads=model.resampler_num_heads,
-        )
-    except ValueError as err:
-        return [_config_error_message(err)]
-    return []
-
+from .model import PretrainModelSpec, layout_problems
+from .sections import DataSpec
+from .subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, field_problems, fields_for, resolve, shape_problems
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -113,7 +26,7 @@ def check_paths(spec) -> list[str]:
     problems: list[str] = []
     if getattr(spec, "data", None) is not None:  # the training stages
         problems += _data_problems(spec.data)
-    if spec.stage == "pretrain":
+    if isinstance(getattr(spec, "model", None), PretrainModelSpec):  # the model section with local folders
         problems += _model_folder_problems(spec.model)
     return problems
 
@@ -181,7 +94,7 @@ def _folder_shape_problems(model: PretrainModelSpec, folders: dict[str, dict]) -
             {**{k: v for k, v in stored.items() if k in vision_fields}, **model.vision.config}, vision_fields
         )
         where = f"{model.vision.path}/config.json"
-        found = shape_problems(vision, vision_fields, "vision.config") or _layout_problems(model, vision)
+        found = shape_problems(vision, vision_fields, "vision.config") or layout_problems(model, vision)
         problems += [_blame(line, model.vision.config, where, "vision") for line in found]
     if "text" in folders:
         model_type = model.text.config.get("model_type", folders["text"].get("model_type"))

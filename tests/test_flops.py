@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cos_model import CosConfig
-from cosctl.train.metrics import DEFAULT_TRAINABLE, flops_per_sample, passes, sample_flops
+from cosctl.plan.flops import DEFAULT_TRAINABLE, flops_per_sample, passes, sample_flops
 
 # ViT 32 wide (MLP 64), 4-px patches at 64 px: 16x16 grid + CLS = 257 tokens; feature blocks 0 and 1, so
 # 2 blocks run. LLaMA 32 wide (MLP 64), 2 layers, 4 heads, vocabulary 100. Chain [16x16, 4x1]: 32 tokens.

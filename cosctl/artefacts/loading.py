@@ -9,7 +9,7 @@ the store abstraction (a local path, file:// or s3://):
 
 Every load is exact (`cos_model.saved`): a model folder with a missing, mis-shaped or foreign key and an
 adapter that does not fit its base are refused in one line naming the folder and the first keys. An
-adapter's base must be the one it was trained on (`cosctl.stages.stage.check_adapter_base`).
+adapter's base must be the one it was trained on (`cosctl.artefacts.published.check_adapter_base`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,24 @@ import torch
 from ..checkpoint.layout import MANIFEST, fetch_published
 from ..common.errors import CheckpointError, StorageError
 from ..data.records import load_tokenizer
-from ..stages.stage import SOURCE_RECORD, check_adapter_base, fetch_model, published_manifest, read_source_record
 from ..storage import ObjectNotFound, StoreSettings, open_store
+from .published import SOURCE_RECORD, check_adapter_base, fetch_model, published_manifest, read_source_record
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32):
+    """A Chain-of-Sight model folder (a published `model/`, an export), every tensor loaded exactly
+    (`cos_model.saved`; `dtype="auto"` keeps the stored dtype) or one `CheckpointError` naming the
+    folder and the first missing, mis-shaped or foreign keys: transformers' `from_pretrained` only logs
+    missing keys and initialises them at random."""
+    from cos_model.checkpoint_files import CheckpointMismatchError
+    from cos_model.saved import load_model_folder as load_exactly
+
+    try:
+        return load_exactly(model_dir, None if dtype == "auto" else dtype)
+    except CheckpointMismatchError as err:
+        raise CheckpointError(str(err)) from None
 
 
 @dataclass
@@ -127,8 +141,6 @@ def load_fetched(fetched: Fetched, dtype: torch.dtype = torch.float32) -> Loaded
     one-line `CheckpointError`."""
     from cos_model.checkpoint_files import CheckpointMismatchError
     from cos_model.saved import load_adapter
-
-    from ..train.engine import load_model_folder
 
     try:
         model = load_model_folder(str(fetched.model_dir), dtype)

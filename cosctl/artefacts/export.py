@@ -4,12 +4,12 @@ trust_remote_code=True)`, and `pipeline("image-text-to-text", model=out, trust_r
 
 SOURCE holds `adapter/` (a LoRA finetune: peft format, the bridge in `modules_to_save`, the base model
 recorded in `cosctl_source.json`), or `model/` (pretrain, inflate, full finetune), or is a model folder.
-Both are read as `cosctl eval` reads them (`cosctl.evaluate.loading`): every file checked against its
+Both are read as `cosctl eval` reads them (`cosctl.artefacts.loading`): every file checked against its
 manifest, the adapter's base checked against the one it was trained on, and the weights exactly (a
 missing, mis-shaped or foreign key is refused). An adapter is merged into its base (`merge_and_unload`);
 a model folder's weights are copied as they are. The folder then gets:
 
-    config.json             CosConfig + `auto_map` (see `cosctl.export.remote_code`)
+    config.json             CosConfig + `auto_map` (see `cosctl.artefacts.remote_code`)
     model.safetensors
     generation_config.json  the tokenizer's bos/eos/pad ids
     <module>.py             the cos_model modules the config, model and processor import (remote code)
@@ -30,7 +30,7 @@ from cos_model import CosConfig
 
 from ..checkpoint.layout import MANIFEST
 from ..data.records import load_tokenizer
-from ..evaluate.loading import check_model, fetch_for_eval, load_fetched
+from .loading import check_model, fetch_for_eval, load_fetched
 from .remote_code import write_loadable_files
 
 
