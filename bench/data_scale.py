@@ -75,7 +75,8 @@ if path == "before":
                                settings["text"], 1.0)
     options = {"image_root": root}
 else:
-    from cosctl.data.prepare import SplitSource, load_split
+    from cosctl.data.prepare import load_split
+    from cosctl.data.split import SplitSource
     source = SplitSource(root=root, name="train.json", max_text_tokens=settings["text"], image_check="decode")
     records = load_split(source, tokenizer, num_visual_tokens=settings["visual"], max_bad_fraction=1.0)
     options = {}

@@ -99,11 +99,11 @@ def child(mode: str, dtype_name: str, vision: Path, text: Path) -> dict:
         from transformers import AutoModelForCausalLM
 
         from cos_model import CosForConditionalGeneration
-        from cos_model.vision import CosVisionTower
+        from cos_model.building import build_vision_tower
 
         torch.manual_seed(0)
         model = CosForConditionalGeneration(config)
-        tower = CosVisionTower.from_pretrained(vision, num_blocks=model.vision_tower.num_blocks)
+        tower = build_vision_tower(vision, model.vision_tower.num_blocks)[0]
         model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
         del tower
         model.language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)

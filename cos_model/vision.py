@@ -2,13 +2,14 @@
 
 Chain-of-Sight reads ViT features from a few hidden layers (blocks 15 and 22 of ViT-L/14 by default)
 and never needs the blocks after the deepest one, nor the post-LN and pooler: they are not built, so
-they cost neither memory nor compute. A real CLIP checkpoint still loads with `from_pretrained`; the
-weights of the missing blocks are simply unused.
+they cost neither memory nor compute; the weights of the missing blocks are simply unused.
 
-`CosVisionTower.from_pretrained` does not go through transformers' loader: transformers 5 renames the
-`vision_model.*` keys of a CLIP checkpoint only for the class named `CLIPVisionModel`, so a subclass
-would match no key and keep its random init. It uses `cos_model.loading.load_vision_tower`, which maps
-the keys itself and raises `CheckpointMismatchError` on any missing key or shape mismatch.
+A real CLIP checkpoint loads with `cos_model.building.build_vision_tower`, not transformers' loader:
+transformers 5 renames the `vision_model.*` keys of a CLIP checkpoint only for the class named
+`CLIPVisionModel`, so this subclass would match no key and keep its random init
+(`CosVisionTower.from_pretrained` refuses for that reason). The build maps the keys itself
+(`cos_model.loading.load_vision_tower`) and raises `CheckpointMismatchError` on any missing key or shape
+mismatch.
 """
 
 from __future__ import annotations
@@ -32,29 +33,13 @@ class CosVisionTower(CLIPVisionModel):
         del self.post_layernorm
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path,
-        num_blocks: int | None = None,
-        *,
-        config: CLIPVisionConfig | None = None,
-        dtype: torch.dtype | None = None,
-        **kwargs,
-    ) -> CosVisionTower:
-        """The tower from a local CLIP folder (a `CLIPModel` or a `CLIPVisionModel`, with or without the
-        `vision_model.` key prefix), loaded exactly: built on the meta device, the checkpoint tensors
-        assigned (cast to `dtype` if given), the position table resized when `config.image_size`
-        differs from the checkpoint's. `config` defaults to the folder's vision config.
-
-        Raises `CheckpointMismatchError` (a `ValueError`) for a missing key, a shape mismatch or an
-        incompatible architecture; `TypeError` for transformers loading options it does not support.
-        """
-        from .building import build_vision_tower
-
-        if kwargs:
-            raise TypeError(f"CosVisionTower.from_pretrained: unsupported options {sorted(kwargs)}")
-        tower, _ = build_vision_tower(pretrained_model_name_or_path, num_blocks, config=config, dtype=dtype)
-        return tower
+    def from_pretrained(cls, *args, **kwargs):
+        """Refused: transformers' loader would match none of a CLIP checkpoint's keys for this subclass and
+        keep its random init. `cos_model.building.build_vision_tower(folder, num_blocks)` loads exactly."""
+        raise TypeError(
+            "CosVisionTower.from_pretrained would load no weights (transformers maps CLIP keys for "
+            "CLIPVisionModel only): use cos_model.building.build_vision_tower(folder, num_blocks)"
+        )
 
     @property
     def num_blocks(self) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian machine and run the whole test suite, cheapest checks first:
 #   1. a virtualenv with the project and its test extra (torch pinned to the CPU build);
-#   2. lint: `ruff check` and `ruff format --check` (config in pyproject.toml);
+#   2. lint: `ruff check`, `ruff format --check` and `lint-imports` (the package contracts; all configured in
+#      pyproject.toml);
 #   3. the fast tier (`-m "not slow and not s3 and not slurm"`): a minute, fails early;
 #   4. the real servers the s3 and slurm tiers need: a single-host Ceph radosgw (1 mon + 1 OSD on a
 #      sparse file) and a single-node SLURM with munge (installed with apt when missing, so run as
@@ -19,6 +20,7 @@ python3 -m venv .venv
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest -m "not slow and not s3 and not slurm" "$@"
 
 trap '.ci/ceph-s3.sh stop "$CEPH_S3_DIR" >/dev/null 2>&1 || true; .ci/slurm.sh stop >/dev/null 2>&1 || true' EXIT

@@ -23,7 +23,7 @@ from cos_model.loading import (
     load_language_model,
     read_checkpoint,
 )
-from cos_model.vision import CosVisionTower, resize_position_embedding
+from cos_model.vision import resize_position_embedding
 from tests.tiny import TINY_VOCAB, tiny_config
 
 VISION = dict(
@@ -152,7 +152,7 @@ def test_folder_without_weights_names_the_folder(tmp_path):
 
 def test_clip_model_folder_gives_clip_vision_model_features(clip_folder):
     """A CLIPModel folder (vision_model.* keys + text tower) loads exactly: features equal CLIPVisionModel's."""
-    tower = CosVisionTower.from_pretrained(clip_folder, num_blocks=3)
+    tower = build_vision_tower(clip_folder, 3)[0]
     assert_features_match(tower, clip_folder, [1, 2], torch.randn(2, 3, 64, 64))
 
 
@@ -187,7 +187,7 @@ def test_prefixed_vision_folder_gives_equal_features(tmp_path, fmt):
 def test_vit_l14_geometry_features_equal(tmp_path):
     """A CLIP with ViT-L/14 geometry (patch 14, 224 px, 24 blocks) at narrow width: blocks 15 and 22 equal."""
     save_clip(tmp_path, vision=VIT_L14_NARROW)
-    tower = CosVisionTower.from_pretrained(tmp_path, num_blocks=23)
+    tower = build_vision_tower(tmp_path, 23)[0]
     assert tower.num_blocks == 23
     assert_features_match(tower, tmp_path, [15, 22], torch.randn(1, 3, 224, 224))
 
@@ -198,7 +198,7 @@ def test_missing_vision_key_is_one_line_error_naming_folder_and_key(tmp_path, cl
     del state["vision_model.encoder.layers.1.mlp.fc2.bias"]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointMismatchError) as err:
-        CosVisionTower.from_pretrained(tmp_path, config=CLIPVisionConfig(**VISION), num_blocks=3)
+        build_vision_tower(tmp_path, 3, config=CLIPVisionConfig(**VISION))[0]
     message = str(err.value)
     assert "\n" not in message and str(tmp_path) in message
     assert "1 missing keys: vision_model.encoder.layers.1.mlp.fc2.bias" in message

@@ -16,7 +16,9 @@ from cosctl.cli.app import app
 from cosctl.common.errors import DataError
 from cosctl.data.records import load_tokenizer
 from cosctl.data.synth import synthesize
-from cosctl.report.write import Run, loss_figure, read_metrics, run_names, write_report
+from cosctl.report.plots import loss_figure
+from cosctl.report.runs import RunFolder, read_metrics, run_names
+from cosctl.report.write import write_report
 from cosctl.spec.specs import load_spec, spec_to_dict
 from cosctl.train.metrics import MetricsSink
 from tests.harness import RECIPES
@@ -130,7 +132,7 @@ def test_resumed_steps_keep_their_last_values(runs):
     assert [s["step"] for s in steps] == list(range(41))
     assert steps[22]["loss"] == pytest.approx(a_loss(22, attempt=1))
     assert steps[20]["eval/vqa/accuracy"] == 0.2 and steps[20]["loss"] == pytest.approx(a_loss(20, attempt=0))
-    run = Run("a", a, steps)
+    run = RunFolder("a", a, steps)
     assert run.train_time_s == pytest.approx(2.0 + 24 * 0.5 + 2.0 + 19 * 0.5 - 5 * 0.5)
     xs, ys = run.series("eval_loss", "time")
     assert xs[0] == 0.0 and len(ys) == 5
@@ -176,7 +178,7 @@ def test_a_loss_spanning_decades_is_drawn_on_a_log_axis(runs):
     loaded = []
     for path in (a, b):
         steps, _, _ = read_metrics(path / "metrics.jsonl")
-        loaded.append(Run(path.parent.name, path, steps))
+        loaded.append(RunFolder(path.parent.name, path, steps))
     fig = loss_figure(loaded)
     try:
         for ax in fig.axes:

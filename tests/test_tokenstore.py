@@ -16,8 +16,9 @@ from cos_model import IGNORE_INDEX
 from cosctl.common.errors import StorageError
 from cosctl.common.log import setup_logging
 from cosctl.data import prepare, prepare_parts, tokenstore
-from cosctl.data.prepare import SplitSource, load_split, prepare_split
+from cosctl.data.prepare import load_split, prepare_split
 from cosctl.data.records import DataError, load_examples, load_tokenizer
+from cosctl.data.split import SplitSource
 from cosctl.data.tokenstore import TokenStore
 from cosctl.storage import StoreSettings
 from cosctl.train.batching import StepLoader

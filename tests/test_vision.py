@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from cos_model.building import build_vision_tower
 from cos_model.vision import CosVisionTower, resize_position_embedding
 
 VISION = dict(
@@ -17,7 +18,7 @@ def test_features_equal_clip_hidden_states_of_chosen_blocks(tmp_path):
     torch.manual_seed(0)
     clip = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
     clip.save_pretrained(tmp_path)
-    tower = CosVisionTower.from_pretrained(tmp_path, num_blocks=3).eval()
+    tower = build_vision_tower(tmp_path, 3)[0].eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         hidden = clip(pixels, output_hidden_states=True).hidden_states  # [0] = embeddings

@@ -67,8 +67,8 @@ def eval_(
     try:
         if nproc > 1 and not under_launcher():
             # Checked once here, so a mistake is one line rather than one per rank and a launcher trace.
-            from ..evaluate.command import read_inputs
             from ..artefacts.loading import check_source
+            from ..evaluate.command import read_inputs
 
             read_inputs(data, images or data.parent, limit, baseline_from)
             check_source(model)

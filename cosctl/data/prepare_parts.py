@@ -1,6 +1,7 @@
 """The work of preparing a store, done in forked processes: each rank's slice of the records validated,
 tokenised and image-checked into a part (`prepare_part`), and the parts merged into the store's files
-(`write_store`). Nothing here uses the process group; `cosctl.data.prepare` orchestrates the ranks.
+(`cosctl.data.split.write_store`, where `StoreLocation` says). Nothing here uses the process group;
+`cosctl.data.prepare` orchestrates the ranks.
 """
 
 from __future__ import annotations
@@ -8,22 +9,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..common.errors import DataError
 from .conversation import encode_records
-from .records import MAX_REPORTED_BAD_IDS, DataReport, read_records
-from .tokenstore import FORMAT, META
-
-if TYPE_CHECKING:
-    from .prepare import SplitSource, StoreLocation
+from .records import read_records
+from .split import SplitSource, StoreLocation
+from .tokenstore import pack_strings
 
 CHUNK_RECORDS = 4096
 
@@ -151,13 +148,6 @@ def _check_images(names: list[str]) -> list[str | None]:
     return [_JOB["images"].problem(name, decode=_JOB["decode"]) for name in names]
 
 
-def _strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = [value.encode("utf-8") for value in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(value) for value in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
-
-
 def _assemble_part(chunks: list[dict], problems: dict[str, str | None], num_records: int) -> dict[str, np.ndarray]:
     """One rank's kept records as flat arrays (records whose image is bad move to the bad list)."""
     bad = [item for chunk in chunks for item in chunk["bad"]]
@@ -182,10 +172,10 @@ def _assemble_part(chunks: list[dict], problems: dict[str, str | None], num_reco
     rows = {image: row for row, image in enumerate(table)}
     task_table = sorted(set(tasks))
     task_rows = {task: row for row, task in enumerate(task_table)}
-    id_blob, id_offsets = _strings(ids)
-    image_blob, image_offsets = _strings(table)
-    bad_blob, bad_offsets = _strings([json.dumps(item) for item in bad])
-    task_blob, task_offsets = _strings(task_table)
+    id_blob, id_offsets = pack_strings(ids)
+    image_blob, image_offsets = pack_strings(table)
+    bad_blob, bad_offsets = pack_strings([json.dumps(item) for item in bad])
+    task_blob, task_offsets = pack_strings(task_table)
 
     def joined(name: str, dtype) -> np.ndarray:
         return np.concatenate([part[name] for part in keep_parts]).astype(dtype) if keep_parts else np.zeros(0, dtype)
@@ -208,89 +198,3 @@ def _assemble_part(chunks: list[dict], problems: dict[str, str | None], num_reco
         "bad_offsets": bad_offsets,
         "num_records": np.array([num_records], dtype=np.int64),
     }
-
-
-def _blob_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    data = blob.tobytes()
-    return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-
-
-def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, source: SplitSource) -> dict:
-    """Merge the parts (in rank order, i.e. record order) into the store's files under `folder`."""
-    images: list[str] = []
-    image_rows: dict[str, int] = {}
-    tasks: list[str] = []
-    task_rows: dict[str, int] = {}
-    image_refs, task_refs = [], []
-    for part in parts:
-        local_images = _blob_strings(part["image_table"], part["image_table_offsets"])
-        for image in local_images:
-            if image not in image_rows:
-                image_rows[image] = len(images)
-                images.append(image)
-        remap = np.array([image_rows[image] for image in local_images] + [-1], dtype=np.int32)
-        image_refs.append(remap[part["image_ref"]])  # -1 indexes the trailing -1
-        local_tasks = _blob_strings(part["task_table"], part["task_table_offsets"])
-        for task in local_tasks:
-            if task not in task_rows:
-                task_rows[task] = len(tasks)
-                tasks.append(task)
-        task_remap = np.array([task_rows[task] for task in local_tasks] or [0], dtype=np.uint16)
-        task_refs.append(task_remap[part["task_ref"]] if len(part["task_ref"]) else part["task_ref"])
-    lengths = np.concatenate([part["lengths"] for part in parts])
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    id_offsets = [np.zeros(1, np.int64)]
-    base = 0
-    for part in parts:
-        id_offsets.append(part["id_offsets"][1:] + base)
-        base += int(part["id_offsets"][-1])
-    image_blob, image_offsets = _strings(images)
-    arrays = {
-        "tokens": np.concatenate([part["tokens"] for part in parts]),
-        "labels": np.concatenate([part["labels"] for part in parts]),
-        "offsets": offsets,
-        "image_pos": np.concatenate([part["image_pos"] for part in parts]),
-        "image_ref": np.concatenate(image_refs).astype(np.int32),
-        "task_ref": np.concatenate(task_refs).astype(np.uint16),
-        "id_offsets": np.concatenate(id_offsets),
-        "image_offsets": image_offsets,
-    }
-    files = {}
-    for name, array in arrays.items():
-        np.save(folder / f"{name}.npy", array)
-        files[f"{name}.npy"] = (folder / f"{name}.npy").stat().st_size
-    blobs = {"ids.bin": b"".join(part["ids"].tobytes() for part in parts), "images.bin": image_blob.tobytes()}
-    for name, blob in blobs.items():
-        (folder / name).write_bytes(blob)
-        files[name] = len(blob)
-    bad = [tuple(json.loads(item)) for part in parts for item in _blob_strings(part["bad"], part["bad_offsets"])]
-    bad.sort()
-    num_records = int(parts[0]["num_records"][0])  # every part holds the file's record count
-    num_text_only = int((arrays["image_pos"] < 0).sum())
-    report = DataReport(
-        source.json_uri(),
-        num_records,
-        len(lengths),
-        dict(Counter(reason for _, _, reason in bad)),
-        [record_id for _, record_id, _ in bad[:MAX_REPORTED_BAD_IDS]],
-        int(sum(int(part["truncated"].sum()) for part in parts)),
-        num_text_only,
-    )
-    if report.num_ok + len(bad) != num_records:
-        raise RuntimeError(f"prepared {report.num_ok} + {len(bad)} bad records of {num_records}")
-    meta = {
-        "format": FORMAT,
-        "key": key,
-        "created": time.time(),
-        "source": source.json_uri(),
-        "root": source.root_id,
-        "max_text_tokens": source.max_text_tokens,
-        "image_check": source.image_check,
-        "num_tokens": int(offsets[-1]),
-        "tasks": tasks,
-        "report": report.to_dict(),
-        "files": files,
-    }
-    (folder / META).write_text(json.dumps(meta, indent=1))
-    return meta

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,17 @@ class StoreRecords:
                 [labels[:image_pos], np.full(self.num_visual_tokens, IGNORE_INDEX, np.int64), labels[image_pos:]]
             )
         return Sample(self.store.record_id(index), ids, labels, self.store.image(index))
+
+
+def pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A string table as the store writes it: UTF-8 back to back, and offsets (one more than strings)."""
+    encoded = [value.encode("utf-8") for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings of a table `pack_strings` wrote."""
+    data = blob.tobytes()
+    return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]

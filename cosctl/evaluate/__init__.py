@@ -2,8 +2,12 @@
 
     records.py     reading and checking eval records; each record's prompt, as training tokenised it
     generation.py  `generate_and_score`: batched greedy generation sharded over ranks (ZeRO-3 safe), scored
-    loading.py     the model from an export, a run output (model/ or adapter/ + its base), any store
+    scoring.py     per-task metrics and the image-free baseline (pure)
+    cider.py       CIDEr-D
     command.py     `run_eval`: files, the baseline beside the model, the table
 
-Heavy imports (torch, transformers, peft) happen in the submodules; import them directly.
+Heavy imports (torch, transformers, peft) happen in the submodules; import them directly. The model to
+evaluate is loaded by `cosctl.artefacts.loading`.
+
+May import: `cosctl.artefacts`, `data`, `storage`, `common`, and `cos_model`.
 """

@@ -6,12 +6,9 @@ against step, and `cosctl eval` results beside the image-free baseline. See `cos
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .write import Run
+from .runs import EVAL_PREFIX, RunFolder
 
-EVAL_PREFIX = "eval/"
 LOG_SCALE_RATIO = 10.0  # a loss curve whose max / min exceeds this is drawn on a log axis
 SMOOTH_ABOVE = 100  # train-loss curves with more points get an EMA line over a faint raw one
 
@@ -25,7 +22,7 @@ def pyplot():
     return plt
 
 
-def _colours(runs: list[Run]) -> dict[str, str]:
+def _colours(runs: list[RunFolder]) -> dict[str, str]:
     palette = [f"C{i}" for i in range(10)]
     return {run.name: palette[index % len(palette)] for index, run in enumerate(runs)}
 
@@ -60,7 +57,7 @@ def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:
         ax.legend(fontsize="small")
 
 
-def loss_figure(runs: list[Run]):
+def loss_figure(runs: list[RunFolder]):
     """Train (solid) and eval (dashed, dots) loss per run, against step and against training time."""
     plt = pyplot()
     colours = _colours(runs)
@@ -109,7 +106,7 @@ def loss_figure(runs: list[Run]):
     return fig
 
 
-def _per_step_figure(runs: list[Run], key: str, title: str, ylabel: str):
+def _per_step_figure(runs: list[RunFolder], key: str, title: str, ylabel: str):
     plt = pyplot()
     colours = _colours(runs)
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
@@ -121,13 +118,13 @@ def _per_step_figure(runs: list[Run], key: str, title: str, ylabel: str):
     return fig
 
 
-def throughput_figure(runs: list[Run]):
+def throughput_figure(runs: list[RunFolder]):
     fig = _per_step_figure(runs, "samples_per_s", "Throughput", "samples / s (all ranks)")
     fig.axes[0].set_ylim(bottom=0)
     return fig
 
 
-def lr_figure(runs: list[Run]):
+def lr_figure(runs: list[RunFolder]):
     fig = _per_step_figure(runs, "lr", "Learning rate", "learning rate")
     fig.axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     return fig
@@ -143,7 +140,7 @@ def _grid(count: int):
     return fig, list(axes.flat[:count])
 
 
-def eval_metrics_figure(runs: list[Run]):
+def eval_metrics_figure(runs: list[RunFolder]):
     """One panel per generation-eval metric (`eval/<task>/<metric>`), against step; None without any."""
     keys = sorted({key for run in runs for key in run.eval_keys})
     if not keys:
@@ -161,7 +158,7 @@ def eval_metrics_figure(runs: list[Run]):
     return fig
 
 
-def eval_final_figure(runs: list[Run]):
+def eval_final_figure(runs: list[RunFolder]):
     """`cosctl eval` results: per task and metric, a bar per run (value written on it) and the run's
     image-free baseline as a dotted tick across its bar; one legend for the figure."""
     evaluated = [run for run in runs if run.eval_result]

@@ -4,6 +4,8 @@
     s3://BUCKET/PREFIX           -> s3.S3Store         (AWS S3, Ceph radosgw, MinIO, moto)
 
 The protocol, the settings and the errors live in `base`; boto3 is imported only when a bucket is used.
+
+May import: `cosctl.common` (the errors) only: plain settings, never a run spec.
 """
 
 from __future__ import annotations
