@@ -15,10 +15,10 @@ import torch
 from cos_model import IGNORE_INDEX
 from cosctl.common.errors import StorageError
 from cosctl.common.log import setup_logging
-from cosctl.data import prepare, prepare_parts, tokenstore
+from cosctl.data import prepare_parts, tokenstore
 from cosctl.data.prepare import load_split, prepare_split
 from cosctl.data.records import DataError, load_examples, load_tokenizer
-from cosctl.data.split import SplitSource
+from cosctl.data.split import SplitSource, split_key
 from cosctl.data.tokenstore import TokenStore
 from cosctl.storage import StoreSettings
 from cosctl.train.batching import StepLoader
@@ -101,17 +101,17 @@ def test_the_key_follows_content_tokenizer_and_settings(llava_dir, tokenizer, tm
     tokenizer files in another folder: the same key."""
     source = source_for(llava_dir)
     path = llava_dir / "train.json"
-    key = prepare._split_key(source, tokenizer)[0]
+    key = split_key(source, tokenizer)[0]
     text, stat = path.read_text(), path.stat()
     path.write_text(text.replace("Are you sure?", "Are you SURE?", 1))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    assert prepare._split_key(source, tokenizer)[0] != key
+    assert split_key(source, tokenizer)[0] != key
     path.write_text(text)
-    assert prepare._split_key(source, tokenizer)[0] == key
-    assert prepare._split_key(source_for(llava_dir, max_text_tokens=64), tokenizer)[0] != key
+    assert split_key(source, tokenizer)[0] == key
+    assert split_key(source_for(llava_dir, max_text_tokens=64), tokenizer)[0] != key
     shutil.copytree(llava_dir / "tokenizer", tmp_path / "elsewhere")
-    assert prepare._split_key(source, load_tokenizer(tmp_path / "elsewhere"))[0] == key
+    assert split_key(source, load_tokenizer(tmp_path / "elsewhere"))[0] == key
 
 
 def test_child_and_worker_processes_prepare_the_same_store(llava_dir, tokenizer, tmp_path):
