@@ -2,10 +2,10 @@
 
 A record is a training record whose last `gpt` turn is the reference (`{"id", "image"?, "task"?,
 "answers"?, "conversations": [human, gpt, ..., human, gpt]}`); one without `image` (LLaVA-1.5's
-text-only ShareGPT records) is generated for from its text alone. Its prompt is the conversation up to and
-including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.conversation.encode_conversation`
-itself: the prompt ids are exactly the ids training produced for the same conversation, cut where the
-last answer's labels start.
+text-only ShareGPT records) is generated for from its text alone. Its prompt is the conversation up to
+and including the last human turn, followed by "ASSISTANT: ", tokenised by
+`cosctl.conversation.encode_conversation` itself: the prompt ids are exactly the ids training produced
+for the same conversation, cut where the last answer's labels start.
 
 Eval numbers must cover the whole file, so a bad record is not skipped: `check_records` raises one
 `DataError` naming how many records are bad, why, and the first ids.
