@@ -84,11 +84,14 @@ class CosForConditionalGeneration(CosPreTrainedModel, GenerationMixin):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the visual tokens written into the image-token positions.
 
-        A batch may hold no image at all (text-only records). In training the vision tower, resampler
-        and projector still run, on one blank image whose output is added times zero: under ZeRO-3
-        their parameters are gathered (and their gradients reduced) collectively, so a rank that
-        skipped them would hang the ranks whose micro-batches do have images. The result and the
-        gradients are those of the text alone (the bridge's gradient is exactly zero)."""
+        A batch may hold no image at all (text-only records). In training, and in any forward of a
+        model whose parameters DeepSpeed ZeRO-3 partitions (it gives each a `ds_id`), the vision tower,
+        resampler and projector still run, on one blank image whose output is added times zero: their
+        parameters are then gathered (and in training their gradients reduced) collectively, so a rank
+        that skipped them would hang the ranks whose batches do have images (ranks generating different
+        records, or training on different micro-batches). The result and the gradients are those of the
+        text alone (the bridge's gradient is exactly zero). A plain model in eval mode, e.g. one
+        loaded with `from_pretrained`, runs the text alone."""
         is_image = input_ids == self.config.image_token_id
         num_image_tokens = int(is_image.sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -102,7 +105,7 @@ class CosForConditionalGeneration(CosPreTrainedModel, GenerationMixin):
         if num_images:
             visual = self.get_image_features(pixel_values).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
-        elif self.training:
+        elif self.training or hasattr(next(self.vision_tower.parameters()), "ds_id"):
             size = self.config.image_size
             blank = torch.zeros(1, 3, size, size, device=embeds.device)
             embeds = embeds + self.get_image_features(blank).to(embeds.dtype).sum() * 0.0

@@ -164,7 +164,7 @@ def greedy_without_cache(model, tokenizer, prompt, image_size: int, steps: int) 
     from cosctl.data.records import load_image
 
     ids = torch.tensor([prompt.input_ids])
-    pixels = load_image(prompt.image, image_size)[None]
+    pixels = None if prompt.image is None else load_image(prompt.image, image_size)[None]
     new = []
     with torch.no_grad():
         for _ in range(steps):
@@ -201,6 +201,31 @@ def test_batched_generation_equals_one_record_at_a_time_and_a_plain_loop(built):
     configured, _ = generate_and_score(model, tokenizer, records, built["data"], **longer)
     assert predictions(configured) == predictions(neutral)
     assert all(row["score"] == scores.per_record[row["id"]] for row in batched)
+
+
+def test_text_only_records_are_generated_beside_image_records(built, tmp_path):
+    """A LLaVA-665K-shaped eval file (runs of text-only ShareGPT records among image records) is generated
+    for whole: batches mixing rows with and without an image, and batches with no image, give the
+    predictions of one record at a time, and a text-only record's is greedy decoding of its text alone."""
+    path = write_llava665k_set(tmp_path / "llava", built["data"], 40, seed=0, name="eval.json", shared_ids=False)
+    model, tokenizer, root = base_model(built), built["tokenizer"], path.parent
+    records = load_eval_records(path, root)
+    text_only = [r for r in records if "image" not in r]
+    assert len(records) == 40 and len(text_only) >= 4
+    prompts = [build_prompt(r, tokenizer, 32, root) for r in records]
+    batches = plan_batches([len(p.input_ids) for p in prompts], 4)
+    kinds = {frozenset(prompts[i].image is None for i in batch) for batch in batches}
+    assert kinds == {frozenset({False}), frozenset({False, True}), frozenset({True})}  # one of each kind
+    kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, device="cpu")
+    batched, scores = generate_and_score(model, tokenizer, records, root, batch_size=4, **kwargs)
+    single, _ = generate_and_score(model, tokenizer, records, root, batch_size=1, **kwargs)
+    assert predictions(batched) == predictions(single)
+    assert [row["id"] for row in batched] == [r["id"] for r in records]
+    assert sum(values["num"] for values in scores.tasks.values()) == 40
+    for record in text_only[:4]:
+        prompt = build_prompt(record, tokenizer, 32, root)
+        assert prompt.image is None and image_token_id(tokenizer) not in prompt.input_ids
+        assert predictions(batched)[prompt.id] == greedy_without_cache(model, tokenizer, prompt, 64, MAX_NEW_TOKENS)
 
 
 def test_batches_are_the_same_whatever_the_number_of_ranks():
@@ -289,20 +314,33 @@ def restore_env():
     os.environ.update(saved)
 
 
+def vision_tower_runs(model) -> list[int]:
+    """A list that grows by the number of images each forward of `model`'s vision tower sees."""
+    runs: list[int] = []
+    model.vision_tower.embeddings.register_forward_hook(lambda module, args, out: runs.append(out.shape[0]))
+    return runs
+
+
 def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
     """On a one-rank ZeRO-3 engine (partitioned weights) the in-process eval gives the plain model's
-    predictions and scores, and leaves the engine in training mode."""
+    predictions and scores, text-only batches included, and leaves the engine in training mode. The
+    plain model runs its vision tower only for the batch with images; the partitioned one for every
+    batch, on one blank image where a batch has none (its gathers are collective)."""
     from cosctl.stages.pretrain import build_pretrain_model
 
     spec = tiny_spec(built["data"], tmp_path / "out")
-    tokenizer, records = built["tokenizer"], built["records"][:10]
+    tokenizer = built["tokenizer"]
+    records = text_only_on_one_rank(built["records"], tokenizer, built["data"])  # 3 batches, 1 with images
     plain = build_pretrain_model(spec, len(tokenizer), image_token_id(tokenizer))
+    plain_runs = vision_tower_runs(plain)
     expected, expected_scores = generate_and_score(
         plain, tokenizer, records, built["data"], max_new_tokens=MAX_NEW_TOKENS, batch_size=4, device="cpu"
     )
+    assert plain_runs == [3]
     engine, dist_info = zero3_engine(spec)
     try:
         assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())
+        engine_runs = vision_tower_runs(engine.module)
         engine.train()
         rows, scores = generate_and_score(
             engine,
@@ -318,6 +356,7 @@ def test_generate_and_score_on_a_zero3_engine(built, tmp_path, restore_env):
         assert engine.module.training
     finally:
         engine.destroy()
+    assert engine_runs == [3, 1, 1]
     assert rows == expected and scores.tasks == expected_scores.tasks
 
 
@@ -326,13 +365,13 @@ import json, sys, torch
 from pathlib import Path
 from cosctl.stages.pretrain import build_pretrain_model
 from cosctl.evaluate.generation import generate_and_score
-from tests.test_evaluate import eos_that_ends_ranks_apart, tiny_spec, zero3_engine
+from tests.test_evaluate import eos_that_ends_ranks_apart, text_only_on_one_rank, tiny_spec, zero3_engine
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = tiny_spec(data, out / "run")
 from cosctl.data.records import load_tokenizer
 from cosctl.data.conversation import image_token_id
 tokenizer = load_tokenizer(data / "tokenizer")
-records = json.loads((data / "train.json").read_text())[:11]
+records = text_only_on_one_rank(json.loads((data / "train.json").read_text()), tokenizer, data)
 plain = build_pretrain_model(spec, len(tokenizer), image_token_id(tokenizer))
 eos_that_ends_ranks_apart(plain, tokenizer, records, data, batch_size=4, world_size=2, steps=8)
 expected, _ = generate_and_score(plain, tokenizer, records, data, max_new_tokens=8, batch_size=4, device="cpu")
@@ -344,18 +383,40 @@ engine.destroy()
 """
 
 
+def text_only_on_one_rank(records: list[dict], tokenizer, data: Path) -> list[dict]:
+    """11 records for two ranks in batches of 4: 3 with an image and 8 text-only (records[3:11] without
+    their image), so that rank 0 gets a batch mixing both and a text-only one, and rank 1 only
+    text-only batches (its own and the filler), while rank 0's first batch runs the vision tower."""
+    text_only = [
+        {"id": f"text-{r['id']}", "conversations": [
+            {"from": "human", "value": r["conversations"][0]["value"].replace(f"{IMAGE_TOKEN}\n", "")},
+            r["conversations"][1],
+        ]}
+        for r in records[3:11]
+    ]  # fmt: skip
+    chosen = records[:3] + text_only
+    prompts = [build_prompt(r, tokenizer, 32, data) for r in chosen]
+    batches = plan_batches([len(p.input_ids) for p in prompts], 4)
+    has_image = [[prompts[i].image is not None for i in batch] for batch in batches]
+    shares = [rank_batches(batches, rank, 2, equal_counts=True) for rank in range(2)]
+    assert has_image[0].count(True) == 3 and not any(has_image[1] + has_image[2]), has_image
+    assert all(prompts[i].image is None for batch in shares[1] for i in batch.indices)
+    assert len(shares[1]) == 2 and not shares[1][1].keep
+    return chosen
+
+
 def eos_that_ends_ranks_apart(model, tokenizer, records, data, *, batch_size: int, world_size: int, steps: int):
     """Make the tokenizer's eos a token the model emits, chosen so that in some round of batches the
     ranks' decoding ends after different numbers of steps (the case ZeRO-3 must keep in step)."""
     from cosctl.data.images import ImageSource
-    from cosctl.evaluate.generation import collate_prompts, load_pixels
+    from cosctl.evaluate.generation import batch_pixels, collate_prompts
 
     prompts = [build_prompt(r, tokenizer, 32, data) for r in records]
     batches = plan_batches([len(p.input_ids) for p in prompts], batch_size)
     rows = {}
     for batch in batches:
         chosen = [prompts[i] for i in batch]
-        pixels = load_pixels(ImageSource(data), [records[i]["image"] for i in batch], 64)
+        pixels = batch_pixels(ImageSource(data), [records[i] for i in batch], 64)
         inputs = collate_prompts(chosen, tokenizer.pad_token_id, pixels)
         out = model.generate(
             **inputs,
@@ -382,10 +443,11 @@ def eos_that_ends_ranks_apart(model, tokenizer, records, data, *, batch_size: in
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_zero3_two_ranks_with_uneven_work_match_the_plain_model(built, tmp_path):
-    """Two ZeRO-3 ranks, one with more batches than the other (11 records in batches of 4: 2 against 1)
-    and rows ending at different steps (eos chosen so), finish without hanging and agree with the
-    plain model on one rank. Without the filler batch or the synced decoding the ranks' gathers
-    mismatch and gloo aborts."""
+    """Two ZeRO-3 ranks, one with more batches than the other (11 records in batches of 4: 2 against 1),
+    rows ending at different steps (eos chosen so), and one rank given only text-only batches while the
+    other's first batch mixes images and text-only rows, finish without hanging and agree with the
+    plain model on one rank. Without the filler batch, the synced decoding or the vision tower run on
+    a blank image by the rank without images, the ranks' gathers mismatch and gloo aborts."""
     run_script_on_two_ranks(ZERO3_SCRIPT, tmp_path, str(built["data"]), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["rows"] == ranks[1]["rows"] == ranks[0]["expected"]
@@ -620,18 +682,27 @@ def test_baseline_from_a_training_file_without_tasks_counts_its_answers(built, t
     assert not (tmp_path / "refused").exists()
 
 
-def test_text_only_records_are_left_out_of_generation_as_text_only(built, tmp_path):
-    """Held-out generation skips a LLaVA file's text-only records (reason `text_only`, not a missing
-    image); a file of text-only records only leaves nothing to generate rather than failing."""
-    path = llava665k(built, tmp_path, 60)
+def test_eval_scores_every_record_of_a_llava665k_held_out_file(built, tmp_path):
+    """`cosctl eval` on a LLaVA-665K-shaped held-out file scores every record, its runs of text-only
+    ShareGPT records included (task `unknown` unless inferred: exact match); the held-out generation's
+    pick (`skip_bad`, `limit`) keeps text-only records too, also from a file that holds nothing else."""
+    path = write_llava665k_set(tmp_path / "llava", built["data"], 40, seed=0, name="eval.json", shared_ids=False)
     records = json.loads(path.read_text())
-    text_only = [r for r in records if "image" not in r]
-    kept = load_eval_records(path, path.parent, limit=1000, skip_bad=True)
-    assert kept and all("image" in r for r in kept)
-    with pytest.raises(DataError, match=rf"text_only={len(text_only)}\b"):
-        load_eval_records(path, path.parent)
-    path.write_text(json.dumps(text_only))
-    assert load_eval_records(path, path.parent, limit=4, skip_bad=True) == []
+    text_only = [r["id"] for r in records if "image" not in r]
+    assert len(text_only) >= 4
+    result = eval_command(built, path, tmp_path / "out", images=str(path.parent))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [r["id"] for r in records]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_records"] == sum(metrics["counts"].values()) == len(records)
+    by_id = {row["id"]: row for row in rows}
+    for key in text_only:
+        assert by_id[key]["task"] == "unknown" and set(by_id[key]["score"]) == {"exact_match"}
+        assert "<image>" not in by_id[key]["prompt"]
+    assert load_eval_records(path, path.parent, limit=12, skip_bad=True) == records[:12]
+    path.write_text(json.dumps([r for r in records if "image" not in r]))
+    assert [r["id"] for r in load_eval_records(path, path.parent, limit=4, skip_bad=True)] == text_only[:4]
 
 
 @pytest.mark.s3

@@ -96,7 +96,8 @@ torch.save({"pixel_values": inputs["pixel_values"], "logits": logits}, out / "te
 """
 )
 
-# Greedy answers to whole conversations, one request at a time: [{"messages", "image"}] -> answers.json.
+# Greedy answers to whole conversations, one request at a time: [{"messages", "image" (a path or None)}]
+# -> answers.json.
 FRESH_CHAT_SCRIPT = (
     NO_PROJECT
     + r"""
@@ -111,7 +112,8 @@ eos = processor.tokenizer.eos_token_id
 rows = []
 for request in requests:
     prompt = processor.apply_chat_template(request["messages"], add_generation_prompt=True)
-    inputs = processor(images=[Image.open(request["image"])], text=prompt, return_tensors="pt")
+    images = [Image.open(request["image"])] if request["image"] else []  # None: a text-only request
+    inputs = processor(images=images, text=prompt, return_tensors="pt")
     new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     new = new.tolist()[: new.tolist().index(eos)] if eos in new.tolist() else new.tolist()
     answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()

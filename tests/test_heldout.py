@@ -101,6 +101,21 @@ def test_one_distinct_image_or_none_swaps_nothing(tmp_path, synth_dir, tokenizer
     assert all(batch.inputs["pixel_values"].shape[0] == 0 for batch in batches)
 
 
+def test_generation_eval_takes_the_first_held_out_records_text_only_ones_included(tmp_path, synth_dir):
+    """The training loop's generation eval takes the first `eval.generate_samples` held-out records in
+    file order, the text-only run that opens a LLaVA-665K-shaped split included, as `cosctl eval` would."""
+    from types import SimpleNamespace
+
+    from cosctl.train.heldout import GenerationEval
+
+    path = write_llava665k_set(tmp_path / "data", synth_dir, 60, seed=1, name="eval.json", source="eval.json")
+    records = text_only_at_both_ends(path)
+    spec = tiny_spec(path.parent, tmp_path / "out", 2, "eval.generate_every_steps=2", "eval.generate_samples=9")
+    picked = GenerationEval(SimpleNamespace(spec=spec)).records
+    assert picked == records[:9]
+    assert sum("image" not in record for record in picked) == 6
+
+
 def llava665k_root(root: Path, tiny_data: Path) -> Path:
     """A data root with a 120-record LLaVA-665K-shaped train.json and a 60-record eval.json that opens
     and closes with text-only runs, images and tokenizer beside them."""
@@ -124,7 +139,8 @@ def expected_swapped(root: Path, num_batches: int = 64) -> int:
 def test_one_rank_evaluates_a_llava665k_split_with_text_only_ends(tiny_data, tmp_path, in_process):
     """One rank in this process, held-out batches collated by the run from a LLaVA-665K-shaped split whose
     first and last micro-batches are text-only: every eval logs the loss, the swapped-image loss and
-    the count of records given another image; generation on the same split skips its text-only records."""
+    the count of records given another image; generation on the same split generates for its first
+    records, the text-only run that opens it (ShareGPT: task `unknown`, exact match)."""
     root = llava665k_root(tmp_path / "data", tiny_data)
     spec = tiny_spec(
         root, tmp_path / "out", 2, "eval.every_steps=2", f"batch.tokens_per_micro_batch={BUDGET}",
@@ -136,7 +152,7 @@ def test_one_rank_evaluates_a_llava665k_split_with_text_only_ends(tiny_data, tmp
     for record in evals.values():
         assert record["eval_loss_swapped_images"] != record["eval_loss"] > 0
         assert record["eval_swapped_records"] == expected_swapped(root) > 0
-    assert any(key.startswith("eval/") for key in evals[2])  # generated and scored
+    assert [key for key in evals[2] if key.startswith("eval/")] == ["eval/unknown/exact_match"]
 
 
 @pytest.mark.slow

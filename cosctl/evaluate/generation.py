@@ -9,16 +9,21 @@ How the work is split. Records are sorted by prompt length (longest first, then 
 batches of `batch_size`; rank r generates batches r, r + N, r + 2N, ... So a batch holds the same
 records whatever the number of ranks, and the predictions do not depend on it (same padding, same
 shapes, same numbers). Prompts are left-padded, decoding is greedy with the KV cache, and a row stops at
-the tokenizer's eos.
+the tokenizer's eos. A batch may mix records with an image and text-only ones (its `pixel_values` hold
+the images of the rows that have one, in row order) or hold no image at all (no `pixel_values`).
 
 ZeRO-3. A partitioned model gathers its weights inside every forward, and a gather is a collective:
-every rank must run the same number of forwards. Two things could make them differ, and both are
-evened out when the model's parameters are partitioned (DeepSpeed's `ds_id`) and there are several ranks:
+every rank must run the same forwards of the same modules. Three things could make them differ, and all
+are evened out when the model's parameters are partitioned (DeepSpeed's `ds_id`) and there are several
+ranks:
 - the number of batches: ranks with fewer batches run filler batches (one record, the shortest prompt)
   until all ranks have run ceil(batches / N), and drop their output;
 - the number of decoding steps: generation runs with transformers' `synced_gpus=True`, so a rank whose
-  rows have all ended keeps stepping until every rank's have (up to `max_new_tokens`).
-A plain (unpartitioned) model skips both. Every rank then gets every prediction (`all_gather_object`) and
+  rows have all ended keeps stepping until every rank's have (up to `max_new_tokens`);
+- the vision tower: a rank whose batch is text-only while another's has images would skip its gathers.
+  The model itself runs it on a blank image, times zero, whenever its parameters are partitioned
+  (`CosForConditionalGeneration.embed_inputs`), so no flag is passed from here.
+A plain (unpartitioned) model skips all three. Every rank then gets every prediction (`all_gather_object`) and
 scores them, so the return value is the same on all ranks.
 """
 
@@ -35,6 +40,7 @@ from torch import nn
 
 from ..common.errors import DataError
 from ..common.log import log
+from ..data.conversation import record_image
 from ..data.images import ImageSource
 from .records import EvalPrompt, build_prompt, check_records, image_source
 from .scoring import Scores, eval_items, score
@@ -92,17 +98,25 @@ def load_pixels(images: ImageSource, names: list[str], image_size: int) -> torch
     return torch.stack(pixels)
 
 
+def batch_pixels(images: ImageSource, records: list[dict], image_size: int) -> torch.Tensor | None:
+    """The pixels of the records that have an image, in record order; None when none has (text-only)."""
+    names = [name for name in map(record_image, records) if name is not None]
+    return load_pixels(images, names, image_size) if names else None
+
+
 def collate_prompts(
-    prompts: list[EvalPrompt], pad_token_id: int, pixel_values: torch.Tensor
+    prompts: list[EvalPrompt], pad_token_id: int, pixel_values: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """Left-padded `input_ids` and `attention_mask`, beside the prompts' images (one row each)."""
+    """Left-padded `input_ids` and `attention_mask`, beside the images of the prompts that have one
+    (`pixel_values`, one row per such prompt, in order; left out when no prompt has an image)."""
     width = max(len(prompt.input_ids) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
         attention_mask[row, width - len(prompt.input_ids) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    collated = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return collated if pixel_values is None else {**collated, "pixel_values": pixel_values}
 
 
 def decode_new_tokens(tokenizer, new_tokens: torch.Tensor) -> list[str]:
@@ -119,13 +133,14 @@ def generate_batch(
     module: nn.Module,
     tokenizer,
     prompts: list[EvalPrompt],
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     *,
     max_new_tokens: int,
     device: torch.device,
     synced: bool,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (one batch, one image each) with the KV cache. Settings a
+    """Greedy continuations of `prompts` (one batch; `pixel_values`: the images of the prompts that have
+    one, in order, None when none has) with the KV cache. Settings a
     model's generation config may carry that would change greedy decoding (beams, sampling, repetition
     penalties, a minimum length) are set to their neutral values, so every model is decoded the same way."""
     collated = collate_prompts(prompts, tokenizer.pad_token_id, pixel_values)
@@ -193,8 +208,9 @@ def generate_and_score(
 
     `model`: a CosForConditionalGeneration, a peft model around one, or a DeepSpeed engine holding
     either (ZeRO-3 included). `records`: LLaVA-format eval records (`cosctl.evaluate.records`; checked
-    here, images under `image_root`: a folder, an `s3://` root or an `ImageSource`; a record without
-    `task` is typed as `cosctl.evaluate.scoring.eval_items` types it). Collective when `world_size` > 1: every
+    here, images under `image_root`: a folder, an `s3://` root or an `ImageSource`; text-only records
+    are generated for from their text; a record without `task` is typed as `cosctl.evaluate.scoring.eval_items`
+    types it). Collective when `world_size` > 1: every
     rank passes the same records and settings and gets the same result (see the module docstring for
     the split and for ZeRO-3). The model is put in eval mode and returned to its previous mode.
 
@@ -227,7 +243,7 @@ def generate_and_score(
                 module,
                 tokenizer,
                 chosen,
-                load_pixels(images, [records[i]["image"] for i in batch.indices], config.image_size),
+                batch_pixels(images, [records[i] for i in batch.indices], config.image_size),
                 max_new_tokens=max_new_tokens,
                 device=torch.device(device),
                 synced=partitioned and world_size > 1,

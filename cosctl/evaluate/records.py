@@ -1,10 +1,11 @@
 """Eval records: reading and checking a LLaVA-format file, and each record's generation prompt.
 
-A record is a training record whose last `gpt` turn is the reference (`{"id", "image", "task"?,
-"answers"?, "conversations": [human, gpt, ..., human, gpt]}`). Its prompt is the conversation up to and
-including the last human turn, followed by "ASSISTANT: ", tokenised by `cosctl.data.conversation.encode_conversation`
-itself: the prompt ids are exactly the ids training produced for the same conversation, cut where the
-last answer's labels start.
+A record is a training record whose last `gpt` turn is the reference (`{"id", "image"?, "task"?,
+"answers"?, "conversations": [human, gpt, ..., human, gpt]}`); one without `image` (LLaVA-1.5's
+text-only ShareGPT records) is generated for from its text alone. Its prompt is the conversation up to
+and including the last human turn, followed by "ASSISTANT: ", tokenised by
+`cosctl.data.conversation.encode_conversation` itself: the prompt ids are exactly the ids training produced
+for the same conversation, cut where the last answer's labels start.
 
 Eval numbers must cover the whole file, so a bad record is not skipped: `check_records` raises one
 `DataError` naming how many records are bad, why, and the first ids.
@@ -32,11 +33,12 @@ MAX_REPORTED_IDS = 5
 @dataclass(frozen=True)
 class EvalPrompt:
     """One record ready for generation: `input_ids` hold the prompt with the image placeholder expanded
-    to the visual-token slots; `text` is the rendered prompt with the placeholder as written."""
+    to the visual-token slots; `text` is the rendered prompt with the placeholder as written; `image`
+    is None for a text-only record."""
 
     id: str
     task: str
-    image: Path
+    image: Path | None
     input_ids: tuple[int, ...]
     text: str
     reference: str
@@ -71,9 +73,7 @@ def _record_problem(record, seen: set[str], images: ImageSource | None, checked:
     if TASK_FAMILIES.get(item.task) == "refexp" and any(parse_box(ref) is None for ref in item.references):
         return "reference_without_box"
     image = record_image(record)
-    if image is None:
-        return "text_only"  # generation is scored against an image; LLaVA's ShareGPT records have none
-    if images is not None:
+    if image is not None and images is not None:
         if image not in checked:
             checked[image] = images.problem(image)
         return checked[image]
@@ -90,8 +90,8 @@ def check_records(
 ) -> list[dict]:
     """The records that can be evaluated: a mapping with an id, unique; a training-valid conversation;
     `answers`, when present, a non-empty list of strings; a box in each reference of a
-    referring-expression task; an image (text-only records are `text_only`), readable under
-    `image_root` (a folder, an `s3://` root or an `ImageSource`) when one is given.
+    referring-expression task; its image, if it has one, readable under `image_root` (a folder, an
+    `s3://` root or an `ImageSource`) when one is given. Text-only records are evaluated too.
 
     A bad record raises a `DataError` naming the problems and the first bad ids, unless `skip_bad`:
     then bad records are left out with a warning, and checking stops at `limit` good ones."""
@@ -175,10 +175,11 @@ def build_prompt(
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     text = render_prompt(turns, tokenizer.bos_token or "", tokenizer.eos_token)
+    image = record_image(record)
     return EvalPrompt(
         str(record["id"]),
         record.get("task") or default_task,
-        resolve_image_path(image_root, record["image"]),
+        None if image is None else resolve_image_path(image_root, image),
         tuple(input_ids[:start]),
         text,
         turns[-1]["value"],

@@ -120,10 +120,11 @@ class Evaluator:
 
 class GenerationEval:
     """Every `eval.generate_every_steps` steps: greedy generation on the first `eval.generate_samples`
-    held-out records that can be generated for (text-only ones cannot), scored per task like `cosctl
-    eval` (collective; the same records on every rank). The held-out file and its images are read
-    through `data.root`, a folder or an `s3://` root, as the training data is. Returns
-    `eval/<task>/<metric>` entries for the step's record; none when no record has an image."""
+    held-out records that can be generated for (text-only ones included; a record whose image cannot
+    be read, or that `cosctl eval` would refuse, is left out with a warning), scored per task like
+    `cosctl eval` (collective; the same records on every rank). The held-out file and its images are
+    read through `data.root`, a folder or an `s3://` root, as the training data is. Returns
+    `eval/<task>/<metric>` entries for the step's record; none when no record can be generated for."""
 
     def __init__(self, run: Run):
         self.every = run.spec.eval.generate_every_steps
@@ -131,6 +132,7 @@ class GenerationEval:
         self.records: list[dict] = []
         if self.every is None:
             return
+        from ..data.conversation import record_image
         from ..evaluate.records import load_eval_records
 
         source = split_source(run.spec.data, run.spec.data.eval, run.spec.storage.to_settings())
@@ -140,6 +142,12 @@ class GenerationEval:
         )
         if not self.records:
             log.info(f"generation eval: no record of {source.json_uri()} can be generated for; it is skipped")
+        else:
+            num_text_only = sum(record_image(record) is None for record in self.records)
+            log.info(
+                f"generation eval: {len(self.records)} held-out records ({num_text_only} text-only) every "
+                f"{self.every} steps"
+            )
 
     def due(self, step: int) -> bool:
         return self.every is not None and bool(self.records) and step % self.every == 0
