@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -152,3 +153,24 @@ def tiny_spec(data: Path, output, num_steps: int, *extra: str):
             *extra,
         ],
     )
+
+
+def plan_of_run(output: Path, world_size: int, tmp: Path) -> dict:
+    """`cosctl plan --json` of the spec a training run recorded (its newest checkpoint's spec.json, every
+    override applied) at the run's world size, as a user would plan that spec."""
+    latest = (Path(output) / "checkpoints" / "latest").read_text().strip()
+    spec = json.loads((Path(output) / "checkpoints" / latest / "spec.json").read_text())
+    path = Path(tmp) / f"planned-{latest}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return json.loads(ok(cosctl("plan", str(path), "--json", "--world-size", str(world_size), tmp=tmp)).stdout)
+
+
+def assert_plan_equals_run(run_dir: Path, output: Path, world_size: int, tmp: Path) -> dict:
+    """What `cosctl plan` resolves for a run's spec equals what the run resolved at start (its
+    resolved.json): samples per step and per rank, micro-batches, steps per epoch, DeepSpeed config,
+    FLOPs per sample. Returns the plan."""
+    plan = plan_of_run(output, world_size, tmp)
+    ran = json.loads((Path(run_dir) / "resolved.json").read_text())
+    assert plan["resolved"] == ran
+    assert ran["lengths_measured"] and ran["world_size"] == world_size
+    return plan

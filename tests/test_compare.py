@@ -8,6 +8,7 @@ import pytest
 
 from cosctl.demo import compare
 from cosctl.demo import pipeline as demo
+from tests.harness import assert_plan_equals_run
 
 
 def _arm(tokens: tuple[int, int], px: tuple[int, int], seconds: tuple[float, float], vqa: float) -> dict:
@@ -72,3 +73,6 @@ def test_compare_trains_both_arms_on_the_same_data_and_steps(tmp_path, monkeypat
     report = (tmp_path / "cmp" / "report" / "report.md").read_text()
     assert "cos/work/pretrain" in report and "tokens336/work/finetune" in report
     assert (tmp_path / "cmp" / "report" / "loss.png").is_file()
+    # The tiny-compare recipe's plan (one rank, as the demo runs it) is what its run resolved.
+    arm = tmp_path / "cmp" / "tokens336"
+    assert_plan_equals_run(arm / "work" / "pretrain", arm / "runs" / "pretrain", 1, tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cos_model import CosConfig, CosForConditionalGeneration
-from tests.harness import cosctl, ok
+from tests.harness import assert_plan_equals_run, cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -216,3 +216,24 @@ def test_export_merges_and_generates(pipeline, tmp_path):
     tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert tokens.shape[0] == 2 and prompt_length + 1 <= tokens.shape[1] <= prompt_length + 3
     assert torch.equal(tokens[:, :prompt_length], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_the_plan_of_each_tiny_recipe_equals_what_its_run_resolved(pipeline, stage, tmp_path):
+    """`cosctl plan --world-size 2` of the spec each 2-rank tiny stage ran prints the numbers the run
+    resolved at start (batch geometry, DeepSpeed config, FLOPs), not numbers of its own."""
+    work = {"pretrain": "work/pre", "finetune": "work/fin"}[stage]
+    plan = assert_plan_equals_run(pipeline["root"] / work, pipeline["out"][stage], 2, tmp_path)
+    assert plan["samples_per_step"] == plan["resolved"]["samples_per_step"]
+    assert plan["assumed_text_tokens"] is None  # measured on the prepared split, as the run did
+
+
+def test_the_plan_of_the_tiny_inflate_recipe_is_what_inflate_made(pipeline):
+    """`cosctl plan` of the inflate recipe names the visual tokens, resolution and scales inflate made."""
+    source = pipeline["out"]["pretrain"]
+    plan = json.loads(ok(cosctl("plan", "recipes/tiny/inflate.yaml", "--json", "--set", f"source={source}")).stdout)
+    made = CosConfig.from_pretrained(pipeline["out"]["inflate"] / "model")
+    assert (plan["visual_tokens"], plan["image_size"]) == (made.num_visual_tokens, made.image_size) == (528, 128)
+    assert [(s["window"], s["queries_per_window"]) for s in plan["scales"]] == [
+        (s.window, s.queries_per_window) for s in made.scales
+    ]

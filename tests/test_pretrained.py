@@ -15,7 +15,7 @@ from cos_model import CosForConditionalGeneration
 from cos_model.loading import read_checkpoint
 from cosctl.data.records import load_tokenizer
 from cosctl.data.synth import synthesize
-from tests.harness import RECIPES, cosctl, ok
+from tests.harness import RECIPES, assert_plan_equals_run, cosctl, ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -172,3 +172,11 @@ def test_the_stages_report_what_they_loaded_and_ran(pipeline):
     assert json.loads(pipeline["inflate"].stdout)["visual_tokens"] == {"from": 32, "to": 528}
     assert (fin["visual_tokens"], fin["image_size"]) == (528, 448)
     assert set(fin["trainable_params"]) == {"lora", "resampler", "projector"}
+
+
+@pytest.mark.parametrize(("stage", "world_size"), [("pretrain", 2), ("finetune", 1)])
+def test_the_plan_of_each_vicuna7b_recipe_equals_what_its_run_resolved(pipeline, stage, world_size, tmp_path):
+    """`cosctl plan` of the spec each paper-scale stage ran (at its world size) prints the numbers the run
+    resolved at start: batch geometry, DeepSpeed config, FLOPs."""
+    root, short = pipeline["root"], {"pretrain": "pre", "finetune": "fin"}[stage]
+    assert_plan_equals_run(root / "work" / short, root / "out" / short, world_size, tmp_path)

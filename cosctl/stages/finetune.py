@@ -32,6 +32,7 @@ from .base import (
     publish_on_main,
     run_dtype,
     set_trainable,
+    trainable_summary,
     write_trainable_weights,
 )
 
@@ -56,15 +57,6 @@ def apply_lora(model: CosForConditionalGeneration, lora: LoraSpec, trainable: li
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
         raise ValueError(f"lora.target_modules: {lora.target_modules} match no module of the language model")
     return peft_model
-
-
-def lora_params(model: nn.Module, targets: list[str], rank: int) -> int:
-    """The parameters LoRA of `rank` adds to the LLM's Linear layers named `targets`."""
-    total = 0
-    for name, module in model.language_model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            total += rank * (module.in_features + module.out_features)
-    return total
 
 
 def build_finetune_model(spec: FinetuneSpec, model_dir: str, dtype: torch.dtype = torch.float32):
@@ -103,9 +95,12 @@ class FinetuneStage(TrainingStage):
         return source_config(self.spec.model.source, self.spec.storage.to_settings())
 
     def plan_model(self) -> tuple[nn.Module, int]:
+        """The meta model as the run trains it: with its LoRA adapters when the spec has them."""
         model, _ = super().plan_model()
-        lora = self.spec.lora
-        return model, 0 if lora is None else lora_params(model, list(lora.target_modules), lora.r)
+        if self.spec.lora is None:
+            return model, 0
+        model = apply_lora(model, self.spec.lora, list(self.spec.model.trainable), self.spec.run.seed)
+        return model, trainable_summary(model).get("lora", 0)
 
     def build(self, staging: Path, dist_info: Dist) -> FinetuneStage:
         # One download per node (its local rank 0) into that node's own folder: a run dir on a shared
