@@ -259,6 +259,18 @@ def markdown_table(header: list[str], rows: list, align: str | None = None) -> s
     return "\n".join([*table_head(header, align), *(table_row(row) for row in rows)])
 
 
+def add_set_argument(parser, what: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`, applied as `cosctl --set` applies them."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a key of {what}, as `cosctl --set` does (repeatable)",
+    )
+
+
 def device_name(device) -> str:
     import torch
 
@@ -372,10 +384,19 @@ def save_llama(folder: Path, *, hidden: int, layers: int, intermediate: int, voc
         LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="200MB")
 
 
-def save_clip(folder: Path, *, vision: dict, text: dict, projection_dim: int) -> None:
-    """A random `CLIPModel` (ViT-L/14 geometry when `vision` says so) saved by transformers."""
+def save_clip(folder: Path, *, width: int, intermediate: int, text: dict, projection_dim: int) -> None:
+    """A random `CLIPModel` saved by transformers: a vision tower of ViT-L/14 geometry (24 blocks, patch
+    14 at 224 px) at `width` (4 heads), the text tower of `text`."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        patch_size=14,
+        image_size=224,
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection_dim)).save_pretrained(folder)

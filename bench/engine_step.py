@@ -24,12 +24,10 @@ the process's peak as the product counts it (reserved GPU memory, or peak RSS on
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -167,39 +165,22 @@ def main(argv: list[str] | None = None) -> dict:
     dist_info = init_distributed()  # one rank of its own
     common.quiet_logs()
     peak, peak_source = rows.resolve_peak(args, dist_info.device)
-    report = {
-        "shape": args.shape,
-        "device": common.device_name(dist_info.device),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "versions": common.versions(),
-        "match": str(args.match) if args.match else None,
-        "build_on": "cpu" if dist_info.device.type == "cpu" else args.build_on,
-        **{key: getattr(args, key) for key in ("text_tokens", "tokens_per_micro_batch", "warmup", "steps")},
-        "overrides": args.overrides,
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "rows": [],
-        "complete": False,
-    }
-    shape = rows.SHAPES[args.shape]
-    for num_tokens, grid in args.rows:
+    build_on = "cpu" if dist_info.device.type == "cpu" else args.build_on
+    report = rows.new_report(
+        args, dist_info.device, peak, peak_source, match=args.match and str(args.match), build_on=build_on
+    )
+
+    def time_row(shape: rows.Shape, num_tokens: int, grid: int) -> dict:
         image_size = rows.layout(shape, num_tokens, grid)[0]
         product = products.get((num_tokens, image_size))
+        if args.match and product is None:
+            return {"tokens": num_tokens, "image_size": image_size, "error": f"no product row in {args.match}"}
         try:
-            if args.match and product is None:
-                raise LookupError(f"no product row to match in {args.match}")
-            row = run_row(shape, num_tokens, grid, args, dist_info, peak, product)
-        except (torch.OutOfMemoryError, LookupError) as err:
-            row = {"tokens": num_tokens, "image_size": image_size, "error": str(err).splitlines()[0]}
-        print(f"[engine_step] {num_tokens} tokens at {image_size} px: {row.get('error') or row_line(row)}", flush=True)
-        report["rows"].append(row)
-        rows.update_ratios(report)
-        common.write_report(args.json, report)
-    report["complete"] = True
-    common.write_report(args.json, report)
-    rows.print_report(report, COLUMNS)
-    return report
+            return run_row(shape, num_tokens, grid, args, dist_info, peak, product)
+        except torch.OutOfMemoryError as err:
+            return {"tokens": num_tokens, "image_size": image_size, "error": str(err).splitlines()[0]}
+
+    return rows.record_rows(args, report, time_row, row_line, COLUMNS)
 
 
 if __name__ == "__main__":

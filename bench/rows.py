@@ -22,22 +22,13 @@ Shapes (random weights; the ViT is frozen everywhere):
     1b    CLIP ViT-L/14 + TinyLlama-1.1B shape (2048 wide, 22 layers, 32/4 heads, vocab 32000); LLM trained
     7b    CLIP ViT-L/14 + Vicuna-7B shape (vocab 32000); LLM frozen, only the bridge trains (the paper's
           pre-training)
-
-A row's data (`prepare_data`) is a synthetic set (`cosctl.data.synth.synthesize`) at the row's
-resolution, cached per resolution under the work folder (`data/<px>px/`) and made again only when it
-holds fewer training records than a row reads. The product sizes a random LLM's vocabulary from
-`len(tokenizer)`, and the synthetic tokenizer is small (~470-770 entries), so a smaller one is copied to
-`data/<px>px/tokenizer-<vocab>/` and padded with unused added tokens `<bench_unused_N>` up to the shape's
-vocabulary: no record contains them (every record encodes to the same ids), but the embedding and the
-LM head get the shape's rows, so FLOPs and speed mean what they say.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
-import time
+import datetime
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +37,7 @@ import common
 from cos_model import DEFAULT_SCALES, PRESETS
 from cos_model.configuration import VIT_L14_224
 from cosctl.spec.specs import PretrainSpec, apply_overrides, parse_spec
-from cosctl.train.metrics import predict_step_seconds
+from cosctl.train.metrics import ASSUMED_MFU, peak_tflops, predict_step_seconds
 
 REFERENCE_TOKENS = 336  # the x336 column's reference
 BASE_GRID = 16  # patches per side of the 32-token pre-training chain
@@ -63,7 +54,6 @@ DEFAULT_ROWS = "32/224,336/224,336/448,528/448"
 SUPPORTED_ROWS = [(32, 224), *((t, r) for r in (224, 448) for t in INFLATE_PRESETS), (LLAVA_TOKENS, 336)]
 SUPPORTED_TOKENS = (32, *INFLATE_PRESETS, LLAVA_TOKENS)
 VIT_L14 = {k: v for k, v in VIT_L14_224.items() if k != "image_size"}  # the row sets the resolution
-UNUSED_TOKEN = "<bench_unused_{}>"
 
 
 @dataclass(frozen=True)
@@ -213,7 +203,7 @@ def prediction(samples_per_step: float, flops_per_sample: float, peak: float | N
 
 
 def token_list(text: str) -> list[int]:
-    tokens = [int(part) for part in text.split(",") if part.strip().isdigit()]
+    tokens = [int(part) for part in text.split(",") if part.strip()]
     unknown = sorted(set(tokens) - set(SUPPORTED_TOKENS))
     if not tokens or unknown:
         raise argparse.ArgumentTypeError(f"token counts must come from {list(SUPPORTED_TOKENS)}, got {text!r}")
@@ -261,14 +251,7 @@ def add_row_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU, HFU and predictions")
     parser.add_argument("--measure-peak", action="store_true", help="measure the matmul peak first and use it")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every row's spec, as `cosctl --set` does (repeatable)",
-    )
+    common.add_set_argument(parser, "every row's spec")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every row)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print the table of an earlier --json file")
 
@@ -295,82 +278,14 @@ def finish_row_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def resolve_peak(args: argparse.Namespace, device) -> tuple[float | None, str]:
-    from cosctl.train.metrics import peak_tflops
-
+    """`--peak-tflops`, else a measured matmul peak with `--measure-peak`, else the card's datasheet bf16
+    peak or COSCTL_PEAK_TFLOPS (none on CPU); and where it came from."""
     if args.peak_tflops:
         return args.peak_tflops, "given"
     if args.measure_peak:
         return common.measure_matmul_tflops(device), "measured matmul"
     peak = peak_tflops(device)
     return peak, ("datasheet or COSCTL_PEAK_TFLOPS" if peak else "unknown")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class DataSet:
-    """A synthetic set at one resolution and the tokenizer a row's spec names."""
-
-    root: Path
-    tokenizer: Path
-    image_size: int
-    num_train: int
-    vocab_size: int  # len(tokenizer) as the product loads it: the LLM's vocabulary
-    tokenizer_vocab_size: int  # the synthetic tokenizer's own, before padding
-
-
-def prepare_data(work: Path, image_size: int, min_train: int, vocab_size: int, seed: int = 0) -> DataSet:
-    """The cached synthetic set at `image_size` px with at least `min_train` training records, and a
-    tokenizer of at least `vocab_size` entries (padded when the synthetic one is smaller)."""
-    import json
-
-    from cosctl.data.records import load_tokenizer
-    from cosctl.data.synth import synthesize
-
-    root = Path(work) / "data" / f"{image_size}px"
-    try:
-        meta = json.loads((root / "synth.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if meta.get("image_size") != image_size or meta.get("num_train", 0) < min_train:
-        shutil.rmtree(root, ignore_errors=True)
-        num = math.ceil(min_train / 0.9) + 1  # synthesize keeps about a tenth of the records for eval
-        for _ in range(3):
-            started = time.monotonic()
-            meta = synthesize(root, num, seed, image_size)
-            print(
-                f"[bench] synthesized {meta['num_train']} training records at {image_size} px in "
-                f"{time.monotonic() - started:.1f} s: {root}",
-                flush=True,
-            )
-            if meta["num_train"] >= min_train:
-                break
-            shutil.rmtree(root, ignore_errors=True)
-            num += min_train - meta["num_train"] + 1
-        else:
-            raise RuntimeError(f"could not synthesize {min_train} training records at {image_size} px")
-    base = root / "tokenizer"
-    base_size = len(load_tokenizer(base))
-    tokenizer = base
-    if vocab_size > base_size:
-        tokenizer = root / f"tokenizer-{vocab_size}"
-        if not (tokenizer / "tokenizer.json").is_file() or len(load_tokenizer(tokenizer)) != vocab_size:
-            pad_tokenizer(base, tokenizer, vocab_size - base_size)
-        if len(load_tokenizer(tokenizer)) != vocab_size:
-            raise RuntimeError(f"{tokenizer}: padding did not give {vocab_size} entries")
-    return DataSet(root, tokenizer, image_size, meta["num_train"], max(vocab_size, base_size), base_size)
-
-
-def pad_tokenizer(source: Path, dest: Path, count: int) -> None:
-    """A copy of the tokenizer at `source` with `count` more (added, unused) tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    tokenizer.add_tokens([UNUSED_TOKEN.format(i) for i in range(count)])
-    shutil.rmtree(dest, ignore_errors=True)
-    tokenizer.save_pretrained(dest)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,3 +353,46 @@ def print_report(report: dict, columns: list[tuple[str, str, str]] = COLUMNS) ->
             f"samples/s 32 vs 336 at {resolution}: {common.cell(pair['measured'], '.2f')}x measured, "
             f"{common.cell(pair['flop_model'], '.2f')}x by the FLOP model"
         )
+
+
+def new_report(args: argparse.Namespace, device, peak: float | None, peak_source: str, **settings) -> dict:
+    """A report with no rows yet: the shape, the machine and software, the settings every row shares."""
+    shared = ("text_tokens", "tokens_per_micro_batch", "llm_trainable", "warmup", "steps", "overrides")
+    return {
+        "shape": args.shape,
+        "device": common.device_name(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "versions": common.versions(),
+        **{key: getattr(args, key) for key in shared},
+        **settings,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "assumed_mfu": ASSUMED_MFU,
+        "rows": [],
+        "complete": False,
+    }
+
+
+def record_rows(args: argparse.Namespace, report: dict, time_row, describe, columns=COLUMNS) -> dict:
+    """Every row of `args.rows` in order, timed by `time_row(shape, tokens, grid)` (a row that failed
+    says why in `error`, and the next row still runs), printed with `describe(row)`, and the report
+    rewritten after each, so a run cut off by a time limit keeps the rows it finished."""
+    shape, script = SHAPES[args.shape], Path(sys.argv[0]).stem
+    print(
+        f"[{script}] {args.shape} on {report['device']}; peak {common.cell(report['peak_tflops'], '.4g')} TFLOP/s "
+        f"({report['peak_source']})",
+        flush=True,
+    )
+    for num_tokens, grid in args.rows:
+        row = time_row(shape, num_tokens, grid)
+        print(
+            f"[{script}] {num_tokens} tokens at {row['image_size']} px: {row.get('error') or describe(row)}", flush=True
+        )
+        report["rows"].append(row)
+        update_ratios(report)
+        common.write_report(args.json, report)
+    report["complete"] = True
+    common.write_report(args.json, report)
+    print_report(report, columns)
+    return report

@@ -11,6 +11,14 @@ loop as any run, and is stopped with SIGTERM after the last timed step, so it sa
 (`--run-to-end` lets it finish). A step is `--samples-per-step` samples over all ranks; by default as
 many per rank as the token budget holds at `--text-tokens` per sample, or 256 with an `auto` budget.
 
+The row's data (`prepare_data`) is a synthetic set (`cosctl.data.synth.synthesize`) at the row's
+resolution, cached per resolution under `--work` (`data/<px>px/`) and made again only when it holds
+fewer training records than a row reads in one epoch. The product sizes a random LLM's vocabulary from
+`len(tokenizer)`, and the synthetic tokenizer is small (~470-770 entries), so a smaller one is copied to
+`data/<px>px/tokenizer-<vocab>/` and padded with unused added tokens `<bench_unused_N>` up to the shape's
+vocabulary: no record contains them (every record encodes to the same ids), but the embedding and the
+LM head get the shape's rows, so FLOPs and speed mean what they say.
+
 Every figure is the product's own, from the run's `metrics.jsonl`: the median over the timed steps
 after `--warmup` of its step_time_s (s/step), samples/s, tokens/s (non-padding tokens), TFLOP/s, MFU
 and HFU (the peak reaches it as `COSCTL_PEAK_TFLOPS`) and data_time_s ("data s": the step's wait for
@@ -30,10 +38,12 @@ compared with.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import math
 import os
-import sys
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
@@ -41,12 +51,77 @@ import rows
 import torch
 import yaml
 
+from cosctl.data.records import load_tokenizer
+from cosctl.data.synth import synthesize
 from cosctl.spec.specs import PretrainSpec, apply_overrides, parse_spec
 from cosctl.train.batching import samples_per_micro_batch
-from cosctl.train.metrics import ASSUMED_MFU
 
 AUTO_SAMPLES_PER_RANK = 256  # a step with an `auto` budget: the paper's global batch, per rank
 WORK = common.REPO / "runs" / "stage_speed"
+UNUSED_TOKEN = "<bench_unused_{}>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The row's data
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A synthetic set at one resolution and the tokenizer a row's spec names."""
+
+    root: Path
+    tokenizer: Path
+    image_size: int
+    num_train: int
+    vocab_size: int  # len(tokenizer) as the product loads it: the LLM's vocabulary
+    tokenizer_vocab_size: int  # the synthetic tokenizer's own, before padding
+
+
+def prepare_data(work: Path, image_size: int, min_train: int, vocab_size: int, seed: int = 0) -> DataSet:
+    """The cached synthetic set at `image_size` px with at least `min_train` training records, and a
+    tokenizer of at least `vocab_size` entries (padded when the synthetic one is smaller)."""
+    root = Path(work) / "data" / f"{image_size}px"
+    try:
+        meta = json.loads((root / "synth.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("image_size") != image_size or meta.get("num_train", 0) < min_train:
+        shutil.rmtree(root, ignore_errors=True)
+        num = math.ceil(min_train / 0.9) + 1  # synthesize keeps about a tenth of the records for eval
+        for _ in range(3):
+            started = time.monotonic()
+            meta = synthesize(root, num, seed, image_size)
+            print(
+                f"[stage_speed] synthesized {meta['num_train']} training records at {image_size} px in "
+                f"{time.monotonic() - started:.1f} s: {root}",
+                flush=True,
+            )
+            if meta["num_train"] >= min_train:
+                break
+            shutil.rmtree(root, ignore_errors=True)
+            num += min_train - meta["num_train"] + 1
+        else:
+            raise RuntimeError(f"could not synthesize {min_train} training records at {image_size} px")
+    base = root / "tokenizer"
+    base_size = len(load_tokenizer(base))
+    tokenizer = base
+    if vocab_size > base_size:
+        tokenizer = root / f"tokenizer-{vocab_size}"
+        if not (tokenizer / "tokenizer.json").is_file() or len(load_tokenizer(tokenizer)) != vocab_size:
+            pad_tokenizer(base, tokenizer, vocab_size - base_size)
+        if len(load_tokenizer(tokenizer)) != vocab_size:
+            raise RuntimeError(f"{tokenizer}: padding did not give {vocab_size} entries")
+    return DataSet(root, tokenizer, image_size, meta["num_train"], max(vocab_size, base_size), base_size)
+
+
+def pad_tokenizer(source: Path, dest: Path, count: int) -> None:
+    """A copy of the tokenizer at `source` with `count` more (added, unused) tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer.add_tokens([UNUSED_TOKEN.format(i) for i in range(count)])
+    shutil.rmtree(dest, ignore_errors=True)
+    tokenizer.save_pretrained(dest)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,7 +178,7 @@ def write_row_spec(shape: rows.Shape, num_tokens: int, grid: int | None, args: a
     num_visual = draft.model.to_config(shape.vocab_size, shape.vocab_size - 1).num_visual_tokens
     _, draft = parsed("unused", "unused", default_samples_per_step(args, draft, num_visual))
     # One epoch holds every step the run may take: no loader restart among the timed steps.
-    data = rows.prepare_data(
+    data = prepare_data(
         Path(args.work),
         draft.model.image_size,
         draft.batch.samples_per_step * draft.optim.num_steps,
@@ -242,45 +317,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Before DeepSpeed's first import (versions), which otherwise guesses the accelerator and warns.
     os.environ.setdefault("DS_ACCELERATOR", device.type)
     peak, peak_source = rows.resolve_peak(args, device)
-    report = {
-        "shape": args.shape,
-        "device": common.device_name(device),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "versions": common.versions(),
-        "text_tokens": args.text_tokens,
-        "tokens_per_micro_batch": args.tokens_per_micro_batch,
-        "llm_trainable": args.llm_trainable,
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "nproc": args.nproc,
-        "samples_per_step": args.samples_per_step,
-        "overrides": args.overrides,
-        "work": str(args.work),
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "assumed_mfu": ASSUMED_MFU,
-        "rows": [],
-        "complete": False,
-    }
-    print(
-        f"[stage_speed] {args.shape} on {report['device']}; peak {common.cell(peak, '.4g')} TFLOP/s ({peak_source})",
-        flush=True,
+    settings = {key: getattr(args, key) for key in ("nproc", "samples_per_step", "run_to_end")}
+    report = rows.new_report(args, device, peak, peak_source, **settings, work=str(args.work))
+    return rows.record_rows(
+        args, report, lambda shape, tokens, grid: run_row(shape, tokens, grid, args, peak), row_line
     )
-    shape = rows.SHAPES[args.shape]
-    for num_tokens, grid in args.rows:  # a failed run is recorded, and the next row still runs
-        row = run_row(shape, num_tokens, grid, args, peak)
-        print(
-            f"[stage_speed] {num_tokens} tokens at {row['image_size']} px: {row.get('error') or row_line(row)}",
-            flush=True,
-        )
-        report["rows"].append(row)
-        rows.update_ratios(report)
-        common.write_report(args.json, report)
-    report["complete"] = True
-    common.write_report(args.json, report)
-    rows.print_report(report)
-    return report
 
 
 if __name__ == "__main__":

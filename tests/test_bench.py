@@ -181,14 +181,14 @@ def test_timed_figures_are_the_medians_of_the_products_step_records():
 def test_product_data_pads_the_tokenizer_to_the_shapes_vocabulary(tmp_path):
     """The synthetic set is made once per resolution (again only when too small); a tokenizer smaller
     than the LLM's vocabulary is padded with unused added tokens, and every record encodes as before."""
-    rows = _bench("rows")
+    bench = _bench("stage_speed")
     from cosctl.data.records import load_examples, load_tokenizer
 
-    data = rows.prepare_data(tmp_path, 64, 40, 1000)
+    data = bench.prepare_data(tmp_path, 64, 40, 1000)
     assert data.num_train >= 40 and data.vocab_size == 1000 and data.tokenizer_vocab_size < 1000
     assert len(load_tokenizer(data.tokenizer)) == 1000
     stamp = (data.root / "train.json").stat().st_mtime_ns
-    assert rows.prepare_data(tmp_path, 64, 30, 1000) == data
+    assert bench.prepare_data(tmp_path, 64, 30, 1000) == data
     assert (data.root / "train.json").stat().st_mtime_ns == stamp
     padded, plain = load_tokenizer(data.tokenizer), load_tokenizer(data.root / "tokenizer")
     ids = [
@@ -196,7 +196,7 @@ def test_product_data_pads_the_tokenizer_to_the_shapes_vocabulary(tmp_path):
         for tok in (padded, plain)
     ]
     assert ids[0] == ids[1]
-    assert rows.prepare_data(tmp_path, 64, 30, 100).tokenizer == data.root / "tokenizer"
+    assert bench.prepare_data(tmp_path, 64, 30, 100).tokenizer == data.root / "tokenizer"
 
 
 def test_plan_predicts_step_time_from_the_flop_model(tmp_path, monkeypatch):
