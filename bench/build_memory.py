@@ -19,24 +19,17 @@ dialect is detected from its tiny recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import common
 import psutil
-
-HERE = Path(__file__).resolve().parents[1]
 
 
 def make_folders(root: Path, hidden: int, layers: int) -> dict:
     """The LLM, CLIP and data folders under `root` (reused when present); returns their sizes."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(HERE))
     from cosctl.data.records import load_tokenizer
     from cosctl.data.synth import synthesize
 
@@ -44,31 +37,11 @@ def make_folders(root: Path, hidden: int, layers: int) -> dict:
         synthesize(root / "data", num_samples=24, seed=0, image_size=224)
     tokenizer = load_tokenizer(root / "data" / "tokenizer")
     if not (root / "llm" / "model.safetensors.index.json").is_file():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=hidden,
-            intermediate_size=int(hidden * 2.75) // 64 * 64,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 64,
-            num_key_value_heads=hidden // 64,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-        )
-        with torch.device("cpu"):
-            LlamaForCausalLM(config).save_pretrained(root / "llm", max_shard_size="200MB")
+        common.save_llama(root / "llm", hidden=hidden, layers=layers, intermediate=int(hidden * 2.75) // 64 * 64)
         tokenizer.save_pretrained(root / "llm")
     if not (root / "clip" / "config.json").is_file():
-        vision = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=24,
-            num_attention_heads=4,
-            patch_size=14,
-            image_size=224,
-        )
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
-        CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(root / "clip")
+        common.save_clip(root / "clip", width=64, intermediate=128, text=text, projection_dim=16)
     llm_bytes = sum(p.stat().st_size for p in (root / "llm").glob("*.safetensors"))
     clip_bytes = sum(p.stat().st_size for p in (root / "clip").glob("*.safetensors"))
     return {"llm_gib": llm_bytes / 2**30, "clip_gib": clip_bytes / 2**30}
@@ -93,23 +66,13 @@ def command(repo: Path, root: Path, ranks: int, precision: str) -> list[str]:
         sets += ["batch.samples_per_step=4", "batch.tokens_per_micro_batch=4096"]
     else:  # before samples_per_step, a budget had to leave a micro-batch per rank in the small set
         sets.append("batch.tokens_per_micro_batch=512")
-    return [
-        sys.executable,
-        "-m",
-        "cosctl",
-        "pretrain",
+    return common.product_command(
         "recipes/vicuna7b/pretrain.yaml",
-        "--nproc",
-        str(ranks),
-        "--run-dir",
-        str(root / f"run{ranks}"),
-        "--output",
-        str(root / f"out{ranks}"),
-        "--resume",
-        "never",
-        "--overwrite",
-        *[a for s in sets for a in ("--set", s)],
-    ]
+        nproc=ranks,
+        run_dir=root / f"run{ranks}",
+        output=root / f"out{ranks}",
+        sets=sets,
+    )
 
 
 def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
@@ -129,28 +92,18 @@ def memory_kib(proc: psutil.Process) -> tuple[int, int]:
     """(peak resident memory VmHWM, current anonymous memory RssAnon) of a process, in KiB. Resident
     memory also counts file pages a process maps (a memory-mapped checkpoint it has read), which the
     page cache shares between ranks; anonymous memory is what each rank holds on its own."""
-    fields = {}
-    try:
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "RssAnon"):
-                fields[key] = int(value.split()[0])
-    except OSError:
-        pass
+    fields = common.proc_status_kib(proc.pid)
     return fields.get("VmHWM", 0), fields.get("RssAnon", 0)
 
 
 def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
     """Launch, poll the ranks' peaks until rank 0 reports its trainable parameters, let it finish."""
-    env = {
-        **os.environ,
+    env = common.product_env(repo=repo) | {
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
-        "PYTHONUNBUFFERED": "1",
         "TORCH_EXTENSIONS_DIR": str(root / "ext"),
         "PYTHONWARNINGS": "ignore",
     }
-    env.pop("RANK", None)
     started = time.monotonic()
     proc = subprocess.Popen(
         command(repo, root, ranks, precision),
@@ -199,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--repo", type=Path, default=HERE)
+    parser.add_argument("--repo", type=Path, default=common.REPO)
     parser.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
@@ -215,17 +168,23 @@ def main(argv: list[str] | None = None) -> None:
         f"LLM folder {sizes['llm_gib']:.2f} GiB (fp32), CLIP {sizes['clip_gib']:.3f} GiB; one copy in "
         f"{args.precision}: {copy:.2f} GiB; repo {args.repo}"
     )
-    print("| ranks | s to engine | peak RSS per rank (GiB) | / one model copy | peak anonymous (GiB) | / copy |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        [
+            row["ranks"],
+            f"{row['seconds_to_engine']:.1f}",
+            f"{row['peak_rss_gib']:.2f}",
+            f"{row['peak_rss_gib'] / copy:.2f}",
+            f"{row['peak_anon_gib']:.2f}",
+            f"{row['peak_anon_gib'] / copy:.2f}",
+        ]
+        for row in rows
+    ]
+    header = ["ranks", "s to engine", "peak RSS per rank (GiB)", "/ one model copy", "peak anonymous (GiB)", "/ copy"]
+    print(common.markdown_table(header, lines, "r" * len(header)))
     for row in rows:
-        print(
-            f"| {row['ranks']} | {row['seconds_to_engine']:.1f} | {row['peak_rss_gib']:.2f} | "
-            f"{row['peak_rss_gib'] / copy:.2f} | {row['peak_anon_gib']:.2f} | {row['peak_anon_gib'] / copy:.2f} |"
-        )
         if row["product_line"]:
-            print(f"  cosctl: {row['product_line']}")
-    if args.json:
-        args.json.write_text(json.dumps({"sizes": sizes, "rows": rows, "repo": str(args.repo)}, indent=1))
+            print(f"  {row['ranks']} ranks, cosctl: {row['product_line']}")
+    common.write_report(args.json, {"sizes": sizes, "rows": rows, "repo": str(args.repo)})
 
 
 if __name__ == "__main__":

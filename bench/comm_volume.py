@@ -28,11 +28,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import common
 import torch
 import torch.distributed as dist
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 VARIANTS = {
     "zero3-llm-trained": ("zero3", ["resampler", "projector", "language_model"]),
@@ -110,7 +108,7 @@ def variant_spec(template: str, trainable: list[str], samples_per_step: int, ove
     from cosctl.spec.specs import load_spec
 
     return load_spec(
-        REPO / "recipes/tiny/pretrain.yaml",
+        common.REPO / "recipes/tiny/pretrain.yaml",
         [
             f"deepspeed.template={template}",
             f"model.trainable={json.dumps(trainable)}",
@@ -159,9 +157,7 @@ def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     measured = {kind: counter.bytes[kind] / args.steps for kind in sorted(counter.bytes)}
     calls = {kind: counter.calls[kind] / args.steps for kind in sorted(counter.calls)}
     engine.destroy()
-    from deepspeed.runtime.zero import parameter_offload
-
-    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not model]
+    common.forget_module(model)
     return {
         "variant": name,
         "template": template,
@@ -184,15 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of every variant's spec, e.g. "
-        "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=0",
-    )
+    common.add_set_argument(parser, "every variant's spec")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if "RANK" not in os.environ and args.nproc > 1:
@@ -207,43 +195,48 @@ def main(argv: list[str] | None = None) -> None:
         ]
         os.execvp(command[0], command)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
     counter = Counter()
     install(counter)
     from cosctl.common.dist import init_distributed
 
     dist_info = init_distributed()
-    import logging
-
-    from deepspeed.utils import logger as deepspeed_logger
-
-    deepspeed_logger.setLevel(logging.WARNING)
+    common.quiet_logs()
     rows = [run_variant(name, args, dist_info, counter) for name in args.variants.split(",")]
     if dist_info.rank == 0:
         print(format_table(rows))
-        if args.json:
-            args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+        common.write_report(args.json, {"command": " ".join(sys.argv), "rows": rows})
 
 
 def format_table(rows: list[dict]) -> str:
     """Measured against predicted bytes per step, per collective kind (small all-reduces of the loss,
     counts and gradient norm are measured but not predicted)."""
-    lines = [
-        "| variant | ranks | micro-batches | collective | measured B/step | predicted B/step | measured/predicted |",
-        "|---|---:|---:|---|---:|---:|---:|",
-    ]
+    lines = []
     for row in rows:
         measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
         for kind in sorted(set(measured) | set(predicted)):
             got, want = measured.get(kind, 0), predicted.get(kind, 0)
             ratio = f"{got / want:.4f}" if want else "-"
             lines.append(
-                f"| {row['variant']} | {row['world_size']} | {row['micro_batches_per_step']} | {kind} | "
-                f"{got:,.0f} | {want:,.0f} | {ratio} |"
+                [
+                    row["variant"],
+                    row["world_size"],
+                    row["micro_batches_per_step"],
+                    kind,
+                    f"{got:,.0f}",
+                    f"{want:,.0f}",
+                    ratio,
+                ]
             )
-    return "\n".join(lines)
+    header = [
+        "variant",
+        "ranks",
+        "micro-batches",
+        "collective",
+        "measured B/step",
+        "predicted B/step",
+        "measured/predicted",
+    ]
+    return common.markdown_table(header, lines, "lrrlrrr")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+
+REPO = common.REPO
 BEFORE_REF = "1192d97"  # main before prepared token stores
 NUM_VISUAL_TOKENS = 32
 MAX_TEXT_TOKENS = 256
@@ -127,7 +129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_dataset(folder: Path, num_records: int, unique_text: bool = False) -> None:
     """`num_records` LLaVA-shaped records under `folder` (see the module doc), with the tokenizer."""
-    sys.path.insert(0, str(REPO))
     from PIL import Image
 
     from cosctl.data.synth import synthesize
@@ -241,19 +242,17 @@ def before_source(ref: str, scratch: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| records | path | start-up s | RSS MB | anon MB | mapped MB | peak MB |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = []
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['records']:,} | {row['path']} | {row['error']} | | | | |")
+            lines.append([f"{row['records']:,}", row["path"], row["error"], "", "", "", ""])
         else:
             lines.append(
-                f"| {row['records']:,} | {row['path']} | {row['startup_s']:.1f} | {row['rss_mb']:.0f} | "
-                f"{row['anon_mb']:.0f} | {row['file_mb']:.0f} | {row['peak_mb']:.0f} |"
+                [f"{row['records']:,}", row["path"], f"{row['startup_s']:.1f}"]
+                + [f"{row[key]:.0f}" for key in ("rss_mb", "anon_mb", "file_mb", "peak_mb")]
             )
-    return "\n".join(lines)
+    header = ["records", "path", "start-up s", "RSS MB", "anon MB", "mapped MB", "peak MB"]
+    return common.markdown_table(header, lines, "rlrrrrr")
 
 
 def main(argv=None) -> None:
@@ -279,11 +278,9 @@ def main(argv=None) -> None:
             )
             rows.append({"records": count, "path": path, **result})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-            if args.json:
-                args.json.write_text(json.dumps({"rows": rows, "ranks": args.ranks, "complete": False}, indent=1))
+            common.write_report(args.json, {"rows": rows, "ranks": args.ranks, "complete": False})
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ranks": args.ranks, "complete": True}, indent=1))
+    common.write_report(args.json, {"rows": rows, "ranks": args.ranks, "complete": True})
 
 
 if __name__ == "__main__":

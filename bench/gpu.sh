@@ -2,21 +2,20 @@
 # Stage-speed benchmark on one lent GPU (H100/H200), in one call of at most ~8 minutes:
 #   1. the GPU's name;  2. carried wheels -> /tmp/site (never over the image's torch);
 #   3. versions + every carried package's requirements checked;  4. bf16 matmul peak (8192^3);
-#   5. bench/stage_speed.py variants while time lasts. First the product path (each row a real
-#      `cosctl pretrain` run): the 1b shape side by side with the direct path (the gap), the direct path
-#      with the model built on the host, the 1b default rows, the 1b rows with DataLoader workers, the 7b
-#      default rows. Then the direct path's engine
-#      variants of earlier rounds (32/336/528 tokens each): the 1b engine as it was ("before"), as it is,
-#      with an auto budget and gradient checkpointing, the 7b shape with an auto budget, 1b auto without
-#      checkpointing, 1b on ZeRO-2, a profile of the 1b rows, ZeRO-2 with an auto budget.
-#      VARIANTS="a b" picks and orders.
-# Results land in $OUT: env.txt and <variant>.{json,txt} (the device tool returns at most 8 files: pick
-# at most 3 variants per call).
+#   5. variants while time lasts: bench/stage_speed.py (each row a real `cosctl pretrain` run, figures
+#      from its metrics.jsonl) and bench/engine_step.py (the engine alone: the lower bound the product is
+#      compared with). First the 1b product rows followed by the engine matched to them, the engine built
+#      on the host, the 1b default rows, with DataLoader workers, the 7b default rows; then the engine
+#      variants of earlier rounds (32/336/528 tokens each) through the product: the engine as it was
+#      ("before"), as it is, an auto budget with and without gradient checkpointing, 7b with an auto
+#      budget, ZeRO-2 with a fixed and an auto budget. VARIANTS="a b" picks and orders.
+# Results land in $OUT: env.txt and <variant>.{json,txt} (1b-paths also 1b-paths-engine.{json,txt}; the
+# device tool returns at most 8 files: pick at most 3 variants per call).
 #
 # The machine has python3 + torch (CUDA) + transformers but no deepspeed or pydantic and no network:
 # the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried). The
 # product path also needs what `cosctl pretrain` imports (typer, yaml, PIL, tensorboard) and psutil:
-# checked below; without them the product variants are skipped.
+# checked below; without them the stage_speed variants are skipped.
 #   usage, from the repo root: bash bench/gpu.sh        (env: OUT, WHEELS, BUDGET_S, VARIANTS)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -83,7 +82,7 @@ for name in ("huggingface_hub", "tokenizers", "safetensors", "regex", "typer", "
         print(f"{name} not installed")
 if problems:
     sys.exit("unmet requirements (carry these wheels too):\n  " + "\n  ".join(problems))
-import cos_model, cosctl.engine, deepspeed, transformers  # noqa: E401,F401  (imports must work)
+import cos_model, cosctl.train.engine, deepspeed, transformers  # noqa: E401,F401  (imports must work)
 
 print(f"imports ok: deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
 EOF
@@ -124,24 +123,24 @@ EOF
 )
 echo "measured bf16 peak: $PEAK TFLOP/s" | tee -a "$OUT/env.txt"
 
-# One stage_speed run under a time limit; a run that is cut off still leaves its finished rows in JSON.
+# One run of bench/SCRIPT under a time limit; a run that is cut off still leaves its finished rows in JSON.
 bench() {
-  local name=$1 limit=$2 rc=0
-  shift 2
+  local name=$1 limit=$2 script=$3 rc=0
+  shift 3
   if ((limit < 60)); then
     echo "== skip $name: ${limit}s left"
     return 0
   fi
-  if [[ " $* " == *" --path product "* || " $* " == *" --path both "* ]] && ((!PRODUCT_OK)); then
+  if [[ $script == stage_speed.py ]] && ((!PRODUCT_OK)); then
     echo "== skip $name: the product path's imports are missing (env.txt)"
     return 0
   fi
   echo "== $name (limit ${limit}s, $(left)s left)"
-  timeout -k 15 "$limit" python3 bench/stage_speed.py "$@" --peak-tflops "$PEAK" --json "$OUT/$name.json" \
+  timeout -k 15 "$limit" python3 "bench/$script" "$@" --peak-tflops "$PEAK" --json "$OUT/$name.json" \
     2>&1 | tee "$OUT/$name.txt" || rc=$?
   echo "== $name: exit $rc after ${SECONDS}s"
   if ((rc != 0)) && [[ -s $OUT/$name.json ]]; then  # cut off: the table of the rows that finished
-    python3 bench/stage_speed.py --report "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.txt" || true
+    python3 "bench/$script" --report "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.txt" || true
   fi
 }
 
@@ -149,46 +148,54 @@ bench() {
 # 528-token row peaks at 114 GiB), 128 where it has ~80 GiB.
 MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 BUDGET_1B=$((MEM_MIB > 100000 ? 18432 : 12288))
-ROWS=(--path direct --tokens 32,336,528 --warmup 2 --steps 6)
+PAIR=(--rows 32/224,336/448 --warmup 2 --steps 6)
+# The rows of the earlier rounds' engine variants, now each a `cosctl pretrain` run.
+ROWS=(--tokens 32,336,528 --warmup 2 --steps 6)
 # Product rows: the default rows (32/224, 336/224, 336/448, 528/448), each a `cosctl pretrain` run.
-PRODUCT=(--path product --warmup 2 --steps 6)
+PRODUCT=(--warmup 2 --steps 6)
 # "before": the engine as it was before block fetching and the block-sized prefetch bucket.
 BEFORE=(--set deepspeed.zero3_fetch=module
         --set deepspeed.overrides.zero_optimization.stage3_prefetch_bucket_size=3774873)
-# One stage_speed run per variant, in the order of VARIANTS (default: all, most important first); a
-# variant cut off by the budget still leaves its finished rows.
+# One run per variant, in the order of VARIANTS (default: all, most important first); a variant cut
+# off by the budget still leaves its finished rows.
 variant() {
-  local left_after=$1 limit=$2 name=$3
-  shift 3
-  bench "$name" "$(min "$limit" $(($(left) - left_after)))" "$@"
+  local left_after=$1 limit=$2 name=$3 script=$4
+  shift 4
+  bench "$name" "$(min "$limit" $(($(left) - left_after)))" "$script" "$@"
 }
+# Engine rows sized as the 1b product rows of this call, once 1b-paths has written some.
+MATCH=()
 run_variant() {
   case $1 in
-    # The gap: each row as a product run, then a direct row matched to it (same vocab, text, samples).
-    1b-paths) variant 10 240 "$1" --shape 1b --path both --rows 32/224,336/448 --warmup 2 --steps 6 \
-      --tokens-per-micro-batch "$BUDGET_1B" ;;
-    # The direct path with the model built on the host, as the product builds it (round 1: 3x slower steps).
-    1b-build-cpu) variant 10 150 "$1" --shape 1b --path direct --build-on cpu --rows 32/224,336/448 --warmup 2 \
-      --steps 6 --tokens-per-micro-batch "$BUDGET_1B" ;;
-    1b-product) variant 10 300 "$1" --shape 1b "${PRODUCT[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
+    # The product rows, then the engine alone matched to them (same vocab, text, samples): the gap.
+    1b-paths) variant 100 240 "$1" stage_speed.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B"
+      if [[ -s $OUT/1b-paths.json ]]; then MATCH=(--match "$OUT/1b-paths.json"); fi
+      variant 10 120 "$1-engine" engine_step.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B" \
+        "${MATCH[@]}" ;;
+    # The engine with the model built on the host, as the product builds it (round 1: 3x slower steps).
+    1b-build-cpu) variant 10 150 "$1" engine_step.py --shape 1b --build-on cpu "${PAIR[@]}" \
+      --tokens-per-micro-batch "$BUDGET_1B" "${MATCH[@]}" ;;
+    1b-product) variant 10 300 "$1" stage_speed.py --shape 1b "${PRODUCT[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
     # Image loading in DataLoader workers instead of inside the step (the spec's default is 0 workers).
-    1b-product-workers) variant 10 240 "$1" --shape 1b "${PRODUCT[@]}" --rows 32/224,336/448 \
+    1b-product-workers) variant 10 240 "$1" stage_speed.py --shape 1b "${PAIR[@]}" \
       --tokens-per-micro-batch "$BUDGET_1B" --set data.num_workers=8 ;;
-    7b-product) variant 10 400 "$1" --shape 7b "${PRODUCT[@]}" --tokens-per-micro-batch auto ;;
-    1b-before) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" "${BEFORE[@]}" ;;
-    1b-block) variant 60 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
-    1b-auto-ckpt) variant 10 150 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --gradient-checkpointing ;;
-    7b-auto) variant 30 150 "$1" --shape 7b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
-    1b-auto) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
-    1b-zero2) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" --set deepspeed.template=zero2 ;;
-    # Where a step's time goes (operator tables after each row's timed steps).
-    1b-auto-profile) variant 10 110 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --profile ;;
-    1b-zero2-auto) variant 10 90 "$1" --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto --set deepspeed.template=zero2 ;;
+    7b-product) variant 10 400 "$1" stage_speed.py --shape 7b "${PRODUCT[@]}" --tokens-per-micro-batch auto ;;
+    1b-before) variant 60 150 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" \
+      "${BEFORE[@]}" ;;
+    1b-block) variant 60 150 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" ;;
+    1b-auto-ckpt) variant 10 200 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto \
+      --gradient-checkpointing ;;
+    7b-auto) variant 30 300 "$1" stage_speed.py --shape 7b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
+    1b-auto) variant 10 150 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto ;;
+    1b-zero2) variant 10 150 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch "$BUDGET_1B" \
+      --set deepspeed.template=zero2 ;;
+    1b-zero2-auto) variant 10 150 "$1" stage_speed.py --shape 1b "${ROWS[@]}" --tokens-per-micro-batch auto \
+      --set deepspeed.template=zero2 ;;
     *) echo "unknown variant $1"; exit 1 ;;
   esac
 }
 VARIANTS=${VARIANTS:-1b-paths 1b-build-cpu 1b-product 1b-product-workers 7b-product 1b-before 1b-block 1b-auto-ckpt
-7b-auto 1b-auto 1b-zero2 1b-auto-profile 1b-zero2-auto}
+7b-auto 1b-auto 1b-zero2 1b-zero2-auto}
 for name in $VARIANTS; do
   run_variant "$name"
 done

@@ -21,56 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-def status_kib() -> dict[str, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            fields[name] = int(value.split()[0])
-    return fields
+import common
 
 
 def make_folders(out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
-    import torch
-    from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
-
     vision, text = out / "clip", out / f"llama_{hidden}x{layers}"
     if not (vision / "config.json").is_file():
-        torch.manual_seed(0)
-        clip = CLIPModel(
-            CLIPConfig(
-                vision_config=dict(
-                    hidden_size=128,
-                    intermediate_size=512,
-                    num_hidden_layers=24,
-                    num_attention_heads=4,
-                    patch_size=14,
-                    image_size=224,
-                ),
-                text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-                projection_dim=64,
-            )
-        )
-        clip.save_pretrained(vision)
+        clip_text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        common.save_clip(vision, width=128, intermediate=512, text=clip_text, projection_dim=64)
     if not (text / "config.json").is_file():
-        torch.manual_seed(0)
-        llm = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=32000,
-                hidden_size=hidden,
-                intermediate_size=int(hidden * 2.75),
-                num_hidden_layers=layers,
-                num_attention_heads=hidden // 64,
-                num_key_value_heads=hidden // 64,
-                tie_word_embeddings=False,
-            )
-        )
-        llm.save_pretrained(text, max_shard_size="200MB")
+        common.save_llama(text, hidden=hidden, layers=layers, intermediate=int(hidden * 2.75))
     return vision, text
 
 
@@ -93,7 +53,7 @@ def child(mode: str, dtype_name: str, vision: Path, text: Path) -> dict:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     config = cos_config(vision, text)
-    before = status_kib()["VmRSS"]
+    before = common.proc_status_kib()["VmRSS"]
     start = time.perf_counter()
     if mode == "old":
         from transformers import AutoModelForCausalLM
@@ -113,10 +73,10 @@ def child(mode: str, dtype_name: str, vision: Path, text: Path) -> dict:
 
         model, _ = build_pretrained(config, vision, text, dtype=dtype, seed=0)
     seconds = time.perf_counter() - start
-    built = status_kib()
+    built = common.proc_status_kib()
     with torch.no_grad():
         checksum = sum(float(p.float().sum()) for p in model.parameters())
-    touched = status_kib()
+    touched = common.proc_status_kib()
     numel = sum(p.numel() for p in model.parameters())
     return {
         "mode": mode,
@@ -174,10 +134,7 @@ def main() -> None:
         "peak_after_touch_mib",
         "build_s",
     ]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    print(common.markdown_table(columns, [[row[c] for c in columns] for row in rows], "ll" + "r" * (len(columns) - 2)))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common
+
+REPO = common.REPO
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,20 +128,25 @@ def main(argv=None) -> None:
     if not (data / "train.json").exists():
         write_llava_set(synth, data)
     rows = [run_variant(data, work, packing, args) for packing in (False, True)]
-    print("| variant | padding | passes/step | tokens/step | samples/s | final loss |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['variant']} | {row['padding']:.1%} | {row['passes_per_step']:.1f} | "
-            f"{row['tokens_per_step']:.0f} | {row['samples_per_s']:.2f} | {row['final_loss']:.3f} |"
-        )
+    lines = [
+        [
+            row["variant"],
+            f"{row['padding']:.1%}",
+            f"{row['passes_per_step']:.1f}",
+            f"{row['tokens_per_step']:.0f}",
+            f"{row['samples_per_s']:.2f}",
+            f"{row['final_loss']:.3f}",
+        ]
+        for row in rows
+    ]
+    header = ["variant", "padding", "passes/step", "tokens/step", "samples/s", "final loss"]
+    print(common.markdown_table(header, lines))
     speedup = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
     print(
         f"{rows[0]['records']} records, {rows[0]['text_only']} text-only, mean {rows[0]['mean_length']:.0f} "
         f"tokens, longest {rows[0]['max_length']}; speed-up {speedup:.2f}x"
     )
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    common.write_report(args.json, {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}})
 
 
 if __name__ == "__main__":

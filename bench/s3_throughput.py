@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import common
 from botocore.config import Config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cosctl.storage.s3 import MiB, S3Store
 
-CEPH_SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "ceph-s3.sh"
+CEPH_SCRIPT = common.REPO / ".ci" / "ceph-s3.sh"
 
 
 @dataclass
@@ -156,17 +156,22 @@ def main() -> None:
         with open(source, "wb") as handle:
             for _ in range(args.size_mib):
                 handle.write(os.urandom(MiB))
-        print("| server | size | upload MB/s | download MB/s | part size | concurrency |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "\n".join(common.table_head(["server", "size", "upload MB/s", "download MB/s", "part size", "concurrency"]))
+        )
         for server in servers:
             for part_mib in parts:
                 for concurrency in threads:
                     up, down = measure(server, source, part_mib, concurrency, args.rounds)
-                    print(
-                        f"| {server.name} | {args.size_mib} MiB | {up:.0f} | {down:.0f} | {part_mib} MiB "
-                        f"| {concurrency} |",
-                        flush=True,
-                    )
+                    row = [
+                        server.name,
+                        f"{args.size_mib} MiB",
+                        f"{up:.0f}",
+                        f"{down:.0f}",
+                        f"{part_mib} MiB",
+                        concurrency,
+                    ]
+                    print(common.table_row(row), flush=True)
     if moto is not None:
         moto.stop()
 
