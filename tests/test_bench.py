@@ -127,7 +127,7 @@ def test_product_rows_write_a_pretrain_spec_that_times_one_micro_batch_per_rank(
     args = bench.parse_args(["--nproc", "2", "--warmup", "1", "--steps", "2", "--set", "data.num_workers=2"])
     spec = parse_spec(bench.product_spec(shape, 32, 16, args, tmp_path, "DATA", "TOK", 7))
     assert (spec.model.tokenizer, spec.data.root, spec.data.eval, spec.data.num_workers) == ("TOK", "DATA", None, 2)
-    assert [s.to_scale().to_dict() for s in spec.model.scales] == rows.layout(shape, 32, 16)[1]
+    assert [s.to_dict() for s in spec.model.scales] == rows.layout(shape, 32, 16)[1]
     assert spec.batch.samples_per_step == 7 and spec.optim.num_steps == 1 + 2 + _bench("common").STOP_MARGIN
     assert spec.checkpoint.every_steps is None and spec.checkpoint.every_minutes is None
     assert spec.eval.every_steps is None and spec.eval.generate_every_steps is None
