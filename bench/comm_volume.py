@@ -7,7 +7,7 @@ adds the logical size of its tensor to its kind: the full gathered buffer of an 
 input of a reduce-scatter, the tensor of an all-reduce, reduce or broadcast. The model predicts the same
 logical sizes; a rank's traffic is (W-1)/W of them for all-gather and reduce-scatter in a ring.
 
-Each variant builds the tiny recipe's model with `cosctl.train.engine.build_pretrain_model`, wraps it with
+Each variant builds the tiny recipe's model with `cosctl.stages.pretrain.build_pretrain_model`, wraps it with
 `cosctl.train.engine.build_engine` (the spec's DeepSpeed template: fp32 and gloo on CPU), runs warm-up steps
 (ZeRO-3 records its parameter trace in the first) and then counts `--steps` optimizer steps of
 `--micro-batches` micro-batches each (`cosctl.train.loop.train_step`, synthetic batches). Variants: ZeRO-3 and

@@ -54,7 +54,7 @@ import json, os, sys, time
 path, root, out, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 import torch
 from cosctl.data.records import load_tokenizer
-from cosctl.train.batching import StepLoader
+from cosctl.train.loader import StepLoader
 
 def status():
     fields = {}

@@ -2,7 +2,7 @@
 with: the DeepSpeed engine alone, on the same rows, model and machine.
 
 For each row (the same options as stage_speed.py; rows and shapes: bench/rows.py) it builds the model in
-this process (`cosctl.train.engine.build_pretrain_model` from the row's spec, on the GPU in the training
+this process (`cosctl.stages.pretrain.build_pretrain_model` from the row's spec, on the GPU in the training
 dtype, or on the host as `cosctl pretrain` does with `--build-on cpu`), wraps it with
 `cosctl.train.engine.build_engine` (the spec's template: ZeRO-3, bf16 + nccl on GPU, fp32 + gloo on CPU)
 and times `cosctl.train.loop.train_step` (forward -> backward -> step, loss and counts all-reduced) on
@@ -14,7 +14,7 @@ holds what the token budget holds at `--text-tokens` per sample; one micro-batch
 its LLM vocabulary, its mean text tokens per sample (rounded) and its samples per micro-batch, so both
 count the same model FLOPs per sample; "/ product" is then the product's samples/s per rank over this
 row's: how close the product comes to its engine. Figures: the median step time of the timed steps, and
-from it samples/s, tokens/s, TFLOP/s, MFU and HFU (`cosctl.train.metrics.sample_flops`); peak GiB is
+from it samples/s, tokens/s, TFLOP/s, MFU and HFU (`cosctl.plan.flops.sample_flops`); peak GiB is
 the process's peak as the product counts it (reserved GPU memory, or peak RSS on CPU).
 
     python bench/stage_speed.py --shape 1b --rows 32/224,336/448 --json product.json

@@ -84,7 +84,8 @@ def padding(data: Path, spec, args) -> dict:
     """Padding share over the steps the run took (the loader's plans are a pure function)."""
     from cosctl.data.prepare import load_split, split_source
     from cosctl.data.records import load_tokenizer
-    from cosctl.train.batching import StepLoader, padding_fraction
+    from cosctl.train.batching import padding_fraction
+    from cosctl.train.loader import StepLoader
 
     tokenizer = load_tokenizer(data / "tokenizer")
     records = load_split(

@@ -1,4 +1,4 @@
-"""`python -m cos_model`: a one-minute smoke run of the model on CPU.
+"""`python -m cos_model`: a smoke run of the model on CPU (about 15 s of CPU time on a 2-core machine).
 
 Prints the token table of every inflation preset (computed, not written down), then trains a tiny random
 32-token model for a few steps, inflates it to 528 tokens and runs it at the doubled resolution.

@@ -13,7 +13,6 @@ from cosctl.data.records import DataError, load_examples
 from cosctl.plan.resolve import samples_per_micro_batch
 from cosctl.train.batching import (
     MicroBatch,
-    StepLoader,
     deal_to_ranks,
     epoch_order,
     eval_micro_batches,
@@ -21,6 +20,7 @@ from cosctl.train.batching import (
     legacy_epoch_order,
     split_step,
 )
+from cosctl.train.loader import StepLoader
 
 IMAGE_SIZE = 64
 

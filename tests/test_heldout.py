@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cosctl.data.records import load_examples, load_tokenizer
-from cosctl.train.batching import ExampleRecords
 from cosctl.train.heldout import ImageSwap, swap_partners
+from cosctl.train.loader import ExampleRecords
 from cosctl.train.run import held_out_batches
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.harness import run, steps, tiny_spec, train_command

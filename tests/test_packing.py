@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from cos_model import IGNORE_INDEX
 from cosctl.data.records import Example, collate
-from cosctl.train.batching import MicroBatchDataset, padding_fraction, split_step
+from cosctl.train.batching import padding_fraction, split_step
+from cosctl.train.loader import MicroBatchDataset
 from tests.tiny import TINY_VOCAB, tiny_config, tiny_model
 
 

@@ -21,7 +21,7 @@ from cosctl.data.records import DataError, load_examples, load_tokenizer
 from cosctl.data.split import SplitSource, split_key
 from cosctl.data.tokenstore import TokenStore
 from cosctl.storage import StoreSettings
-from cosctl.train.batching import StepLoader
+from cosctl.train.loader import StepLoader
 from tests.conftest_s3 import create_bucket, use_credentials
 from tests.llava import truncated_jpeg, write_llava_set
 

@@ -46,6 +46,7 @@ __all__ = ["CheckpointError", "Committed", "NotPublished", "checkpoint_key", "ch
 
 
 def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint at optimizer step `step` (`step_00000100`)."""
     return f"step_{step:08d}"
 
 

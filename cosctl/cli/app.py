@@ -187,6 +187,7 @@ def _quiet_progress_bars() -> None:
 
 
 def main() -> None:
+    """Run the `cosctl` app (warnings that bury real output off, no per-file progress bars)."""
     # torch 2.13 deprecates collectives that DeepSpeed calls every step; the warnings bury real output.
     warnings.filterwarnings("ignore", category=FutureWarning)
     _quiet_progress_bars()

@@ -126,6 +126,7 @@ def on_main(compute: Callable[[], T]) -> T:
 
 
 def barrier() -> None:
+    """Wait until every rank of the process group gets here."""
     dist.barrier()
 
 

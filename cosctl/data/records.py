@@ -175,6 +175,7 @@ def check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
 
 
 def read_records(json_path: Path) -> list:
+    """The records of a JSON list file; a one-line `DataError` for a missing, unreadable or empty file."""
     if not json_path.is_file():
         raise DataError(f"{json_path}: data file not found")
     try:

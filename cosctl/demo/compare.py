@@ -23,6 +23,8 @@ ARMS = ("cos", "tokens336")
 
 
 def run_compare(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
+    """Both arms (Chain-of-Sight 32 -> 528, and 336 tokens throughout) on the same data, seed and steps,
+    scored and reported together under `out`; returns (and writes) `compare.json`."""
     started = time.monotonic()
     out = Path(out).resolve()
     cos = run_demo(out / "cos", num_samples=num_samples, seed=seed)

@@ -72,6 +72,8 @@ def train_stage(recipe: str, stage: str, out: Path, overrides: list[str]) -> dic
 
 
 def run_demo(out: Path, num_samples: int = 1200, seed: int = 0) -> dict:
+    """The tiny pipeline under `out`: synthetic data, pretrain (32 tokens), inflate (528), finetune (LoRA),
+    both trained stages scored; returns (and writes) `summary.json`."""
     started = time.monotonic()
     out = Path(out).resolve()
     data = out / "data"

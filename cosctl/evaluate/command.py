@@ -173,6 +173,7 @@ def run_eval(
 
 
 def format_value(metric: str, value: float) -> str:
+    """A metric as the tables print it: CIDEr and IoU as they are, the rest in percent."""
     return f"{value:.3f}" if metric in ("cider", "mean_iou") else f"{100 * value:.1f}"
 
 

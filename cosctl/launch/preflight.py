@@ -1,5 +1,5 @@
 """Checks a training command makes before it starts any rank or builds anything, so that a mistake
-costs seconds and reads as one line: the data files and model folders exist (`spec.check_paths`, what
+costs seconds and reads as one line: the data files and model folders exist (`cosctl.spec.paths.check_paths`, what
 `cosctl validate` checks too), and the output store is
 reachable with the credentials at hand and writable (a probe object is written and deleted).
 

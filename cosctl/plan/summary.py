@@ -98,6 +98,8 @@ def build_plan(
     ranks_per_node: int | None = None,
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
 ) -> dict:
+    """What `cosctl plan` prints for a spec (module docstring): the resolved numbers and what follows
+    from them at `world_size` ranks on `device_type`."""
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
     stage = stage_for(spec)
@@ -246,6 +248,7 @@ def _gb(value: float) -> str:
 
 
 def format_plan(plan: dict) -> str:
+    """`build_plan`'s result as the lines `cosctl plan` prints."""
     lines = [
         f"stage          {plan['stage']}",
         f"visual tokens  {plan['visual_tokens']} per image at {plan['image_size']} px",

@@ -128,6 +128,8 @@ class DataSpec(Section):
 
 
 class OptimSpec(Section):
+    """AdamW and the learning-rate schedule (linear warm-up, cosine down)."""
+
     lr: float = Field(gt=0.0, description="Peak learning rate (after warm-up).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas [beta1, beta2].")
@@ -254,6 +256,8 @@ class StorageSpec(Section):
 
 
 class SlurmSpec(Section):
+    """The batch job `cosctl slurm` renders: resources, time, and the preemption warning's lead."""
+
     nodes: int = Field(1, gt=0, description="Nodes to allocate (sbatch --nodes).")
     gpus_per_node: int = Field(8, ge=0, description="0 = a CPU job (gloo).")
     ranks_per_node: int | None = Field(
@@ -314,6 +318,8 @@ class EvalSpec(Section):
 
 
 class LoraSpec(Section):
+    """LoRA on the LLM's projections (peft), for finetune."""
+
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")

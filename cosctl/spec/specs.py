@@ -80,11 +80,15 @@ class TrainingSpec(Section):
 
 
 class PretrainSpec(TrainingSpec):
+    """A pretrain run: a new model from the towers the spec names, trained with the few-token chain."""
+
     stage: Literal["pretrain"] = Field(description="Which stage this spec runs.")
     model: PretrainModelSpec = Field(description="The model to build: towers, resolution, resampler scales.")
 
 
 class FinetuneSpec(TrainingSpec):
+    """A finetune run: the inflated model at `model.source`, LoRA on the LLM (or the whole LLM)."""
+
     stage: Literal["finetune"] = Field(description="Which stage this spec runs.")
     model: FinetuneModelSpec = Field(description="The inflated model to fine-tune and what trains.")
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="null = no LoRA (full LLM if trainable).")
@@ -121,6 +125,8 @@ Plan = Annotated[
 
 
 class InflateSpec(Section):
+    """An inflate run: the model at `source` grown by `plan` (a preset or scales at a resolution)."""
+
     stage: Literal["inflate"] = Field(description="Which stage this spec runs.")
     run: RunSection = Field(description="Run name, output URI and seed.")
     source: str = Field(description="Pretrain run output or model folder (path, file:// or s3://).")
@@ -291,4 +297,5 @@ def spec_hash(spec: BaseModel) -> str:
 
 
 def json_schema() -> dict:
+    """The JSON schema of run specs (`cosctl spec schema`, for editor completion)."""
     return _ADAPTER.json_schema()

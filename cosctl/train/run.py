@@ -24,8 +24,9 @@ from ..stages import TrainingStage, stage_for
 from ..stages.base import trainable_summary
 from ..storage import ObjectStore, open_store
 from .autobatch import probe_micro_batch
-from .batching import MicroBatchDataset, StepLoader, check_budget_fits, eval_micro_batches, longest_sample
+from .batching import check_budget_fits, eval_micro_batches, longest_sample
 from .engine import build_engine
+from .loader import MicroBatchDataset, StepLoader
 
 RESOLVED_FILE = "resolved.json"  # under the run dir: what the run resolved its spec to (`cosctl plan`'s numbers)
 
@@ -107,7 +108,7 @@ def held_out_batches(
     examples, *, image_size: int, pad_token_id: int, tokens_per_micro_batch: int, num_batches: int
 ) -> list[HeldOutBatch]:
     """The first `num_batches` micro-batches of held-out `examples` (a prepared store's records, or
-    `cosctl.train.batching.ExampleRecords`) in file order, collated as training collates them, each with the
+    `cosctl.train.loader.ExampleRecords`) in file order, collated as training collates them, each with the
     names of its images."""
     dataset = MicroBatchDataset(examples, None, image_size, pad_token_id)
     held_out = []
