@@ -23,7 +23,7 @@ PROBE_PREFIX = ".cosctl-preflight"
 
 def preflight(spec: TrainingSpec, output: str, resume: str = "auto") -> None:
     """Raise the first problem found, as one line naming the key, path or URI."""
-    problems = check_paths(spec)
+    problems = check_paths(spec) + spec.tracking.missing_packages()
     if problems:
         raise SpecError(problems[0])
     check_store_writable(output, spec)
