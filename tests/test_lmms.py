@@ -19,11 +19,12 @@ from cosctl.data.synth import synthesize
 from cosctl.evaluate.records import build_prompt
 from tests.extras import require
 from tests.harness import env
-from tests.test_evaluate import publish_model
+from tests.test_evaluate import publish_adapter, publish_model
 
 require("lmms_eval", "lmms")
 
-from cosctl.evaluate.lmms import cut_at_stops, harness_record  # noqa: E402
+from cosctl.common.errors import UserError  # noqa: E402
+from cosctl.evaluate.lmms import CosLMM, cut_at_stops, harness_record  # noqa: E402
 
 runner = CliRunner()
 BATCH_SIZE = 3
@@ -111,12 +112,14 @@ def cosctl_eval(run: Path, records: Path, out: Path) -> tuple[list[str], dict]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A published tiny run, eval records whose answers are `cosctl eval`'s own predictions for half of
+    """A published tiny LoRA finetune run, eval records whose answers are `cosctl eval`'s own predictions for half of
     them (so exact match is neither 0 nor 1), `cosctl eval`'s predictions and metrics on those records,
     and an lmms-eval task folder over the same file."""
     root = tmp_path_factory.mktemp("lmms")
     synthesize(root / "data", num_samples=12, seed=0, image_size=64)
-    publish_model(root / "run", load_tokenizer(root / "data" / "tokenizer"))
+    tokenizer = load_tokenizer(root / "data" / "tokenizer")
+    publish_model(root / "base", tokenizer)
+    publish_adapter(root / "run", root / "base", tokenizer)  # its answers differ from record to record
     records = eval_records(root / "data")
     (root / "data" / "first.json").write_text(json.dumps(records))
     first, _ = cosctl_eval(root / "run", root / "data" / "first.json", root / "first")
@@ -144,8 +147,9 @@ def harness_outputs(out: Path) -> tuple[list[str], dict]:
 
 def assert_agrees_with_cosctl_eval(built, out: Path) -> None:
     outputs, results = harness_outputs(out)
-    assert outputs == built["predictions"]
     exact_match = built["metrics"]["tasks"]["unknown"]["exact_match"]
+    print(f"lmms-eval: {outputs} exact_match {results['exact_match,none']}; cosctl eval: exact_match {exact_match}")
+    assert outputs == built["predictions"]
     assert 0 < exact_match < 1
     assert results["exact_match,none"] == pytest.approx(exact_match, abs=1e-12)
 
@@ -170,6 +174,13 @@ def test_answers_are_cut_at_the_tasks_stop_strings():
     assert cut_at_stops("yes\n\nThe image shows", ["\n\n"]) == "yes"
     assert cut_at_stops(" two ", []) == "two"
     assert cut_at_stops("a. b</s>", ["</s>", "."]) == "a"
+
+
+def test_a_run_under_several_ranks_is_refused_before_loading(monkeypatch, tmp_path):
+    """Under torchrun/accelerate (WORLD_SIZE > 1) the model refuses in one line, before any load."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process"):
+        CosLMM(pretrained=str(tmp_path / "no-such-run"))
 
 
 @pytest.mark.slow
