@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -247,20 +248,43 @@ def test_a_dead_mlflow_port_neither_stops_nor_stalls_training(tiny_data, tmp_pat
 # ------------------------------------------------------------------------------------------ W&B
 
 
+WANDB_BLOCK = 32768
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B run file, whose layout is LevelDB's log (wandb-core writes it; the Python
+    reader left the package): a 7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks,
+    each after a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        if WANDB_BLOCK - offset % WANDB_BLOCK < 7:  # a block's tail too short for a header is padding
+            offset += WANDB_BLOCK - offset % WANDB_BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        if kind == 0:
+            break
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    return records
+
+
 def wandb_runs(run_dir: Path) -> list[tuple[str, list[dict], dict, dict]]:
-    """Each offline run folder under run_dir/wandb, oldest first, read with wandb's own record reader:
-    (run id, history rows, config, summary)."""
+    """Each offline run folder under run_dir/wandb, oldest first, its records parsed with wandb's own
+    protobuf classes: (run id, history rows, config, summary)."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
 
     def key(item) -> str:
         return item.key or "/".join(item.nested_key)
 
     found = []
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        store, history, config, summary, run_id = DataStore(), [], {}, {}, None
-        store.open_for_scan(str(path))
-        while (data := store.scan_data()) is not None:
+        history, config, summary, run_id = [], {}, {}, None
+        for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")

@@ -23,6 +23,8 @@ from the environment is sent.
 
 from __future__ import annotations
 
+import secrets
+import string
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -167,10 +169,9 @@ class Wandb(Backend):
     name = "wandb"
 
     def __init__(self, spec, run_name: str, run_dir: Path, resume_id: str | None):
-        import wandb
-
         self.spec, self.run_name, self.dir = spec, run_name, run_dir
-        self.run_id = resume_id or wandb.util.generate_id()
+        # W&B's own form of id (8 lowercase letters and digits), made here: it moved between releases.
+        self.run_id = resume_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.run = None
 
     def where(self) -> str:
