@@ -157,9 +157,10 @@ def tiny_spec(data: Path, output, num_steps: int, *extra: str):
 
 def plan_of_run(output: Path, world_size: int, tmp: Path) -> dict:
     """`cosctl plan --json` of the spec a training run recorded (its newest checkpoint's spec.json, every
-    override applied) at the run's world size, as a user would plan that spec."""
+    override applied; `run.output` where the run wrote) at the run's world size, as a user would plan it."""
     latest = (Path(output) / "checkpoints" / "latest").read_text().strip()
     spec = json.loads((Path(output) / "checkpoints" / latest / "spec.json").read_text())
+    spec["run"]["output"] = str(output)  # where the run wrote (its --output), so the plan finds its checkpoints
     path = Path(tmp) / f"planned-{latest}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return json.loads(ok(cosctl("plan", str(path), "--json", "--world-size", str(world_size), tmp=tmp)).stdout)
