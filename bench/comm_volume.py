@@ -238,7 +238,7 @@ def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
 def compare_traces(engine, model, spec) -> dict:
     """The module trace DeepSpeed's coordinator recorded (module names, forward then backward) against
     the one `cosctl.plan.gathers` replays. Reads the coordinator's private trace (DeepSpeed 0.19.8)."""
-    from cosctl.plan.gathers import call_tree, micro_batch_events
+    from cosctl.plan.trace import call_tree, micro_batch_events
 
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
     names = {id(module): name for name, module in model.named_modules()}

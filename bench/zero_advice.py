@@ -63,7 +63,9 @@ def advice_row(recipe: str, stage: str, plan: dict) -> dict:
         "micro_batches": comm["micro_batches_per_step"],
         "zero3_all_gather": zero3["all_gather"],
         "zero3_backward_all_gather": zero3["backward_all_gather"],
-        "zero3_once_per_micro_batch": comm["micro_batches_per_step"] * comm["params"]["total"] * comm["bytes_per_param"],
+        "zero3_once_per_micro_batch": (
+            comm["micro_batches_per_step"] * comm["params"]["total"] * comm["bytes_per_param"]
+        ),
         "zero3_per_rank": zero3["per_rank"],
         "zero3_s": zero3["seconds"],
         "zero2_per_rank": zero2["per_rank"],
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="per-rank peak for the compute time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from cosctl.plan.comm import DEFAULT_INTER_NODE_GBPS
     from cosctl.plan.summary import build_plan
     from cosctl.spec.specs import load_spec

@@ -14,7 +14,8 @@ import torch
 
 from cos_model import CosConfig, CosForConditionalGeneration
 from cosctl.plan.comm import ParamCounts, param_counts, step_volume
-from cosctl.plan.gathers import Zero3Settings, call_tree, micro_batch_events, zero3_gathers
+from cosctl.plan.gathers import Zero3Settings, zero3_gathers
+from cosctl.plan.trace import call_tree, micro_batch_events
 from cosctl.stages.base import set_trainable
 from tests.harness import REPO
 from tests.tiny import tiny_config, tiny_model
