@@ -22,8 +22,10 @@ from PIL import Image
 from cosctl.common.errors import CheckpointError, DataError
 from cosctl.data import tokenstore
 from cosctl.data.prepare import load_split, prepare_split
+from cosctl.data.prepare_parts import prepare_shard_part
 from cosctl.data.shards import parse_ref
-from cosctl.data.split import SplitSource
+from cosctl.data.split import SplitSource, StoreLocation, split_key
+from cosctl.data.tokenstore import TokenStore
 from cosctl.spec.paths import check_paths
 from cosctl.spec.sections import DEFAULT_CAPTION_PROMPT, DataSpec
 from cosctl.spec.specs import SpecError, load_spec
@@ -198,6 +200,22 @@ def test_child_and_worker_processes_prepare_the_same_shard_store(shard_dir, toke
         for name in tokenstore.ARRAYS:
             assert np.array_equal(getattr(inline, name), getattr(other, name)), (options, name)
         assert other.meta["shards"] == inline.meta["shards"] and other.key == inline.key
+
+
+def test_more_ranks_than_shards_prepare_the_same_store(shard_dir, tokenizer, tmp_path):
+    """Four ranks over three shards (one rank without a shard) write parts that merge into the store a
+    single rank prepares."""
+    single = prepare_split(shard_source(shard_dir), tokenizer)
+    source = shard_source(shard_dir, prepared=str(tmp_path))
+    key, _, shards = split_key(source, tokenizer)
+    location = StoreLocation(source, key, "test")
+    for rank in range(4):
+        prepare_shard_part(source, tokenizer, location, shards, 0, rank, 4)
+    location.merge_parts(4)
+    merged = TokenStore(location.local)
+    for name in tokenstore.ARRAYS:
+        assert np.array_equal(getattr(single, name), getattr(merged, name)), name
+    assert merged.meta["shards"] == single.meta["shards"] and merged.meta["report"] == single.meta["report"]
 
 
 def test_a_truncated_jpeg_in_a_shard_is_skipped_and_counted(synth_dir, tokenizer, tmp_path):
