@@ -2,8 +2,10 @@
 
 The key is a sha256 of what decides the arrays: the data file's content (sha256 of the JSON, not its
 size or mtime), the tokenizer (`data.tokenizer_fingerprint`), the image root, `data.max_text_tokens`,
-`data.image_check` and the format version. A requeued or restarted run with the same inputs finds the
-store and maps it; anything else prepares a new one next to it.
+`data.image_check` and the format version; for webdataset shards, every shard's location, size and
+version instead of the JSON's content (reading 65M images' shards to hash them at every start would
+cost more than the run's start-up), plus `data.caption_prompt`. A requeued or restarted run with the
+same inputs finds the store and maps it; anything else prepares a new one next to it.
 
 Preparing is split over the ranks (each validates, tokenises and checks the images of a contiguous
 slice of the records, or for webdataset shards of a contiguous slice of the shards, each read once, with
