@@ -1,14 +1,16 @@
-"""Host memory and time of `cosctl pretrain`'s model build, per rank, with 1 and 2 ranks.
+"""Host memory and time of `cosctl pretrain` per rank, with 1 and 2 ranks: building the model, the
+engine, training and publishing `model/`.
 
 Builds, once, the folders a user brings: a Llama of a few hundred million parameters saved by
 transformers in safetensors shards (with its tokenizer), a `CLIPModel` with ViT-L/14 geometry (narrow),
 and a small 224-px synthetic set. Then runs the product itself, `python -m cosctl pretrain
 recipes/vicuna7b/pretrain.yaml` (frozen ViT and LLM, bridge trained; fp32 on CPU), for one step, and
-while it runs polls every rank's peak resident memory (VmHWM) and its anonymous memory (RssAnon,
-every 20 ms) until rank 0 prints its trainable parameters (the engine exists by then). It reports, per
-rank count: seconds from launch to that line, the highest peak RSS and peak anonymous memory of any
-rank, and each over one copy of the model in the run dtype. RSS also counts the pages of a
-memory-mapped checkpoint a rank has read, which the page cache shares between ranks.
+polls every rank's anonymous memory (RssAnon) every 20 ms until the run exits, keeping each rank's
+peak per phase (`phase_now`: build, engine, train, publish), and its peak resident memory (VmHWM). It
+reports, per rank count: seconds from launch to the engine and in all, the highest anonymous peak of any
+rank per phase and rank 0's while publishing, the highest over one copy of the model in the run dtype,
+and the highest peak RSS. RSS also counts the pages of a memory-mapped checkpoint a rank has read,
+which the page cache shares between ranks; anonymous memory is what each rank holds on its own.
 
 `--repo DIR` runs another checkout of the project (e.g. an older commit, for before/after): its spec
 dialect is detected from its tiny recipe.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -42,9 +45,9 @@ def make_folders(root: Path, hidden: int, layers: int) -> dict:
     if not (root / "clip" / "config.json").is_file():
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
         common.save_clip(root / "clip", width=64, intermediate=128, text=text, projection_dim=16)
-    llm_bytes = sum(p.stat().st_size for p in (root / "llm").glob("*.safetensors"))
+    shards = [p.stat().st_size for p in (root / "llm").glob("*.safetensors")]
     clip_bytes = sum(p.stat().st_size for p in (root / "clip").glob("*.safetensors"))
-    return {"llm_gib": llm_bytes / 2**30, "clip_gib": clip_bytes / 2**30}
+    return {"llm_gib": sum(shards) / 2**30, "clip_gib": clip_bytes / 2**30, "largest_shard_gib": max(shards) / 2**30}
 
 
 def command(repo: Path, root: Path, ranks: int, precision: str) -> list[str]:
@@ -75,16 +78,19 @@ def command(repo: Path, root: Path, ranks: int, precision: str) -> list[str]:
     )
 
 
-def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
-    """The training ranks: every descendant running `-m cosctl` except torchrun's own process."""
-    found = []
-    for proc in [launcher, *launcher.children(recursive=True)]:
+def rank_processes(launcher: psutil.Process, ranks: int) -> dict[int, psutil.Process]:
+    """The training ranks by rank: with one rank the CLI's own process (it runs the rank in process),
+    else the launcher's descendants that torchrun gave a RANK."""
+    if ranks == 1:
+        return {0: launcher}
+    found = {}
+    for proc in launcher.children(recursive=True):
         try:
-            line = proc.cmdline()
+            environ = proc.environ()
         except psutil.Error:
             continue
-        if "cosctl" in line and "torch.distributed.run" not in line:
-            found.append(proc)
+        if "RANK" in environ:
+            found[int(environ["RANK"])] = proc
     return found
 
 
@@ -96,14 +102,29 @@ def memory_kib(proc: psutil.Process) -> tuple[int, int]:
     return fields.get("VmHWM", 0), fields.get("RssAnon", 0)
 
 
+PHASES = ("build", "engine", "train", "publish")
+
+
+def phase_now(lines: list[str], output: Path) -> str:
+    """Where the run is: building the model (until cosctl logs "model built in"), building the engine
+    (until it logs the trainable parameters), training (until the final checkpoint is committed: the
+    output's `checkpoints/latest` exists), then publishing `model/` (until the ranks exit)."""
+    text = "".join(lines)
+    if "trainable parameters" not in text:
+        return "build" if "model built in" not in text else "engine"
+    return "publish" if (output / "checkpoints" / "latest").is_file() else "train"
+
+
 def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
-    """Launch, poll the ranks' peaks until rank 0 reports its trainable parameters, let it finish."""
+    """Launch one run and poll every rank's memory every 20 ms until it exits, per phase."""
     env = common.product_env(repo=repo) | {
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": str(root / "ext"),
         "PYTHONWARNINGS": "ignore",
     }
+    output = root / f"out{ranks}"
+    shutil.rmtree(output, ignore_errors=True)  # a previous run's checkpoints/latest would end `train` at once
     started = time.monotonic()
     proc = subprocess.Popen(
         command(repo, root, ranks, precision),
@@ -113,36 +134,35 @@ def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    peaks: dict[int, int] = {}
-    anon: dict[int, int] = {}
-    built_s, built_line, lines = None, None, []
+    hwm: dict[int, int] = {}
+    anon = {phase: {} for phase in PHASES}  # phase -> rank -> peak RssAnon (KiB)
+    seconds: dict[str, float] = {}
+    lines: list[str] = []
     os.set_blocking(proc.stdout.fileno(), False)
     launcher = psutil.Process(proc.pid)
     while proc.poll() is None:
-        for rank_proc in rank_processes(launcher):
-            hwm, rss_anon = memory_kib(rank_proc)
-            peaks[rank_proc.pid] = max(peaks.get(rank_proc.pid, 0), hwm)
-            anon[rank_proc.pid] = max(anon.get(rank_proc.pid, 0), rss_anon)
-        for line in iter(proc.stdout.readline, ""):
-            lines.append(line)
-            if "model built in" in line:
-                built_line = line.strip()
-            if built_s is None and "trainable parameters" in line:
-                built_s = time.monotonic() - started
-        if built_s is not None:
-            break
+        lines.extend(iter(proc.stdout.readline, ""))
+        phase = phase_now(lines, output)
+        seconds.setdefault(phase, time.monotonic() - started)
+        for rank, rank_proc in rank_processes(launcher, ranks).items():
+            peak, rss_anon = memory_kib(rank_proc)
+            hwm[rank] = max(hwm.get(rank, 0), peak)
+            anon[phase][rank] = max(anon[phase].get(rank, 0), rss_anon)
         time.sleep(0.02)
     os.set_blocking(proc.stdout.fileno(), True)
-    rest, _ = proc.communicate(timeout=1800)
+    lines.append(proc.stdout.read())
     if proc.returncode != 0:
-        raise SystemExit(f"cosctl pretrain failed ({ranks} ranks):\n" + "".join(lines)[-3000:] + rest[-3000:])
+        raise SystemExit(f"cosctl pretrain failed ({ranks} ranks):\n" + "".join(lines)[-5000:])
+    built = [line.strip() for line in "".join(lines).splitlines() if "model built in" in line]
     return {
         "ranks": ranks,
-        "seconds_to_engine": built_s,
-        "peak_rss_gib": max(peaks.values()) / 2**20,
-        "peak_anon_gib": max(anon.values()) / 2**20,
-        "ranks_seen": len(peaks),
-        "product_line": built_line,
+        "seconds_to_engine": seconds.get("train", float("nan")),
+        "seconds_total": time.monotonic() - started,
+        "peak_rss_gib": max(hwm.values()) / 2**20,
+        "peak_anon_gib": {phase: max(by_rank.values(), default=0) / 2**20 for phase, by_rank in anon.items()},
+        "rank0_publish_anon_gib": anon["publish"].get(0, 0) / 2**20,
+        "ranks_seen": len(hwm),
+        "product_line": built[0] if built else None,
     }
 
 
@@ -165,21 +185,30 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(args.repo.resolve(), args.root, int(n), args.precision) for n in args.ranks.split(",")]
     copy = (sizes["llm_gib"] + sizes["clip_gib"]) / (2 if args.precision == "bf16" else 1)
     print(
-        f"LLM folder {sizes['llm_gib']:.2f} GiB (fp32), CLIP {sizes['clip_gib']:.3f} GiB; one copy in "
-        f"{args.precision}: {copy:.2f} GiB; repo {args.repo}"
+        f"LLM folder {sizes['llm_gib']:.2f} GiB (fp32, largest shard {sizes['largest_shard_gib']:.2f} GiB), "
+        f"CLIP {sizes['clip_gib']:.3f} GiB; one copy in {args.precision}: {copy:.2f} GiB; repo {args.repo}"
     )
     lines = [
         [
             row["ranks"],
             f"{row['seconds_to_engine']:.1f}",
+            f"{row['seconds_total']:.1f}",
+            *(f"{row['peak_anon_gib'][phase]:.2f}" for phase in PHASES),
+            f"{row['rank0_publish_anon_gib']:.2f}",
+            f"{max(row['peak_anon_gib'].values()) / copy:.2f}",
             f"{row['peak_rss_gib']:.2f}",
-            f"{row['peak_rss_gib'] / copy:.2f}",
-            f"{row['peak_anon_gib']:.2f}",
-            f"{row['peak_anon_gib'] / copy:.2f}",
         ]
         for row in rows
     ]
-    header = ["ranks", "s to engine", "peak RSS per rank (GiB)", "/ one model copy", "peak anonymous (GiB)", "/ copy"]
+    header = [
+        "ranks",
+        "s to engine",
+        "s in all",
+        *(f"peak anon., {phase} (GiB)" for phase in PHASES),
+        "rank 0 publishing",
+        "highest / one copy",
+        "peak RSS (GiB)",
+    ]
     print(common.markdown_table(header, lines, "r" * len(header)))
     for row in rows:
         if row["product_line"]:
