@@ -4,18 +4,19 @@ engine, training and publishing `model/`.
 Builds, once, the folders a user brings: a Llama of a few hundred million parameters saved by
 transformers in safetensors shards (with its tokenizer), a `CLIPModel` with ViT-L/14 geometry (narrow),
 and a small 224-px synthetic set. Then runs the product itself, `python -m cosctl pretrain
-recipes/vicuna7b/pretrain.yaml` (frozen ViT and LLM, bridge trained; fp32 on CPU), for one step, and
+recipes/vicuna7b/pretrain.yaml` (frozen ViT and LLM, bridge trained; fp32 on CPU), for `--steps` (1), and
 polls every rank's anonymous memory (RssAnon) every 20 ms until the run exits, keeping each rank's
 peak per phase (`phase_now`: build, engine, train, publish), and its peak resident memory (VmHWM). It
 reports, per rank count: seconds from launch to the engine and in all, the highest anonymous peak of any
-rank per phase and rank 0's while publishing, the highest over one copy of the model in the run dtype,
-and the highest peak RSS. RSS also counts the pages of a memory-mapped checkpoint a rank has read,
-which the page cache shares between ranks; anonymous memory is what each rank holds on its own.
+rank per phase, rank 0's anonymous memory when publishing begins (what training left) and its peak
+while publishing, the highest over one copy of the model in the run dtype, and the highest peak RSS.
+RSS also counts the pages of a memory-mapped checkpoint a rank has read, which the page cache shares
+between ranks; anonymous memory is what each rank holds on its own.
 
 `--repo DIR` runs another checkout of the project (e.g. an older commit, for before/after): its spec
 dialect is detected from its tiny recipe.
 
-    python bench/build_memory.py [--precision fp32|bf16] [--ranks 1,2] [--repo DIR] [--json OUT]
+    python bench/build_memory.py [--precision fp32|bf16] [--ranks 1,2] [--steps N] [--repo DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def make_folders(root: Path, hidden: int, layers: int) -> dict:
     return {"llm_gib": sum(shards) / 2**30, "clip_gib": clip_bytes / 2**30, "largest_shard_gib": max(shards) / 2**30}
 
 
-def command(repo: Path, root: Path, ranks: int, precision: str) -> list[str]:
+def command(repo: Path, root: Path, ranks: int, precision: str, steps: int) -> list[str]:
     sets = [
         f"model.vision.path={root / 'clip'}",
         f"model.text.path={root / 'llm'}",
@@ -60,7 +61,7 @@ def command(repo: Path, root: Path, ranks: int, precision: str) -> list[str]:
         "data.eval=eval.json",
         "data.num_workers=0",
         f"deepspeed.precision={precision}",
-        "optim.num_steps=1",
+        f"optim.num_steps={steps}",
         "checkpoint.every_steps=null",
         "checkpoint.every_minutes=null",
         "eval.every_steps=null",
@@ -115,7 +116,7 @@ def phase_now(lines: list[str], output: Path) -> str:
     return "publish" if (output / "checkpoints" / "latest").is_file() else "train"
 
 
-def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
+def measure(repo: Path, root: Path, ranks: int, precision: str, steps: int) -> dict:
     """Launch one run and poll every rank's memory every 20 ms until it exits, per phase."""
     env = common.product_env(repo=repo) | {
         "OMP_NUM_THREADS": "1",
@@ -127,7 +128,7 @@ def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)  # a previous run's checkpoints/latest would end `train` at once
     started = time.monotonic()
     proc = subprocess.Popen(
-        command(repo, root, ranks, precision),
+        command(repo, root, ranks, precision, steps),
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -137,6 +138,7 @@ def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
     hwm: dict[int, int] = {}
     anon = {phase: {} for phase in PHASES}  # phase -> rank -> peak RssAnon (KiB)
     seconds: dict[str, float] = {}
+    publish_start = 0  # rank 0's anonymous memory when publishing begins (what training left it)
     lines: list[str] = []
     os.set_blocking(proc.stdout.fileno(), False)
     launcher = psutil.Process(proc.pid)
@@ -148,6 +150,8 @@ def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
             peak, rss_anon = memory_kib(rank_proc)
             hwm[rank] = max(hwm.get(rank, 0), peak)
             anon[phase][rank] = max(anon[phase].get(rank, 0), rss_anon)
+            if phase == "publish" and rank == 0:
+                publish_start = publish_start or rss_anon
         time.sleep(0.02)
     os.set_blocking(proc.stdout.fileno(), True)
     lines.append(proc.stdout.read())
@@ -161,6 +165,7 @@ def measure(repo: Path, root: Path, ranks: int, precision: str) -> dict:
         "peak_rss_gib": max(hwm.values()) / 2**20,
         "peak_anon_gib": {phase: max(by_rank.values(), default=0) / 2**20 for phase, by_rank in anon.items()},
         "rank0_publish_anon_gib": anon["publish"].get(0, 0) / 2**20,
+        "rank0_publish_start_gib": publish_start / 2**20,
         "ranks_seen": len(hwm),
         "product_line": built[0] if built else None,
     }
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--ranks", default="1,2")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="Optimizer steps (from the second, ZeRO-3 keeps what it may gathered)."
+    )
     parser.add_argument("--repo", type=Path, default=common.REPO)
     parser.add_argument(
         "--precision",
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     sizes = make_folders(args.root, args.hidden, args.layers)
-    rows = [measure(args.repo.resolve(), args.root, int(n), args.precision) for n in args.ranks.split(",")]
+    rows = [measure(args.repo.resolve(), args.root, int(n), args.precision, args.steps) for n in args.ranks.split(",")]
     copy = (sizes["llm_gib"] + sizes["clip_gib"]) / (2 if args.precision == "bf16" else 1)
     print(
         f"LLM folder {sizes['llm_gib']:.2f} GiB (fp32, largest shard {sizes['largest_shard_gib']:.2f} GiB), "
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['seconds_to_engine']:.1f}",
             f"{row['seconds_total']:.1f}",
             *(f"{row['peak_anon_gib'][phase]:.2f}" for phase in PHASES),
-            f"{row['rank0_publish_anon_gib']:.2f}",
+            f"{row['rank0_publish_start_gib']:.2f} -> {row['rank0_publish_anon_gib']:.2f}",
             f"{max(row['peak_anon_gib'].values()) / copy:.2f}",
             f"{row['peak_rss_gib']:.2f}",
         ]
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "s to engine",
         "s in all",
         *(f"peak anon., {phase} (GiB)" for phase in PHASES),
-        "rank 0 publishing",
+        "rank 0 publishing: start -> peak",
         "highest / one copy",
         "peak RSS (GiB)",
     ]
