@@ -85,7 +85,11 @@ def rank_processes(launcher: psutil.Process, ranks: int) -> dict[int, psutil.Pro
     if ranks == 1:
         return {0: launcher}
     found = {}
-    for proc in launcher.children(recursive=True):
+    try:
+        children = launcher.children(recursive=True)
+    except psutil.Error:  # the launcher has exited
+        return found
+    for proc in children:
         try:
             environ = proc.environ()
         except psutil.Error:

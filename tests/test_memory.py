@@ -85,7 +85,11 @@ class RankMemory(threading.Thread):
 
     def ranks(self) -> dict[int, int]:
         found = {}
-        for proc in self.launcher.children(recursive=True):
+        try:
+            children = self.launcher.children(recursive=True)
+        except psutil.Error:  # the launcher has exited
+            return found
+        for proc in children:
             try:
                 environ = proc.environ()
             except psutil.Error:
@@ -104,8 +108,9 @@ class RankMemory(threading.Thread):
                     status = Path(f"/proc/{pid}/status").read_text()
                 except OSError:
                     continue
-                anon = next(line for line in status.splitlines() if line.startswith("RssAnon:"))
-                self.samples.append((now, rank, int(anon.split()[1]) / 2**20))
+                for line in status.splitlines():  # an exiting rank has no RssAnon line
+                    if line.startswith("RssAnon:"):
+                        self.samples.append((now, rank, int(line.split()[1]) / 2**20))
             time.sleep(0.01)
 
     def stop(self) -> None:

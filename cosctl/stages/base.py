@@ -110,15 +110,26 @@ def stream_weights(engine, named: list[tuple[str, torch.Tensor]]) -> Iterator[tu
 
 def write_model_weights(engine, tokenizer, config: CosConfig, out_dir: Path) -> None:
     """The published model folder (`save_model_folder`) with the engine's weights streamed into it
-    (`stream_weights`): rank 0 writes; collective."""
+    (`stream_weights`): rank 0 writes; collective. Every rank runs the gathers to the end also when rank
+    0's writing fails, and then every rank raises rank 0's error (`on_main`), so none waits in a
+    collective the others left."""
     named = persistent_tensors(engine.module)
     weights = stream_weights(engine, named)
-    if dist.get_rank() != 0:
-        for _ in weights:
-            pass
-        return
-    layout = [(name, tensor.dtype, tuple(getattr(tensor, "ds_shape", tensor.shape))) for name, tensor in named]
-    save_model_folder(config, layout, weights, tokenizer, out_dir)
+    problem: Exception | None = None
+    if dist.get_rank() == 0:
+        layout = [(name, tensor.dtype, tuple(getattr(tensor, "ds_shape", tensor.shape))) for name, tensor in named]
+        try:
+            save_model_folder(config, layout, weights, tokenizer, out_dir)
+        except Exception as err:  # raised below, on every rank
+            problem = err
+    for _ in weights:
+        pass
+
+    def outcome() -> None:
+        if problem is not None:
+            raise problem
+
+    on_main(outcome)
 
 
 def write_trainable_weights(engine, local_dir: Path) -> None:
