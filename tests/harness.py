@@ -172,6 +172,7 @@ def assert_plan_equals_run(run_dir: Path, output: Path, world_size: int, tmp: Pa
     FLOPs per sample. Returns the plan."""
     plan = plan_of_run(output, world_size, tmp)
     ran = json.loads((Path(run_dir) / "resolved.json").read_text())
-    assert plan["resolved"] == ran
+    differing = {k: (plan["resolved"].get(k), ran.get(k)) for k in set(plan["resolved"]) | set(ran)}
+    assert plan["resolved"] == ran, {k: v for k, v in differing.items() if v[0] != v[1]}
     assert ran["lengths_measured"] and ran["world_size"] == world_size
     return plan

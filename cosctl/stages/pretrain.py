@@ -64,8 +64,9 @@ def pretrain_config(spec: PretrainSpec, vocab_size: int, image_token_id: int) ->
     overrides = thaw(model.text.config)
     model_type = overrides.get("model_type", text.get("model_type"))
     text.update(coerce_floats(overrides, fields_for(model_type) if isinstance(model_type, str) else None))
-    if model.text.path is None:
-        text["vocab_size"] = vocab_size
+    # The built LLM's vocabulary grows to the tokenizer's, never shrinks (cos_model.building): the
+    # config says so up front, so `cosctl plan` counts the rows the run trains.
+    text["vocab_size"] = vocab_size if model.text.path is None else max(text.get("vocab_size", 0), vocab_size)
     try:
         return CosConfig(
             vision_config=vision,
