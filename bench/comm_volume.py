@@ -4,17 +4,25 @@ against what `cosctl.plan.comm` (the model `cosctl plan` prints) predicts.
 Every collective of `torch.distributed` is wrapped before DeepSpeed starts (DeepSpeed's torch backend
 keeps references to the functions it finds at start, so they must be the counting ones), and each call
 adds the logical size of its tensor to its kind: the full gathered buffer of an all-gather, the full
-input of a reduce-scatter, the tensor of an all-reduce, reduce or broadcast. The model predicts the same
-logical sizes; a rank's traffic is (W-1)/W of them for all-gather and reduce-scatter in a ring.
+input of a reduce-scatter, the tensor of an all-reduce, reduce or broadcast. Each byte is also put down
+to the phase it moved in: the engine's forward, its backward, or the optimizer step. The model predicts
+the same logical sizes; a rank's traffic is (W-1)/W of them for all-gather and reduce-scatter in a ring.
+ZeRO-3's all-gather is predicted by replaying DeepSpeed's parameter coordinator on the model's module
+trace (`cosctl.plan.gathers`): what is gathered in the forward, what is released and gathered again for
+the backward, and the persistent parameters after the step.
 
 Each variant builds the tiny recipe's model with `cosctl.stages.pretrain.build_pretrain_model`, wraps it with
 `cosctl.train.engine.build_engine` (the spec's DeepSpeed template: fp32 and gloo on CPU), runs warm-up steps
 (ZeRO-3 records its parameter trace in the first) and then counts `--steps` optimizer steps of
 `--micro-batches` micro-batches each (`cosctl.train.loop.train_step`, synthetic batches). Variants: ZeRO-3 and
 ZeRO-2, with the LLM trained and frozen (only the bridge trains, so the LLM back-propagates without
-weight gradients).
+weight gradients); and ZeRO-3 with the live/reuse thresholds lowered below this small model's sizes
+(`-regather`: stage3_max_reuse_distance 200,000 and stage3_max_live_parameters 50,000 elements, where the
+templates say 1e9), so that, as in a 7B LLM at the templates' thresholds, parameters are released after
+their forward use and gathered again in the backward.
 
     python bench/comm_volume.py --json comm.json            # relaunches itself on 2 local ranks (CPU)
+    python bench/comm_volume.py --variants zero3-llm-trained,zero3-llm-trained-regather --micro-batches 2
     python bench/comm_volume.py --nproc 1                   # one rank: nothing should move
 """
 
@@ -32,12 +40,26 @@ import common
 import torch
 import torch.distributed as dist
 
+TRAINED, FROZEN = ["resampler", "projector", "language_model"], ["resampler", "projector"]
+# Thresholds a 0.79M-parameter model crosses (the templates' 1e9 elements are crossed only by LLMs of
+# several billion parameters): an LLM block (164,096 elements) is released after its forward when the
+# next 200,000 elements of the trace do not reach its backward use, and gathering more than 50,000
+# elements stops the prefetch that would otherwise keep it.
+LOWERED = [
+    "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=200000",
+    "deepspeed.overrides.zero_optimization.stage3_max_live_parameters=50000",
+]
+# name -> (template, trainable modules, spec overrides)
 VARIANTS = {
-    "zero3-llm-trained": ("zero3", ["resampler", "projector", "language_model"]),
-    "zero3-llm-frozen": ("zero3", ["resampler", "projector"]),
-    "zero2-llm-trained": ("zero2", ["resampler", "projector", "language_model"]),
-    "zero2-llm-frozen": ("zero2", ["resampler", "projector"]),
+    "zero3-llm-trained": ("zero3", TRAINED, []),
+    "zero3-llm-frozen": ("zero3", FROZEN, []),
+    "zero2-llm-trained": ("zero2", TRAINED, []),
+    "zero2-llm-frozen": ("zero2", FROZEN, []),
+    "zero3-llm-trained-regather": ("zero3", TRAINED, LOWERED),
+    "zero3-llm-frozen-regather": ("zero3", FROZEN, LOWERED),
 }
+DEFAULT_VARIANTS = "zero3-llm-trained,zero3-llm-frozen,zero2-llm-trained,zero2-llm-frozen"
+PHASES = ("forward", "backward", "step")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,11 +91,28 @@ class Counter:
     def __init__(self):
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        self.by_phase: dict[tuple[str, str], int] = defaultdict(int)  # (kind, phase) -> bytes
+        self.phase: str | None = None
         self.on = False
 
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.by_phase.clear()
+
+    def follow(self, engine) -> None:
+        """Put each byte down to the engine phase it moved in (forward, backward, step)."""
+        for phase in PHASES:
+            original = getattr(engine, phase)
+
+            def in_phase(*args, _original=original, _phase=phase, **kwargs):
+                self.phase = _phase
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.phase = None
+
+            setattr(engine, phase, in_phase)
 
     def wrap(self, name: str, function):
         kind, tensor_of = COUNTED[name]
@@ -82,7 +121,9 @@ class Counter:
         def counted(*args, **kwargs):
             if self.on:
                 tensors = tensor_of(args, kwargs)
-                self.bytes[kind] += _nbytes(tensors) if tensors is not None else 0
+                size = _nbytes(tensors) if tensors is not None else 0
+                self.bytes[kind] += size
+                self.by_phase[kind, self.phase or "other"] += size
                 self.calls[kind] += 1
             return function(*args, **kwargs)
 
@@ -122,21 +163,33 @@ def variant_spec(template: str, trainable: list[str], samples_per_step: int, ove
 
 def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     from cosctl.plan.comm import param_counts, step_volume
+    from cosctl.plan.gathers import Zero3Settings, zero3_gathers
     from cosctl.stages.pretrain import build_pretrain_model, pretrain_config
     from cosctl.train.autobatch import synthetic_micro_batch
     from cosctl.train.engine import build_engine
     from cosctl.train.loop import train_step
 
-    template, trainable = VARIANTS[name]
+    template, trainable, overrides = VARIANTS[name]
     world = dist_info.world_size
-    spec = variant_spec(template, trainable, args.micro_batch * args.micro_batches * world, args.overrides)
+    spec = variant_spec(
+        template, trainable, args.micro_batch * args.micro_batches * world, [*overrides, *args.overrides]
+    )
     vocab, image_token = 512, 511
     config = pretrain_config(spec, vocab_size=vocab, image_token_id=image_token)
     model = build_pretrain_model(spec, vocab, image_token)
     engine, _, ds_config = build_engine(model, spec, dist_info, args.micro_batch)
+    counter.follow(engine)
     zero = ds_config["zero_optimization"]
     counts = param_counts(model.parameters(), zero.get("stage3_param_persistence_threshold", 0))
-    volume = step_volume(zero["stage"], counts, args.micro_batches, bytes_per_param=4)  # fp32 on CPU
+    gathers = None
+    if zero["stage"] == 3:
+        gathers = zero3_gathers(
+            model,
+            Zero3Settings.from_config(zero),
+            args.micro_batches,
+            embedding_grads=spec.model.gradient_checkpointing,
+        )
+    volume = step_volume(zero["stage"], counts, args.micro_batches, 4, gathers)  # fp32 on CPU
     predicted = {
         kind: getattr(volume, kind) for kind in ("all_gather", "reduce_scatter", "all_reduce") if getattr(volume, kind)
     }
@@ -156,25 +209,49 @@ def run_variant(name: str, args, dist_info, counter: Counter) -> dict:
     counter.on = False
     measured = {kind: counter.bytes[kind] / args.steps for kind in sorted(counter.bytes)}
     calls = {kind: counter.calls[kind] / args.steps for kind in sorted(counter.calls)}
+    phases = {f"{kind}/{phase}": size / args.steps for (kind, phase), size in sorted(counter.by_phase.items())}
+    trace = compare_traces(engine, model, spec) if zero["stage"] == 3 else None
     engine.destroy()
     common.forget_module(model)
     return {
         "variant": name,
         "template": template,
         "trainable": trainable,
+        "overrides": overrides,
         "world_size": world,
         "micro_batches_per_step": args.micro_batches,
         "params": counts.__dict__,
+        "zero3_thresholds": (Zero3Settings.from_config(zero).__dict__ if zero["stage"] == 3 else None),
         "measured_bytes_per_step": measured,
+        "measured_bytes_by_phase": phases,
         "calls_per_step": calls,
         "predicted_bytes_per_step": predicted,
+        "trace": trace,
+        "predicted_all_gather_by_phase": (
+            {"forward": gathers.forward * 4, "backward": gathers.backward * 4, "step": gathers.persistent * 4}
+            if gathers
+            else None
+        ),
     }
+
+
+def compare_traces(engine, model, spec) -> dict:
+    """The module trace DeepSpeed's coordinator recorded (module names, forward then backward) against
+    the one `cosctl.plan.gathers` replays. Reads the coordinator's private trace (DeepSpeed 0.19.8)."""
+    from cosctl.plan.trace import call_tree, micro_batch_events
+
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    names = {id(module): name for name, module in model.named_modules()}
+    recorded = [names.get(id(m), "?") for m in coordinator._PartitionedParameterCoordinator__submodule_order]
+    events = micro_batch_events(call_tree(model, embedding_grads=spec.model.gradient_checkpointing))
+    replayed = [node.name for kind, node, _ in events if kind == "fetch"]
+    return {"modules": len(recorded), "matches": recorded == replayed, "recorded": recorded, "replayed": replayed}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated, from " + ", ".join(VARIANTS))
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step per rank")
     parser.add_argument("--micro-batch", type=int, default=2, help="samples per micro-batch")
     parser.add_argument("--text-tokens", type=int, default=16)
@@ -208,13 +285,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Measured against predicted bytes per step, per collective kind (small all-reduces of the loss,
-    counts and gradient norm are measured but not predicted)."""
+    """Measured against predicted bytes per step, per collective kind, and ZeRO-3's all-gather by phase
+    (small all-reduces of the loss, counts and gradient norm are measured but not predicted)."""
     lines = []
     for row in rows:
         measured, predicted = row["measured_bytes_per_step"], row["predicted_bytes_per_step"]
-        for kind in sorted(set(measured) | set(predicted)):
-            got, want = measured.get(kind, 0), predicted.get(kind, 0)
+        cells = [
+            (kind, measured.get(kind, 0), predicted.get(kind, 0)) for kind in sorted(set(measured) | set(predicted))
+        ]
+        if row.get("predicted_all_gather_by_phase"):
+            by_phase = row["measured_bytes_by_phase"]
+            cells += [
+                (f"  all-gather in the {phase}", by_phase.get(f"all_gather/{phase}", 0), want)
+                for phase, want in row["predicted_all_gather_by_phase"].items()
+            ]
+        for kind, got, want in cells:
             ratio = f"{got / want:.4f}" if want else "-"
             lines.append(
                 [

@@ -1,57 +1,94 @@
 #!/usr/bin/env bash
-# Stage-speed benchmark on one lent GPU (H100/H200), in one call of at most ~8 minutes:
+# The GPU run on one lent GPU (H100/H200), in one call that fits 8 minutes on an H100 (BUDGET_S, 450 s of
+# it for this script; the rest is the machine's start and the copies):
 #   1. the GPU's name;  2. carried wheels -> /tmp/site (never over the image's torch);
 #   3. versions + every carried package's requirements checked;  4. bf16 matmul peak (8192^3);
-#   5. variants while time lasts: bench/stage_speed.py (each row a real `cosctl pretrain` run, figures
-#      from its metrics.jsonl) and bench/engine_step.py (the engine alone: the lower bound the product is
-#      compared with). First the 1b product rows followed by the engine matched to them, the engine built
-#      on the host, the 1b default rows, with DataLoader workers, the 7b default rows; then the engine
-#      variants of earlier rounds (32/336/528 tokens each) through the product: the engine as it was
-#      ("before"), as it is, an auto budget with and without gradient checkpointing, 7b with an auto
-#      budget, ZeRO-2 with a fixed and an auto budget. VARIANTS="a b" picks and orders.
-# Results land in $OUT: env.txt and <variant>.{json,txt} (1b-paths also 1b-paths-engine.{json,txt}; the
-# device tool returns at most 8 files: pick at most 3 variants per call).
+#   5. the GPU tier first: `pytest -m gpu tests/test_gpu.py` (the product's path end to end on the 1b
+#      shape: pretrain in bf16 with NCCL and an auto budget, checkpoint and exact resume, evals, inflate,
+#      finetune, export and a transformers-only generate), within TIER_S (270 s);
+#   6. then stage-speed variants while time lasts (default VARIANTS="1b-paths"): bench/stage_speed.py
+#      (each row a real `cosctl pretrain` run, figures from its metrics.jsonl), then bench/engine_step.py
+#      --match (the engine alone, sized as those rows: the lower bound the product is compared with). The
+#      other variants (run_variant below) are for later calls: VARIANTS="a b" picks and orders, TIER_S=0
+#      skips the tier;
+#   7. one summary table (bench/gpu_summary.py, also $OUT/summary.md).
+# Results land in $OUT: env.txt, gpu_tier.{txt,json}, <variant>.{json,txt} (1b-paths also
+# 1b-paths-engine.{json,txt}) and summary.md: the 8 files the device tool returns at most.
 #
-# The machine has python3 + torch (CUDA) + transformers but no deepspeed or pydantic and no network:
-# the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried). The
-# product path also needs what `cosctl pretrain` imports (typer, yaml, PIL, tensorboard) and psutil:
-# checked below; without them the stage_speed variants are skipped.
-#   usage, from the repo root: bash bench/gpu.sh        (env: OUT, WHEELS, BUDGET_S, VARIANTS)
+# Checking it without a GPU: `bash -n bench/gpu.sh`; `DRY_RUN=1 bash bench/gpu.sh` prints every command it
+# would run and runs none; `CPU_CHECK=1 bash bench/gpu.sh` runs the same steps CPU-sized with this
+# checkout's environment (PYTHON=.venv/bin/python; no wheels; the tier at its narrow shape through
+# COSCTL_GPU_TIER_ON_CPU=1, the tiny shape's rows as "tiny-paths").
+#
+# The machine has python3 + torch (CUDA) + transformers + pytest but no deepspeed or pydantic and no
+# network: the wheels listed in bench/README.md ("GPU run") must be in $WHEELS (default .whl/, carried).
+# The product path also needs what `cosctl pretrain` imports (typer, yaml, PIL, tensorboard), psutil and
+# pytest: checked below; without them the tier and the stage_speed variants are skipped.
+#   usage, from the repo root: bash bench/gpu.sh
+#   env: OUT, WHEELS, BUDGET_S, TIER_S, VARIANTS, DRY_RUN, CPU_CHECK, PYTHON
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUT=${OUT:-/tmp/stage_speed_out}
+OUT=${OUT:-/tmp/gpu_out}
 WHEELS=${WHEELS:-.whl}
 SITE=/tmp/site
 BUDGET_S=${BUDGET_S:-450}  # whole script; keeps an 8-minute call's margin for start-up and copying
+TIER_S=${TIER_S:-270}      # the GPU tier's share (about 230 s expected on an H100: bench/README.md)
+DRY_RUN=${DRY_RUN:-0}
+CPU_CHECK=${CPU_CHECK:-0}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 left() { echo $((BUDGET_S - SECONDS)); }
 min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
+# A command, printed; run unless DRY_RUN.
+run() {
+  echo "+ $*"
+  if ((!DRY_RUN)); then "$@"; fi
+}
+PRODUCT_OK=1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+if ((CPU_CHECK)); then
+  echo "cpu check: $(uname -m), $(nproc) cores" | tee "$OUT/env.txt"
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+  export DS_ACCELERATOR=cpu COSCTL_GPU_TIER_ON_CPU=1 OMP_NUM_THREADS=1
+  PEAK=0.05  # a nominal CPU figure so that the MFU columns fill; not a measurement
+  echo "measured bf16 peak: $PEAK TFLOP/s (nominal, CPU check)" | tee -a "$OUT/env.txt"
+  MEM_MIB=81559
+else
+  if ((DRY_RUN)); then
+    echo "+ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader" | tee "$OUT/env.txt"
+    MEM_MIB=81559
+  else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+    MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  fi
 
-echo "== wheels from $WHEELS"
-shopt -s nullglob
-wheels=("$WHEELS"/*.whl)
-((${#wheels[@]})) || { echo "no wheels in $WHEELS: see bench/README.md (GPU run)"; exit 1; }
-for wheel in "${wheels[@]}"; do
-  case $(basename "$wheel") in
-    torch-* | torchvision-* | torchaudio-* | triton-* | nvidia_*)
-      echo "refusing $wheel: the image's CUDA torch stack must stay as it is"; exit 1 ;;
-  esac
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
-[[ ! -e $SITE/torch ]] || { echo "torch landed in $SITE"; exit 1; }
-export PYTHONPATH=$SITE:$REPO
-export DS_ACCELERATOR=cuda TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Each row builds and frees a whole model: growable segments keep the freed memory reusable.
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  echo "== wheels from $WHEELS"
+  shopt -s nullglob
+  wheels=("$WHEELS"/*.whl)
+  ((${#wheels[@]})) || ((DRY_RUN)) || { echo "no wheels in $WHEELS: see bench/README.md (GPU run)"; exit 1; }
+  for wheel in "${wheels[@]}"; do
+    case $(basename "$wheel") in
+      torch-* | torchvision-* | torchaudio-* | triton-* | nvidia_*)
+        echo "refusing $wheel: the image's CUDA torch stack must stay as it is"; exit 1 ;;
+    esac
+  done
+  run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "${wheels[@]:-$WHEELS/*.whl}"
+  [[ ! -e $SITE/torch ]] || { echo "torch landed in $SITE"; exit 1; }
+  export PYTHONPATH=$SITE:$REPO
+  export DS_ACCELERATOR=cuda TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+  export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  # Each row builds and frees a whole model: growable segments keep the freed memory reusable.
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
-echo "== versions and requirements"
-python3 - "$SITE" <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
+  echo "== versions and requirements"
+  if ((DRY_RUN)); then
+    echo "+ $PYTHON - $SITE  (versions of the carried packages; their requirements met; imports work)"
+  else
+    "$PYTHON" - "$SITE" <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
 import importlib.metadata as md
 import sys
 
@@ -75,7 +112,7 @@ for dist in sorted(md.distributions(path=[site]), key=lambda d: d.metadata["Name
             continue
         if not req.specifier.contains(have, prereleases=True):
             problems.append(f"{dist.metadata['Name']} needs {req}: found {have}")
-for name in ("huggingface_hub", "tokenizers", "safetensors", "regex", "typer", "accelerate", "numpy"):
+for name in ("huggingface_hub", "tokenizers", "safetensors", "regex", "typer", "accelerate", "numpy", "pytest"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
@@ -86,14 +123,19 @@ import cos_model, cosctl.train.engine, deepspeed, transformers  # noqa: E401,F40
 
 print(f"imports ok: deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
 EOF
-# What the product path (python -m cosctl pretrain, and the bench around it) imports beyond the above.
-PRODUCT_OK=1
-python3 - <<'EOF' 2>&1 | tee -a "$OUT/env.txt" || PRODUCT_OK=0
+  fi
+
+  # What the product path (python -m cosctl pretrain, the bench around it, the tier's pytest) imports
+  # beyond the above.
+  if ((DRY_RUN)); then
+    echo "+ $PYTHON -  (imports of the product path and the tier)"
+  else
+    "$PYTHON" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt" || PRODUCT_OK=0
 import importlib
 import sys
 
 missing = []
-for name in ("typer", "yaml", "PIL", "torch.utils.tensorboard", "psutil", "cosctl.cli", "cosctl.train"):
+for name in ("typer", "yaml", "PIL", "torch.utils.tensorboard", "psutil", "pytest", "cosctl.cli", "cosctl.train"):
     try:
         importlib.import_module(name)
     except ImportError as err:
@@ -102,9 +144,14 @@ if missing:
     sys.exit("product path unavailable, missing: " + "; ".join(missing))
 print("product path imports ok")
 EOF
+  fi
 
-echo "== bf16 matmul peak"
-PEAK=$(python3 - <<'EOF'
+  echo "== bf16 matmul peak"
+  if ((DRY_RUN)); then
+    echo "+ $PYTHON -  (20 bf16 8192^3 matmuls after 5 warm-ups)"
+    PEAK=800
+  else
+    PEAK=$("$PYTHON" - <<'EOF'
 import time
 
 import torch
@@ -121,7 +168,24 @@ torch.cuda.synchronize()
 print(f"{2 * n**3 * repeats / (time.perf_counter() - start) / 1e12:.1f}")
 EOF
 )
-echo "measured bf16 peak: $PEAK TFLOP/s" | tee -a "$OUT/env.txt"
+  fi
+  echo "measured bf16 peak: $PEAK TFLOP/s" | tee -a "$OUT/env.txt"
+fi
+
+# The GPU tier: the product's path end to end (tests/test_gpu.py), first, within TIER_S.
+TIER_LIMIT=$(min "$TIER_S" "$(left)")
+if ((TIER_LIMIT < 60)); then
+  echo "== skip the GPU tier: ${TIER_LIMIT}s for it" | tee "$OUT/gpu_tier.txt"
+elif ((!PRODUCT_OK)); then
+  echo "== skip the GPU tier: the product path's imports are missing (env.txt)" | tee "$OUT/gpu_tier.txt"
+else
+  echo "== GPU tier (limit ${TIER_LIMIT}s, $(left)s left)"
+  rc=0
+  export COSCTL_GPU_TIER_REPORT=$OUT/gpu_tier.json
+  run timeout -k 15 "$TIER_LIMIT" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -x -q -rA -p no:cacheprovider \
+    2>&1 | tee "$OUT/gpu_tier.txt" || rc=$?
+  echo "== GPU tier: exit $rc after ${SECONDS}s"
+fi
 
 # One run of bench/SCRIPT under a time limit; a run that is cut off still leaves its finished rows in JSON.
 bench() {
@@ -136,19 +200,18 @@ bench() {
     return 0
   fi
   echo "== $name (limit ${limit}s, $(left)s left)"
-  timeout -k 15 "$limit" python3 "bench/$script" "$@" --peak-tflops "$PEAK" --json "$OUT/$name.json" \
+  run timeout -k 15 "$limit" "$PYTHON" "bench/$script" "$@" --peak-tflops "$PEAK" --json "$OUT/$name.json" \
     2>&1 | tee "$OUT/$name.txt" || rc=$?
   echo "== $name: exit $rc after ${SECONDS}s"
   if ((rc != 0)) && [[ -s $OUT/$name.json ]]; then  # cut off: the table of the rows that finished
-    python3 "bench/$script" --report "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.txt" || true
+    "$PYTHON" "bench/$script" --report "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.txt" || true
   fi
 }
 
 # The 1b budget of the fixed-budget rows: 192 samples of 96 tokens where the GPU has ~140 GiB (the
 # 528-token row peaks at 114 GiB), 128 where it has ~80 GiB.
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 BUDGET_1B=$((MEM_MIB > 100000 ? 18432 : 12288))
-PAIR=(--rows 32/224,336/448 --warmup 2 --steps 6)
+PAIR=(--rows 32/224,336/448 --warmup 2 --steps 4)
 # The rows of the earlier rounds' engine variants, now each a `cosctl pretrain` run.
 ROWS=(--tokens 32,336,528 --warmup 2 --steps 6)
 # Product rows: the default rows (32/224, 336/224, 336/448, 528/448), each a `cosctl pretrain` run.
@@ -156,22 +219,26 @@ PRODUCT=(--warmup 2 --steps 6)
 # "before": the engine as it was before block fetching and the block-sized prefetch bucket.
 BEFORE=(--set deepspeed.zero3_fetch=module
         --set deepspeed.overrides.zero_optimization.stage3_prefetch_bucket_size=3774873)
-# One run per variant, in the order of VARIANTS (default: all, most important first); a variant cut
-# off by the budget still leaves its finished rows.
+# One run per variant, in the order of VARIANTS; a variant cut off by the budget still leaves its
+# finished rows.
 variant() {
   local left_after=$1 limit=$2 name=$3 script=$4
   shift 4
   bench "$name" "$(min "$limit" $(($(left) - left_after)))" "$script" "$@"
 }
-# Engine rows sized as the 1b product rows of this call, once 1b-paths has written some.
+# Engine rows sized as the product rows of this call, once a paths variant has written some.
 MATCH=()
 run_variant() {
   case $1 in
     # The product rows, then the engine alone matched to them (same vocab, text, samples): the gap.
-    1b-paths) variant 100 240 "$1" stage_speed.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B"
+    1b-paths) variant 60 150 "$1" stage_speed.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B"
       if [[ -s $OUT/1b-paths.json ]]; then MATCH=(--match "$OUT/1b-paths.json"); fi
-      variant 10 120 "$1-engine" engine_step.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B" \
+      variant 10 90 "$1-engine" engine_step.py --shape 1b "${PAIR[@]}" --tokens-per-micro-batch "$BUDGET_1B" \
         "${MATCH[@]}" ;;
+    # The CPU check's stand-in for 1b-paths: the same two steps at the tiny shape.
+    tiny-paths) variant 60 150 "$1" stage_speed.py --shape tiny "${PAIR[@]}"
+      if [[ -s $OUT/tiny-paths.json ]]; then MATCH=(--match "$OUT/tiny-paths.json"); fi
+      variant 10 90 "$1-engine" engine_step.py --shape tiny "${PAIR[@]}" "${MATCH[@]}" ;;
     # The engine with the model built on the host, as the product builds it (round 1: 3x slower steps).
     1b-build-cpu) variant 10 150 "$1" engine_step.py --shape 1b --build-on cpu "${PAIR[@]}" \
       --tokens-per-micro-batch "$BUDGET_1B" "${MATCH[@]}" ;;
@@ -194,9 +261,10 @@ run_variant() {
     *) echo "unknown variant $1"; exit 1 ;;
   esac
 }
-VARIANTS=${VARIANTS:-1b-paths 1b-build-cpu 1b-product 1b-product-workers 7b-product 1b-before 1b-block 1b-auto-ckpt
-7b-auto 1b-auto 1b-zero2 1b-zero2-auto}
+if ((CPU_CHECK)); then DEFAULT_VARIANTS=tiny-paths; else DEFAULT_VARIANTS=1b-paths; fi
+VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 for name in $VARIANTS; do
   run_variant "$name"
 done
 echo "== done in ${SECONDS}s"
+run "$PYTHON" bench/gpu_summary.py "$OUT"

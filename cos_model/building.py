@@ -7,30 +7,53 @@ checkpoint with the model's own `_init_weights`, the non-persistent buffers (rot
 `position_ids`) recomputed. No weight is initialised and then overwritten, and host memory peaks at
 about one copy of the model.
 
+Partitioned (`partition`, a `Partitioner`: e.g. one that makes DeepSpeed ZeRO-3 parameters), each
+parameter is handed over one at a time with a reader of flat ranges of it, so a rank reads from the
+checkpoint files only the elements it keeps; only the tensors without a checkpoint (the bridge) are
+initialised whole first, by the same init under the same seed (`materialize_partitioned`).
+
 Loading and checking the checkpoints themselves is `cos_model.loading`'s.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, PreTrainedModel
 
-from .checkpoint_files import CheckpointMismatchError, first_keys
+from .checkpoint_files import Checkpoint, CheckpointMismatchError, first_keys
 from .configuration import CosConfig
 from .loading import (
     LoadReport,
+    TensorSource,
     checkpoint_vocab_size,
     load_language_model,
     load_vision_tower,
     parameter_groups,
+    plan_language_model,
+    plan_vision_tower,
     set_tensor,
 )
 from .modeling import CosForConditionalGeneration
 from .vision import CosVisionTower
+
+FlatReader = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+class Partitioner(Protocol):
+    """Makes the parameter that stands for one whole tensor on this rank (see `materialize_partitioned`)."""
+
+    def __call__(self, name: str, shape: torch.Size, dtype: torch.dtype, read: FlatReader) -> nn.Parameter | None:
+        """The parameter for tensor `name` of `shape` and `dtype`, holding only this rank's part, filled
+        by `read(start, stop, out)` (writes elements start:stop of the tensor flattened row-major into
+        `out`, a 1-D tensor of that many elements, and returns it); or None to keep this tensor whole."""
 
 
 def materialize(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> list[str]:
@@ -72,6 +95,68 @@ def materialize(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> l
     return fresh
 
 
+def materialize_partitioned(
+    model: PreTrainedModel,
+    sources: dict[str, TensorSource],
+    dtype: torch.dtype | None,
+    partition: Partitioner,
+    seed: int | None = None,
+) -> list[str]:
+    """Give every parameter of `model` (built on the meta device) the form `partition` makes of it, one
+    parameter at a time in registration order (tied names share one), and return the names of those the
+    model's init wrote.
+
+    A tensor named in `sources` (one name per tied group, as `cos_model.loading`'s plans give them) is
+    never read whole unless `partition` keeps it whole: its reader reads only the range asked for, cast
+    to `dtype` (None: as stored). Persistent buffers in `sources` are assigned whole. Every other
+    tensor is initialised as `materialize` does (after `torch.manual_seed(seed)` when given), whole,
+    and then handed over: the model's init sees the same tensors in the same order as without
+    partitioning, so the values are the same.
+    """
+    groups = parameter_groups(model)
+    loaded = {group[0]: next((n for n in group if n in sources), None) for group in groups}
+    for group in groups:
+        key = loaded[group[0]]
+        if key is not None:  # a stand-in with the shape and no storage: the init skips initialised tensors
+            old = model.get_parameter(group[0])
+            stand_in = nn.Parameter(torch.empty((), dtype=sources[key].dtype(dtype)).expand(old.shape))
+            stand_in.requires_grad_(old.requires_grad)
+            for name in group:
+                set_tensor(model, name, stand_in)
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    for name in [name for name in sources if name in buffers]:
+        tensor = sources[name].read(dtype)
+        tensor._is_hf_initialized = True
+        set_tensor(model, name, tensor)
+    if seed is not None:
+        torch.manual_seed(seed)
+    fresh = materialize(model, dtype or torch.float32)
+    for group in groups:
+        param, key = model.get_parameter(group[0]), loaded[group[0]]
+        if key is not None:
+            read = functools.partial(_read_source, sources[key], dtype)
+        else:
+            read = functools.partial(_flat_range, param.detach())
+        placed = partition(group[0], param.shape, param.dtype, read)
+        if placed is None:
+            placed = param if key is None else nn.Parameter(sources[key].read(dtype))
+        placed.requires_grad_(param.requires_grad)
+        placed._is_hf_initialized = True
+        for name in group:
+            set_tensor(model, name, placed)
+    return fresh
+
+
+def _read_source(
+    source: TensorSource, dtype: torch.dtype | None, start: int, stop: int, out: torch.Tensor
+) -> torch.Tensor:
+    return source.read_flat(start, stop, dtype, out)
+
+
+def _flat_range(tensor: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(tensor.reshape(-1)[start:stop])
+
+
 def _sentinel(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A tensor whose every element marks 'never written': NaN, or the smallest integer."""
     if dtype.is_floating_point or dtype.is_complex:
@@ -97,6 +182,7 @@ def build_pretrained(
     *,
     vocab_size: int | None = None,
     seed: int | None = None,
+    partition: Partitioner | None = None,
 ) -> tuple[CosForConditionalGeneration, dict[str, LoadReport]]:
     """The Chain-of-Sight model, built lean: on the meta device, then the ViT from `vision_path` and
     the LLM from `text_path` (checkpoint tensors cast to `dtype`, never copied twice), and the bridge
@@ -107,6 +193,9 @@ def build_pretrained(
     `len(tokenizer)` as `vocab_size`; it never shrinks. The returned model's config records the final
     size. Returns `(model, reports)`, `reports` mapping "vision_tower" / "language_model" to the
     `LoadReport` of each loaded part.
+
+    With `partition`, every parameter is what it makes of the tensor (`materialize_partitioned`): the
+    loaded ones read range by range, never whole; the values are those of the unpartitioned build.
 
     Raises `CheckpointMismatchError` when a checkpoint does not fit (see `load_vision_tower`,
     `load_language_model`).
@@ -124,13 +213,26 @@ def build_pretrained(
         with torch.device("meta"):
             model = CosForConditionalGeneration(config)
     reports = {}
-    if vision_path is not None:
-        reports["vision_tower"] = load_vision_tower(model.vision_tower, vision_path, dtype)
-    if text_path is not None:
-        reports["language_model"] = load_language_model(model.language_model, text_path, dtype)
-    if seed is not None:
-        torch.manual_seed(seed)
-    materialize(model, dtype)
+    if partition is None:
+        if vision_path is not None:
+            reports["vision_tower"] = load_vision_tower(model.vision_tower, vision_path, dtype)
+        if text_path is not None:
+            reports["language_model"] = load_language_model(model.language_model, text_path, dtype)
+        if seed is not None:
+            torch.manual_seed(seed)
+        materialize(model, dtype)
+        return model, reports
+    with ExitStack() as files:
+        sources: dict[str, TensorSource] = {}
+        for part, path, plan in (
+            ("vision_tower", vision_path, plan_vision_tower),
+            ("language_model", text_path, plan_language_model),
+        ):
+            if path is not None:
+                checkpoint = files.enter_context(Checkpoint(path))
+                part_sources, reports[part] = plan(model.get_submodule(part), path, checkpoint)
+                sources.update({f"{part}.{name}": source for name, source in part_sources.items()})
+        materialize_partitioned(model, sources, dtype, partition, seed)
     return model, reports
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,48 @@ class LoadReport:
     def note(self, message: str) -> None:
         self.messages.append(message)
         logger.info("%s: %s", self.folder, message)
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one model tensor's values come from: `key` of an open `checkpoint`, as stored or through
+    `make(stored tensor, dtype)` (a tensor computed whole from the stored one: grown rows, a resized
+    position table). Floating tensors are cast to the `dtype` a read asks for (None keeps the stored one)."""
+
+    checkpoint: Checkpoint
+    key: str
+    make: Callable[[torch.Tensor, torch.dtype | None], torch.Tensor] | None = None
+
+    def dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype a read with `dtype` returns (from the file header)."""
+        stored = self.checkpoint.dtype(self.key)
+        return dtype if dtype is not None and stored.is_floating_point else stored
+
+    def read(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor."""
+        if self.make is None:
+            return self.checkpoint.tensor(self.key, dtype)
+        return self.make(self.checkpoint.tensor(self.key), dtype)
+
+    def read_flat(
+        self, start: int, stop: int, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements `start:stop` of the flattened tensor (into `out` when given, as `Checkpoint.flat`);
+        of a stored tensor only those are read (a computed one is made whole first)."""
+        if self.make is None:
+            return self.checkpoint.flat(self.key, start, stop, dtype, out)
+        part = self.read(dtype).reshape(-1)[start:stop]
+        return part if out is None else out.copy_(part)
+
+
+def read_sources(sources: dict[str, TensorSource], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every source read whole, one checkpoint shard after another ({name: tensor})."""
+    values = {}
+    for checkpoint in {id(s.checkpoint): s.checkpoint for s in sources.values()}.values():
+        name_of = {source.key: name for name, source in sources.items() if source.checkpoint is checkpoint}
+        for key in checkpoint.in_shard_order(name_of):
+            values[name_of[key]] = sources[name_of[key]].read(dtype)
+    return values
 
 
 # ----------------------------------------------------------------------------------- module surgery
@@ -164,67 +207,74 @@ def load_vision_tower(tower: CosVisionTower, folder: str | Path, dtype: torch.dt
     Raises `CheckpointMismatchError` for a missing key, a shape mismatch or a vision config that
     differs in a field the shapes do not show (heads, activation, LN epsilon).
     """
+    with Checkpoint(folder) as checkpoint:
+        sources, report = plan_vision_tower(tower, folder, checkpoint)
+        _assign(tower, read_sources(sources, dtype))
+    return report
+
+
+def plan_vision_tower(
+    tower: CosVisionTower, folder: str | Path, checkpoint: Checkpoint
+) -> tuple[dict[str, TensorSource], LoadReport]:
+    """`load_vision_tower`'s checks, reading file headers only: {tower tensor name: its source in the
+    open `checkpoint` of `folder`} and the report. Raises `CheckpointMismatchError` as it does."""
     folder = Path(folder)
     report = LoadReport(str(folder))
     if (folder / "config.json").is_file():
         source_config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
         _check_architecture(folder, source_config, tower.config, VISION_ARCH_FIELDS, "vision")
     shapes, _ = _expected(tower)
-    with Checkpoint(folder) as checkpoint:
-        keys = checkpoint.keys()
-        prefixed = any(key.startswith(VISION_PREFIX) for key in keys)
-        bare = any(key.startswith(("embeddings.", "encoder.", "pre_layrnorm.")) for key in keys)
-        if prefixed and bare:
-            raise CheckpointMismatchError(
-                f"{folder}: vision keys both with and without the '{VISION_PREFIX}' prefix; cannot tell which to load"
-            )
-        prefix = VISION_PREFIX if prefixed else ""
-        source: dict[str, str] = {}  # tower key -> checkpoint key
-        for key in keys:
-            if not key.startswith(prefix):
-                if not CLIP_NOT_VISION.search(key):
-                    report.unexpected.append(key)
-                continue
-            name = key[len(prefix) :]
-            layer = VISION_LAYER.match(name)
-            if name in shapes:
-                source[name] = key
-            elif CLIP_NOT_VISION.search(key) or VISION_POST_LN.match(name) or STALE_BUFFERS.search(name):
-                continue
-            elif layer and int(layer.group(1)) >= tower.num_blocks:
-                continue
-            else:
+    keys = checkpoint.keys()
+    prefixed = any(key.startswith(VISION_PREFIX) for key in keys)
+    bare = any(key.startswith(("embeddings.", "encoder.", "pre_layrnorm.")) for key in keys)
+    if prefixed and bare:
+        raise CheckpointMismatchError(
+            f"{folder}: vision keys both with and without the '{VISION_PREFIX}' prefix; cannot tell which to load"
+        )
+    prefix = VISION_PREFIX if prefixed else ""
+    source: dict[str, str] = {}  # tower key -> checkpoint key
+    for key in keys:
+        if not key.startswith(prefix):
+            if not CLIP_NOT_VISION.search(key):
                 report.unexpected.append(key)
-        missing = [f"{prefix}{name}" for name in shapes if name not in source]
-        mismatched, resize_to = [], None
-        for name, key in source.items():
-            shape = checkpoint.shape(key)
-            if shape == shapes[name]:
-                continue
-            resizable = _square_table(shape) and _square_table(shapes[name]) and shape[1:] == shapes[name][1:]
-            if name == POSITION_TABLE and resizable:
-                resize_to = _square_table(shapes[name])
-                continue
-            mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
-        _raise_mismatch(folder, "vision tower", missing, mismatched)
-        values = {}
-        name_of = {key: name for name, key in source.items()}
-        for key in checkpoint.in_shard_order(source.values()):
-            name = name_of[key]
-            if name == POSITION_TABLE and resize_to is not None:
-                table = checkpoint.tensor(key)
-                old = _square_table(table.shape)
-                values[name] = resize_position_embedding(table, resize_to).to(dtype or table.dtype)
-                report.note(
-                    f"position table resized from {old}x{old} to {resize_to}x{resize_to} patches "
-                    "(bicubic, align_corners=True, CLS row kept)"
-                )
-            else:
-                values[name] = checkpoint.tensor(key, dtype)
-    _assign(tower, values)
-    report.loaded = sorted(values)
+            continue
+        name = key[len(prefix) :]
+        layer = VISION_LAYER.match(name)
+        if name in shapes:
+            source[name] = key
+        elif CLIP_NOT_VISION.search(key) or VISION_POST_LN.match(name) or STALE_BUFFERS.search(name):
+            continue
+        elif layer and int(layer.group(1)) >= tower.num_blocks:
+            continue
+        else:
+            report.unexpected.append(key)
+    missing = [f"{prefix}{name}" for name in shapes if name not in source]
+    mismatched, resize_to = [], None
+    for name, key in source.items():
+        shape = checkpoint.shape(key)
+        if shape == shapes[name]:
+            continue
+        resizable = _square_table(shape) and _square_table(shapes[name]) and shape[1:] == shapes[name][1:]
+        if name == POSITION_TABLE and resizable:
+            resize_to = _square_table(shapes[name])
+            continue
+        mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
+    _raise_mismatch(folder, "vision tower", missing, mismatched)
+    sources = {name: TensorSource(checkpoint, key) for name, key in source.items()}
+    if resize_to is not None:
+        old = _square_table(checkpoint.shape(source[POSITION_TABLE]))
+        sources[POSITION_TABLE] = TensorSource(
+            checkpoint,
+            source[POSITION_TABLE],
+            lambda table, dtype: resize_position_embedding(table, resize_to).to(dtype or table.dtype),
+        )
+        report.note(
+            f"position table resized from {old}x{old} to {resize_to}x{resize_to} patches "
+            "(bicubic, align_corners=True, CLS row kept)"
+        )
+    report.loaded = sorted(sources)
     _note_unexpected(report)
-    return report
+    return sources, report
 
 
 def _note_unexpected(report: LoadReport) -> None:
@@ -291,6 +341,17 @@ def load_language_model(model: PreTrainedModel, folder: str | Path, dtype: torch
     more vocabulary rows than the model: build the model with at least that many) or a config that
     differs in a field the shapes do not show.
     """
+    with Checkpoint(folder) as checkpoint:
+        sources, report = plan_language_model(model, folder, checkpoint)
+        _assign(model, read_sources(sources, dtype))
+    return report
+
+
+def plan_language_model(
+    model: PreTrainedModel, folder: str | Path, checkpoint: Checkpoint
+) -> tuple[dict[str, TensorSource], LoadReport]:
+    """`load_language_model`'s checks, reading file headers only: {model tensor name: its source in the
+    open `checkpoint` of `folder`} and the report. Raises `CheckpointMismatchError` as it does."""
     folder = Path(folder)
     report = LoadReport(str(folder))
     if (folder / "config.json").is_file():
@@ -298,40 +359,37 @@ def load_language_model(model: PreTrainedModel, folder: str | Path, dtype: torch
         _check_architecture(folder, source_config, model.config, TEXT_ARCH_FIELDS, "language model")
     shapes, aliases = _expected(model)
     growable = [name for name in _embedding_names(model) if name is not None]
-    with Checkpoint(folder) as checkpoint:
-        source: dict[str, str] = {}
-        for name in shapes:
-            found = [key for key in [name, *aliases[name]] if key in checkpoint]
-            if found:
-                source[name] = found[0]
-        known = {key for name in shapes for key in [name, *aliases[name]]}
-        report.unexpected = [key for key in checkpoint.keys() if key not in known and not STALE_BUFFERS.search(key)]
-        missing = [name for name in shapes if name not in source]
-        mismatched, grow = [], {}
-        for name, key in source.items():
-            shape = checkpoint.shape(key)
-            if shape == shapes[name]:
-                continue
-            if name in growable and shape[1:] == shapes[name][1:] and shape[0] < shapes[name][0]:
-                grow[name] = shape[0]
-                continue
-            mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
-        _raise_mismatch(folder, "language model", missing, mismatched)
-        values = {}
-        name_of = {key: name for name, key in source.items()}
-        for key in checkpoint.in_shard_order(source.values()):
-            name = name_of[key]
-            if name in grow:
-                values[name] = grow_rows(checkpoint.tensor(key), shapes[name][0], dtype)
-                report.note(
-                    f"{name} grown from {grow[name]} to {shapes[name][0]} rows (new rows = mean of the checkpoint rows)"
-                )
-            else:
-                values[name] = checkpoint.tensor(key, dtype)
-    _assign(model, values)
-    report.loaded = sorted(values)
+    source: dict[str, str] = {}
+    for name in shapes:
+        found = [key for key in [name, *aliases[name]] if key in checkpoint]
+        if found:
+            source[name] = found[0]
+    known = {key for name in shapes for key in [name, *aliases[name]]}
+    report.unexpected = [key for key in checkpoint.keys() if key not in known and not STALE_BUFFERS.search(key)]
+    missing = [name for name in shapes if name not in source]
+    mismatched, grow = [], {}
+    for name, key in source.items():
+        shape = checkpoint.shape(key)
+        if shape == shapes[name]:
+            continue
+        if name in growable and shape[1:] == shapes[name][1:] and shape[0] < shapes[name][0]:
+            grow[name] = shape[0]
+            continue
+        mismatched.append(f"{key} {tuple(shape)} vs {tuple(shapes[name])}")
+    _raise_mismatch(folder, "language model", missing, mismatched)
+    sources = {}
+    for name, key in source.items():
+        if name in grow:
+            rows = shapes[name][0]
+            sources[name] = TensorSource(
+                checkpoint, key, lambda stored, dtype, rows=rows: grow_rows(stored, rows, dtype)
+            )
+            report.note(f"{name} grown from {grow[name]} to {rows} rows (new rows = mean of the checkpoint rows)")
+        else:
+            sources[name] = TensorSource(checkpoint, key)
+    report.loaded = sorted(sources)
     _note_unexpected(report)
-    return report
+    return sources, report
 
 
 __all__ = [
@@ -340,7 +398,10 @@ __all__ = [
     "LoadReport",
     "checkpoint_vocab_size",
     "grow_rows",
+    "TensorSource",
     "load_language_model",
     "load_vision_tower",
+    "plan_language_model",
+    "plan_vision_tower",
     "read_checkpoint",
 ]

@@ -10,6 +10,7 @@ folder without loading it (`check_model_folder`).
 
     check_model_folder(folder)          -> CosConfig                 keys and shapes, no tensor read
     load_model_folder(folder, dtype)    -> CosForConditionalGeneration  built on meta, tensors assigned
+                                           (or partitioned, `partition`: read range by range)
     load_adapter(model, folder)         -> peft.PeftModel            the adapter's keys and shapes checked first
 """
 
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .building import materialize
+from .building import Partitioner, materialize, materialize_partitioned
 from .checkpoint_files import Checkpoint, CheckpointMismatchError, first_keys
 from .configuration import CosConfig
-from .loading import STALE_BUFFERS, _assign, _expected, _raise_mismatch
+from .loading import STALE_BUFFERS, TensorSource, _assign, _expected, _raise_mismatch, read_sources
 from .modeling import CosForConditionalGeneration
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,22 +85,28 @@ def check_model_folder(folder: str | Path) -> CosConfig:
     return config
 
 
-def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None) -> CosForConditionalGeneration:
+def load_model_folder(
+    folder: str | Path, dtype: torch.dtype | None = None, partition: Partitioner | None = None
+) -> CosForConditionalGeneration:
     """The model saved in `folder`, in eval mode: built on the meta device, every persistent tensor
     assigned from the checkpoint (floating ones cast to `dtype`; None keeps the stored dtype), the
-    non-persistent buffers recomputed. Raises `CheckpointMismatchError` before any tensor is read
-    when a key is missing, mis-shaped or has no place in the model."""
+    non-persistent buffers recomputed. With `partition`, each parameter is what it makes of its tensor,
+    read range by range (`cos_model.building.materialize_partitioned`). Raises
+    `CheckpointMismatchError` before any tensor is read when a key is missing, mis-shaped or has no
+    place in the model."""
     folder = Path(folder)
     config = read_config(folder)
     with torch.device("meta"):
         model = CosForConditionalGeneration(config)
     with Checkpoint(folder) as checkpoint:
-        source = _plan(folder, model, checkpoint)
-        name_of = {key: name for name, key in source.items()}
-        values = {name_of[key]: checkpoint.tensor(key, dtype) for key in checkpoint.in_shard_order(source.values())}
-    _assign(model, values)
-    stored = next((v.dtype for v in values.values() if v.is_floating_point()), torch.float32)
-    materialize(model, dtype or stored)  # only the non-persistent buffers are left on meta
+        sources = {name: TensorSource(checkpoint, key) for name, key in _plan(folder, model, checkpoint).items()}
+        if partition is None:
+            values = read_sources(sources, dtype)
+            _assign(model, values)
+            stored = next((v.dtype for v in values.values() if v.is_floating_point()), torch.float32)
+            materialize(model, dtype or stored)  # only the non-persistent buffers are left on meta
+        else:
+            materialize_partitioned(model, sources, dtype, partition)
     model.name_or_path = model.config._name_or_path = str(folder)
     return model.eval()
 

@@ -157,9 +157,10 @@ def tiny_spec(data: Path, output, num_steps: int, *extra: str):
 
 def plan_of_run(output: Path, world_size: int, tmp: Path) -> dict:
     """`cosctl plan --json` of the spec a training run recorded (its newest checkpoint's spec.json, every
-    override applied) at the run's world size, as a user would plan that spec."""
+    override applied; `run.output` where the run wrote) at the run's world size, as a user would plan it."""
     latest = (Path(output) / "checkpoints" / "latest").read_text().strip()
     spec = json.loads((Path(output) / "checkpoints" / latest / "spec.json").read_text())
+    spec["run"]["output"] = str(output)  # where the run wrote (its --output), so the plan finds its checkpoints
     path = Path(tmp) / f"planned-{latest}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return json.loads(ok(cosctl("plan", str(path), "--json", "--world-size", str(world_size), tmp=tmp)).stdout)
@@ -171,6 +172,7 @@ def assert_plan_equals_run(run_dir: Path, output: Path, world_size: int, tmp: Pa
     FLOPs per sample. Returns the plan."""
     plan = plan_of_run(output, world_size, tmp)
     ran = json.loads((Path(run_dir) / "resolved.json").read_text())
-    assert plan["resolved"] == ran
+    differing = {k: (plan["resolved"].get(k), ran.get(k)) for k in set(plan["resolved"]) | set(ran)}
+    assert plan["resolved"] == ran, {k: v for k, v in differing.items() if v[0] != v[1]}
     assert ran["lengths_measured"] and ran["world_size"] == world_size
     return plan

@@ -141,6 +141,44 @@ def test_sharded_bin_folder_is_read(tmp_path, llama_folders):
     assert torch.equal(cast["lm_head.weight"], state["lm_head.weight"].half())
 
 
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
+def test_shard_writer_writes_what_transformers_and_safetensors_read(tmp_path, llama_folders, max_shard_bytes):
+    """Tensors written one by one with ShardWriter: one model.safetensors when they fit, else shards of at
+    most max_shard_bytes and their index; transformers' from_pretrained and safetensors read them bit-equal,
+    in bf16 too."""
+    from safetensors import safe_open
+
+    from cos_model.checkpoint_files import ShardWriter
+
+    llm, _, _ = llama_folders
+    for dtype in (torch.float32, torch.bfloat16):
+        folder = tmp_path / str(dtype)
+        state = {k: v.to(dtype) for k, v in llm.state_dict().items()}
+        layout = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+        with ShardWriter(folder, layout, max_shard_bytes) as writer:
+            for key, tensor in state.items():
+                writer.write(key, tensor)
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        if max_shard_bytes > 10**6:
+            assert shards == ["model.safetensors"] and not (folder / "model.safetensors.index.json").exists()
+        else:
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            assert len(shards) >= 2 and sorted(set(index["weight_map"].values())) == shards
+            assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+            for shard in shards:  # within the limit, or one tensor alone (as transformers does)
+                held = [state[k] for k, file in index["weight_map"].items() if file == shard]
+                assert len(held) == 1 or sum(v.numel() * v.element_size() for v in held) <= max_shard_bytes
+        for shard in shards:
+            with safe_open(str(folder / shard), framework="pt") as handle:
+                assert handle.metadata() == {"format": "pt"}
+                assert all(torch.equal(handle.get_tensor(k), state[k]) for k in handle.keys())
+        llm.config.save_pretrained(folder)
+        loaded = LlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="expected lm_head.weight"):
+        ShardWriter(tmp_path / "x", [("lm_head.weight", torch.float32, (2,))], 100).write("other", torch.zeros(2))
+
+
 def test_folder_without_weights_names_the_folder(tmp_path):
     """A folder with no weights file raises CheckpointMismatchError naming the folder."""
     with pytest.raises(CheckpointMismatchError, match=str(tmp_path)):
@@ -455,3 +493,120 @@ def test_lean_build_at_448px_resizes_the_224px_table(clip_folder, llama_folders)
     table = model.vision_tower.embeddings.position_embedding.weight
     assert torch.equal(table, resize_position_embedding(source, 32))
     assert "resized from 16x16 to 32x32" in reports["vision_tower"].messages[0]
+
+
+# ------------------------------------------------------------------------------- partitioned build
+
+
+class RankSlices:
+    """A `Partitioner` laid out as ZeRO-3 lays a parameter over `ranks` ranks (rank r keeps elements
+    [r*size, (r+1)*size) of the flattened tensor, size = ceil(numel / ranks)), reading every rank's
+    range in turn; the parameter it returns is their concatenation, so a test can compare it whole."""
+
+    def __init__(self, ranks: int = 2):
+        self.ranks, self.reads = ranks, {}
+
+    def __call__(self, name, shape, dtype, read):
+        numel = shape.numel()
+        size = -(-numel // self.ranks)
+        parts = []
+        for rank in range(self.ranks):
+            start, stop = min(rank * size, numel), min((rank + 1) * size, numel)
+            out = torch.full((stop - start,), float("nan"), dtype=dtype)
+            assert read(start, stop, out) is out, name
+            parts.append(out)
+            self.reads.setdefault(name, []).append((start, stop))
+        return torch.nn.Parameter(torch.cat(parts).view(shape))
+
+
+@pytest.fixture
+def whole_reads(monkeypatch):
+    """The checkpoint keys read whole (`Checkpoint.tensor`) while the test runs."""
+    keys = []
+    real = Checkpoint.tensor
+
+    def tensor(self, key, dtype=None):
+        keys.append(key)
+        return real(self, key, dtype)
+
+    monkeypatch.setattr(Checkpoint, "tensor", tensor)
+    return keys
+
+
+@pytest.mark.parametrize("image_size", [64, 128])
+def test_partitioned_build_equals_the_whole_build_reading_only_ranges(
+    tmp_path, clip_folder, llama_folders, whole_reads, image_size
+):
+    """Built partitioned (2 ranks' ranges), every tensor equals the unpartitioned build's: the loaded ViT
+    and LLM, the `<image>` rows grown, a resized position table, the seeded bridge, the buffers; the
+    checkpoints are read range by range, whole only where a tensor is computed from the stored one."""
+    _, sharded, _ = llama_folders
+    config = cos_config(image_size=image_size)
+    whole, whole_reports = build_pretrained(
+        config, clip_folder, sharded, torch.bfloat16, vocab_size=TINY_VOCAB + 1, seed=5
+    )
+    whole_reads.clear()
+    partition = RankSlices()
+    parted, reports = build_pretrained(
+        config, clip_folder, sharded, torch.bfloat16, vocab_size=TINY_VOCAB + 1, seed=5, partition=partition
+    )
+    assert [r.messages for r in reports.values()] == [r.messages for r in whole_reports.values()]
+    expected, got = whole.state_dict(), parted.state_dict()
+    assert sorted(got) == sorted(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    assert sorted(partition.reads) == sorted(name for name, _ in parted.named_parameters())
+    computed = {"model.embed_tokens.weight", "lm_head.weight"}  # grown by the <image> row
+    if image_size != 64:
+        computed.add("vision_model.embeddings.position_embedding.weight")  # resized
+    assert set(whole_reads) == computed
+
+
+def test_a_sharded_saved_folder_loads_exactly_whole_and_partitioned(tmp_path, llama_folders):
+    """A model folder whose weights ShardWriter split into shards (the published layout) loads as
+    transformers' from_pretrained loads it, exactly (`cos_model.saved`) and partitioned, buffers too."""
+    from cos_model.checkpoint_files import ShardWriter
+    from cos_model.saved import load_model_folder
+
+    _, sharded, _ = llama_folders
+    model, _ = build_pretrained(tiny_config(), None, sharded, seed=0)
+    state = model.state_dict()
+    with ShardWriter(tmp_path / "model", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], 50_000) as writer:
+        for key, tensor in state.items():
+            writer.write(key, tensor)
+    model.config.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
+    reference = CosForConditionalGeneration.from_pretrained(tmp_path / "model")
+    for loaded in (
+        load_model_folder(tmp_path / "model"),
+        load_model_folder(tmp_path / "model", partition=RankSlices(3)),
+    ):
+        for expected, got in ((reference.state_dict(), loaded.state_dict()), (state, loaded.state_dict())):
+            assert sorted(got) == sorted(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+        buffers, expected = dict(loaded.named_buffers()), dict(reference.named_buffers())
+        assert sorted(buffers) == sorted(expected) and all(torch.equal(buffers[k], v) for k, v in expected.items())
+
+
+def test_a_flat_range_is_the_flattened_tensor_cast(llama_folders, tmp_path, monkeypatch):
+    """`Checkpoint.flat` of safetensors and .bin folders: any range of any tensor equals the flattened
+    tensor's, cast like `tensor`, also read into a given tensor through a buffer of a few elements."""
+    from cos_model import checkpoint_files
+
+    monkeypatch.setattr(checkpoint_files, "FLAT_CHUNK_BYTES", 12)
+    llm, sharded, _ = llama_folders
+    torch.save(llm.state_dict(), tmp_path / "pytorch_model.bin")
+    for folder in (sharded, tmp_path):
+        with Checkpoint(folder) as checkpoint:
+            for key, tensor in llm.state_dict().items():
+                flat = tensor.reshape(-1)
+                for start, stop in (
+                    (0, flat.numel()),
+                    (3, 3),
+                    (1, min(40, flat.numel())),
+                    (flat.numel() - 1, flat.numel()),
+                ):
+                    assert torch.equal(checkpoint.flat(key, start, stop), flat[start:stop]), key
+                    assert torch.equal(checkpoint.flat(key, start, stop, torch.bfloat16), flat[start:stop].bfloat16())
+                    out = torch.empty(stop - start, dtype=torch.float64)
+                    assert checkpoint.flat(key, start, stop, out=out) is out
+                    assert torch.equal(out, flat[start:stop].double())

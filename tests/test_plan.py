@@ -1,4 +1,5 @@
-"""`cosctl plan`: model and hardware FLOPs, the communication model of `cosctl.plan.comm`, and the ZeRO advice."""
+"""`cosctl plan`: model and hardware FLOPs, the communication model of `cosctl.plan.comm` (ZeRO-3's re-gathers
+included), and the ZeRO advice for the tiny and the paper-scale recipes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cos_model import CosConfig, CosForConditionalGeneration
 from cosctl.cli.app import app
 from cosctl.plan.comm import ParamCounts, link_gbps, memory_gib, param_counts, step_volume
 from cosctl.plan.summary import build_plan, format_plan
@@ -167,3 +169,74 @@ def test_plan_command_prints_communication_and_both_flop_figures(tmp_path):
         assert words in result.output, words
     data = json.loads(runner.invoke(app, ["plan", str(TINY), "--json", "--set", f"run.output={tmp_path}"]).output)
     assert data["communication"]["world_size"] == 1 and data["communication"]["stages"]["zero3"]["per_rank"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper-scale recipes: ZeRO-3's re-gathers and the advice
+
+
+def _paper_folders(root, width: int, layers: int, intermediate: int) -> dict[str, str]:
+    """config.json-only folders as users have them (CLIP ViT-L/14 and a Vicuna geometry, written by
+    transformers' own classes) and an inflated 528-token model folder made from them: the
+    `--set` overrides that point a vicuna recipe at them."""
+    from transformers import CLIPConfig, LlamaConfig
+
+    from cos_model import inflate_config
+    from cosctl.stages.pretrain import pretrain_config
+
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+    CLIPConfig(vision_config={**vision, "patch_size": 14, "image_size": 224}).save_pretrained(root / "clip")
+    heads = width // 128
+    LlamaConfig(
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ).save_pretrained(root / "llm")
+    sets = {"model.vision.path": root / "clip", "model.text.path": root / "llm", "model.tokenizer": root / "llm"}
+    pretrain = [f"{key}={value}" for key, value in sets.items()]
+    spec = load_spec(REPO / "recipes/vicuna7b/pretrain.yaml", [*pretrain, f"run.output={root}/out"])
+    inflate_config(pretrain_config(spec, 32001, 32000), "32to528").save_pretrained(root / "inflated")
+    return {"pretrain": pretrain, "finetune": [f"model.source={root / 'inflated'}"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("size", "width", "layers", "intermediate"), [("7b", 4096, 32, 11008), ("13b", 5120, 40, 13824)]
+)
+def test_paper_scale_plans_count_zero3_regathers_and_advise_zero2(tmp_path, size, width, layers, intermediate):
+    """At 8 x 8 ranks, the vicuna recipes' ZeRO-3 all-gather is what the replayed coordinator gathers:
+    most LLM blocks again in the backward (at least 40% of the bytes), ~1.8-1.9x every parameter once per
+    micro-batch; ZeRO-2 moves under 5% of it and its whole weights fit: ZeRO-2 is advised."""
+    sets = _paper_folders(tmp_path, width, layers, intermediate)
+    for stage in ("pretrain", "finetune"):
+        spec = load_spec(REPO / f"recipes/vicuna{size}/{stage}.yaml", [*sets[stage], f"run.output={tmp_path}/o"])
+        plan = build_plan(spec, world_size=64, device_type="cuda", peak=989.4)
+        comm = plan["communication"]
+        zero3, zero2 = comm["stages"]["zero3"], comm["stages"]["zero2"]
+        counts = ParamCounts(**comm["params"])
+        floor = counts.total * 2  # every parameter once (one micro-batch, bf16)
+        assert comm["micro_batches_per_step"] == 1 and comm["nodes"] == 8
+        assert zero3["backward_all_gather"] > 0.4 * zero3["all_gather"]
+        assert 1.7 < zero3["all_gather"] / floor < 2.0
+        assert zero2["per_rank"] < 0.05 * zero3["per_rank"]
+        assert comm["recommended"] == "zero2" and comm["current"] == "zero3"
+        assert "of it again for the backward" in format_plan(plan)
+
+
+def test_a_finetune_plan_counts_its_lora_adapters_once(tmp_path):
+    """The fine-tuning plan's meta model carries its LoRA adapters: trainable parameters are the adapters
+    plus the bridge, once each (the communication's gradients too)."""
+    sets = _paper_folders(tmp_path, 4096, 32, 11008)
+    spec = load_spec(REPO / "recipes/vicuna7b/finetune.yaml", [*sets["finetune"], f"run.output={tmp_path}/o"])
+    plan = build_plan(spec, world_size=64, device_type="cuda")
+    with torch.device("meta"):
+        model = CosForConditionalGeneration(CosConfig.from_pretrained(tmp_path / "inflated"))
+    bridge = sum(p.numel() for m in (model.resampler, model.projector) for p in m.parameters())
+    per_layer = 16 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))  # r 16 on 7 projections
+    assert plan["lora_params"] == 32 * per_layer
+    assert plan["trainable_params"] == plan["lora_params"] + bridge
+    assert plan["communication"]["params"]["trainable"] == plan["trainable_params"]

@@ -28,16 +28,16 @@ from .published import SOURCE_RECORD, check_adapter_base, fetch_model, published
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32):
+def load_model_folder(model_dir: str, dtype: torch.dtype | str = torch.float32, partition=None):
     """A Chain-of-Sight model folder (a published `model/`, an export), every tensor loaded exactly
-    (`cos_model.saved`; `dtype="auto"` keeps the stored dtype) or one `CheckpointError` naming the
-    folder and the first missing, mis-shaped or foreign keys: transformers' `from_pretrained` only logs
-    missing keys and initialises them at random."""
+    (`cos_model.saved`; `dtype="auto"` keeps the stored dtype; `partition`: each rank only its part) or
+    one `CheckpointError` naming the folder and the first missing, mis-shaped or foreign keys:
+    transformers' `from_pretrained` only logs missing keys and initialises them at random."""
     from cos_model.checkpoint_files import CheckpointMismatchError
     from cos_model.saved import load_model_folder as load_exactly
 
     try:
-        return load_exactly(model_dir, None if dtype == "auto" else dtype)
+        return load_exactly(model_dir, None if dtype == "auto" else dtype, partition)
     except CheckpointMismatchError as err:
         raise CheckpointError(str(err)) from None
 

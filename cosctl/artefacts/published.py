@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from cos_model.checkpoint_files import ShardWriter
 
 from ..checkpoint.layout import MANIFEST, NotPublished, fetch_published
 from ..common.errors import CheckpointError
@@ -27,6 +29,9 @@ SOURCE_RECORD = "cosctl_source.json"
 # peft's AutoPeftModel builds the base with this class (transformers' own, so neither cos_model nor an
 # `import_allowlist` is needed); the published base's `auto_map` sends it to the shipped code.
 AUTO_MAPPING = {"base_model_class": "AutoModelForCausalLM", "parent_library": "transformers"}
+# transformers 4's `save_pretrained` default: a 7B model in bf16 is three files, each uploaded, fetched
+# and re-hashed on its own.
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 def fetch_model(source: str, settings: StoreSettings | None, local_dir: Path) -> Path:
@@ -178,12 +183,25 @@ def save_adapter(
     (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps(record, indent=1))
 
 
-def save_model_folder(config: CosConfig, state: dict, tokenizer, out_dir: Path) -> None:
+def save_model_folder(
+    config: CosConfig,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    tokenizer,
+    out_dir: Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
     """A published model folder: config, weights, tokenizer, and the code and processor transformers
-    needs to load it alone."""
+    needs to load it alone. The weights (`layout`: name, dtype and shape of each, in order) are written
+    as `weights` yields them, each straight to its safetensors shard (`cos_model.checkpoint_files.
+    ShardWriter`: one `model.safetensors`, or shards of at most `max_shard_bytes` and their index, as
+    transformers' `save_pretrained` lays them out), so they are never all in memory at once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    with ShardWriter(out_dir, layout, max_shard_bytes) as writer:
+        for name, tensor in weights:
+            writer.write(name, tensor)
+            del tensor  # before the next is made: a gathered tensor's storage goes with its last reference
     tokenizer.save_pretrained(out_dir)
     write_loadable_files(out_dir, tokenizer)
 

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from ..common.dist import Dist, agreed, all_reduce, any_rank, barrier, broadcast, gather, on_main
+from ..common.errors import SpecError
 from ..common.log import log
-from ..spec.specs import spec_hash, spec_to_dict
+from ..spec.specs import parse_spec, spec_hash, spec_to_dict
 from ..storage import ObjectStore, open_store
 from . import reshard
 from .committer import Committer, Staged
@@ -112,6 +113,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def spec_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every dotted key whose value differs. A checkpoint written before a field
+    existed ran with that field's default, so the old spec is read through today's spec model first
+    (filling those defaults); one that no longer parses is compared as it was written."""
+    try:
+        old = spec_to_dict(parse_spec(old, "the checkpoint's spec"))
+    except SpecError:
+        pass
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

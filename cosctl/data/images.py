@@ -125,13 +125,8 @@ class ImageSource:
     def read_bytes(self, image: str) -> bytes:
         """The image file's bytes; ObjectNotFound when it does not exist, StorageError when the store
         fails for another reason (after its retries)."""
-        if not self.remote or Path(image).is_absolute():
-            try:
-                return self._local_path(image).read_bytes()
-            except FileNotFoundError:
-                raise ObjectNotFound(f"{self.where(image)}: no such image") from None
-            except OSError as err:
-                raise StorageError(f"{self.where(image)}: cannot read: {err}") from err
+        if not self.is_remote(image):
+            return self._read_local(image)
         cached = self._cache_path(image)
         try:
             data = cached.read_bytes()
@@ -139,12 +134,27 @@ class ImageSource:
             return data
         except OSError:
             pass
-        data = self._remote_store().get_bytes(image.lstrip("/"))
+        data = self._fetch(image)
         self._cache_put(cached, data)
         return data
 
+    def is_remote(self, image: str) -> bool:
+        """Whether `image` is read from object storage (and cached), not from a local file."""
+        return self.remote and not Path(image).is_absolute()
+
+    def _read_local(self, image: str) -> bytes:
+        try:
+            return self._local_path(image).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.where(image)}: no such image") from None
+        except OSError as err:
+            raise StorageError(f"{self.where(image)}: cannot read: {err}") from err
+
+    def _fetch(self, image: str) -> bytes:
+        return self._remote_store().get_bytes(image.lstrip("/"))
+
     def exists(self, image: str) -> bool:
-        if not self.remote or Path(image).is_absolute():
+        if not self.is_remote(image):
             return self._local_path(image).is_file()
         return self._remote_store().size(image.lstrip("/")) is not None
 
@@ -240,7 +250,7 @@ class ImageSource:
         except ObjectNotFound:
             return "missing_image"
         except StorageError:
-            if self.remote:
+            if self.is_remote(image):
                 raise
             return "unreadable_image"
         return None if decodes(data) else "unreadable_image"

@@ -1,5 +1,6 @@
 """The work of preparing a store, done in forked processes: each rank's slice of the records validated,
-tokenised and image-checked into a part (`prepare_part`), and the parts merged into the store's files
+tokenised and image-checked into a part (`prepare_part`; for shards, each rank's slice of the shards,
+each read once: `prepare_shard_part`), and the parts merged into the store's files
 (`cosctl.data.split.write_store`, where `StoreLocation` says). Nothing here uses the process group;
 `cosctl.data.prepare` orchestrates the ranks.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import uuid
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import DataError
+from ..storage import open_store
 from .conversation import encode_records
 from .records import read_records
+from .shards import Shard, ShardScan, read_shard, shard_location
 from .split import SplitSource, StoreLocation
 from .tokenstore import pack_strings
 
@@ -102,6 +106,67 @@ def prepare_part(
     location.write_part(part, rank)
 
 
+def prepare_shard_part(
+    source: SplitSource, tokenizer, location: StoreLocation, shards: list[Shard], workers: int, rank: int, world: int
+) -> None:
+    """This rank's contiguous slice of the shards, each read once front to back (by `workers` processes,
+    a shard each): its samples validated, tokenised and image-checked -> a part that also records each
+    shard's sha256 and sample count."""
+    lo, hi = len(shards) * rank // world, len(shards) * (rank + 1) // world
+    _JOB.update(shards=shards, source=source, tokenizer=tokenizer)
+    try:
+        with _pool(workers) as pool:
+            results = list(pool(_shard_chunk, range(lo, hi)))
+    finally:
+        _JOB.clear()
+    problems = {ref: reason for _, found, _ in results for ref, reason in found.items()}
+    part = _assemble_part([chunk for chunk, _, _ in results], problems, sum(row["num_samples"] for *_, row in results))
+    part["shards"], part["shards_offsets"] = pack_strings([json.dumps(row) for *_, row in results])
+    location.write_part(part, rank)
+
+
+def _shard_chunk(position: int) -> tuple[dict, dict[str, str], dict]:
+    """Shard `position` read once: (its encoded records as `_encode_chunk` gives them, images that do not
+    decode, the shard's row in meta.json). Record indices are `position << 32` + the sample's place in
+    the shard, so bad records sort in shard order."""
+    shard, source = _JOB["shards"][position], _JOB["source"]
+    scan = _read(shard, source)
+    if scan.num_bytes != shard.size:
+        raise DataError(f"{shard.uri}: {scan.num_bytes} bytes, {shard.size} when preparing began; was it rewritten?")
+    chunk = _encoded(scan.records, range(len(scan.records)), _JOB["tokenizer"], source.max_text_tokens)
+    places = np.array(scan.places, dtype=np.int64)
+    base = position << 32
+    chunk["index"] = base + places[chunk["index"]]
+    chunk["bad"] = [(base + int(places[index]), record_id, reason) for index, record_id, reason in chunk["bad"]]
+    chunk["bad"] += [(base + place, key, reason) for place, key, reason in scan.bad]
+    row = {
+        "name": shard.name,
+        "uri": shard.uri,
+        "size": shard.size,
+        "version": shard.version,
+        "sha256": scan.sha256,
+        "num_samples": len(scan.records) + len(scan.bad),
+    }
+    return chunk, scan.problems, row
+
+
+def _read(shard: Shard, source: SplitSource) -> ShardScan:
+    """One pass over the shard: a local file in place, an object downloaded once into the cache (and
+    deleted when read)."""
+    base, key = shard_location(shard.name, source.root)
+    options = {"caption_prompt": source.caption_prompt, "decode": source.image_check == "decode", "where": shard.uri}
+    if not base.startswith("s3://"):
+        with open(Path(base) / key, "rb") as handle:
+            return read_shard(handle, shard.name, **options)
+    staging = source.cache / "staging" / f"shard-{uuid.uuid4().hex[:12]}.tar"
+    try:
+        open_store(base, source.settings).get_file(key, staging)
+        with open(staging, "rb") as handle:
+            return read_shard(handle, shard.name, **options)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 class _pool:
     """`pool(fn, items)` -> results in order: `workers` forked processes, or this one when 0."""
 
@@ -127,7 +192,12 @@ class _pool:
 
 
 def _encode_chunk(bounds: tuple[int, int]) -> dict:
-    encoded, bad = encode_records(_JOB["records"], range(*bounds), _JOB["tokenizer"], _JOB["max_text_tokens"])
+    return _encoded(_JOB["records"], range(*bounds), _JOB["tokenizer"], _JOB["max_text_tokens"])
+
+
+def _encoded(records: list, indices: range, tokenizer, max_text_tokens: int) -> dict:
+    """`records[i]` for i in `indices` validated, tokenised and truncated, as flat arrays plus lists."""
+    encoded, bad = encode_records(records, indices, tokenizer, max_text_tokens)
     lengths = np.array([len(item.ids) for item in encoded], dtype=np.int64)
     return {
         "index": np.array([item.index for item in encoded], dtype=np.int64),

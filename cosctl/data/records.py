@@ -50,6 +50,9 @@ BAD_RECORD_HINTS = {
     "too_long": "raise data.max_text_tokens",
     "missing_image": "check data.root (images are found relative to it)",
     "unreadable_image": "re-encode or remove the damaged image files",
+    "no_caption": "give each shard sample a .txt caption or a .json with conversations",
+    "bad_caption": "write shard captions (.txt) in UTF-8",
+    "bad_json": "fix the shard samples' .json members",
 }
 
 

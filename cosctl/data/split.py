@@ -1,6 +1,9 @@
 """One split of a run's data, as preparation sees it: where its records and images come from
-(`SplitSource`) and what names its token store (the key: the JSON's content, the tokenizer, the data
-settings and the image root; the data key a checkpoint pins is the same without the root).
+(`SplitSource`: a LLaVA JSON file and an image root, or webdataset tar shards) and what names its token
+store (the key: the JSON's content, the tokenizer, the data settings and the image root; the data key a
+checkpoint pins is the same without the root). Shards are named by where they are and their size and
+version (`cosctl.data.shards`); the data key of a shard split is then fixed by the content hashes that
+preparing it records (`SplitSource.pinned_key`).
 `StoreLocation` says where the store lives and is mapped from, and publishes it (`write_store` merges the
 ranks' parts into its files); `cosctl.data.prepare` finds or builds it, `cosctl.data.prepare_parts` does
 the work per rank.
@@ -22,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import DataError, ObjectNotFound, StorageError
+from ..spec.sections import DEFAULT_CAPTION_PROMPT
 from ..storage import LocalStore, ObjectStore, StoreSettings, join_uri, open_store, sha256_file
 from .images import DEFAULT_CACHE_BYTES, ImageSource, default_cache_dir
 from .records import MAX_REPORTED_BAD_IDS, DataReport, tokenizer_fingerprint
+from .shards import Shard, ShardImages, describe_shards, shard_location, shard_uri, shards_fingerprint
 from .tokenstore import FORMAT, META, TokenStore, pack_strings, unpack_strings
 
 
@@ -33,13 +38,15 @@ class SplitSource:
     """Everything that goes into preparing one split; `key()` names its store."""
 
     root: str  # data.root: a folder or s3:// URI
-    name: str  # the JSON file, relative to root
+    name: str  # the JSON file, relative to root (unused when `shards` are given)
     max_text_tokens: int
     image_check: str  # decode | exists | none
     settings: StoreSettings | None = None
     cache_dir: Path | None = None
     image_cache_bytes: int = DEFAULT_CACHE_BYTES
     prepared: str | None = None  # where stores go; default <root>/prepared
+    shards: tuple[str, ...] = ()  # data.format webdataset: the tar shards, patterns expanded
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT  # the human turn a .txt caption answers
 
     @property
     def remote(self) -> bool:
@@ -58,7 +65,19 @@ class SplitSource:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
     def images(self) -> ImageSource:
+        if self.shards:
+            remote = any(shard_location(name, self.root)[0].startswith("s3://") for name in self.shards)
+            return ShardImages(self.root, self.settings, self.cache / "data", self.image_cache_bytes, remote=remote)
         return ImageSource(self.root, self.settings, self.cache / "data", self.image_cache_bytes)
+
+    def describe(self) -> str:
+        """What the split reads, for messages and reports: the JSON file's URI, or the shards."""
+        if not self.shards:
+            return self.json_uri()
+        first = shard_uri(self.shards[0], self.root)
+        if len(self.shards) == 1:
+            return first
+        return f"{first} .. {Path(shard_uri(self.shards[-1], self.root)).name} ({len(self.shards)} shards)"
 
     def json_uri(self) -> str:
         return join_uri(self.root, self.name)
@@ -81,12 +100,34 @@ class SplitSource:
 
     def data_key(self, json_sha256: str, tokenizer_sha256: str) -> str:
         """What identifies the records a run trains on, wherever they lie: the store's key without the
-        image root (a checkpoint pins it, docs/design.md §5)."""
-        return hashlib.sha256(
-            json.dumps(self._content(json_sha256, tokenizer_sha256), sort_keys=True).encode()
-        ).hexdigest()
+        image root (a checkpoint pins it, docs/design.md §5). For shards, whose identity here (`json_sha256`
+        is `shards_fingerprint`) names where they are, not what they hold, the settings only: the
+        shards' content hashes are added once preparation has read them (`pinned_key`)."""
+        content = self._content(json_sha256, tokenizer_sha256)
+        if self.shards:
+            del content["shards"]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def pinned_key(self, data_key: str, meta: dict) -> str:
+        """The data key a checkpoint pins for the store `meta` describes: `data_key` for a JSON split;
+        for shards, `data_key` with the sha256 of every shard's bytes, in order, as preparation read
+        them (the same shards elsewhere pin the same key; a shard rewritten with other bytes another)."""
+        if not self.shards:
+            return data_key
+        hashes = [shard["sha256"] for shard in meta["shards"]]
+        return hashlib.sha256(json.dumps([data_key, hashes]).encode()).hexdigest()
 
     def _content(self, json_sha256: str, tokenizer_sha256: str) -> dict:
+        if self.shards:
+            return {
+                "format": FORMAT,
+                "source": "webdataset",
+                "shards": json_sha256,
+                "caption_prompt": self.caption_prompt,
+                "tokenizer_sha256": tokenizer_sha256,
+                "max_text_tokens": self.max_text_tokens,
+                "image_check": self.image_check,
+            }
         return {
             "format": FORMAT,
             "json_sha256": json_sha256,
@@ -96,12 +137,14 @@ class SplitSource:
         }
 
     def folder_name(self, key: str) -> str:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.name).stem) or "split"
+        stem = "shards" if self.shards else re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.name).stem) or "split"
         return f"{stem}-{key[:16]}"
 
 
 def split_source(data, name: str, settings: StoreSettings | None) -> SplitSource:
-    """The `SplitSource` of a run spec's `data` section for the file `name`."""
+    """The `SplitSource` of a run spec's `data` section for the file `name`; the training split
+    (`data.train`) of `data.format: webdataset` is its shards (the eval split stays LLaVA JSON)."""
+    webdataset = getattr(data, "format", "llava") == "webdataset" and name == data.train
     return SplitSource(
         root=data.root,
         name=name,
@@ -111,11 +154,19 @@ def split_source(data, name: str, settings: StoreSettings | None) -> SplitSource
         cache_dir=Path(data.cache_dir) if data.cache_dir else None,
         image_cache_bytes=data.image_cache_mb << 20,
         prepared=data.prepared,
+        shards=tuple(data.shard_names()) if webdataset else (),
+        caption_prompt=data.caption_prompt if webdataset else DEFAULT_CAPTION_PROMPT,
     )
 
 
-def split_key(source: SplitSource, tokenizer) -> tuple[str, str, Path]:
-    """(the store's key, the data key a checkpoint pins, the data file on this machine)."""
+def split_key(source: SplitSource, tokenizer) -> tuple[str, str, Path | list[Shard]]:
+    """(the store's key, the data key a checkpoint pins, what preparation reads: the data file on this
+    machine, or every shard with its size and version). A shard split's pinned key follows from its
+    store (`SplitSource.pinned_key`)."""
+    if source.shards:
+        shards = describe_shards(list(source.shards), source.root, source.settings)
+        fingerprint, tokenizer_sha256 = shards_fingerprint(shards), tokenizer_fingerprint(tokenizer)
+        return source.key(fingerprint, tokenizer_sha256), source.data_key(fingerprint, tokenizer_sha256), shards
     json_path = source.local_json()
     if not json_path.is_file():
         raise DataError(f"{source.json_uri()}: data file not found (data.root={source.root})")
@@ -174,10 +225,16 @@ def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, sour
         files[name] = len(blob)
     bad = [tuple(json.loads(item)) for part in parts for item in unpack_strings(part["bad"], part["bad_offsets"])]
     bad.sort()
-    num_records = int(parts[0]["num_records"][0])  # every part holds the file's record count
+    if source.shards:  # a part holds its own shards' samples, in rank (= shard) order
+        shards = [json.loads(row) for part in parts for row in unpack_strings(part["shards"], part["shards_offsets"])]
+        if [shard["name"] for shard in shards] != list(source.shards):
+            raise RuntimeError(f"prepared {len(shards)} shards of {len(source.shards)}")
+        num_records = sum(int(part["num_records"][0]) for part in parts)
+    else:
+        num_records = int(parts[0]["num_records"][0])  # every part holds the file's record count
     num_text_only = int((arrays["image_pos"] < 0).sum())
     report = DataReport(
-        source.json_uri(),
+        source.describe(),
         num_records,
         len(lengths),
         dict(Counter(reason for _, _, reason in bad)),
@@ -191,7 +248,7 @@ def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, sour
         "format": FORMAT,
         "key": key,
         "created": time.time(),
-        "source": source.json_uri(),
+        "source": source.describe(),
         "root": source.root_id,
         "max_text_tokens": source.max_text_tokens,
         "image_check": source.image_check,
@@ -200,6 +257,8 @@ def write_store(folder: Path, parts: list[dict[str, np.ndarray]], key: str, sour
         "report": report.to_dict(),
         "files": files,
     }
+    if source.shards:
+        meta.update(caption_prompt=source.caption_prompt, shards=shards)
     (folder / META).write_text(json.dumps(meta, indent=1))
     return meta
 

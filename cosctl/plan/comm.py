@@ -3,9 +3,11 @@ time they take at a link bandwidth, and which ZeRO stage moves less (`cosctl pla
 
 What DeepSpeed 0.19.8 moves, as counted on the real engine (`bench/comm_volume.py`, bench/RESULTS.md):
 
-    ZeRO-3  all-gather      every partitioned parameter once per micro-batch, frozen ones included (a
-                            parameter the backward needs stays gathered from its forward use to its
-                            backward one), and the persistent ones (at most
+    ZeRO-3  all-gather      what its parameter coordinator gathers, replayed on the model's module trace
+                            (`cosctl.plan.gathers`): every partitioned parameter at its forward use in each
+                            micro-batch (frozen ones included), again for the backward when it was released
+                            in between (stage3_max_reuse_distance and the prefetch decide: a 7B LLM keeps
+                            only its last blocks gathered), and the persistent ones (at most
                             stage3_param_persistence_threshold elements each) once after the step
             reduce-scatter  the gradients of the trainable parameters, once per micro-batch
     ZeRO-2  all-reduce      the gradients of the trainable parameters, once per micro-batch (its default
@@ -15,8 +17,9 @@ What DeepSpeed 0.19.8 moves, as counted on the real engine (`bench/comm_volume.p
 
 Sizes are logical: the full gathered buffer, the full reduced tensor. In a ring of W ranks each rank
 sends (and receives) (W-1)/W of an all-gather's or reduce-scatter's size and 2(W-1)/W of an
-all-reduce's. Frozen parameters cost ZeRO-3 a gather every micro-batch and ZeRO-2 nothing (each rank
-keeps them whole), which is why a frozen LLM moves far less under ZeRO-2 when it fits in memory.
+all-reduce's. Frozen parameters cost ZeRO-3 a gather every micro-batch (two for a frozen LLM that
+back-propagates and is re-gathered) and ZeRO-2 nothing (each rank keeps them whole), which is why a
+frozen LLM moves far less under ZeRO-2 when it fits in memory.
 
 Bandwidth: a run that fits on one node talks over the node's GPU links, a larger one is limited by each
 rank's share of the inter-node network (NCCL builds one ring per NIC, so every rank's inter-node link
@@ -26,6 +29,8 @@ carries its full ring traffic). Both figures are `cosctl plan` options with the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from .gathers import GatherCounts
 
 # Per-rank inter-node bandwidth (Gb/s): one 100 Gb/s InfiniBand link (EDR, HDR100) per GPU, or an HDR
 # 200 Gb/s port shared by two; nodes with a 400 Gb/s NDR link per GPU should say so (--bandwidth-gbps 400).
@@ -66,6 +71,7 @@ class StepVolume:
     all_gather: float
     reduce_scatter: float
     all_reduce: float
+    backward_all_gather: float = 0.0  # the part of all_gather gathered again for the backward (ZeRO-3)
 
     def per_rank(self, world_size: int) -> float:
         """Bytes each rank sends per step in ring collectives."""
@@ -79,16 +85,23 @@ class StepVolume:
         return {**asdict(self), "per_rank": self.per_rank(world_size)}
 
 
-def step_volume(stage: int, counts: ParamCounts, micro_batches: int, bytes_per_param: int) -> StepVolume:
+def step_volume(
+    stage: int, counts: ParamCounts, micro_batches: int, bytes_per_param: int, gathers: GatherCounts | None = None
+) -> StepVolume:
     """Bytes a ZeRO `stage` (2 or 3) moves per step with `micro_batches` micro-batches per rank; parameters
-    and gradients travel in the training dtype (`bytes_per_param`: 2 for bf16, 4 for fp32)."""
+    and gradients travel in the training dtype (`bytes_per_param`: 2 for bf16, 4 for fp32). ZeRO-3's
+    all-gather is `gathers` (`cosctl.plan.gathers.zero3_gathers` of the model at these micro-batches);
+    without it, the floor of every partitioned parameter once per micro-batch, none re-gathered."""
     if stage == 3:
-        partitioned = counts.total - counts.persistent
+        if gathers is None:
+            partitioned = counts.total - counts.persistent
+            gathers = GatherCounts(forward=micro_batches * partitioned, persistent=counts.persistent)
         return StepVolume(
             3,
-            all_gather=(micro_batches * partitioned + counts.persistent) * bytes_per_param,
+            all_gather=gathers.total * bytes_per_param,
             reduce_scatter=micro_batches * counts.trainable * bytes_per_param,
             all_reduce=0.0,
+            backward_all_gather=gathers.backward * bytes_per_param,
         )
     if stage == 2:
         return StepVolume(

@@ -15,20 +15,52 @@ Attention has no weights: its backward is 2x its forward whenever the backward r
 6·N of its adapters to a frozen LLM that back-propagates. These are the *model* FLOPs, which MFU
 counts. *Hardware* FLOPs add what the device recomputes: with gradient checkpointing the LLM's forward
 runs again in the backward (+2·N and its attention), which HFU counts.
+
+Two uses. `sample_flops` is the prediction (`cosctl plan`, the resolver): one sample of the mean length.
+`step_flops` is what a training step did, from its micro-batches (the training loop's MFU and HFU):
+model FLOPs from each trained sample's own length (attention from the sum of squared lengths, not the
+mean's square; a text-only sample without the vision tower and bridge), hardware FLOPs from the
+micro-batches as the device ran them (every row at its padded length, filler micro-batches and samples
+that train nothing included, every image through the vision tower, blank ones too).
+
+Peaks come from a table of named parts (`DEVICE_PEAKS`), matched on the name the driver reports; a
+device not in it gets no peak, so MFU is left out rather than guessed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cos_model import CosConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; COSCTL_PEAK_TFLOPS overrides.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """A part's dense bf16 tensor-core peak (TFLOP/s, without sparsity), from its datasheet."""
+
+    part: str
+    tflops: float
+
+
+# Parts by the names `torch.cuda.get_device_name` reports (matched case-insensitively, first match wins:
+# the variants before the plain names). A name matching none, a bare "NVIDIA H100" among them (SXM,
+# PCIe and NVL differ by 1.3x), has no peak: MFU is then omitted, never guessed. COSCTL_PEAK_TFLOPS
+# overrides the table.
+DEVICE_PEAKS: tuple[tuple[str, DevicePeak], ...] = (
+    (r"\bH100\b.*\bPCIe\b", DevicePeak("H100 PCIe", 756.0)),
+    (r"\bH100\b.*\bNVL\b", DevicePeak("H100 NVL", 835.5)),
+    (r"\bH100\b.*(\bSXM|\bHBM3\b)", DevicePeak("H100 SXM", 989.4)),  # "NVIDIA H100 80GB HBM3"
+    (r"\bH200\b.*\bNVL\b", DevicePeak("H200 NVL", 835.5)),
+    (r"\bH200\b", DevicePeak("H200 SXM", 989.4)),
+    # A100 SXM4 and PCIe, 40 and 80 GB: one bf16 peak ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB").
+    (r"\bA100\b", DevicePeak("A100", 312.0)),
+    (r"\bL40S\b", DevicePeak("L40S", 362.05)),
+)
 
 # The model-FLOPs utilisation every step-time prediction assumes (`cosctl plan`, bench/stage_speed.py).
 # Counted with the model above (a frozen LLM at 4·N), the single-H100/H200 runs of bench/RESULTS.md reached
@@ -139,6 +171,34 @@ class SampleFlops:
         }
 
 
+def _flops(
+    config: CosConfig,
+    mult: dict[str, int],
+    *,
+    tokens: int,
+    squared_lengths: int,
+    images: int,
+    lora_params: int,
+    gradient_checkpointing: bool,
+) -> SampleFlops:
+    """FLOPs of `tokens` LLM tokens in sequences whose squared lengths sum to `squared_lengths` (causal
+    attention grows with each sequence's square), and `images` images through the vision tower and
+    bridge, at the forward multiples `mult` (`passes`)."""
+    llm_mult = mult["language_model"]
+    backward = llm_mult > 1
+    linear = 2.0 * llm_params(config.text_config) * tokens
+    adapters = 2.0 * lora_params * tokens
+    attention = llm_attention_forward_flops(config.text_config, 1) * squared_lengths
+    return SampleFlops(
+        vision=vit_forward_flops(config.vision_config, max(config.feature_layers) + 1) * mult["vision_tower"] * images,
+        resampler=resampler_chain_forward_flops(config) * mult["resampler"] * images,
+        projector=projector_forward_flops(config) * mult["projector"] * images,
+        llm=linear * llm_mult + adapters * 3,
+        llm_attention=attention * (3 if backward else 1),
+        recompute=(linear + adapters + attention) if gradient_checkpointing and backward else 0.0,
+    )
+
+
 def sample_flops(
     config: CosConfig,
     num_text_tokens: int,
@@ -147,24 +207,80 @@ def sample_flops(
     lora_params: int = 0,
     gradient_checkpointing: bool = False,
 ) -> SampleFlops:
-    """FLOPs of one training sample of `num_text_tokens` text tokens (see the module docstring), with
-    `trainable` the trained top-level modules, `lora_params` the LoRA adapter weights on the LLM and
-    `gradient_checkpointing` whether the LLM's forward is recomputed in the backward."""
-    mult = passes(trainable, lora=lora_params > 0)
+    """FLOPs of one training sample with an image and `num_text_tokens` text tokens (see the module
+    docstring), with `trainable` the trained top-level modules, `lora_params` the LoRA adapter weights on
+    the LLM and `gradient_checkpointing` whether the LLM's forward is recomputed in the backward."""
     seq = config.num_visual_tokens + num_text_tokens
-    llm_mult = mult["language_model"]
-    backward = llm_mult > 1
-    linear = 2.0 * llm_params(config.text_config) * seq
-    adapters = 2.0 * lora_params * seq
-    attention = llm_attention_forward_flops(config.text_config, seq) * seq
-    return SampleFlops(
-        vision=vit_forward_flops(config.vision_config, max(config.feature_layers) + 1) * mult["vision_tower"],
-        resampler=resampler_chain_forward_flops(config) * mult["resampler"],
-        projector=projector_forward_flops(config) * mult["projector"],
-        llm=linear * llm_mult + adapters * 3,
-        llm_attention=attention * (3 if backward else 1),
-        recompute=(linear + adapters + attention) if gradient_checkpointing and backward else 0.0,
+    return _flops(
+        config,
+        passes(trainable, lora=lora_params > 0),
+        tokens=seq,
+        squared_lengths=seq * seq,
+        images=1,
+        lora_params=lora_params,
+        gradient_checkpointing=gradient_checkpointing,
     )
+
+
+@dataclass(frozen=True)
+class PaddedPass:
+    """One micro-batch as the device runs it: `rows` token rows of `columns` tokens each (padding
+    included; a packed row holds several samples back to back) and `images` images through the vision
+    tower and bridge (blank ones included: a failed image, a filler's, the blank image a micro-batch
+    without images runs so that ZeRO-3's collectives match)."""
+
+    rows: int
+    columns: int
+    images: int
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """What a training step computed: `model` counts the samples it trained on, each at its own length
+    (what MFU counts); `hardware` the micro-batches as run, padding, fillers and recomputation included
+    (what HFU counts)."""
+
+    model: float
+    hardware: float
+
+
+def step_flops(
+    config: CosConfig,
+    text_tokens: Sequence[int],
+    visual_tokens: Sequence[int],
+    shapes: Sequence[PaddedPass],
+    trainable: Iterable[str] = DEFAULT_TRAINABLE,
+    *,
+    lora_params: int = 0,
+    gradient_checkpointing: bool = False,
+) -> StepFlops:
+    """FLOPs of a training step (module docstring). `text_tokens` and `visual_tokens` are those of each
+    sample the step trains on, in the same order (0 visual tokens: a text-only sample, no vision tower or
+    bridge); `shapes` are the step's micro-batches as run. Pure: the loop sums it over ranks."""
+    if len(text_tokens) != len(visual_tokens):
+        raise ValueError(f"{len(text_tokens)} text lengths but {len(visual_tokens)} visual-token counts")
+    mult = passes(trainable, lora=lora_params > 0)
+    per_image = config.num_visual_tokens
+    lengths = [t + v for t, v in zip(text_tokens, visual_tokens, strict=True)]
+    model = _flops(
+        config,
+        mult,
+        tokens=sum(lengths),
+        squared_lengths=sum(n * n for n in lengths),
+        images=sum(-(-v // per_image) for v in visual_tokens),
+        lora_params=lora_params,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    hardware = _flops(
+        config,
+        mult,
+        tokens=sum(s.rows * s.columns for s in shapes),
+        squared_lengths=sum(s.rows * s.columns * s.columns for s in shapes),
+        images=sum(s.images for s in shapes),
+        lora_params=lora_params,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return StepFlops(model.model, hardware.hardware)
 
 
 def flops_per_sample(
@@ -192,13 +308,27 @@ def predict_step_seconds(
     return flops_per_step / (peak_tflops_per_rank * 1e12 * world_size * mfu)
 
 
+def device_peak(name: str) -> DevicePeak | None:
+    """The part a device name (as `torch.cuda.get_device_name` gives it) names and its bf16 peak, or
+    None when the table has no such part."""
+    return next((peak for pattern, peak in DEVICE_PEAKS if re.search(pattern, name, re.IGNORECASE)), None)
+
+
+def device_label(device) -> str:
+    """The device's name as the driver reports it ("cpu" for the host)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
 def peak_tflops(device) -> float | None:
-    """The device's dense bf16 peak, or None when unknown (CPU without COSCTL_PEAK_TFLOPS)."""
+    """COSCTL_PEAK_TFLOPS, else the device's dense bf16 peak from `DEVICE_PEAKS`; None when unknown
+    (the host CPU, or a GPU the table does not name)."""
     if os.environ.get("COSCTL_PEAK_TFLOPS"):
         return float(os.environ["COSCTL_PEAK_TFLOPS"])
     if getattr(device, "type", "cpu") != "cuda":
         return None
-    import torch
-
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak = device_peak(device_label(device))
+    return peak.tflops if peak else None

@@ -64,9 +64,14 @@ def block_classes(model: nn.Module) -> set[str]:
 
 
 def largest_block_numel(model: nn.Module) -> int | None:
-    """Parameters of the model's largest transformer block (None when it has none)."""
+    """Parameters of the model's largest transformer block (None when it has none); a ZeRO-3 partitioned
+    parameter counts at its full size."""
     classes = block_classes(model)
-    sizes = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in classes]
+    sizes = [
+        sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
+        for m in model.modules()
+        if type(m).__name__ in classes
+    ]
     return max(sizes, default=None)
 
 

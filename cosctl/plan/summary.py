@@ -9,7 +9,9 @@ prepared training split's lengths as the run measures them: what `cosctl pretrai
 compute prediction is the model FLOPs (what MFU counts) over the per-rank peak times
 `cosctl.plan.flops.ASSUMED_MFU`; without a known peak (`--peak-tflops`,
 COSCTL_PEAK_TFLOPS, or this machine's GPU) it is null. Hardware FLOPs (HFU) add gradient
-checkpointing's recomputation. The communication is `cosctl.plan.comm`'s model of what DeepSpeed moves.
+checkpointing's recomputation. The communication is `cosctl.plan.comm`'s model of what DeepSpeed moves,
+ZeRO-3's gathers replayed on the meta model at the spec's thresholds (`cosctl.plan.gathers`; a ZeRO-2 spec
+is compared with the zero3 template's).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from .comm import (
     param_counts,
     step_volume,
 )
+from .deepspeed_config import bucket_sizes, load_template
 from .flops import ASSUMED_MFU, passes, peak_tflops, predict_step_seconds
+from .gathers import Zero3Settings, zero3_gathers
 from .resolve import World, model_shape, resolve
 
 # ZeRO-2 is recommended only when its whole weights and optimizer state leave at least half of a GPU to
@@ -105,14 +109,13 @@ def build_plan(
     stage = stage_for(spec)
     if not stage.trains:
         return stage.describe()
-    model, lora = stage.plan_model()
+    model, lora = stage.plan_model()  # the meta model carries the LoRA adapters the run adds
     config = model.config
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + lora
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lengths, num_records = training_lengths(spec, stage, config.num_visual_tokens)
-    resolved = resolve(
-        spec, model_shape(model, config, spec, lora), World(world_size, device_type), lengths, num_records
-    )
+    shape = model_shape(model, config, spec, lora)
+    resolved = resolve(spec, shape, World(world_size, device_type), lengths, num_records)
     flops, ds_config = resolved.flops, resolved.deepspeed
     bytes_per_param = 2 if resolved.bf16 else 4
     samples_per_step = spec.batch.samples_per_step
@@ -120,7 +123,13 @@ def build_plan(
     threshold = ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold")
     if threshold is None:  # a ZeRO-2 config has none: what ZeRO-3 would use for this model
         threshold = 10 * config.text_config.hidden_size
-    counts = param_counts(model.parameters(), threshold, extra_trainable=lora)
+    counts = param_counts(model.parameters(), threshold)
+    gathers = zero3_gathers(
+        model,
+        zero3_settings(ds_config, config.text_config.hidden_size, shape.block_numel),
+        resolved.micro_batches_per_step or 1,
+        embedding_grads=spec.model.gradient_checkpointing,
+    )
     communication = communication_plan(
         counts,
         spec.deepspeed.template,
@@ -132,6 +141,7 @@ def build_plan(
         intra_node_gbps,
         gpu_memory_gib,
         speed["predicted_step_s"],
+        zero3=gathers,
     )
     store = open_store(spec.run.output, spec.storage.to_settings())
     latest = find_latest(store)
@@ -166,6 +176,15 @@ def build_plan(
     }
 
 
+def zero3_settings(ds_config: dict, hidden_size: int, block_numel: int | None) -> Zero3Settings:
+    """The ZeRO-3 thresholds of the run's config, or, for a ZeRO-2 spec, those the zero3 template would
+    give this model (what the comparison with ZeRO-3 assumes)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        zero = {**load_template("zero3")["zero_optimization"], **bucket_sizes(hidden_size, block_numel)}
+    return Zero3Settings.from_config(zero)
+
+
 def _ranks_per_node(spec) -> int:
     return spec.slurm.num_ranks_per_node()
 
@@ -181,15 +200,18 @@ def communication_plan(
     intra_node_gbps: float,
     gpu_memory_gib: float,
     compute_s: float | None,
+    zero3=None,
 ) -> dict:
     """Bytes per step per rank for ZeRO-3 and ZeRO-2 at this world size, the time they take on the link
-    the ranks share, and which stage the model says to use (the spec is never changed)."""
+    the ranks share, and which stage the model says to use (the spec is never changed). `zero3`: what
+    ZeRO-3 gathers per step (`cosctl.plan.gathers.GatherCounts`; default: every parameter once per
+    micro-batch)."""
     assumed = micro_batches is None  # an `auto` budget: the micro-batch is probed at start
     micro_batches = micro_batches or 1
     gbps = link_gbps(world_size, ranks_per_node, inter_node_gbps, intra_node_gbps)
     stages = {}
     for name, stage in (("zero3", 3), ("zero2", 2)):
-        volume = step_volume(stage, counts, micro_batches, bytes_per_param)
+        volume = step_volume(stage, counts, micro_batches, bytes_per_param, zero3 if stage == 3 else None)
         stages[name] = {
             **volume.to_dict(world_size),
             "seconds": volume.seconds(world_size, gbps),
@@ -346,6 +368,11 @@ def _format_communication(comm: dict) -> list[str]:
         stage = comm["stages"][name]
         parts = [
             f"{kind.replace('_', '-')} {_gb(stage[kind])}"
+            + (
+                f" ({_gb(stage['backward_all_gather'])} of it again for the backward)"
+                if kind == "all_gather" and stage.get("backward_all_gather")
+                else ""
+            )
             for kind in ("all_gather", "reduce_scatter", "all_reduce")
             if stage[kind]
         ]

@@ -46,11 +46,25 @@ def _data_problems(data: DataSpec) -> list[str]:
     folder = Path(root.removeprefix("file://"))
     if not folder.is_dir():
         return [f"data.root: {root} {'is not a folder' if folder.exists() else 'does not exist'}"]
+    files = (("eval", data.eval),) if data.format == "webdataset" else (("train", data.train), ("eval", data.eval))
     return [
         f"data.{key}: {folder / name} {'is not a file' if (folder / name).exists() else 'does not exist'}"
-        for key, name in (("train", data.train), ("eval", data.eval))
+        for key, name in files
         if name is not None and not (folder / name).is_file()
+    ] + _missing_shards(data, folder)
+
+
+def _missing_shards(data: DataSpec, root: Path) -> list[str]:
+    """The first local shards of data.format webdataset that are not files (shards in a bucket are
+    looked up when the data is prepared)."""
+    paths = [
+        Path(name.removeprefix("file://")) if name.startswith(("/", "file://")) else root / name
+        for name in (data.shard_names() if data.format == "webdataset" else [])
+        if not name.startswith("s3://")
     ]
+    missing = [path for path in paths if not path.is_file()]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return [f"data.shards: {missing[0]} does not exist{more}"] if missing else []
 
 
 def _model_folder_problems(model: PretrainModelSpec) -> list[str]:

@@ -5,7 +5,8 @@ A training stage (pretrain, finetune) is used in two ways:
 
     stage = stage_for(spec)
     stage.model_config(), stage.trainable_groups(), stage.plan_model()  # no weights: `cosctl plan`
-    stage.build(staging, dist)   # tokenizer, model (not yet in an engine), cos_config, on every rank
+    stage.build(staging, dist, partition)   # tokenizer, model (not yet in an engine; under ZeRO-3
+                                            # already partitioned), cos_config, on every rank
     stage.write_trainable(engine, local_dir)   # a checkpoint's gathered trainable weights; collective
     stage.write_final(engine, store)           # the published artefact; collective; returns its key
 
@@ -16,6 +17,8 @@ stage a spec is.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +28,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from cos_model.building import Partitioner
 
+from ..artefacts.published import save_model_folder
 from ..checkpoint.committer import retrying
 from ..checkpoint.layout import publish
 from ..common.dist import Dist, on_main
@@ -80,15 +85,51 @@ def trainable_state(engine) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def full_state(engine) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on rank 0 (gathered module by module under ZeRO-3); collective."""
+def persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's persistent tensors as its state dict names them, one name per shared (tied) tensor:
+    what a published folder holds. Under ZeRO-3 the parameters are the partitioned ones ([0]-shaped)."""
+    seen: set[int] = set()
+    named = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            named.append((name, tensor))
+    return named
+
+
+def stream_weights(engine, named: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) for `named`, one at a time: under ZeRO-3 each parameter is gathered for its
+    turn and partitioned again when the consumer asks for the next, so a rank holds its partition and
+    one whole tensor, never the gathered model. Collective: every rank must run it to the end."""
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if dist.get_rank() != 0:
-        return None
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        engine.empty_partition_cache()  # parameters left gathered by the last forward are released first
+    for name, tensor in named:
+        with gathered([tensor]) if hasattr(tensor, "ds_id") else nullcontext():
+            yield name, tensor.detach()
+
+
+def write_model_weights(engine, tokenizer, config: CosConfig, out_dir: Path) -> None:
+    """The published model folder (`save_model_folder`) with the engine's weights streamed into it
+    (`stream_weights`): rank 0 writes; collective. Every rank runs the gathers to the end also when rank
+    0's writing fails, and then every rank raises rank 0's error (`on_main`), so none waits in a
+    collective the others left."""
+    named = persistent_tensors(engine.module)
+    weights = stream_weights(engine, named)
+    problem: Exception | None = None
+    if dist.get_rank() == 0:
+        layout = [(name, tensor.dtype, tuple(getattr(tensor, "ds_shape", tensor.shape))) for name, tensor in named]
+        try:
+            save_model_folder(config, layout, weights, tokenizer, out_dir)
+        except Exception as err:  # raised below, on every rank
+            problem = err
+    for _ in weights:
+        pass
+
+    def outcome() -> None:
+        if problem is not None:
+            raise problem
+
+    on_main(outcome)
 
 
 def write_trainable_weights(engine, local_dir: Path) -> None:
@@ -163,8 +204,10 @@ class TrainingStage(Stage):
         return model, 0
 
     @abstractmethod
-    def build(self, staging: Path, dist_info: Dist) -> TrainingStage:
-        """Load the tokenizer and build the model in the run's dtype (every rank); returns self."""
+    def build(self, staging: Path, dist_info: Dist, partition: Partitioner | None = None) -> TrainingStage:
+        """Load the tokenizer and build the model in the run's dtype (every rank); with `partition`
+        (ZeRO-3: `cosctl.train.engine.zero3_partition`) each parameter is built as it makes it, so a
+        rank reads and keeps only its part. Returns self."""
 
     def write_trainable(self, engine, local_dir: Path) -> None:
         """A checkpoint's gathered trainable weights under `local_dir`; collective."""

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from cos_model import CosConfig, CosForConditionalGeneration
+from cos_model.building import Partitioner
 
 from ..artefacts.loading import load_model_folder
-from ..artefacts.published import fetch_model, local_model_folder, save_adapter, save_model_folder, source_config
+from ..artefacts.published import fetch_model, local_model_folder, save_adapter, source_config
 from ..common.dist import Dist, barrier, on_node_main
 from ..common.errors import SpecError
 from ..data.records import load_tokenizer
@@ -27,12 +28,12 @@ from ..spec.specs import FinetuneSpec
 from ..storage import ObjectStore
 from .base import (
     TrainingStage,
-    full_state,
     gathered,
     publish_on_main,
     run_dtype,
     set_trainable,
     trainable_summary,
+    write_model_weights,
     write_trainable_weights,
 )
 
@@ -59,9 +60,12 @@ def apply_lora(model: CosForConditionalGeneration, lora: LoraSpec, trainable: li
     return peft_model
 
 
-def build_finetune_model(spec: FinetuneSpec, model_dir: str, dtype: torch.dtype = torch.float32):
-    """The inflated model from a local folder, with LoRA (or full LLM training) as the spec says."""
-    model = load_model_folder(model_dir, dtype)
+def build_finetune_model(
+    spec: FinetuneSpec, model_dir: str, dtype: torch.dtype = torch.float32, partition: Partitioner | None = None
+):
+    """The inflated model from a local folder (with `partition`, each rank reads only its part of each
+    tensor), with LoRA (or full LLM training) as the spec says."""
+    model = load_model_folder(model_dir, dtype, partition)
     if spec.model.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable()
     if spec.lora is None:
@@ -102,7 +106,7 @@ class FinetuneStage(TrainingStage):
         model = apply_lora(model, self.spec.lora, list(self.spec.model.trainable), self.spec.run.seed)
         return model, trainable_summary(model).get("lora", 0)
 
-    def build(self, staging: Path, dist_info: Dist) -> FinetuneStage:
+    def build(self, staging: Path, dist_info: Dist, partition: Partitioner | None = None) -> FinetuneStage:
         # One download per node (its local rank 0) into that node's own folder: a run dir on a shared
         # filesystem would otherwise have every node delete and rewrite the same files at once.
         node_folder = staging / f"node_{dist_info.node:04d}" / "source"
@@ -113,7 +117,7 @@ class FinetuneStage(TrainingStage):
         self.model_dir = Path(on_node_main(found, dist_info))
         self.tokenizer = load_tokenizer(self.model_dir)
         dtype = run_dtype(self.spec, dist_info.device.type)
-        self.model = build_finetune_model(self.spec, str(self.model_dir), dtype)
+        self.model = build_finetune_model(self.spec, str(self.model_dir), dtype, partition)
         self.cos_config = CosConfig.from_pretrained(self.model_dir)
         return self
 
@@ -141,7 +145,5 @@ class FinetuneStage(TrainingStage):
         if self.spec.lora is not None:
             self._write_adapter(engine, local)
         else:
-            state = full_state(engine)
-            if state is not None:
-                save_model_folder(self.cos_config, state, self.tokenizer, local)
+            write_model_weights(engine, self.tokenizer, self.cos_config, local)
         return publish_on_main(store, local, self.artefact, 60 * self.spec.storage.max_outage_minutes)

@@ -3,8 +3,9 @@ bridge trained with the few-token chain; publishes `<output>/model/`.
 
 The model config comes from the spec and config.json of the local folders it names (nothing is ever
 downloaded); the vocabulary is the tokenizer's, `<image>` included. The model is built lean
-(`cos_model.building.build_pretrained`): the towers loaded exactly straight into the run's dtype, random
-where a component has no folder, the bridge initialised once.
+(`cos_model.building.build_pretrained`): the towers loaded exactly straight into the run's dtype (under
+ZeRO-3 each rank reads only its partition of each tensor), random where a component has no folder, the
+bridge initialised once. `model/` is written one tensor at a time (`base.write_model_weights`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cos_model import CosConfig, CosForConditionalGeneration
-from cos_model.building import build_pretrained
+from cos_model.building import Partitioner, build_pretrained
 from cos_model.loading import CheckpointMismatchError
 
-from ..artefacts.published import save_model_folder
 from ..common.dist import Dist
 from ..common.errors import CheckpointError, DataError, SpecError
 from ..common.log import log
@@ -29,7 +30,7 @@ from ..spec.model import config_error_message
 from ..spec.specs import PretrainSpec
 from ..spec.subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, coerce_floats, fields_for
 from ..storage import ObjectStore
-from .base import TrainingStage, full_state, publish_on_main, run_dtype, set_trainable
+from .base import TrainingStage, publish_on_main, run_dtype, set_trainable, write_model_weights
 
 # The vocabulary `cosctl plan` assumes before the tokenizer folder exists (Llama's).
 ASSUMED_VOCAB_SIZE = 32000
@@ -63,8 +64,9 @@ def pretrain_config(spec: PretrainSpec, vocab_size: int, image_token_id: int) ->
     overrides = thaw(model.text.config)
     model_type = overrides.get("model_type", text.get("model_type"))
     text.update(coerce_floats(overrides, fields_for(model_type) if isinstance(model_type, str) else None))
-    if model.text.path is None:
-        text["vocab_size"] = vocab_size
+    # The built LLM's vocabulary grows to the tokenizer's, never shrinks (cos_model.building): the
+    # config says so up front, so `cosctl plan` counts the rows the run trains.
+    text["vocab_size"] = vocab_size if model.text.path is None else max(text.get("vocab_size", 0), vocab_size)
     try:
         return CosConfig(
             vision_config=vision,
@@ -82,15 +84,26 @@ def pretrain_config(spec: PretrainSpec, vocab_size: int, image_token_id: int) ->
 
 
 def build_pretrain_model(
-    spec: PretrainSpec, vocab_size: int, image_token_id: int, dtype: torch.dtype = torch.float32
+    spec: PretrainSpec,
+    vocab_size: int,
+    image_token_id: int,
+    dtype: torch.dtype = torch.float32,
+    partition: Partitioner | None = None,
 ) -> CosForConditionalGeneration:
     """A fresh Chain-of-Sight model, built lean: ViT and LLM loaded exactly from their local folders
-    straight into `dtype`, random where a component has no folder, the bridge initialised once; the
-    vocabulary grows to the tokenizer's (`vocab_size`)."""
+    straight into `dtype` (with `partition`, each rank only its part of each tensor), random where a
+    component has no folder, the bridge initialised once; the vocabulary grows to the tokenizer's
+    (`vocab_size`)."""
     config = pretrain_config(spec, vocab_size=vocab_size, image_token_id=image_token_id)
     try:
         model, reports = build_pretrained(
-            config, spec.model.vision.path, spec.model.text.path, dtype, vocab_size=vocab_size, seed=spec.run.seed
+            config,
+            spec.model.vision.path,
+            spec.model.text.path,
+            dtype,
+            vocab_size=vocab_size,
+            seed=spec.run.seed,
+            partition=partition,
         )
     except CheckpointMismatchError as err:
         raise CheckpointError(str(err)) from None
@@ -125,18 +138,17 @@ class PretrainStage(TrainingStage):
             paths = ", ".join(p for p in (self.spec.model.vision.path, self.spec.model.text.path) if p)
             raise ValueError(f"model: cannot read the config of the local model folders ({paths}): {err}") from None
 
-    def build(self, staging: Path, dist_info: Dist) -> PretrainStage:
+    def build(self, staging: Path, dist_info: Dist, partition: Partitioner | None = None) -> PretrainStage:
         self.tokenizer = load_tokenizer(self.spec.model.tokenizer)
         image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         dtype = run_dtype(self.spec, dist_info.device.type)
-        self.model = build_pretrain_model(self.spec, len(self.tokenizer), image_token, dtype)
+        self.model = build_pretrain_model(self.spec, len(self.tokenizer), image_token, dtype, partition)
         self.cos_config = self.model.config
         return self
 
     def write_final(self, engine, store: ObjectStore, staging: Path) -> str:
-        state = full_state(engine)
         local = staging / "final" / self.artefact
-        if state is not None:
+        if dist.get_rank() == 0:
             shutil.rmtree(local, ignore_errors=True)
-            save_model_folder(engine.module.config, state, self.tokenizer, local)
+        write_model_weights(engine, self.tokenizer, engine.module.config, local)
         return publish_on_main(store, local, self.artefact, 60 * self.spec.storage.max_outage_minutes)

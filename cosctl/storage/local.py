@@ -62,6 +62,14 @@ class LocalStore:
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
 
+    def stat(self, key: str) -> tuple[int, str] | None:
+        """(size, modification time in ns) of the file; None when it is missing."""
+        try:
+            info = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return info.st_size, str(info.st_mtime_ns)
+
     def sha256(self, key: str) -> str | None:
         """The sha256 of the object's bytes, hashed where they lie (None: no such object)."""
         path = self._path(key)

@@ -395,6 +395,12 @@ class S3Store:
         head = self._head(key)
         return None if head is None else int(head["ContentLength"])
 
+    def stat(self, key: str) -> tuple[int, str] | None:
+        """(size, ETag) of the object from one HEAD (the ETag changes when it is rewritten); None when
+        it is missing."""
+        head = self._head(key)
+        return None if head is None else (int(head["ContentLength"]), str(head["ETag"]).strip('"'))
+
     def sha256(self, key: str) -> str | None:
         """The sha256 this store's uploads record with the object (`x-amz-meta-sha256`), read with a
         HEAD; None when the object has none (another client rewrote it) or is missing."""

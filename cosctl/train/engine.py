@@ -1,6 +1,7 @@
 """The DeepSpeed engine around a stage's model: the resolved config (`cosctl.plan.resolve`), ZeRO-3
 fetching whole transformer blocks, torch AdamW and the cosine schedule. The model itself is the stage's
-(`cosctl.stages`).
+(`cosctl.stages`); under ZeRO-3 the stage builds it already partitioned (`zero3_partition`), so no rank
+ever holds the whole model.
 
 Everything here is collective-safe: every rank runs the same calls in the same order. CPU runs use the
 gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nccl and bf16.
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..common.dist import Dist
+from ..plan.deepspeed_config import load_template, resolve_deepspeed
 from ..plan.resolve import World, block_classes, deepspeed_config, model_shape
 from ..spec.specs import TrainingSpec
 
@@ -74,3 +76,75 @@ def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_ba
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     return engine, scheduler, ds_config
+
+
+class ZeroPartition:
+    """A `cos_model.building.Partitioner` for ZeRO-3: each parameter becomes a DeepSpeed ZeRO-3 parameter
+    that holds only this rank's flat slice (`ds_tensor`), filled straight from the checkpoint reader, so
+    the whole tensor never exists on the rank.
+
+    `deepspeed.zero.Init`, made from the run's DeepSpeed config and never entered, does the conversion
+    (`_convert_to_deepspeed_param`: the partition group, sizes, the gather and partition methods
+    `deepspeed.initialize` and `GatheredParameters` use); only the partition's contents come from the
+    reader instead of being copied from a whole tensor (`_partition_param` copies nothing into a
+    partition that exists). The slice is `Init`'s: elements [rank * size, (rank + 1) * size) of the
+    flattened tensor, `size` = ceil(numel / ranks), the last one zero-padded.
+    """
+
+    def __init__(self, ds_config: dict):
+        import deepspeed
+
+        self.init = deepspeed.zero.Init(config_dict_or_path=ds_config)
+        if self.init.mem_efficient_linear:
+            # As `Init` does for a module it converts itself: ZeRO-3's linear saves the parameter for
+            # backward, not the gathered storage, which torch's would keep alive until the backward.
+            self.init._enable_mem_efficient_linear()
+
+    def __call__(self, name: str, shape: torch.Size, dtype: torch.dtype, read) -> nn.Parameter:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+        init = self.init
+        # The shape without the storage: DeepSpeed records it (ds_shape, ds_numel), then frees the data.
+        param = nn.Parameter(torch.empty((), dtype=dtype, device=init.local_device).expand(shape), requires_grad=False)
+        init._convert_to_deepspeed_param(param)
+        aligned = init._aligned_size(param)
+        size = aligned // init._partition_world_size(param)
+        start = min(size * init._partition_rank(param), param.ds_numel)
+        stop = min(start + size, param.ds_numel)
+        device = init.local_device if param.ds_persist else init.remote_device
+        local = torch.zeros(size, dtype=dtype, device=device)
+        if stop > start:
+            read(start, stop, local[: stop - start])
+        if init.pin_memory and local.device.type == "cpu":
+            local = get_accelerator().pin_memory(local)
+        local.requires_grad = False
+        local.ds_numel, local.status, local.final_location = size, PartitionedParamStatus.AVAILABLE, None
+        param.ds_tensor, param.ds_numel_aligned = local, aligned
+        param.partition()  # the partition exists: this only frees the stand-in and marks it NOT_AVAILABLE
+        return param
+
+
+def zero3_partition(spec: TrainingSpec, dist_info: Dist) -> ZeroPartition | None:
+    """The partitioner the stage builds its model with when the run trains under ZeRO-3 (each rank reads
+    and keeps only its part); None otherwise (ZeRO-2 or none: every rank holds the model whole), and for
+    the ZeRO-3 features it does not cover (NVMe offload, hpZ secondary partitions, quantised weights),
+    where DeepSpeed partitions the whole model in `deepspeed.initialize` as before.
+
+    The config is the spec's template resolved for this world with a provisional micro-batch: what
+    `Init` reads of it (the ZeRO section, the dtype) is the engine's; bucket sizes are left to DeepSpeed."""
+    config = resolve_deepspeed(
+        load_template(spec.deepspeed.template),
+        spec,
+        world_size=dist_info.world_size,
+        micro_batch_size=1,
+        device_type=dist_info.device.type,
+    )
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or zero.get("offload_param", {}).get("device") == "nvme":
+        return None
+    if zero.get("zero_hpz_partition_size", 1) > 1 or zero.get("zero_quantized_weights"):
+        return None
+    if zero.get("zero_quantized_nontrainable_weights"):
+        return None
+    return ZeroPartition(config)

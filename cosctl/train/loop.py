@@ -10,7 +10,7 @@ while step < num_steps:
     share bad samples: images that failed on any rank join the run's skip list (data.max_bad_fraction)
     train_step(): for each micro-batch: forward -> engine.backward (loss summed over tokens, divided
                   by the step's label tokens over all ranks); engine.step() after the last one
-    log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU   # rank 0
+    log the step: loss, lr, grad norm, samples/s, tokens/s, TFLOP/s, MFU, HFU  # FLOPs of its own batches
     if eval due: mean eval loss over a fixed set of held-out micro-batches, also with swapped images
     stop = agreed by all ranks: the store failed past its outage limit or staging ran out of disk
            (exit 75), SIGUSR1 (save, exit 75: the scheduler requeues), SIGTERM / Ctrl-C (exit 143 / 130;
@@ -32,13 +32,15 @@ from pathlib import Path
 
 import torch
 
+from cos_model import IGNORE_INDEX
+
 from ..checkpoint.checkpointer import SaveClock
 from ..checkpoint.layout import checkpoint_name, checkpoint_uri
 from ..common.dist import agreed, all_reduce, any_rank, gather
 from ..common.errors import StorageError, UserError
 from ..common.log import log
 from ..data.conversation import num_label_tokens
-from ..plan.flops import SampleFlops, peak_tflops
+from ..plan.flops import PaddedPass, StepFlops, device_label, device_peak, peak_tflops, step_flops
 from ..spec.specs import TrainingSpec
 from ..storage import join_uri
 from .autobatch import MemoryMeter
@@ -78,7 +80,7 @@ def run_training(
         tracker = open_tracker(spec, run.run_dir, restored.tracking if restored else None)
         run.checkpointer.tracking_ids = tracker.ids
         sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage, tracker)
-    meter = StepMeter(run, run.resolved.flops)
+    meter = StepMeter(run)
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else {}
     if sink and first_eval:
@@ -91,7 +93,7 @@ def run_training(
         share_bad_samples(loader, run.dist.device)
         data_time = time.monotonic() - started
         stats = train_step(run.engine, micro_batches, run.dist.device, problem)
-        record = meter.record(step, stats, lr, time.monotonic() - started, data_time)
+        record = meter.record(step, stats, lr, time.monotonic() - started, data_time, micro_batches)
         record["skipped_samples"] = len(loader.bad_samples)
         if evaluate.due(step):
             record.update(evaluate())
@@ -213,22 +215,47 @@ def accumulate(engine, micro_batches: list[dict], device, problem: Exception | N
 
 
 class StepMeter:
-    """Per-step records (throughput, FLOP rate, MFU) and the run's loss and speed summary."""
+    """Per-step records (throughput, FLOP rate, MFU, HFU) and the run's loss and speed summary.
 
-    def __init__(self, run: Run, flops: SampleFlops):
-        self.engine, self.world_size = run.engine, run.dist.world_size
-        self.flops, self.peak = flops, peak_tflops(run.dist.device)
+    A step's FLOPs are counted from its own micro-batches (`cosctl.plan.flops.step_flops`, summed over
+    ranks): model FLOPs (TFLOP/s, MFU) from each trained sample's length and image, hardware FLOPs (HFU)
+    from the micro-batches as run. MFU and HFU need the device's peak; without one (CPU, or a GPU
+    `DEVICE_PEAKS` does not name, and no COSCTL_PEAK_TFLOPS) they are null and the log says why."""
+
+    def __init__(self, run: Run):
+        self.engine, self.world_size, self.device = run.engine, run.dist.world_size, run.dist.device
+        self.config, self.spec = run.stage.cos_config, run.spec
+        self.lora_params = run.trainable.get("lora", 0)
+        self.peak = peak_tflops(run.dist.device)
         self.memory = MemoryMeter(run.dist.device)
         self.losses: list[float] = []
         self.timings: list[tuple[int, float]] = []  # (samples, seconds) per step
+        log.info(peak_note(device_label(run.dist.device), self.peak))
 
-    def record(self, step: int, stats: StepStats, lr: float, elapsed: float, data_time: float) -> dict:
+    def step_flops(self, micro_batches: list[dict]) -> StepFlops:
+        """This rank's FLOPs of a step's micro-batches (collated, before they move to the device)."""
+        text, visual, shapes = step_shapes(micro_batches, self.config.image_token_id)
+        return step_flops(
+            self.config,
+            text,
+            visual,
+            shapes,
+            self.spec.model.trainable,
+            lora_params=self.lora_params,
+            gradient_checkpointing=self.spec.model.gradient_checkpointing,
+        )
+
+    def record(
+        self, step: int, stats: StepStats, lr: float, elapsed: float, data_time: float, micro_batches: list[dict]
+    ) -> dict:
         """`elapsed`: the whole step, loading included; `data_time`: the part spent waiting for this
-        rank's micro-batches (images decoded in the step when `data.num_workers` is 0)."""
+        rank's micro-batches (images decoded in the step when `data.num_workers` is 0). Collective: the
+        step's FLOPs are summed over ranks."""
         self.losses.append(stats.loss)
         self.timings.append((stats.num_samples, elapsed))
-        tflops = stats.num_samples * self.flops.model / elapsed / 1e12
-        hardware = stats.num_samples * self.flops.hardware / elapsed / 1e12
+        local = self.step_flops(micro_batches)
+        model_flops, hardware_flops = all_reduce([local.model, local.hardware], self.device)
+        tflops, hardware = model_flops / elapsed / 1e12, hardware_flops / elapsed / 1e12
         norm = self.engine.get_global_grad_norm()
         return {
             "step": step,
@@ -245,6 +272,8 @@ class StepMeter:
             "peak_mem_gib": self.memory.peak_gib(),  # the process's running peak (reserved on GPU)
             "samples_per_s": stats.num_samples / elapsed,
             "tokens_per_s": stats.num_tokens / elapsed,
+            "flops": model_flops,
+            "hardware_flops": hardware_flops,
             "tflops": tflops,
             "mfu": tflops / (self.peak * self.world_size) if self.peak else None,
             "hfu": hardware / (self.peak * self.world_size) if self.peak else None,
@@ -270,6 +299,47 @@ class StepMeter:
 
     def train_time_s(self) -> float:
         return sum(t for _, t in self.timings)
+
+
+def peak_note(device_name: str, peak: float | None) -> str:
+    """The log line saying what MFU and HFU are measured against, or why they are left out."""
+    if peak is None:
+        return (
+            f"MFU and HFU not logged: no bf16 peak is known for {device_name!r} (cosctl.plan.flops.DEVICE_PEAKS "
+            f"names the parts it knows); set COSCTL_PEAK_TFLOPS to the device's peak to log them"
+        )
+    part = device_peak(device_name)
+    source = part.part if part and part.tflops == peak else "COSCTL_PEAK_TFLOPS"
+    return f"MFU and HFU against {peak:g} TFLOP/s per rank ({source})"
+
+
+def step_shapes(micro_batches: list[dict], image_token_id: int) -> tuple[list[int], list[int], list[PaddedPass]]:
+    """A step's micro-batches as `cosctl.plan.flops.step_flops` takes them: the text and visual tokens of
+    each sample that trains (has a label; not a filler's, not one whose image failed), and each
+    micro-batch as run (rows x columns, images: a micro-batch without one runs a blank image)."""
+    text: list[int] = []
+    visual: list[int] = []
+    shapes = []
+    for batch in micro_batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        is_image = ids == image_token_id
+        if "position_ids" in batch:  # packed: one row, samples back to back, positions restarting at 0
+            starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+            bounds = list(zip(starts, [*starts[1:], ids.shape[1]], strict=True))
+            lengths = [end - start for start, end in bounds]
+            images = [int(is_image[0, start:end].sum()) for start, end in bounds]
+            trains = [bool((labels[0, start:end] != IGNORE_INDEX).any()) for start, end in bounds]
+        else:
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            images = is_image.sum(dim=1).tolist()
+            trains = (labels != IGNORE_INDEX).any(dim=1).tolist()
+        for length, num_visual, trained in zip(lengths, images, trains, strict=True):
+            if trained:
+                text.append(int(length) - int(num_visual))
+                visual.append(int(num_visual))
+        num_images = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+        shapes.append(PaddedPass(rows=ids.shape[0], columns=ids.shape[1], images=max(num_images, 1)))
+    return text, visual, shapes
 
 
 REQUEUE = 75  # EX_TEMPFAIL: the batch script (or the user) requeues the job

@@ -25,7 +25,7 @@ from ..stages.base import trainable_summary
 from ..storage import ObjectStore, open_store
 from .autobatch import probe_micro_batch
 from .batching import check_budget_fits, eval_micro_batches, longest_sample
-from .engine import build_engine
+from .engine import build_engine, zero3_partition
 from .loader import MicroBatchDataset, StepLoader
 
 RESOLVED_FILE = "resolved.json"  # under the run dir: what the run resolved its spec to (`cosctl plan`'s numbers)
@@ -129,8 +129,8 @@ def setup_run(spec: TrainingSpec, *, run_dir: Path, output: str) -> Run:
     setup_logging(dist_info.rank, spec.stage)
     run_dir = Path(run_dir)
     store = open_store(output, spec.storage.to_settings())
-    started, before = time.monotonic(), host_rss_gib()
-    stage = stage_for(spec).build(run_dir / "staging", dist_info)
+    started, before = time.monotonic(), [host_rss_gib(), host_rss_gib("RssAnon")]
+    stage = stage_for(spec).build(run_dir / "staging", dist_info, zero3_partition(spec, dist_info))
     _log_build(time.monotonic() - started, before, dist_info)
     train_examples = _load_split(spec, stage, spec.data.train, spec.data.max_bad_fraction)
     evaluated = spec.data.eval is not None and spec.eval.every_steps
@@ -221,20 +221,24 @@ def choose_budget(run: Run, restored: Restored | None) -> Budget:
 
 
 def host_rss_gib(field: str = "VmRSS") -> float:
-    """This process's resident memory (VmRSS) or its peak so far (VmHWM), in GiB (Linux)."""
+    """This process's resident memory (VmRSS), its peak so far (VmHWM) or its anonymous part (RssAnon:
+    what the process holds itself, file pages it maps excluded), in GiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
 
-def _log_build(seconds: float, before_gib: float, dist_info: Dist) -> None:
-    """How long building the model took and the highest host memory any rank reached doing it
-    (collective): the figure that says whether a node's ranks fit in its memory."""
-    slowest, before, peak = all_reduce([seconds, before_gib, host_rss_gib("VmHWM")], dist_info.device, op="max")
+def _log_build(seconds: float, before_gib: list[float], dist_info: Dist) -> None:
+    """How long building the model took and the highest host memory any rank reached doing it, and the
+    anonymous memory it holds after it (collective): the figures that say whether a node's ranks fit in
+    its memory. `before_gib`: resident and anonymous memory before the build."""
+    figures = [seconds, *before_gib, host_rss_gib("VmHWM"), host_rss_gib("RssAnon")]
+    slowest, before, before_anon, peak, anon = all_reduce(figures, dist_info.device, op="max")
     log.info(
         f"model built in {slowest:.1f} s; host memory per rank {before:.2f} GiB before, peak "
-        f"{peak:.2f} GiB (highest of {dist_info.world_size} ranks)"
+        f"{peak:.2f} GiB; anonymous {before_anon:.2f} GiB before, {anon:.2f} GiB after "
+        f"(highest of {dist_info.world_size} ranks)"
     )
 
 
