@@ -24,7 +24,7 @@ import random
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = (
     "data.max_bad_fraction",  # images damaged after a run started are skipped within it (docs/design.md §5)
     "run.output",
     "optim.num_steps",
+    "tracking.",
 )
 # With --new-data the data order starts again: the data and how it is cut into micro-batches may change.
 NEW_DATA_CHANGES = (
@@ -132,6 +133,7 @@ class Restored:
     step: int
     uri: str
     loader_state: dict | None
+    tracking: dict = field(default_factory=dict)  # the trackers' run ids ({} before they were kept)
 
 
 class Checkpointer:
@@ -142,6 +144,7 @@ class Checkpointer:
         self.staging = Path(staging) / PREFIX
         self.write_trainable = write_trainable
         self.last_saved_step: int | None = None
+        self.tracking_ids = dict  # rank 0: the trackers' run ids, kept in each manifest (`tracking`)
         self.resumed_from: str | None = None  # the checkpoint of the output store this run continues
         self.staged_bytes = 0  # what this rank's last save wrote: the next one needs about as much disk
         self._staging_failure: str | None = None
@@ -187,6 +190,7 @@ class Checkpointer:
             "stage": self.spec.stage,
             "created": time.time(),
             "versions": _versions(),
+            "tracking": self.tracking_ids(),
         }
         save_id = broadcast(secrets.token_hex(8))
         self.committer.submit(Staged(name, local, meta, save_id, blocked_s=time.monotonic() - started))
@@ -327,7 +331,7 @@ class Checkpointer:
         on_main(lambda: self._roll_back(committed, store is self.store))
         uri = checkpoint_uri(store.uri, committed.name)
         log.info(f"resuming from {uri} at step {committed.step} (manifest sha256 {committed.manifest_sha256})")
-        return Restored(committed.step, uri, position)
+        return Restored(committed.step, uri, position, committed.manifest.get("tracking") or {})
 
     def _load(self, engine, local: Path, committed: Committed, resharded: bool) -> None:
         """Load the engine's state and this rank's RNG."""

@@ -39,11 +39,11 @@ def eval_(
         ),
     ],
     data: Annotated[
-        Path,
+        Optional[Path],
         typer.Option(
             help="LLaVA-format eval records (JSON list); the last gpt turn is the reference.", show_default=False
         ),
-    ],
+    ] = None,
     images: Annotated[
         Optional[str], typer.Option(help="Image root, a folder or s3://BUCKET/PREFIX; default: the data file's folder.")
     ] = None,
@@ -59,11 +59,32 @@ def eval_(
             "default: the eval records."
         ),
     ] = None,
+    harness: Annotated[
+        str,
+        typer.Option(
+            help="cosctl (the records of --data) or lmms-eval (its --tasks, e.g. vqav2_val,gqa,pope; "
+            "needs the lmms extra)."
+        ),
+    ] = "cosctl",
+    tasks: Annotated[
+        Optional[str], typer.Option(help="lmms-eval task names, comma-separated (with --harness lmms-eval).")
+    ] = None,
+    include_path: Annotated[
+        Optional[Path], typer.Option(help="A folder of lmms-eval task YAMLs of your own (with --harness lmms-eval).")
+    ] = None,
 ) -> None:
     """Greedy generation on eval records: predictions.jsonl, metrics.json and per-task metrics beside an
-    image-free baseline."""
+    image-free baseline. With --harness lmms-eval: the same model, prompts and decoding on lmms-eval's
+    benchmarks, its results and per-sample logs under --out."""
     from ..evaluate.command import print_table, run_eval
 
+    if harness == "lmms-eval":
+        _eval_in_harness(model, tasks, include_path, out, batch_size, max_new_tokens, limit, nproc, data)
+        return
+    if harness != "cosctl":
+        fail(f"--harness: {harness!r} is not cosctl or lmms-eval")
+    if data is None:
+        fail("--data: give the eval records (or --harness lmms-eval --tasks ...)")
     try:
         if nproc > 1 and not under_launcher():
             # Checked once here, so a mistake is one line rather than one per rank and a launcher trace.
@@ -93,3 +114,28 @@ def eval_(
         fail_in_rank(err)
     if metrics is not None:
         print_table(metrics)
+
+
+def _eval_in_harness(model, tasks, include_path, out, batch_size, max_new_tokens, limit, nproc, data) -> None:
+    """`cosctl eval --harness lmms-eval`: lmms-eval in this process with `--model cosctl`."""
+    if not tasks:
+        fail("--tasks: name the lmms-eval tasks to run (e.g. --tasks pope,mme)")
+    if data is not None or nproc > 1:
+        fail(f"--harness lmms-eval: {'--data' if data is not None else '--nproc'} belongs to --harness cosctl")
+    try:
+        from ..evaluate.lmms import harness_args, run_harness
+    except ImportError as err:
+        fail(f"--harness lmms-eval needs the lmms extra: pip install 'cosctl[lmms]' ({err})")
+    argv = harness_args(
+        model,
+        tasks,
+        out=out or Path("evals") / Path(model.rstrip("/")).name / "lmms-eval",
+        include_path=include_path,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+    )
+    try:
+        run_harness(argv)
+    except UserError as err:
+        fail(str(err))

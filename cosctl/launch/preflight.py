@@ -1,6 +1,6 @@
 """Checks a training command makes before it starts any rank or builds anything, so that a mistake
 costs seconds and reads as one line: the data files and model folders exist (`cosctl.spec.paths.check_paths`, what
-`cosctl validate` checks too), and the output store is
+`cosctl validate` checks too), the trackers the spec names are installed, and the output store is
 reachable with the credentials at hand and writable (a probe object is written and deleted).
 
 A store that is down or refuses the credentials is reported as such (`StorageError`), never as
@@ -23,7 +23,7 @@ PROBE_PREFIX = ".cosctl-preflight"
 
 def preflight(spec: TrainingSpec, output: str, resume: str = "auto") -> None:
     """Raise the first problem found, as one line naming the key, path or URI."""
-    problems = check_paths(spec)
+    problems = check_paths(spec) + spec.tracking.missing_packages()
     if problems:
         raise SpecError(problems[0])
     check_store_writable(output, spec)

@@ -1,5 +1,5 @@
 """The sections of a run spec that say how to train rather than what the model is: run, data,
-optimiser, batch, DeepSpeed, checkpoint, storage, SLURM, eval and LoRA; plus `Section`, the frozen,
+optimiser, batch, DeepSpeed, checkpoint, storage, SLURM, eval, tracking and LoRA; plus `Section`, the frozen,
 strict base model every section (and `cosctl.spec.specs`'s stage specs) derives from.
 
 Each section validates its own fields; checks that span sections live on the stage specs in
@@ -408,6 +408,65 @@ class EvalSpec(Section):
     generate_samples: int = Field(64, gt=0, description="Held-out records generated for at each such eval.")
     generate_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per record at most.")
     generate_batch_size: int = Field(8, gt=0, description="Records generated together per rank.")
+
+
+class MlflowSpec(Section):
+    """An MLflow tracking server the run reports to. Credentials come from the environment only
+    (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)."""
+
+    tracking_uri: str = Field(
+        description="http(s)://HOST:PORT of an MLflow server, or a store MLflow opens itself (sqlite:///PATH)."
+    )
+    experiment: str = Field("cosctl", min_length=1, description="Experiment name; created when missing.")
+    run_name: str | None = Field(None, min_length=1, description="The tracked run's name; default run.name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "holds credentials (user:password@); specs are logged and saved, so give them as "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+            )
+        return value
+
+
+class WandbSpec(Section):
+    """A Weights & Biases project the run reports to. The API key comes from the environment only
+    (WANDB_API_KEY, or `wandb login`); a self-hosted server from WANDB_BASE_URL."""
+
+    project: str = Field(min_length=1, description="W&B project.")
+    entity: str | None = Field(None, min_length=1, description="W&B team or user; default: the key's.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: everything is kept under the run folder's wandb/ for `wandb sync`."
+    )
+    run_name: str | None = Field(None, min_length=1, description="The tracked run's name; default run.name.")
+
+
+class TrackingSpec(Section):
+    """Where rank 0 reports the run: the spec, every step and eval record, the report figures and the
+    summary. A tracker that is down never stops or slows training (docs/design.md §6)."""
+
+    tensorboard: bool = Field(True, description="TensorBoard scalars under the run folder's tensorboard/.")
+    mlflow: MlflowSpec | None = Field(None, description="An MLflow tracking server (pip install 'cosctl[mlflow]').")
+    wandb: WandbSpec | None = Field(None, description="A W&B project (pip install 'cosctl[wandb]').")
+    flush_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="At the end of a run (or a stop), how long rank 0 waits for the trackers to take "
+        "what is still queued; what they have not taken by then is left out, with one line saying so.",
+    )
+
+    def missing_packages(self) -> list[str]:
+        """One line per configured tracker whose package is not installed."""
+        import importlib.util
+
+        wanted = {"mlflow": self.mlflow, "wandb": self.wandb}
+        return [
+            f"tracking.{name}: the {name} package is not installed: pip install 'cosctl[{name}]'"
+            for name, section in wanted.items()
+            if section is not None and importlib.util.find_spec(name) is None
+        ]
 
 
 class LoraSpec(Section):

@@ -4,8 +4,8 @@
 problem becomes one `SpecError` whose lines read `<file>: <yaml.key.path>: <what is wrong>`. Specs are
 deeply immutable: sections are frozen models, list fields are tuples and the free-form mappings
 (`model.*.config`, `deepspeed.overrides`) are `FrozenDict`s, so `spec_hash` cannot drift after loading.
-Secrets never live in specs (storage credentials come from the environment or an AWS profile). The
-sections that say how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, LoRA)
+Secrets never live in specs (storage and tracker credentials come from the environment or an AWS profile). The
+sections that say how to train (data, optim, batch, DeepSpeed, checkpoint, storage, SLURM, eval, tracking, LoRA)
 live in `cosctl.spec.sections`, the model sections in `cosctl.spec.model`; this module holds the stage
 specs and the loading. A stage object (`cosctl.stages`) makes the model config from a spec.
 
@@ -50,6 +50,7 @@ from .sections import (
     Section,
     SlurmSpec,
     StorageSpec,
+    TrackingSpec,
 )
 
 InflatePreset = Literal[tuple(PRESETS)]  # the names cos_model defines; nothing to keep in sync here
@@ -70,6 +71,9 @@ class TrainingSpec(Section):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint settings for s3:// URIs.")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Batch-job resources for `cosctl slurm`.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Periodic held-out evaluation.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard, MLflow, W&B."
+    )
 
     @model_validator(mode="after")
     def _eval_needs_data(self) -> TrainingSpec:

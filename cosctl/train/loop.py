@@ -17,7 +17,8 @@ while step < num_steps:
            an upload under way may commit within storage.stop_grace_s)
     if a save is due (every N steps / M minutes), or a stop asks for one: checkpoint
     if stop: raise Stopped (the CLI prints the last committed checkpoint and how to continue)
-final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json
+final checkpoint -> stage artefact (model folder or peft adapter) -> summary.json -> the trackers'
+runs end (rank 0 logs every record to them beside metrics.jsonl: `cosctl.train.tracking`)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .autobatch import MemoryMeter
 from .heldout import Evaluator, GenerationEval
 from .metrics import MetricsSink
 from .run import Run, choose_budget, setup_run
+from .tracking import open_tracker
 
 
 def run_training(
@@ -73,7 +75,11 @@ def run_training(
     evaluate, generate = Evaluator(run, budget), GenerationEval(run)
     if run.dist.is_main:
         trim_metrics(run.run_dir / "metrics.jsonl", step)
-    sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage) if run.dist.is_main else None
+    sink = None
+    if run.dist.is_main:  # the tracked runs a checkpoint names continue; each save keeps their ids
+        tracker = open_tracker(spec, run.run_dir, restored.tracking if restored else None)
+        run.checkpointer.tracking_ids = tracker.ids
+        sink = MetricsSink(run.run_dir, spec.optim.num_steps, step, spec.stage, tracker)
     meter = StepMeter(run)
     clock = SaveClock(spec.checkpoint.every_steps, spec.checkpoint.every_minutes)
     first_eval = evaluate() if step == 0 else {}
@@ -109,7 +115,6 @@ def run_training(
         artefact = join_uri(output, run.stage.write_final(run.engine, run.store, run.run_dir / "staging"))
     except StorageError as err:  # the store stayed down past its limit: requeue and publish then
         raise stop_run(run, sink, loader, step, Stop(str(err), REQUEUE, save=False)) from None
-    _close(run, sink)
     summary = {
         "stage": spec.stage,
         "visual_tokens": run.stage.cos_config.num_visual_tokens,
@@ -132,6 +137,7 @@ def run_training(
     }
     if run.dist.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _close(run, sink, summary=summary)
     run.engine.destroy()
     return summary
 
@@ -436,7 +442,7 @@ def trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _close(run: Run, sink: MetricsSink | None, abandon: bool = False) -> None:
+def _close(run: Run, sink: MetricsSink | None, abandon: bool = False, summary: dict | None = None) -> None:
     run.checkpointer.close(abandon=abandon)
     if sink:
-        sink.close()
+        sink.close(summary)  # the trackers' runs end completed with a summary, else stopped early

@@ -1,5 +1,6 @@
-"""Rank 0's per-step outputs of a training run: append-only metrics.jsonl, TensorBoard scalars, and a rich
-progress bar on a terminal (plain log lines otherwise)."""
+"""Rank 0's per-step outputs of a training run: append-only metrics.jsonl, the experiment trackers
+(`cosctl.train.tracking`: TensorBoard scalars, MLflow, W&B), and a rich progress bar on a terminal (plain
+log lines otherwise)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,34 @@ import sys
 import time
 from pathlib import Path
 
+from .tracking import TensorBoard, Tracker
+
 
 class MetricsSink:
-    """Rank 0's per-step outputs: append-only metrics.jsonl, TensorBoard scalars, progress."""
+    """Rank 0's per-step outputs: append-only metrics.jsonl, the trackers, progress. `tracker`: the
+    run's (`open_tracker`), closed with the sink; default TensorBoard alone."""
 
-    def __init__(self, run_dir: Path, num_steps: int, first_step: int, label: str):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, run_dir: Path, num_steps: int, first_step: int, label: str, tracker: Tracker | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        self.num_steps, self.label = num_steps, label
+        self.tracker = (
+            tracker if tracker is not None else Tracker([TensorBoard(run_dir, label)], {}, {}, flush_timeout_s=60.0)
+        )
+        self.run_dir, self.num_steps, self.label = run_dir, num_steps, label
         self.start, self.first_step = time.monotonic(), first_step
         self.progress = _Progress(label, num_steps, first_step)
 
     def log(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tensorboard.add_scalar(f"{self.label}/{key}", value, record["step"])
+        self.tracker.log_metrics(record)
         if "loss" in record:
             self.progress.update(record)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """End the outputs; `summary` (None: the run stopped early) goes to the trackers."""
         self.progress.close()
-        self.tensorboard.close()
         self.jsonl.close()
+        self.tracker.close(summary, self.run_dir)
 
 
 class _Progress:
