@@ -28,7 +28,7 @@ runner = CliRunner()
 
 
 def step_record(step: int, loss: float, lr: float, seconds: float) -> dict:
-    """A training step's record, with the keys `cosctl.train.loop.StepMeter.record` writes."""
+    """A training step's record, with the keys `cosctl.train.meter.StepMeter.record` writes."""
     return {
         "step": step,
         "loss": loss,

@@ -26,8 +26,8 @@ from cosctl.data.prepare_parts import prepare_shard_part
 from cosctl.data.shards import parse_ref
 from cosctl.data.split import SplitSource, StoreLocation, split_key
 from cosctl.data.tokenstore import TokenStore
+from cosctl.spec.data import DEFAULT_CAPTION_PROMPT, DataSpec
 from cosctl.spec.paths import check_paths
-from cosctl.spec.sections import DEFAULT_CAPTION_PROMPT, DataSpec
 from cosctl.spec.specs import SpecError, load_spec
 from cosctl.storage import StoreSettings
 from cosctl.train.loader import StepLoader

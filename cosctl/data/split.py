@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import DataError, ObjectNotFound, StorageError
-from ..spec.sections import DEFAULT_CAPTION_PROMPT
+from ..spec.data import DEFAULT_CAPTION_PROMPT
 from ..storage import LocalStore, ObjectStore, StoreSettings, join_uri, open_store, sha256_file
 from .images import DEFAULT_CACHE_BYTES, ImageSource, default_cache_dir
 from .records import MAX_REPORTED_BAD_IDS, DataReport, tokenizer_fingerprint

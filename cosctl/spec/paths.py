@@ -10,8 +10,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from .data import DataSpec
 from .model import PretrainModelSpec, layout_problems
-from .sections import DataSpec
 from .subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, field_problems, fields_for, resolve, shape_problems
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

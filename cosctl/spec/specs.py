@@ -37,11 +37,11 @@ from pydantic import (
 from cos_model import PRESETS
 
 from ..common.errors import SpecError
+from .data import DataSpec
 from .model import FinetuneModelSpec, PositiveScale, PretrainModelSpec
 from .sections import (
     BatchSpec,
     CheckpointSpec,
-    DataSpec,
     DeepSpeedSpec,
     EvalSpec,
     LoraSpec,
