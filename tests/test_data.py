@@ -319,6 +319,17 @@ def test_truncated_jpeg_does_not_load(tmp_path, synth_dir):
         load_image(tmp_path / "cut.jpg", 32)
 
 
+def test_a_truncated_jpeg_stays_bad_after_a_library_turned_on_pils_tolerance(tmp_path, synth_dir, monkeypatch):
+    """Importing lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES for the whole process; a cut-short image
+    still fails to load, so it is counted as bad instead of training as grey padding."""
+    from PIL import ImageFile
+
+    truncated_jpeg(synth_dir / "images/synth-000000.png", tmp_path / "cut.jpg")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(DataError, match="cut.jpg"):
+        load_image(tmp_path / "cut.jpg", 32)
+
+
 def test_collate_text_only_and_packed(synth_dir, tokenizer):
     """A micro-batch without images has an empty (0, 3, S, S) pixel tensor; a packed one is one row
     with position ids restarting per example and no attention mask."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -57,9 +58,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def import_deepspeed():
+    """The `deepspeed` module, imported without the `import mlflow` that its autotuner makes.
+
+    NOTE: `deepspeed.runtime.config` imports `deepspeed.autotuning`, whose autotuner imports mlflow
+    whenever it is installed: about 0.1 GiB of memory and over a second on every rank, for a tuner
+    cosctl never runs. mlflow is hidden while deepspeed loads (the autotuner catches the ImportError);
+    the MLflow tracker (`cosctl.train.tracking`) imports it as usual afterwards."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return importlib.import_module("deepspeed")
+    sys.modules["mlflow"] = None  # an import of a module mapped to None raises ImportError
+    try:
+        return importlib.import_module("deepspeed")
+    finally:
+        del sys.modules["mlflow"]
+
+
 def init_distributed() -> Dist:
     """Join (or, alone, create) the process group; idempotent within a process."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")

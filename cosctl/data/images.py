@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from ..common.errors import DataError, ObjectNotFound, StorageError
 from ..storage import StoreSettings, open_store
@@ -46,6 +46,10 @@ def default_cache_dir() -> Path:
 def decode_image(source: str | Path | bytes, image_size: int) -> torch.Tensor:
     """RGB, bicubic resize to a square, [0, 1], CLIP-normalised: float32 (3, image_size, image_size).
     `source` is a path or the file's bytes. PIL errors propagate (the caller names the file)."""
+    # A data file must decode whole. Importing some libraries turns PIL's tolerance of truncated files
+    # on for the whole process (lmms-eval's task module does): a damaged image would then train as
+    # grey padding, never counted as bad.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(handle) as image:
         return image_pixels(image, image_size)
