@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from cosctl.data.conversation import IMAGE_TOKEN, image_token_id
-from cosctl.data.images import ImageSource
+from cosctl.data.images import ImageSource, decodes
 from cosctl.data.records import (
     CLIP_MEAN,
     CLIP_STD,
@@ -328,6 +328,8 @@ def test_a_truncated_jpeg_stays_bad_after_a_library_turned_on_pils_tolerance(tmp
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(DataError, match="cut.jpg"):
         load_image(tmp_path / "cut.jpg", 32)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    assert not decodes((tmp_path / "cut.jpg").read_bytes())  # the check preparation runs
 
 
 def test_collate_text_only_and_packed(synth_dir, tokenizer):

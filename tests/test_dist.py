@@ -48,4 +48,4 @@ def test_deepspeed_loads_without_importing_mlflow_which_stays_importable():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "False", "mlflow"]
+    assert result.stdout.splitlines()[-2:] == ["True False", "mlflow"]  # after DeepSpeed's accelerator line

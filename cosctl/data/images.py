@@ -43,13 +43,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COSCTL_CACHE") or Path.home() / ".cache" / "cosctl")
 
 
+def _whole_files_only() -> None:
+    """A data image must decode whole. Importing some libraries turns PIL's tolerance of truncated files
+    on for the whole process (lmms-eval's task module does): a damaged image would then pass the
+    checks and train as grey padding, never counted as bad."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def decode_image(source: str | Path | bytes, image_size: int) -> torch.Tensor:
     """RGB, bicubic resize to a square, [0, 1], CLIP-normalised: float32 (3, image_size, image_size).
     `source` is a path or the file's bytes. PIL errors propagate (the caller names the file)."""
-    # A data file must decode whole. Importing some libraries turns PIL's tolerance of truncated files
-    # on for the whole process (lmms-eval's task module does): a damaged image would then train as
-    # grey padding, never counted as bad.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    _whole_files_only()
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(handle) as image:
         return image_pixels(image, image_size)
@@ -66,6 +70,7 @@ def image_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
 
 def decodes(source: str | Path | bytes) -> bool:
     """Whether every pixel of the image decodes (not just its headers, as `Image.verify` checks)."""
+    _whole_files_only()
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
