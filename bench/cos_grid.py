@@ -220,12 +220,12 @@ COLUMNS = {
 
 
 def cell(values: list, spec: str) -> str:
-    """The mean over seeds, with the spread (sd) when there are several."""
+    """The mean over seeds, with the spread (sd) when there are several that differ."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    return f"{mean:{spec}}" if len(values) == 1 else f"{mean:{spec}} ± {statistics.stdev(values):{spec}}"
+    return f"{mean:{spec}}" if len(set(values)) == 1 else f"{mean:{spec}} ± {statistics.stdev(values):{spec}}"
 
 
 def table(grid: dict) -> str:
