@@ -180,8 +180,9 @@ def figures(summary: dict) -> dict:
 
 
 def run_grid(out: Path, seeds: list[int], rows: list[str], arms: list[str], num_samples: int, threads: int) -> dict:
-    """Every (seed, row, arm) of the grid, written to OUT/grid.json after each one; a failed run is
-    recorded with its error and the grid goes on."""
+    """Every (seed, row, arm) of the grid, merged into OUT/grid.json after each one (so grid processes
+    running other arms side by side keep each other's results); a failed run is recorded with its error
+    and the grid goes on."""
     path = out / "grid.json"
     grid = json.loads(path.read_text()) if path.exists() else {"results": {}}
     grid["versions"] = common.versions()
@@ -197,6 +198,8 @@ def run_grid(out: Path, seeds: list[int], rows: list[str], arms: list[str], num_
                     print(f"[grid] seed {seed} {row} {arm}: {err}", flush=True)
                     result = {"error": str(err).splitlines()[0]}
                 print(f"[grid] seed {seed} {row} {arm}: {time.monotonic() - started:.0f} s", flush=True)
+                if path.exists():  # another grid process may have added its results meanwhile
+                    grid["results"] = json.loads(path.read_text())["results"]
                 grid["results"].setdefault(str(seed), {}).setdefault(row, {})[arm] = result
                 path.write_text(json.dumps(grid, indent=1))
     return grid
