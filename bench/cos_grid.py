@@ -125,8 +125,10 @@ class Grid:
             args += ["--resume", "never", "--overwrite", *(a for s in on_data for a in ("--set", s))]
             process_s = self.cosctl(args, folder / "cosctl.log")
             (folder / "process_s").write_text(f"{process_s:.1f}\n")
-        result = json.loads(summary.read_text())
-        return result | {"process_s": float((folder / "process_s").read_text())}
+        process_s = folder / "process_s"  # absent when the run was made by a grid process that was stopped
+        return json.loads(summary.read_text()) | {
+            "process_s": float(process_s.read_text()) if process_s.exists() else None
+        }
 
     def pretrain(self, name: str) -> dict:
         recipe, sets = PRETRAINS[name]
