@@ -386,3 +386,39 @@ def test_the_communication_model_matches_what_deepspeed_moves(tmp_path):
         assert set(predicted) <= set(measured), row
         for kind, want in predicted.items():
             assert want <= measured[kind] <= want + 1024, (row["variant"], kind, measured[kind], want)
+
+
+def test_cos_grid_rows_are_specs_the_product_accepts():
+    """Every cos_grid row's pre-training, inflation plan and fine-tuning overrides load as the recipes'
+    specs, with the change the row names (whole LLM: no LoRA and the LLM in `trainable`)."""
+    grid = _bench("cos_grid")
+    for name, (recipe, sets) in grid.PRETRAINS.items():
+        spec = load_spec(REPO / "recipes" / recipe, list(sets))
+        assert spec.model.image_size == {"cos64": 64, "cos128": 128, "tokens336": 128}[name]
+    for plan in grid.INFLATIONS.values():
+        load_spec(REPO / "recipes/tiny/inflate.yaml", ["source=/nowhere", f"plan={plan}"])
+    for row in grid.ROWS.values():
+        spec = load_spec(REPO / "recipes/tiny/finetune.yaml", ["model.source=/nowhere", *row.finetune_sets()])
+        assert spec.optim.num_steps == row.steps
+        assert (spec.lora is None) == row.full_llm == ("language_model" in spec.model.trainable)
+
+
+def test_cos_grid_table_averages_seeds_and_names_what_is_missing():
+    """The grid's table gives mean ± sd over the seeds that ran, "not run" for an arm without results,
+    and the image-free baseline's scores."""
+    grid = _bench("cos_grid")
+
+    def arm(loss, cider):
+        stage = {"train_time_s": 10.0, "visual_tokens": 528, "final_eval_loss": loss}
+        return {
+            "pretrain": stage,
+            "finetune": stage | {"final_eval_loss_swapped_images": loss + 0.05},
+            "scores": {"caption": {"cider": cider}, "vqa": {"accuracy": 0.25}},
+            "baseline": {"caption": {"cider": 0.6}, "vqa": {"accuracy": 0.2}},
+        }
+
+    results = {"0": {"lora": {"cos": arm(1.0, 0.5)}}, "1": {"lora": {"cos": arm(1.2, 0.7)}}}
+    lines = grid.table({"results": results}).splitlines()
+    assert lines[2].split(" | ")[1:6] == ["CoS (2 seeds)", "10", "10", "528", "1.100 ± 0.141"]
+    assert "0.600 ± 0.141" in lines[2] and "25.0" in lines[2]
+    assert "not run" in lines[3] and lines[4].startswith("| image-free baseline") and "20.0" in lines[4]

@@ -1,5 +1,5 @@
 """cosctl.train.engine: which modules ZeRO-3 fetches whole, the bucket size that follows from them, and that
-fetching per block changes speed only, never the numbers."""
+fetching per block changes speed only, never the numbers (also where a trained block's inputs need no gradient)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 
 from cosctl.plan.resolve import block_classes, largest_block_numel
 from cosctl.train.engine import fetch_whole_blocks, leaf_classes
-from tests.harness import run, steps, train_command
+from tests.harness import RECIPES, cosctl, ok, run, steps, train_command
+from tests.test_stages import published_tiny_model
 from tests.tiny import tiny_config, tiny_model
 
 
@@ -76,3 +77,42 @@ def test_zero3_trains_the_vision_tower(tiny_data, tmp_path):
     one, two = (load_file(tmp_path / f"out{n}" / "model" / "model.safetensors")[key] for n in (1, 2))
     assert steps(tmp_path / "run2")[2]["loss"] > 0
     assert (two - one).abs().max() > 1e-5  # the second step's update; a frozen ViT would not move
+
+
+@pytest.mark.slow
+def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_path):
+    """ZeRO-3 LoRA fine-tuning with nothing trained in full (`model.trainable=[]`: the LLM's first block
+    reads hidden states that need no gradient) runs its steps with ZeRO-2's losses, and its LoRA B
+    matrices move; its first backward once met released (size-0) partitions and crashed."""
+    from safetensors.torch import load_file
+
+    source = published_tiny_model(tiny_data, tmp_path / "source")
+    sets = [
+        f"model.source={source}",
+        f"data.root={tiny_data}",
+        "model.trainable=[]",
+        "optim.num_steps=3",
+        "checkpoint.every_steps=null",
+        "eval.every_steps=null",
+        "batch.samples_per_step=4",
+        "batch.tokens_per_micro_batch=2048",
+    ]
+    for template in ("zero3", "zero2"):
+        ok(
+            cosctl(
+                "finetune",
+                str(RECIPES / "tiny" / "finetune.yaml"),
+                "--run-dir",
+                str(tmp_path / template),
+                "--output",
+                str(tmp_path / f"out-{template}"),
+                *[a for s in [*sets, f"deepspeed.template={template}"] for a in ("--set", s)],
+                tmp=tmp_path,
+            )
+        )
+    zero3, zero2 = steps(tmp_path / "zero3"), steps(tmp_path / "zero2")
+    assert [zero3[s]["loss"] for s in (1, 2, 3)] == pytest.approx([zero2[s]["loss"] for s in (1, 2, 3)], rel=1e-5)
+    weights = load_file(tmp_path / "out-zero3" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
+    assert not any("resampler" in k or "projector" in k for k in weights)  # nothing in full

@@ -109,3 +109,20 @@ def test_two_nodes_sharing_a_run_dir_stage_the_source_model_each_in_their_own_fo
     for node in (0, 1):
         assert (run_dir / "staging" / f"node_{node:04d}" / "source" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
+
+
+def test_inflate_with_a_plan_mapping_writes_its_summary(tiny_data, tmp_path):
+    """An inflation whose plan is {image_size, scales} (not a preset) finishes with a JSON summary naming
+    the plan's scales as plain values (it once failed after publishing: a Scale is not JSON)."""
+    import json
+
+    from cosctl.spec.specs import load_spec
+    from cosctl.stages.inflate import run_inflate
+
+    source = published_tiny_model(tiny_data, tmp_path / "source")
+    plan = "{image_size: 128, scales: [{window: 32, queries_per_window: 16}, {window: 8, queries_per_window: 1}]}"
+    spec = load_spec(RECIPES / "tiny" / "inflate.yaml", [f"source={source}", f"plan={plan}"])
+    run_inflate(spec, run_dir=tmp_path / "run", output=str(tmp_path / "out"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["plan"]["image_size"] == 128 and summary["visual_tokens"] == {"from": 32, "to": 32}
+    assert [(s["window"], s["queries_per_window"]) for s in summary["plan"]["scales"]] == [(32, 16), (8, 1)]

@@ -73,10 +73,11 @@ def run_inflate(spec: InflateSpec, *, run_dir: Path, output: str) -> dict:
     shutil.rmtree(local, ignore_errors=True)
     save_model(model, load_tokenizer(source_dir), local)
     publish(open_store(output, settings), local, "model")
+    plan = spec.plan_arg()
     summary = {
         "stage": "inflate",
         "source": spec.source,
-        "plan": spec.plan_arg(),
+        "plan": plan if isinstance(plan, str) else {**plan, "scales": [scale.to_dict() for scale in plan["scales"]]},
         "visual_tokens": {"from": src_config.num_visual_tokens, "to": dst_config.num_visual_tokens},
         "image_size": {"from": src_config.image_size, "to": dst_config.image_size},
         "num_params": sum(p.numel() for p in model.parameters()),

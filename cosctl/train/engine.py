@@ -41,7 +41,8 @@ def leaf_classes(model: nn.Module) -> list[str]:
     whose inputs needs a gradient (pixels, token ids) that hook fires as soon as the output's gradient
     exists, before the module's own weight gradients are accumulated: a trainable vision tower then
     fails in backward with "size of tensor a (0) must match". Embeddings are small; fetching them per
-    module costs nothing that matters.
+    module costs nothing that matters. A trained block fed by no input that needs a gradient gets one
+    that does (`_input_needs_grad`).
     """
     return sorted(name for name in block_classes(model) if not name.endswith("Embeddings"))
 
@@ -55,7 +56,29 @@ def fetch_whole_blocks(model: nn.Module) -> None:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, leaf_classes(model), raise_if_not_found=False)
+    leaves = set_z3_leaf_modules(model, leaf_classes(model), raise_if_not_found=False)
+    for leaf in leaves:
+        if any(p.requires_grad for p in leaf.parameters()):
+            leaf.register_forward_pre_hook(_input_needs_grad)
+
+
+def _input_needs_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook of a trainable ZeRO-3 leaf: when none of its positional tensor inputs needs a
+    gradient (LoRA on an LLM whose embeddings and bridge are frozen: its first block reads constant
+    hidden states), the first one is made to need one.
+
+    NOTE: DeepSpeed releases a leaf's parameters from its full backward hook, which torch fires on the
+    output's gradient when no input needs one: before the block's own weight gradients are computed,
+    which then meet the released (size-0) partitions ("size of tensor a (0) must match", or "0 != N
+    Cannot reduce scatter"). With an input that needs a gradient the hook fires after them, as in
+    every run where something before the block trains. The extra cost is the gradient of that one
+    input.
+    """
+    if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    if not args[0].is_floating_point() or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return None
+    return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_batch_size: int):
