@@ -171,6 +171,17 @@ def _expected(module: nn.Module) -> tuple[dict[str, torch.Size], dict[str, list[
     return shapes, aliases
 
 
+def _match_keys(shapes: dict, aliases: dict[str, list[str]], checkpoint) -> tuple[dict[str, str], set[str]]:
+    """({model tensor name: the first of its name and tied aliases the checkpoint holds}, every key the
+    model has a place for)."""
+    source: dict[str, str] = {}
+    for name in shapes:
+        found = [key for key in [name, *aliases[name]] if key in checkpoint]
+        if found:
+            source[name] = found[0]
+    return source, {key for name in shapes for key in [name, *aliases[name]]}
+
+
 def _check_architecture(folder: Path, source: object, target: object, fields: tuple[str, ...], what: str) -> None:
     differing = [
         f"{name}={getattr(source, name)!r} (model has {getattr(target, name)!r})"
@@ -359,12 +370,7 @@ def plan_language_model(
         _check_architecture(folder, source_config, model.config, TEXT_ARCH_FIELDS, "language model")
     shapes, aliases = _expected(model)
     growable = [name for name in _embedding_names(model) if name is not None]
-    source: dict[str, str] = {}
-    for name in shapes:
-        found = [key for key in [name, *aliases[name]] if key in checkpoint]
-        if found:
-            source[name] = found[0]
-    known = {key for name in shapes for key in [name, *aliases[name]]}
+    source, known = _match_keys(shapes, aliases, checkpoint)
     report.unexpected = [key for key in checkpoint.keys() if key not in known and not STALE_BUFFERS.search(key)]
     missing = [name for name in shapes if name not in source]
     mismatched, grow = [], {}

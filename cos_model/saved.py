@@ -24,7 +24,7 @@ import torch
 from .building import Partitioner, materialize, materialize_partitioned
 from .checkpoint_files import Checkpoint, CheckpointMismatchError, first_keys
 from .configuration import CosConfig
-from .loading import STALE_BUFFERS, TensorSource, _assign, _expected, _raise_mismatch, read_sources
+from .loading import STALE_BUFFERS, TensorSource, _assign, _expected, _match_keys, _raise_mismatch, read_sources
 from .modeling import CosForConditionalGeneration
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,12 +51,7 @@ def _plan(folder: Path, model: CosForConditionalGeneration, checkpoint: Checkpoi
     """{model tensor name: checkpoint key} for every persistent tensor, or `CheckpointMismatchError`
     for a missing key, a shape mismatch or a stored key the model has no place for."""
     shapes, aliases = _expected(model)
-    source: dict[str, str] = {}
-    for name in shapes:
-        found = [key for key in [name, *aliases[name]] if key in checkpoint]
-        if found:
-            source[name] = found[0]
-    known = {key for name in shapes for key in [name, *aliases[name]]}
+    source, known = _match_keys(shapes, aliases, checkpoint)
     missing = [name for name in shapes if name not in source]
     mismatched = [
         f"{key} {tuple(checkpoint.shape(key))} vs {tuple(shapes[name])}"
