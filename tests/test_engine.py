@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cosctl.plan.resolve import block_classes, largest_block_numel
-from cosctl.train.engine import fetch_whole_blocks, leaf_classes
+from cosctl.stages.base import set_trainable
+from cosctl.train.engine import fetch_whole_blocks, leaf_classes, param_groups
 from tests.harness import RECIPES, cosctl, ok, run, steps, train_command
 from tests.test_stages import published_tiny_model
 from tests.tiny import tiny_config, tiny_model
@@ -29,6 +30,24 @@ def test_fetch_whole_blocks_marks_every_block_and_nothing_else():
     assert not any(name.endswith("embeddings") for name in leaves)
     assert any(".encoder.layers.0" in name for name in leaves)
     assert any("language_model.model.layers.0" in name for name in leaves)
+
+
+def test_param_groups_give_named_modules_their_own_lr():
+    """With lr_by_module, each named module's trained parameters form a group at its lr and the rest
+    one group first (the logged lr); frozen parameters are in no group; without it, one plain list."""
+    model = tiny_model(tiny_config())
+    set_trainable(model, ["resampler", "projector", "language_model"])
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in param_groups(model, {})} == trained
+
+    groups = param_groups(model, {"resampler": 2e-5, "projector": 1e-5, "vision_tower": 3e-5})
+    assert [group.get("lr") for group in groups] == [None, 1e-5, 2e-5]  # the ViT is frozen: no group
+    named = dict(model.named_parameters())
+    members = [{n for n, p in named.items() if any(p is q for q in group["params"])} for group in groups]
+    assert all(n.startswith("language_model.") for n in members[0])
+    assert all(n.startswith("projector.") for n in members[1]) and members[1]
+    assert all(n.startswith("resampler.") for n in members[2]) and members[2]
+    assert sum(map(len, members)) == len(trained)
 
 
 def test_largest_block_is_the_biggest_layer_of_any_kind():
@@ -116,3 +135,44 @@ def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_pat
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
     assert not any("resampler" in k or "projector" in k for k in weights)  # nothing in full
+
+
+@pytest.mark.slow
+def test_zero3_lora_finetune_trains_the_bridge_at_its_own_lr(tiny_data, tmp_path):
+    """A ZeRO-3 LoRA fine-tune with the bridge at a near-zero lr_by_module leaves the bridge where it
+    was while LoRA trains; the same run without it moves the bridge (the groups reach the optimizer)."""
+    from safetensors.torch import load_file
+
+    source = published_tiny_model(tiny_data, tmp_path / "source")
+    before = load_file(source / "model" / "model.safetensors")
+    sets = [
+        f"model.source={source}",
+        f"data.root={tiny_data}",
+        "optim.num_steps=2",
+        "checkpoint.every_steps=null",
+        "eval.every_steps=null",
+        "batch.samples_per_step=4",
+        "batch.tokens_per_micro_batch=2048",
+    ]
+    slow_bridge = "optim.lr_by_module={resampler: 1.0e-12, projector: 1.0e-12}"
+    for name, extra in (("plain", []), ("slow", [slow_bridge])):
+        ok(
+            cosctl(
+                "finetune",
+                str(RECIPES / "tiny" / "finetune.yaml"),
+                "--run-dir",
+                str(tmp_path / name),
+                "--output",
+                str(tmp_path / f"out-{name}"),
+                *[a for s in [*sets, *extra] for a in ("--set", s)],
+                tmp=tmp_path,
+            )
+        )
+    moved = {}
+    for name in ("plain", "slow"):
+        adapter = load_file(tmp_path / f"out-{name}" / "adapter" / "adapter_model.safetensors")
+        bridge = {k: v for k, v in adapter.items() if ".resampler." in k or ".projector." in k}
+        assert bridge and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+        moved[name] = max((v - before[k.split("base_model.model.")[-1]]).abs().max().item() for k, v in bridge.items())
+    assert moved["plain"] > 1e-4 and moved["slow"] < 1e-8
+    assert steps(tmp_path / "slow")[1]["lr"] == steps(tmp_path / "plain")[1]["lr"]  # the LLM's lr is logged

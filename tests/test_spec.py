@@ -264,6 +264,17 @@ MALFORMED = [
         id="lora-with-language-model-trainable",
     ),
     pytest.param(variant(FINETUNE, {"model.source": DELETE}), "model.source:", id="finetune-without-source"),
+    pytest.param(
+        variant(FINETUNE, {"optim.lr_by_module": {"vision_tower": 1e-5}}),
+        "optim.lr_by_module: vision_tower does not train in this stage",
+        id="lr-for-a-frozen-module",
+    ),
+    pytest.param(
+        variant(FINETUNE, {"optim.lr_by_module": {"bridge": 1e-5}}), "optim.lr_by_module.bridge:", id="lr-unknown-module"
+    ),
+    pytest.param(
+        variant(FINETUNE, {"optim.lr_by_module": {"projector": 0}}), "optim.lr_by_module.projector:", id="lr-zero"
+    ),
     pytest.param(variant(FINETUNE, {"lora.r": 0}), "lora.r:", id="lora-rank-zero"),
     pytest.param(variant(INFLATE, {"plan": "32to999"}), f"plan: {PLAN_CHOICES}", id="unknown-inflate-preset"),
     pytest.param(variant(INFLATE, {"plan": 32}), f"plan: {PLAN_CHOICES}", id="inflate-plan-wrong-type"),
@@ -288,6 +299,14 @@ MALFORMED = [
     pytest.param("# only a comment\n", "the spec file is empty", id="comment-only-file"),
     pytest.param(None, "no such spec file", id="nonexistent-file"),
 ]
+
+
+def test_lr_by_module_names_what_trains_lora_included():
+    """optim.lr_by_module accepts the modules a stage trains, the LLM under LoRA included, read-only."""
+    spec = parse_spec(variant(FINETUNE, {"optim.lr_by_module": {"projector": 2e-5, "language_model": 1e-4}}))
+    assert dict(spec.optim.lr_by_module) == {"projector": 2e-5, "language_model": 1e-4}
+    with pytest.raises(TypeError):
+        spec.optim.lr_by_module["resampler"] = 1.0
 
 
 @pytest.mark.parametrize(("content", "expected"), MALFORMED)

@@ -17,11 +17,9 @@ from cos_model import DEFAULT_SCALES, Scale
 from cos_model.scales import check_layout
 
 from .frozen import FrozenDict
-from .sections import FreeMapping, Section
+from .sections import FreeMapping, Module, Section
 from .subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, describe, field_problems, fields_for, resolve, shape_problems
 
-MODULES = ("vision_tower", "resampler", "projector", "language_model")
-Module = Literal["vision_tower", "resampler", "projector", "language_model"]
 
 
 def _positive(scale: Scale) -> Scale:

@@ -39,6 +39,9 @@ DERIVED_DEEPSPEED_KEYS = {
 
 # A free-form mapping (config fields, DeepSpeed overrides), frozen once validated.
 FreeMapping = Annotated[dict[str, Any], AfterValidator(freeze)]
+# The model's top-level modules, as `model.trainable` and `optim.lr_by_module` name them.
+MODULES = ("vision_tower", "resampler", "projector", "language_model")
+Module = Literal["vision_tower", "resampler", "projector", "language_model"]
 
 
 def _token_budget(value: Any) -> int | str:
@@ -95,6 +98,11 @@ class OptimSpec(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
     num_steps: int = Field(gt=0, description="Optimizer steps in the stage.")
+    lr_by_module: Annotated[dict[Module, Annotated[float, Field(gt=0.0)]], AfterValidator(freeze)] = Field(
+        default_factory=FrozenDict,
+        description="Peak learning rates of single top-level modules, e.g. {resampler: 2.0e-5, projector: "
+        "2.0e-5} (LLaVA's mm_projector_lr); the other trained modules use lr, and the schedule scales all alike.",
+    )
 
     @field_validator("betas")
     @classmethod

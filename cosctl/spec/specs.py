@@ -82,6 +82,17 @@ class TrainingSpec(Section):
                 raise ValueError(f"eval.{key}: is set, but data.eval names no held-out records")
         return self
 
+    @model_validator(mode="after")
+    def _lr_for_trained_modules(self) -> TrainingSpec:
+        untrained = sorted(set(self.optim.lr_by_module) - self.trained_modules())
+        if untrained:
+            raise ValueError(f"optim.lr_by_module: {', '.join(untrained)} does not train in this stage")
+        return self
+
+    def trained_modules(self) -> set[str]:
+        """The top-level modules whose parameters the optimizer updates."""
+        return set(self.model.trainable)
+
 
 class PretrainSpec(TrainingSpec):
     """A pretrain run: a new model from the towers the spec names, trained with the few-token chain."""
@@ -102,6 +113,9 @@ class FinetuneSpec(TrainingSpec):
         if self.lora is not None and "language_model" in self.model.trainable:
             raise ValueError("model.trainable: language_model trains through lora; remove it or set lora: null")
         return self
+
+    def trained_modules(self) -> set[str]:
+        return set(self.model.trainable) | ({"language_model"} if self.lora is not None else set())
 
 
 class InflatePlan(Section):
@@ -149,11 +163,14 @@ _ADAPTER = TypeAdapter(RunSpec)
 
 
 def _yaml_loc(loc: tuple) -> tuple:
-    """A pydantic error location as YAML keys: without the stage tag and the `plan` union's tags."""
+    """A pydantic error location as YAML keys: without the stage tag, the `plan` union's tags and
+    pydantic's `[key]` marker."""
     if loc and loc[0] in _STAGES:
         loc = loc[1:]
     if len(loc) >= 2 and loc[0] == "plan" and loc[1] in _PLAN_TAGS:
         loc = loc[:1] + loc[2:]
+    if loc and loc[-1] == "[key]":  # a mapping's key is wrong, not its value: the key names it
+        loc = loc[:-1]
     return loc
 
 

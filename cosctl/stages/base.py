@@ -34,7 +34,7 @@ from ..artefacts.published import save_model_folder
 from ..checkpoint.committer import retrying
 from ..checkpoint.layout import publish
 from ..common.dist import Dist, on_main
-from ..spec.model import MODULES
+from ..spec.sections import MODULES
 from ..storage import ObjectStore
 
 

@@ -1,7 +1,7 @@
 """The DeepSpeed engine around a stage's model: the resolved config (`cosctl.plan.resolve`), ZeRO-3
-fetching whole transformer blocks, torch AdamW and the cosine schedule. The model itself is the stage's
-(`cosctl.stages`); under ZeRO-3 the stage builds it already partitioned (`zero3_partition`), so no rank
-ever holds the whole model.
+fetching whole transformer blocks, torch AdamW with per-module learning rates, and the cosine schedule.
+The model itself is the stage's (`cosctl.stages`); under ZeRO-3 the stage builds it already
+partitioned (`zero3_partition`), so no rank ever holds the whole model.
 
 Everything here is collective-safe: every rank runs the same calls in the same order. CPU runs use the
 gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nccl and bf16.
@@ -10,6 +10,7 @@ gloo backend and fp32 with torch's AdamW (nothing JIT-compiles); GPU runs use nc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -81,6 +82,26 @@ def _input_needs_grad(module: nn.Module, args: tuple):
     return (args[0].detach().requires_grad_(True), *args[1:])
 
 
+def param_groups(model: nn.Module, lr_by_module: Mapping[str, float]) -> list:
+    """The trained parameters for the optimizer: a plain list, or with `lr_by_module` one group at the
+    spec's lr followed by a group per named top-level module at its own peak lr (empty groups left
+    out). The step log's lr is the first group's.
+
+    NOTE: the group layout is in every optimizer checkpoint; without lr_by_module it stays the single
+    group that checkpoints written before the option existed hold.
+    """
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not lr_by_module:
+        return [p for _, p in trained]
+    by_module: dict[str | None, list] = {None: [], **{module: [] for module in sorted(lr_by_module)}}
+    for name, param in trained:
+        top = name.removeprefix("base_model.model.").split(".")[0]  # peft wraps the whole model
+        by_module[top if top in lr_by_module else None].append(param)
+    groups = [{"params": by_module.pop(None)}]
+    groups += [{"params": params, "lr": lr_by_module[module]} for module, params in by_module.items()]
+    return [group for group in groups if group["params"]]
+
+
 def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_batch_size: int):
     """deepspeed.initialize with the config the resolver gives this model, world and micro-batch
     (`cosctl.plan.resolve.deepspeed_config`), torch AdamW and our cosine schedule; returns the engine,
@@ -94,7 +115,7 @@ def build_engine(model: nn.Module, spec: TrainingSpec, dist_info: Dist, micro_ba
     schedule = cosine_schedule(spec.optim.num_steps, spec.optim.warmup_ratio, spec.optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=param_groups(model, spec.optim.lr_by_module),
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
