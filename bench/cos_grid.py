@@ -13,6 +13,9 @@ Rows (default: all, cheapest first; every row has both arms):
     cos128     CoS pre-trained at 128 px with 32 tokens (windows 32x16 + 8x1), then inflated to the 528
                geometry at the same 128 px (a plan, not a preset: no resolution change at inflation)
     steps600   LoRA, 600 fine-tuning steps
+    bridge50   LoRA, the resampler and projector at 1/50 of their pre-training lr (`optim.lr_by_module`),
+               as the authors' fine-tuning and LLaVA's LoRA recipe train the bridge
+    full_bridge50  whole-LLM fine-tuning with the bridge at 1/50 of its pre-training lr
 
 Every stage is the product's own command in a subprocess from the repository root: `cosctl data synth`,
 `cosctl pretrain recipes/tiny/pretrain.yaml` (CoS) or `recipes/tiny-compare/pretrain.yaml` (336
@@ -56,6 +59,9 @@ PRETRAINS = {  # name -> (recipe, overrides)
     "cos128": ("tiny/pretrain.yaml", ("model.image_size=128", f"model.scales={COS128_SCALES}")),
     "tokens336": ("tiny-compare/pretrain.yaml", ()),
 }
+# The authors fine-tune the bridge at 2e-5 after pre-training it at 1e-3 (LLaVA's LoRA recipe sets
+# mm_projector_lr 2e-5 the same way): 1/50 of the tiny pre-training's 2e-3.
+BRIDGE_LR_50 = 4e-5
 INFLATIONS = {"32to528": "32to528", "32to336": "32to336", "528at128": COS128_PLAN}  # name -> plan
 
 
@@ -66,12 +72,17 @@ class Row:
     inflation: str = "32to528"
     full_llm: bool = False
     steps: int = 120
+    bridge_lr: float | None = None  # the resampler's and projector's own peak lr; None: the recipe's lr
 
     def finetune_sets(self) -> list[str]:
-        return [*(FULL_LLM if self.full_llm else ()), f"optim.num_steps={self.steps}"]
+        sets = [*(FULL_LLM if self.full_llm else ()), f"optim.num_steps={self.steps}"]
+        if self.bridge_lr is not None:
+            sets.append(f"optim.lr_by_module={{resampler: {self.bridge_lr}, projector: {self.bridge_lr}}}")
+        return sets
 
     def finetune_key(self) -> str:
-        return f"{'full' if self.full_llm else 'lora'}{self.steps}"
+        bridge = "" if self.bridge_lr is None else f"-bridge{self.bridge_lr:g}"
+        return f"{'full' if self.full_llm else 'lora'}{self.steps}{bridge}"
 
 
 ROWS = {
@@ -81,6 +92,8 @@ ROWS = {
     "32to336": Row("CoS inflated 32to336", inflation="32to336"),
     "cos128": Row("CoS pre-trained at 128 px", cos_pretrain="cos128", inflation="528at128"),
     "steps600": Row("LoRA, 600 steps", steps=600),
+    "bridge50": Row("LoRA, bridge at its pre-training lr / 50", bridge_lr=BRIDGE_LR_50),
+    "full_bridge50": Row("whole LLM, bridge at its pre-training lr / 50", full_llm=True, bridge_lr=BRIDGE_LR_50),
 }
 ARMS = ("cos", "tokens336")
 
