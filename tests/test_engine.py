@@ -155,8 +155,9 @@ def test_zero3_lora_finetune_trains_the_bridge_at_its_own_lr(tiny_data, tmp_path
         "batch.tokens_per_micro_batch=2048",
     ]
     slow_bridge = "optim.lr_by_module={resampler: 1.0e-12, projector: 1.0e-12}"
+    outputs = {}
     for name, extra in (("plain", []), ("slow", [slow_bridge])):
-        ok(
+        outputs[name] = ok(
             cosctl(
                 "finetune",
                 str(RECIPES / "tiny" / "finetune.yaml"),
@@ -175,4 +176,6 @@ def test_zero3_lora_finetune_trains_the_bridge_at_its_own_lr(tiny_data, tmp_path
         assert bridge and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
         moved[name] = max((v - before[k.split("base_model.model.")[-1]]).abs().max().item() for k, v in bridge.items())
     assert moved["plain"] > 1e-4 and moved["slow"] < 1e-8
+    logged = outputs["slow"].stdout + outputs["slow"].stderr
+    assert "peak learning rates: projector 1e-12, resampler 1e-12, the rest 0.002" in logged
     assert steps(tmp_path / "slow")[1]["lr"] == steps(tmp_path / "plain")[1]["lr"]  # the LLM's lr is logged

@@ -264,6 +264,9 @@ def _build_checked_engine(spec: TrainingSpec, stage: TrainingStage, resolved: Re
         raise RuntimeError("the engine's DeepSpeed config differs from the resolved one")
     trainable = trainable_summary(engine.module)
     log.info("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(trainable.items())))
+    if spec.optim.lr_by_module:
+        own = ", ".join(f"{module} {lr:g}" for module, lr in sorted(spec.optim.lr_by_module.items()))
+        log.info(f"peak learning rates: {own}, the rest {spec.optim.lr:g}")
     if set(trainable) != stage.trainable_groups():
         raise RuntimeError(
             f"trainable modules {sorted(trainable)} differ from the spec's {sorted(stage.trainable_groups())}"
