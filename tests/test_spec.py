@@ -270,7 +270,9 @@ MALFORMED = [
         id="lr-for-a-frozen-module",
     ),
     pytest.param(
-        variant(FINETUNE, {"optim.lr_by_module": {"bridge": 1e-5}}), "optim.lr_by_module.bridge:", id="lr-unknown-module"
+        variant(FINETUNE, {"optim.lr_by_module": {"bridge": 1e-5}}),
+        "optim.lr_by_module.bridge:",
+        id="lr-unknown-module",
     ),
     pytest.param(
         variant(FINETUNE, {"optim.lr_by_module": {"projector": 0}}), "optim.lr_by_module.projector:", id="lr-zero"

@@ -9,7 +9,7 @@ Every problem is one `key: what is wrong` line, keys relative to `model`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
@@ -19,7 +19,6 @@ from cos_model.scales import check_layout
 from .frozen import FrozenDict
 from .sections import FreeMapping, Module, Section
 from .subconfigs import KNOWN_FIELDS, VISION_MODEL_TYPE, describe, field_problems, fields_for, resolve, shape_problems
-
 
 
 def _positive(scale: Scale) -> Scale:
