@@ -6,7 +6,8 @@ variants: the comparison of `cosctl demo --compare` (docs/design.md §10) with o
 
 Rows (default: all, cheapest first; every row has both arms):
 
-    lora       the demo: LoRA r16 + bridge in full, 120 steps, CoS pre-trained at 64 px, inflated 32to528
+    lora       the demo as it was: LoRA r16 + bridge in full at one lr, 120 steps, CoS pre-trained at 64 px,
+               inflated 32to528
     full       whole-LLM fine-tuning: `lora: null`, `model.trainable: [resampler, projector, language_model]`
     steps300   LoRA, 300 fine-tuning steps (warm-up and cosine scale with the steps, as the recipe says)
     32to336    CoS inflated with 32to336 instead of 32to528 (336 tokens after inflation, like the baseline)
@@ -15,6 +16,8 @@ Rows (default: all, cheapest first; every row has both arms):
     steps600   LoRA, 600 fine-tuning steps
     bridge50   LoRA, the resampler and projector at 1/50 of their pre-training lr (`optim.lr_by_module`),
                as the authors' fine-tuning and LLaVA's LoRA recipe train the bridge
+    recipe     the tiny recipe as adopted from the rows above: bridge50 over 360 steps, 1.2x the
+               pre-training's samples, as the authors fine-tune 665K samples after pre-training on 558K
     full_bridge50  whole-LLM fine-tuning with the bridge at 1/50 of its pre-training lr
 
 Every stage is the product's own command in a subprocess from the repository root: `cosctl data synth`,
@@ -75,10 +78,8 @@ class Row:
     bridge_lr: float | None = None  # the resampler's and projector's own peak lr; None: the recipe's lr
 
     def finetune_sets(self) -> list[str]:
-        sets = [*(FULL_LLM if self.full_llm else ()), f"optim.num_steps={self.steps}"]
-        if self.bridge_lr is not None:
-            sets.append(f"optim.lr_by_module={{resampler: {self.bridge_lr}, projector: {self.bridge_lr}}}")
-        return sets
+        bridge = "{}" if self.bridge_lr is None else f"{{resampler: {self.bridge_lr}, projector: {self.bridge_lr}}}"
+        return [*(FULL_LLM if self.full_llm else ()), f"optim.num_steps={self.steps}", f"optim.lr_by_module={bridge}"]
 
     def finetune_key(self) -> str:
         bridge = "" if self.bridge_lr is None else f"-bridge{self.bridge_lr:g}"
@@ -86,13 +87,14 @@ class Row:
 
 
 ROWS = {
-    "lora": Row("LoRA, 120 steps (the demo)"),
+    "lora": Row("LoRA, 120 steps (the demo before)"),
     "full": Row("whole LLM, 120 steps", full_llm=True),
     "steps300": Row("LoRA, 300 steps", steps=300),
     "32to336": Row("CoS inflated 32to336", inflation="32to336"),
     "cos128": Row("CoS pre-trained at 128 px", cos_pretrain="cos128", inflation="528at128"),
     "steps600": Row("LoRA, 600 steps", steps=600),
     "bridge50": Row("LoRA, bridge at its pre-training lr / 50", bridge_lr=BRIDGE_LR_50),
+    "recipe": Row("360 steps, bridge at lr / 50 (the recipe)", steps=360, bridge_lr=BRIDGE_LR_50),
     "full_bridge50": Row("whole LLM, bridge at its pre-training lr / 50", full_llm=True, bridge_lr=BRIDGE_LR_50),
 }
 ARMS = ("cos", "tokens336")
