@@ -110,6 +110,7 @@ def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_pat
         f"model.source={source}",
         f"data.root={tiny_data}",
         "model.trainable=[]",
+        "optim.lr_by_module={}",
         "optim.num_steps=3",
         "checkpoint.every_steps=null",
         "eval.every_steps=null",

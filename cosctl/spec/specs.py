@@ -86,7 +86,10 @@ class TrainingSpec(Section):
     def _lr_for_trained_modules(self) -> TrainingSpec:
         untrained = sorted(set(self.optim.lr_by_module) - self.trained_modules())
         if untrained:
-            raise ValueError(f"optim.lr_by_module: {', '.join(untrained)} does not train in this stage")
+            raise ValueError(
+                f"optim.lr_by_module: {', '.join(untrained)} does not train in this stage (model.trainable); "
+                "leave it out of lr_by_module"
+            )
         return self
 
     def trained_modules(self) -> set[str]:
