@@ -20,14 +20,19 @@ def one_rank(cmd: list[str]) -> list[str]:
     return cmd[:index] + ["--nproc", "1"] + cmd[index + 2 :]
 
 
-@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_resume_on_another_world_size_continues_the_run(tiny_data, tmp_path, ranks):
+@pytest.mark.parametrize(
+    ("ranks", "extra"),
+    [((2, 1), ()), ((1, 2), ()), ((2, 1), ("optim.lr_by_module={resampler: 5.0e-4}",))],
+    ids=["2to1", "1to2", "2to1-two-lr-groups"],
+)
+def test_resume_on_another_world_size_continues_the_run(tiny_data, tmp_path, ranks, extra):
     """6 steps on W ranks == 3 steps on W ranks + 3 on W' ranks from the step-3 checkpoint: the same
-    samples per step, and losses within 1e-4 relative."""
+    samples per step, and losses within 1e-4 relative; also with a module at its own lr (two
+    optimizer groups, each keeping its lr)."""
     first, second = ranks
-    base = train_command(tiny_data, tmp_path / "straight", tmp_path / "out", 6, 3)
+    base = train_command(tiny_data, tmp_path / "straight", tmp_path / "out", 6, 3, *extra)
     run(base if first == 2 else one_rank(base), tmp_path)
-    resumed = train_command(tiny_data, tmp_path / "resumed", tmp_path / "out-resumed", 6, 3) + [
+    resumed = train_command(tiny_data, tmp_path / "resumed", tmp_path / "out-resumed", 6, 3, *extra) + [
         "--resume",
         f"{tmp_path / 'out'}/checkpoints/step_00000003",
     ]
