@@ -4,21 +4,22 @@ variants: the comparison of `cosctl demo --compare` (docs/design.md §10) with o
     python bench/cos_grid.py --out runs/cos_grid --seeds 0 --rows lora full steps300   # CPU, minutes a row
     python bench/cos_grid.py --out runs/cos_grid --table                               # re-print OUT/grid.json
 
-Rows (default: all, cheapest first; every row has both arms):
+Rows (every row has both arms; the default is all but the two long ones, about 60 minutes for one seed
+on 2 idle cores):
 
     lora       the demo as it was: LoRA r16 + bridge in full at one lr, 120 steps, CoS pre-trained at 64 px,
                inflated 32to528
     full       whole-LLM fine-tuning: `lora: null`, `model.trainable: [resampler, projector, language_model]`
-    steps300   LoRA, 300 fine-tuning steps (warm-up and cosine scale with the steps, as the recipe says)
+    bridge50   LoRA, the resampler and projector at 1/50 of their pre-training lr (`optim.lr_by_module`),
+               as the authors' fine-tuning and LLaVA's LoRA recipe train the bridge
+    full_bridge50  whole-LLM fine-tuning with the bridge at 1/50 of its pre-training lr (the authors' code)
     32to336    CoS inflated with 32to336 instead of 32to528 (336 tokens after inflation, like the baseline)
     cos128     CoS pre-trained at 128 px with 32 tokens (windows 32x16 + 8x1), then inflated to the 528
                geometry at the same 128 px (a plan, not a preset: no resolution change at inflation)
-    steps600   LoRA, 600 fine-tuning steps
-    bridge50   LoRA, the resampler and projector at 1/50 of their pre-training lr (`optim.lr_by_module`),
-               as the authors' fine-tuning and LLaVA's LoRA recipe train the bridge
-    recipe     the tiny recipe as adopted from the rows above: bridge50 over 360 steps, 1.2x the
-               pre-training's samples, as the authors fine-tune 665K samples after pre-training on 558K
-    full_bridge50  whole-LLM fine-tuning with the bridge at 1/50 of its pre-training lr
+    recipe     the tiny recipe as adopted: bridge50 over 360 steps, 1.2x the pre-training's samples, as the
+               authors fine-tune 665K samples after pre-training on 558K
+    steps300   LoRA, 300 fine-tuning steps (warm-up and cosine scale with the steps, as the recipe says)
+    steps600   LoRA, 600 fine-tuning steps (both long rows: on request)
 
 Every stage is the product's own command in a subprocess from the repository root: `cosctl data synth`,
 `cosctl pretrain recipes/tiny/pretrain.yaml` (CoS) or `recipes/tiny-compare/pretrain.yaml` (336
@@ -89,14 +90,15 @@ class Row:
 ROWS = {
     "lora": Row("LoRA, 120 steps (the demo before)"),
     "full": Row("whole LLM, 120 steps", full_llm=True),
-    "steps300": Row("LoRA, 300 steps", steps=300),
+    "bridge50": Row("LoRA, bridge at its pre-training lr / 50", bridge_lr=BRIDGE_LR_50),
+    "full_bridge50": Row("whole LLM, bridge at its pre-training lr / 50", full_llm=True, bridge_lr=BRIDGE_LR_50),
     "32to336": Row("CoS inflated 32to336", inflation="32to336"),
     "cos128": Row("CoS pre-trained at 128 px", cos_pretrain="cos128", inflation="528at128"),
-    "steps600": Row("LoRA, 600 steps", steps=600),
-    "bridge50": Row("LoRA, bridge at its pre-training lr / 50", bridge_lr=BRIDGE_LR_50),
     "recipe": Row("360 steps, bridge at lr / 50 (the recipe)", steps=360, bridge_lr=BRIDGE_LR_50),
-    "full_bridge50": Row("whole LLM, bridge at its pre-training lr / 50", full_llm=True, bridge_lr=BRIDGE_LR_50),
+    "steps300": Row("LoRA, 300 steps", steps=300),
+    "steps600": Row("LoRA, 600 steps", steps=600),
 }
+LONG_ROWS = ("steps300", "steps600")
 ARMS = ("cos", "tokens336")
 
 
@@ -286,7 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="Folder of the runs and grid.json.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=[r for r in ROWS if r not in LONG_ROWS])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="Arms to run (default both).")
     parser.add_argument("--num-samples", type=int, default=1200, help="Synthetic records (the demo's 1200).")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run.")
