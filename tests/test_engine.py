@@ -98,6 +98,14 @@ def test_zero3_trains_the_vision_tower(tiny_data, tmp_path):
     assert (two - one).abs().max() > 1e-5  # the second step's update; a frozen ViT would not move
 
 
+def tiny_finetune(tmp_path, name: str, sets: list[str]):
+    """`cosctl finetune` of the tiny recipe with `sets`, run folder `tmp_path/name`, artefact
+    `tmp_path/out-name`; requires exit 0."""
+    overrides = [arg for setting in sets for arg in ("--set", setting)]
+    output = ["--run-dir", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}")]
+    return ok(cosctl("finetune", str(RECIPES / "tiny" / "finetune.yaml"), *output, *overrides, tmp=tmp_path))
+
+
 @pytest.mark.slow
 def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_path):
     """ZeRO-3 LoRA fine-tuning with nothing trained in full (`model.trainable=[]`: the LLM's first block
@@ -118,18 +126,7 @@ def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_pat
         "batch.tokens_per_micro_batch=2048",
     ]
     for template in ("zero3", "zero2"):
-        ok(
-            cosctl(
-                "finetune",
-                str(RECIPES / "tiny" / "finetune.yaml"),
-                "--run-dir",
-                str(tmp_path / template),
-                "--output",
-                str(tmp_path / f"out-{template}"),
-                *[a for s in [*sets, f"deepspeed.template={template}"] for a in ("--set", s)],
-                tmp=tmp_path,
-            )
-        )
+        tiny_finetune(tmp_path, template, [*sets, f"deepspeed.template={template}"])
     zero3, zero2 = steps(tmp_path / "zero3"), steps(tmp_path / "zero2")
     assert [zero3[s]["loss"] for s in (1, 2, 3)] == pytest.approx([zero2[s]["loss"] for s in (1, 2, 3)], rel=1e-5)
     weights = load_file(tmp_path / "out-zero3" / "adapter" / "adapter_model.safetensors")
@@ -141,7 +138,8 @@ def test_zero3_finetunes_lora_with_a_frozen_bridge_like_zero2(tiny_data, tmp_pat
 @pytest.mark.slow
 def test_zero3_lora_finetune_trains_the_bridge_at_its_own_lr(tiny_data, tmp_path):
     """A ZeRO-3 LoRA fine-tune with the bridge at a near-zero lr_by_module leaves the bridge where it
-    was while LoRA trains; the same run without it moves the bridge (the groups reach the optimizer)."""
+    was while LoRA trains; the same run with the bridge at the LoRA lr moves it (the groups reach the
+    optimizer)."""
     from safetensors.torch import load_file
 
     source = published_tiny_model(tiny_data, tmp_path / "source")
@@ -156,20 +154,10 @@ def test_zero3_lora_finetune_trains_the_bridge_at_its_own_lr(tiny_data, tmp_path
         "batch.tokens_per_micro_batch=2048",
     ]
     slow_bridge = "optim.lr_by_module={resampler: 1.0e-12, projector: 1.0e-12}"
-    outputs = {}
-    for name, extra in (("plain", []), ("slow", [slow_bridge])):
-        outputs[name] = ok(
-            cosctl(
-                "finetune",
-                str(RECIPES / "tiny" / "finetune.yaml"),
-                "--run-dir",
-                str(tmp_path / name),
-                "--output",
-                str(tmp_path / f"out-{name}"),
-                *[a for s in [*sets, *extra] for a in ("--set", s)],
-                tmp=tmp_path,
-            )
-        )
+    outputs = {
+        name: tiny_finetune(tmp_path, name, [*sets, extra])
+        for name, extra in (("plain", "optim.lr_by_module={}"), ("slow", slow_bridge))
+    }
     moved = {}
     for name in ("plain", "slow"):
         adapter = load_file(tmp_path / f"out-{name}" / "adapter" / "adapter_model.safetensors")
