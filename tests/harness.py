@@ -95,11 +95,20 @@ def run(cmd: list[str], tmp: Path, **extra_env: str) -> subprocess.CompletedProc
     return ok(_run_tree(cmd, REPO, env(tmp, **extra_env), 600))
 
 
+# Appended to two-rank scripts: each rank leaves its process group as the product's ranks do
+# (`cosctl.common.dist.leave_process_group`), or gloo may abort it at exit after its work is done.
+TEARDOWN = """
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
 def run_script_on_two_ranks(source: str, tmp: Path, *args: str, timeout: int = 300) -> None:
     """Write `source` to a script under `tmp` and run it on two ranks with torchrun (`args` after the
     script); require exit 0. For tests that compare what DeepSpeed does on two ranks with one process."""
     script = tmp / "two_ranks.py"
-    script.write_text(source)
+    script.write_text(source + TEARDOWN)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     ok(_run_tree(cmd, REPO, env(tmp, PYTHONPATH=str(REPO)), timeout))
 

@@ -109,5 +109,8 @@ def _train(
             ask_for_requeue(run_dir_of(run_dir, spec), f"[{stage}] {stop}")
         report(stop.exit_code, f"[{stage}] {stop}", continue_hint=stop.exit_code in STOP_CODES)
         raise typer.Exit(stop.exit_code) from None
+    from ..common.dist import leave_process_group
+
+    leave_process_group()
     if is_rank0():
         typer.echo(json.dumps(summary, indent=1))

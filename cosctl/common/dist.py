@@ -147,6 +147,19 @@ def barrier() -> None:
     dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Destroy this rank's process group once its last collective is done; only on success (a rank
+    that failed may have peers still inside a collective, which the destroy would wait on).
+
+    NOTE: left to interpreter teardown, gloo's worker threads can still hold work whose tensors need
+    the GIL as the interpreter goes away: the rank aborts ("terminate called without an active
+    exception", SIGABRT) after finishing its work, and the launcher reports the run failed
+    (pytorch/pytorch#190489, #179291). Seen on a loaded 2-core machine at the end of a 2-rank eval.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def gather(value: T) -> list[T]:
     """Every rank's `value` (any picklable object), in rank order, on every rank."""
     if not dist.is_initialized():

@@ -126,6 +126,10 @@ def run_eval(
         rank=rank,
         world_size=world_size,
     )
+    if world_size > 1:  # the last collective is behind us
+        from ..common.dist import leave_process_group
+
+        leave_process_group()
     if rank != 0:
         return None
     generated_at = time.monotonic()
