@@ -27,7 +27,7 @@ def test_demo_runs_the_pipeline_and_every_stage_learns(tmp_path):
     another's image), artefacts loadable, summary.json complete, every stage reporting, and closing
     tables: eval loss beside swapped-image eval loss, generated answers' scores beside the image-free
     baseline."""
-    result = ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path, timeout=1500))
+    result = ok(cosctl("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path, timeout=2400))
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     pre, inf, fin = summary["pretrain"], summary["inflate"], summary["finetune"]
     assert (pre["visual_tokens"], inf["visual_tokens"], fin["visual_tokens"]) == (32, 528, 528)
