@@ -252,9 +252,9 @@ def cell(values: list, spec: str) -> str:
 
 def table(grid: dict) -> str:
     """One line per row and arm (cells: mean ± sd over the seeds that have it), then the image-free
-    baseline."""
+    baseline (mean ± sd over the seeds: each seed draws its own data, so its own baseline)."""
     results = grid["results"]
-    lines, baseline = [], None
+    lines, baseline_by_seed = [], {}
     for row in (row for row in ROWS if any(row in by_row for by_row in results.values())):
         for arm in ARMS:
             done = [by_row[row][arm] for by_row in results.values() if "pretrain" in by_row.get(row, {}).get(arm, {})]
@@ -265,20 +265,22 @@ def table(grid: dict) -> str:
             if not done:
                 lines.append([ROWS[row].what, label, f"failed: {failed[0]}" if failed else "not run"] + [""] * 6)
                 continue
-            baseline = baseline or done[0]["baseline"]
+            for seed, by_row in results.items():
+                if "baseline" in by_row.get(row, {}).get(arm, {}):
+                    baseline_by_seed.setdefault(seed, by_row[row][arm]["baseline"])
             cells = [cell([get(r) for r in done], spec) for get, spec in COLUMNS.values()]
             lines.append([ROWS[row].what, f"{label} ({len(done)} seed{'s' * (len(done) > 1)})", *cells])
-    if baseline:
+    if baseline_by_seed:
         free = {
-            "caption CIDEr": baseline.get("caption", {}).get("cider"),
-            "VQA acc %": baseline.get("vqa", {}).get("accuracy"),
+            "caption CIDEr": [b.get("caption", {}).get("cider") for b in baseline_by_seed.values()],
+            "VQA acc %": [100 * b["vqa"]["accuracy"] if "vqa" in b else None for b in baseline_by_seed.values()],
         }
-        free["VQA acc %"] = None if free["VQA acc %"] is None else 100 * free["VQA acc %"]
+        num_seeds = len(baseline_by_seed)
         lines.append(
             [
                 "image-free baseline",
-                "",
-                *(cell([free.get(c)], spec) if c in free else "" for c, (_, spec) in COLUMNS.items()),
+                f"({num_seeds} seed{'s' * (num_seeds > 1)})",
+                *(cell(free[c], spec) if c in free else "" for c, (_, spec) in COLUMNS.items()),
             ]
         )
     return common.markdown_table(["row", "arm", *COLUMNS], lines, "ll" + "r" * len(COLUMNS))

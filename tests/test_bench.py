@@ -405,20 +405,21 @@ def test_cos_grid_rows_are_specs_the_product_accepts():
 
 def test_cos_grid_table_averages_seeds_and_names_what_is_missing():
     """The grid's table gives mean ± sd over the seeds that ran, "not run" for an arm without results,
-    and the image-free baseline's scores."""
+    and the image-free baseline's scores averaged over the seeds (each seed has its own data)."""
     grid = _bench("cos_grid")
 
-    def arm(loss, cider):
+    def arm(loss, cider, free_cider):
         stage = {"train_time_s": 10.0, "visual_tokens": 528, "final_eval_loss": loss}
         return {
             "pretrain": stage,
             "finetune": stage | {"final_eval_loss_swapped_images": loss + 0.05},
             "scores": {"caption": {"cider": cider}, "vqa": {"accuracy": 0.25}},
-            "baseline": {"caption": {"cider": 0.6}, "vqa": {"accuracy": 0.2}},
+            "baseline": {"caption": {"cider": free_cider}, "vqa": {"accuracy": 0.2}},
         }
 
-    results = {"0": {"lora": {"cos": arm(1.0, 0.5)}}, "1": {"lora": {"cos": arm(1.2, 0.7)}}}
+    results = {"0": {"lora": {"cos": arm(1.0, 0.5, 0.6)}}, "1": {"lora": {"cos": arm(1.2, 0.7, 0.8)}}}
     lines = grid.table({"results": results}).splitlines()
     assert lines[2].split(" | ")[1:6] == ["CoS (2 seeds)", "10", "10", "528", "1.100 ± 0.141"]
     assert "0.600 ± 0.141" in lines[2] and "25.0" in lines[2]
-    assert "not run" in lines[3] and lines[4].startswith("| image-free baseline") and "20.0" in lines[4]
+    assert "not run" in lines[3] and lines[4].startswith("| image-free baseline | (2 seeds)")
+    assert "0.700 ± 0.141" in lines[4] and "20.0" in lines[4]
