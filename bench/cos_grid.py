@@ -250,11 +250,15 @@ def cell(values: list, spec: str) -> str:
     return f"{mean:{spec}}" if len(set(values)) == 1 else f"{mean:{spec}} ± {statistics.stdev(values):{spec}}"
 
 
+def seeds(num: int) -> str:
+    return f"{num} seed{'s' * (num > 1)}"
+
+
 def table(grid: dict) -> str:
     """One line per row and arm (cells: mean ± sd over the seeds that have it), then the image-free
     baseline (mean ± sd over the seeds: each seed draws its own data, so its own baseline)."""
     results = grid["results"]
-    lines, baseline_by_seed = [], {}
+    lines = []
     for row in (row for row in ROWS if any(row in by_row for by_row in results.values())):
         for arm in ARMS:
             done = [by_row[row][arm] for by_row in results.values() if "pretrain" in by_row.get(row, {}).get(arm, {})]
@@ -265,21 +269,25 @@ def table(grid: dict) -> str:
             if not done:
                 lines.append([ROWS[row].what, label, f"failed: {failed[0]}" if failed else "not run"] + [""] * 6)
                 continue
-            for seed, by_row in results.items():
-                if "baseline" in by_row.get(row, {}).get(arm, {}):
-                    baseline_by_seed.setdefault(seed, by_row[row][arm]["baseline"])
             cells = [cell([get(r) for r in done], spec) for get, spec in COLUMNS.values()]
-            lines.append([ROWS[row].what, f"{label} ({len(done)} seed{'s' * (len(done) > 1)})", *cells])
+            lines.append([ROWS[row].what, f"{label} ({seeds(len(done))})", *cells])
+    # Every run of a seed scores the same image-free answers (one data set per seed).
+    baseline_by_seed = {
+        seed: result["baseline"]
+        for seed, by_row in results.items()
+        for by_arm in by_row.values()
+        for result in by_arm.values()
+        if "baseline" in result
+    }
     if baseline_by_seed:
         free = {
             "caption CIDEr": [b.get("caption", {}).get("cider") for b in baseline_by_seed.values()],
             "VQA acc %": [100 * b["vqa"]["accuracy"] if "vqa" in b else None for b in baseline_by_seed.values()],
         }
-        num_seeds = len(baseline_by_seed)
         lines.append(
             [
                 "image-free baseline",
-                f"({num_seeds} seed{'s' * (num_seeds > 1)})",
+                f"({seeds(len(baseline_by_seed))})",
                 *(cell(free[c], spec) if c in free else "" for c, (_, spec) in COLUMNS.items()),
             ]
         )
